@@ -1,0 +1,18 @@
+"""Choosing an ELBO estimator by name (the CLI's ``--elbo``)."""
+
+from __future__ import annotations
+
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+
+ELBOS = {
+    "trace": Trace_ELBO,
+    "meanfield": TraceMeanField_ELBO,
+}
+
+
+def make_elbo(name: str, **kwargs) -> ELBO:
+    """An ELBO instance by name; ``kwargs`` (``num_particles``,
+    ``vectorize_particles``, ...) go to its constructor."""
+    if name not in ELBOS:
+        raise ValueError(f"unknown elbo {name!r}; expected one of {', '.join(ELBOS)}")
+    return ELBOS[name](**kwargs)

@@ -1,0 +1,69 @@
+"""Figures written by training runs. Plots read numbers; they never touch a model."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "") -> None:
+    """One line per named curve against ``x``, saved as PNG."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, y in curves.items():
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def image_grid(images: torch.Tensor, image_shape: Sequence[int], ncol: int | None = None) -> torch.Tensor:
+    """Tile ``(n, prod(image_shape))`` images into one ``(H*rows, W*cols)`` array."""
+    c, h, w = image_shape
+    if c != 1:
+        raise ValueError(f"image_grid draws single-channel images, got image_shape {tuple(image_shape)}")
+    n = images.shape[0]
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = torch.ones(nrow * (h + 1) + 1, ncol * (w + 1) + 1)
+    for i, img in enumerate(images.detach().float().cpu().reshape(n, h, w)):
+        r, k = divmod(i, ncol)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = img
+    return grid
+
+
+def save_image_grid(path: str, images: torch.Tensor, image_shape: Sequence[int], ncol: int | None = None, title: str = "") -> None:
+    """Save a grid of grey images with values in [0, 1] as PNG."""
+    grid = image_grid(images.clamp(0, 1), image_shape, ncol)
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 28 * 0.9 + 0.2, grid.shape[0] / 28 * 0.9 + 0.4))
+    ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_scatter(path: str, points: torch.Tensor, title: str = "", labels: torch.Tensor | None = None) -> None:
+    """Scatter of 2-D points (e.g. toy data or samples), coloured by label if given."""
+    p = points.detach().float().cpu()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(p[:, 0], p[:, 1], s=3, c=None if labels is None else labels.cpu(), cmap="tab10", alpha=0.6)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
