@@ -77,11 +77,11 @@ def config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train" and args.model == "vae":
-        from pyrovae.train import train_vae
+        from pyrovae.train import train
 
         cfg = config_from_args(args)
         try:
-            result = train_vae(cfg)
+            result = train(cfg)
         except (ValueError, TypeError, FileNotFoundError) as err:
             print(f"pyrovae: error: {err}", file=sys.stderr)
             return 1

@@ -1,8 +1,9 @@
 """The training loop: a config dataclass and a plain, visible SVI loop.
 
-``train_vae(TrainConfig(...))`` is what ``pyrovae train vae`` runs: load data,
-build the VAE, ``SVI(vae.model, vae.guide, Adam, elbo)``, one pass over the
-training set per epoch, the test ELBO after each epoch, then files:
+``train(TrainConfig(model="vae", ...))`` is what ``pyrovae train vae`` runs:
+load data, build the model, ``SVI(model.model, model.guide, Adam, objective)``,
+one pass over the training set per epoch, the test ELBO after each epoch, then
+files:
 
     config.json  metrics.csv  model.pt  checkpoint.pt
     loss.png  samples.png  reconstructions.png
@@ -27,8 +28,9 @@ from tqdm.auto import tqdm
 from pyrovae import data as datasets
 from pyrovae import plots
 from pyrovae.device import resolve_device
-from pyrovae.infer import make_elbo
-from pyrovae.vae import VAE, build_vae
+from pyrovae.vae.training import VAERecipe
+
+RECIPES = {"vae": VAERecipe()}
 
 
 @dataclass
@@ -56,7 +58,7 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "z_dim": self.z_dim, "test_particles": self.test_particles}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "test_particles": self.test_particles}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -64,9 +66,9 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.data not in datasets.DATASETS:
             raise ValueError(f"unknown dataset {self.data!r}; expected one of {', '.join(datasets.DATASETS)}")
-        if self.binarize not in datasets.BINARIZE:
-            raise ValueError(f"unknown binarize mode {self.binarize!r}; expected one of {', '.join(datasets.BINARIZE)}")
-        make_elbo(self.elbo)
+        if self.model not in RECIPES:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(RECIPES)}")
+        RECIPES[self.model].check(self)
         resolve_device(self.device)
         return self
 
@@ -111,15 +113,6 @@ def make_run_dir(cfg: TrainConfig) -> str:
     return out
 
 
-@torch.no_grad()
-def estimate_elbo(elbo, model, guide, x: torch.Tensor, batch_size: int = 500) -> float:
-    """The ELBO averaged over the examples of ``x`` (nats per example)."""
-    total = 0.0
-    for i in range(0, len(x), batch_size):
-        total -= elbo.loss(model, guide, x[i : i + batch_size])
-    return total / len(x)
-
-
 def write_metrics_csv(path: str, rows: list) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -127,70 +120,60 @@ def write_metrics_csv(path: str, rows: list) -> None:
         writer.writerows(rows)
 
 
-def train_vae(cfg: TrainConfig) -> TrainResult:
-    """Train a VAE by SVI as ``cfg`` says; write the run's files; return the model."""
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train the model ``cfg.model`` names by SVI; write the run's files; return it.
+
+    The loop is the same for every model: a *recipe* (``RECIPES[cfg.model]``)
+    says how to build the model/guide pair and its objective, how to prepare a
+    batch, what to evaluate and which figures to draw.
+    """
     cfg.check()
+    recipe = RECIPES[cfg.model]
     device = resolve_device(cfg.device)
     out = make_run_dir(cfg)
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(cfg.validate)
     log = (lambda *a: None) if cfg.quiet else print
-    log(f"pyrovae train vae, writing to {out}\n{cfg.to_json()}")
+    log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(cfg.to_json())
 
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
-    x_test = datasets.binarize_test(ds.x_test, cfg.binarize)
+    x_test = recipe.prepare_test(cfg, ds.x_test)
     loader = datasets.make_loader(ds.x_train, ds.y_train, cfg.batch_size, shuffle=True)
-    vae = build_vae(ds.x_dim, cfg.z_dim, tuple(cfg.hidden)).to(device)
-
-    elbo = make_elbo(cfg.elbo)
-    test_elbo = make_elbo(cfg.elbo, num_particles=cfg.test_particles, vectorize_particles=True, max_plate_nesting=1)
-    svi = SVI(vae.model, vae.guide, Adam({"lr": cfg.lr}), loss=elbo)
+    model = recipe.build(cfg, ds).to(device)
+    svi = SVI(model.model, model.guide, Adam({"lr": cfg.lr}), loss=recipe.objective(cfg))
 
     metrics: list = []
     start = time.perf_counter()
     epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=cfg.quiet)
     for epoch in epochs:
-        vae.train()
+        model.train()
         total = 0.0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=cfg.quiet)
         for xb, _ in steps:
-            loss = svi.step(datasets.binarize(xb, cfg.binarize))
+            loss = svi.step(recipe.prepare_batch(cfg, xb))
             total += loss
             steps.set_postfix(loss=f"{loss / len(xb):.2f}")
-        vae.eval()
-        row = {
-            "epoch": epoch,
-            "train_elbo": -total / len(ds.x_train),
-            "test_elbo": estimate_elbo(test_elbo, vae.model, vae.guide, x_test),
-            "seconds": time.perf_counter() - start,
-        }
+        model.eval()
+        row = {"epoch": epoch, "train_elbo": -total / len(ds.x_train)}
+        row.update(recipe.evaluate(cfg, model, x_test))
+        row["seconds"] = time.perf_counter() - start
         metrics.append(row)
         epochs.set_postfix(test_elbo=f"{row['test_elbo']:.2f}")
-        log(f"epoch {epoch}: train ELBO {row['train_elbo']:.2f}  test ELBO {row['test_elbo']:.2f} nats/image")
-        atomic_torch_save({"model": vae.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg)}, os.path.join(out, "checkpoint.pt"))
+        log(f"epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k not in ("epoch", "seconds")))
+        atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg)}, os.path.join(out, "checkpoint.pt"))
 
-    write_outputs(out, vae, ds, x_test, metrics)
-    return TrainResult(vae, cfg, metrics, out)
-
-
-def write_outputs(out: str, vae: VAE, ds: datasets.Dataset, x_test: torch.Tensor, metrics: list) -> None:
-    """model.pt, metrics.csv and the three figures."""
-    atomic_torch_save(vae.state_dict(), os.path.join(out, "model.pt"))
+    atomic_torch_save(model.state_dict(), os.path.join(out, "model.pt"))
     write_metrics_csv(os.path.join(out, "metrics.csv"), metrics)
-    epochs = [m["epoch"] for m in metrics]
     plots.plot_curves(
         os.path.join(out, "loss.png"),
-        epochs,
+        [m["epoch"] for m in metrics],
         {"train ELBO": [m["train_elbo"] for m in metrics], "test ELBO": [m["test_elbo"] for m in metrics]},
         "epoch",
-        "ELBO (nats per image)",
-        f"VAE on {ds.name}",
+        recipe.elbo_unit,
+        f"{cfg.model} on {ds.name}",
     )
-    if ds.is_image:
-        plots.save_image_grid(os.path.join(out, "samples.png"), vae.sample(64), ds.image_shape, 8, "samples E[x|z], z ~ p(z)")
-        x = x_test[:32]
-        pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(64, -1)
-        plots.save_image_grid(os.path.join(out, "reconstructions.png"), pairs, ds.image_shape, 8, "test image | reconstruction")
+    recipe.write_figures(out, cfg, model, ds, x_test)
+    return TrainResult(model, cfg, metrics, out)
