@@ -1,4 +1,5 @@
-"""``pyrovae`` command line: ``pyrovae train vae [...]``.
+"""``pyrovae`` command line: ``pyrovae train vae [...]``, ``pyrovae sample RUN``,
+``pyrovae evaluate RUN``.
 
 Every command is reachable in-process as ``main(argv)``, which returns the
 exit code (argparse's usage errors exit with code 2).
@@ -48,6 +49,16 @@ def add_common_train_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<timestamp>)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="turn off pyro.enable_validation (faster)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--optimizer", default=d.optimizer, choices=("adam", "clippedadam"), help="pyro.optim optimiser (clippedadam clamps each gradient entry to 10)")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "cosine", "exponential"), help="learning-rate schedule, stepped every step")
+    p.add_argument("--lr-gamma", type=positive_float, default=d.lr_gamma, help="lr factor per epoch of --lr-schedule exponential")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up over N steps")
+    p.add_argument("--grad-clip", type=positive_float, default=d.grad_clip, help="clip the global gradient norm to this")
+    p.add_argument("--ema-decay", type=positive_float, default=d.ema_decay, help="keep an EMA of the weights (e.g. 0.999); evaluate and sample with it")
+    p.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="test ELBO every N epochs (and after the last)")
+    p.add_argument("--precision", default=d.precision, choices=("fp32", "bf16"), help="bf16: torch.autocast around the ELBO")
+    p.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard (needs the tensorboard package)")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder (or checkpoint file); flags given override nothing but run controls")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--hidden", type=positive_int, nargs="+", default=d.hidden, help="hidden layer sizes of encoder (decoder mirrors)")
     vae.add_argument("--elbo", default=d.elbo, choices=tuple(ELBOS), help="ELBO estimator")
     vae.add_argument("--test-particles", type=positive_int, default=d.test_particles, help="particles for the test ELBO")
+
+    sample = commands.add_parser("sample", help="draw samples from a trained run")
+    sample.add_argument("run", help="run folder or checkpoint file")
+    sample.add_argument("--n", type=positive_int, default=64, help="number of samples (default %(default)s)")
+    sample.add_argument("--out", default=None, help="PNG to write (default RUN/samples-<seed>.png)")
+    add_load_args(sample)
+
+    evaluate = commands.add_parser("evaluate", help="test ELBO of a trained run")
+    evaluate.add_argument("run", help="run folder or checkpoint file")
+    evaluate.add_argument("--test-particles", type=positive_int, default=None, help="particles for the test ELBO (default: the run's)")
+    add_load_args(evaluate)
     return parser
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The destinations of the options written on the command line ``argv``
+    (not filled in from defaults): the parser is rebuilt with every default
+    suppressed, so only given options reach the namespace."""
+    parser = build_parser()
+    pending = [parser]
+    while pending:
+        for action in pending.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+            else:
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def config_from_args(args: argparse.Namespace):
@@ -74,20 +117,80 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train" and args.model == "vae":
-        from pyrovae.train import train
+def resumed_config(args: argparse.Namespace, argv: list[str]):
+    """``--resume RUN``: the run's saved config, with the options written on
+    the command line on top (a changed model setting is then reported by
+    ``train`` as a mismatch). The output folder is RUN unless ``--out`` is given."""
+    from pyrovae.checkpoint import load_checkpoint
+    from pyrovae.train import TrainConfig
 
-        cfg = config_from_args(args)
-        try:
-            result = train(cfg)
-        except (ValueError, TypeError, FileNotFoundError) as err:
-            print(f"pyrovae: error: {err}", file=sys.stderr)
-            return 1
-        print(f"done: test ELBO {result.metrics[-1]['test_elbo']:.2f} nats/image; files in {result.out_dir}")
-        return 0
-    raise AssertionError(f"unhandled command {args}")
+    given = given_options(argv)
+    saved = load_checkpoint(args.resume)["config"]
+    values = {**saved, **{k: v for k, v in dataclasses.asdict(config_from_args(args)).items() if k in given}}
+    values.update(out=args.out, resume=args.resume)
+    return TrainConfig.from_dict(values)
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from pyrovae import distributed
+    from pyrovae.train import train
+
+    cfg = resumed_config(args, argv) if args.resume else config_from_args(args)
+    result = train(cfg)
+    if distributed.rank() == 0:
+        print(f"done: test ELBO {result.metrics[-1]['test_elbo']:.2f}; files in {result.out_dir}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import os
+
+    import pyro
+
+    from pyrovae import plots
+    from pyrovae.checkpoint import checkpoint_path, load
+
+    model, cfg = load(args.run, ema=args.ema, device=args.device)
+    pyro.set_rng_seed(args.seed)
+    x = model.sample(args.n)
+    out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{args.seed}.png")
+    ds = datasets.load_dataset(cfg.data, cfg.data_dir)
+    if ds.is_image:
+        plots.save_image_grid(out, x, ds.image_shape, title=f"{args.n} samples, {cfg.model} on {ds.name}")
+    else:
+        plots.save_scatter(out, x, title=f"{args.n} samples, {cfg.model} on {ds.name}")
+    print(f"wrote {out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import pyro
+
+    from pyrovae.checkpoint import load
+    from pyrovae.train import RECIPES
+
+    model, cfg = load(args.run, ema=args.ema, device=args.device)
+    if args.test_particles is not None:
+        cfg = dataclasses.replace(cfg, test_particles=args.test_particles)
+    pyro.set_rng_seed(args.seed)
+    recipe = RECIPES[cfg.model]
+    ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size)
+    x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
+    print(json.dumps({"run": args.run, "test_size": len(x_test), **recipe.evaluate(cfg, model, x_test)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    commands = {"train": lambda: run_train(args, argv), "sample": lambda: run_sample(args), "evaluate": lambda: run_evaluate(args)}
+    try:
+        return commands[args.command]()
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"pyrovae: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

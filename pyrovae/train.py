@@ -1,36 +1,54 @@
 """The training loop: a config dataclass and a plain, visible SVI loop.
 
 ``train(TrainConfig(model="vae", ...))`` is what ``pyrovae train vae`` runs:
-load data, build the model, ``SVI(model.model, model.guide, Adam, objective)``,
-one pass over the training set per epoch, the test ELBO after each epoch, then
-files:
+load data, build the model, then per epoch one pass of SVI steps over the
+training set, the test ELBO every ``eval_every`` epochs, and a checkpoint;
+at the end the figures. The run folder holds::
 
     config.json  metrics.csv  model.pt  checkpoint.pt
     loss.png  samples.png  reconstructions.png
+
+One SVI step (:func:`svi_step`) is Pyro's ``SVI.step`` written out, so that
+the loop can sum gradients over processes and clip their global norm between
+the ELBO's ``loss_and_grads`` and the ``pyro.optim`` step. The same loop runs
+under ``torchrun --nproc_per_node=N -m pyrovae train ...`` (see
+:mod:`pyrovae.distributed`); rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
+import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import pyro
+import pyro.optim
 import torch
-from pyro.infer import SVI
-from pyro.optim import Adam
+from pyro import poutine
+from pyro.infer.util import zero_grads
+from pyro.optim.clipped_adam import ClippedAdam
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from pyrovae import checkpoint
 from pyrovae import data as datasets
-from pyrovae import plots
+from pyrovae import distributed, plots
+from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.device import resolve_device
 from pyrovae.vae.training import VAERecipe
 
 RECIPES = {"vae": VAERecipe()}
+OPTIMIZERS = {"adam": torch.optim.Adam, "clippedadam": ClippedAdam}
+LR_SCHEDULES = ("constant", "cosine", "exponential")
+PRECISIONS = ("fp32", "bf16")
+# Fields that may change when a run is resumed: they steer the run, not the maths.
+RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume")
 
 
 @dataclass
@@ -55,10 +73,26 @@ class TrainConfig:
     out: str | None = None
     validate: bool = True
     quiet: bool = False
+    # optimisation, evaluation and run control
+    optimizer: str = "adam"  # adam | clippedadam (Pyro's, clamps each gradient entry)
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last step) | exponential
+    lr_gamma: float = 1.0  # factor per epoch of the exponential schedule
+    warmup_steps: int = 0  # linear warm-up of the learning rate
+    grad_clip: float | None = None  # clip the global gradient norm to this
+    ema_decay: float | None = None  # keep an EMA of the weights; evaluate and sample with it
+    eval_every: int = 1  # test ELBO every N epochs (and after the last)
+    precision: str = "fp32"  # fp32 | bf16 (torch.autocast around the ELBO)
+    tensorboard: bool = False  # also log metrics to TensorBoard (needs the tensorboard package)
+    resume: str | None = None  # run folder or checkpoint to continue from
 
     def check(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "test_particles": self.test_particles}
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "test_particles": self.test_particles,
+            "eval_every": self.eval_every,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -68,12 +102,34 @@ class TrainConfig:
             raise ValueError(f"unknown dataset {self.data!r}; expected one of {', '.join(datasets.DATASETS)}")
         if self.model not in RECIPES:
             raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(RECIPES)}")
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         RECIPES[self.model].check(self)
         resolve_device(self.device)
         return self
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from a saved dict; fields it lacks take their defaults
+        (checkpoints from before a field existed), unknown names are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; this pyrovae knows {sorted(names)}")
+        return cls(**values)
 
 
 @dataclass
@@ -84,25 +140,98 @@ class TrainResult:
     out_dir: str
 
 
-def atomic_write_bytes(path: str, write) -> None:
-    """Write a file through a temporary file in the same folder, fsync, then
-    ``os.replace``: a reader sees either the old file or the new, never half."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+class EMA:
+    """Exponential moving average of a module's floating-point state:
+
+        theta_ema <- d_k theta_ema + (1 - d_k) theta,   d_k = min(decay, (1 + k) / (10 + k))
+
+    after optimiser step k. The ramp (1 + k) / (10 + k) lets the average
+    forget the random initial weights in short runs (as TensorFlow's
+    ``ExponentialMovingAverage(num_updates=k)`` does). Integer buffers are copied.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v, 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    @contextlib.contextmanager
+    def applied(self, module: torch.nn.Module):
+        """Inside the block ``module`` holds the EMA weights (copied in place,
+        so Pyro's param store sees them too); afterwards its own again."""
+        own = {k: v.clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(self.shadow)
+        try:
+            yield module
+        finally:
+            module.load_state_dict(own)
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+def make_optim(cfg: TrainConfig, steps_per_epoch: int) -> pyro.optim.PyroLRScheduler:
+    """``cfg.optimizer`` under Pyro's ``LambdaLR`` wrapper, stepped once per
+    optimiser step: lr_k = lr * warmup(k) * schedule(k), with warmup(k) =
+    min(1, (k + 1) / warmup_steps), and schedule(k) = 1 (constant),
+    (1 + cos(pi k / K)) / 2 over the run's K steps (cosine), or
+    lr_gamma ** (k / steps_per_epoch) (exponential)."""
+    total = cfg.epochs * steps_per_epoch
+
+    def lr_lambda(k: int) -> float:
+        warmup = min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_schedule == "cosine":
+            return warmup * 0.5 * (1 + math.cos(math.pi * min(k, total) / total))
+        if cfg.lr_schedule == "exponential":
+            return warmup * cfg.lr_gamma ** (k / steps_per_epoch)
+        return warmup
+
+    return pyro.optim.LambdaLR({"optimizer": OPTIMIZERS[cfg.optimizer], "optim_args": {"lr": cfg.lr}, "lr_lambda": lr_lambda})
+
+
+def current_lr(optim: pyro.optim.PyroLRScheduler) -> float:
+    schedulers = list(optim.optim_objs.values())
+    return schedulers[0].get_last_lr()[0] if schedulers else float("nan")
+
+
+def svi_step(objective, model, optim, batch: torch.Tensor, grad_clip: float | None = None, precision: str = "fp32") -> float:
+    """One SVI step on the global batch; returns its loss (-ELBO, summed over examples).
+
+    As ``pyro.infer.SVI.step``: the objective's ``loss_and_grads`` on this
+    process's shard of the batch, recording which params the model and guide
+    touch; then the gradients summed over processes, the global gradient norm
+    clipped to ``grad_clip``, the ``pyro.optim`` step, and zeroed gradients.
+    """
+    use_bf16 = precision == "bf16"
+    with poutine.trace(param_only=True) as param_capture, torch.autocast(batch.device.type, torch.bfloat16, enabled=use_bf16):
+        loss = objective.loss_and_grads(model.model, model.guide, batch)
+    # Sorted by name: every process must reduce the gradients in the same order.
+    sites = sorted(param_capture.trace.nodes.items())
+    params = [site["value"].unconstrained() for _, site in sites]
+    loss = distributed.all_reduce_grads(params, float(loss))
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optim(params)
+    zero_grads(set(params))
+    return loss
+
+
+def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tuple[DataLoader, DistributedSampler]:
+    """Batches of this process's shard: with W processes, rank r's k-th batch
+    holds examples r, r+W, r+2W, ... of the k-th global batch of ``cfg.batch_size``
+    (a ``DistributedSampler`` over the seeded permutation of epoch e, so the
+    order depends on (seed, epoch) only and a resumed run sees the same batches)."""
+    world = distributed.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({world})")
+    ds = TensorDataset(x, y)
+    sampler = DistributedSampler(ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=cfg.seed)
+    return DataLoader(ds, sampler=BatchSampler(sampler, cfg.batch_size // world, drop_last=False), batch_size=None), sampler
 
 
 def make_run_dir(cfg: TrainConfig) -> str:
@@ -114,10 +243,39 @@ def make_run_dir(cfg: TrainConfig) -> str:
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    """All rows so far, rewritten atomically after each evaluation (floats as
+    ``repr``, so reading them back gives the same numbers)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def resume_state(cfg: TrainConfig) -> dict | None:
+    """The checkpoint ``cfg.resume`` names, checked against ``cfg``: a field
+    that changes the model or the maths (not one of ``RESUMABLE_FIELDS``) must
+    be equal, else a ``ValueError`` lists each mismatch."""
+    if cfg.resume is None:
+        return None
+    ckpt = checkpoint.load_checkpoint(cfg.resume)
+    saved = dataclasses.asdict(TrainConfig.from_dict(ckpt["config"]))
+    mismatches = checkpoint.config_mismatches(saved, dataclasses.asdict(cfg), ignore=RESUMABLE_FIELDS)
+    if mismatches:
+        raise ValueError(f"cannot resume from {cfg.resume!r}: its config does not match the requested one: " + "; ".join(mismatches))
+    if cfg.epochs <= ckpt["epoch"]:
+        raise ValueError(f"epochs must be > {ckpt['epoch']} (the checkpoint's epoch) to resume, got {cfg.epochs}")
+    if len(ckpt["rng"]) != distributed.world_size():
+        raise ValueError(f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with as many, not {distributed.world_size()}")
+    return ckpt
+
+
+def open_tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from err
+    return SummaryWriter(out)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -129,51 +287,112 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     cfg.check()
     recipe = RECIPES[cfg.model]
-    device = resolve_device(cfg.device)
-    out = make_run_dir(cfg)
+    device, started_group = distributed.init_from_env(resolve_device(cfg.device))
+    try:
+        return _train(cfg, recipe, device)
+    finally:
+        distributed.shutdown(started_group)
+
+
+def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
+    ckpt = resume_state(cfg)
+    is_main = distributed.rank() == 0
+    if cfg.out is None and cfg.resume is not None:
+        cfg = dataclasses.replace(cfg, out=os.path.dirname(checkpoint.checkpoint_path(cfg.resume)))
+    out = make_run_dir(cfg) if is_main else cfg.out
+    quiet = cfg.quiet or not is_main
+    log = (lambda *a: None) if quiet else print
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(cfg.validate)
-    log = (lambda *a: None) if cfg.quiet else print
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
-    with open(os.path.join(out, "config.json"), "w") as f:
-        f.write(cfg.to_json())
+    if is_main:
+        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
 
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
     x_test = recipe.prepare_test(cfg, ds.x_test)
-    loader = datasets.make_loader(ds.x_train, ds.y_train, cfg.batch_size, shuffle=True)
+    loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
-    svi = SVI(model.model, model.guide, Adam({"lr": cfg.lr}), loss=recipe.objective(cfg))
+    distributed.broadcast_module(model)
+    objective = recipe.objective(cfg)
+    optim = make_optim(cfg, len(loader))
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    metrics, epoch0, step, seconds = [], 0, 0, 0.0
+    if ckpt is not None:
+        checkpoint.load_model_state(model, ckpt["model"], cfg.resume)
+        optim.set_state(ckpt["optim"])
+        if ema is not None:
+            ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        metrics, epoch0, step, seconds = ckpt["metrics"], ckpt["epoch"], ckpt["step"], ckpt["seconds"]
+        checkpoint.set_rng_state(ckpt["rng"][distributed.rank()])
+    else:
+        # Equal initial weights on every rank, different sampling noise.
+        pyro.set_rng_seed(cfg.seed + distributed.rank())
+    writer = open_tensorboard(out) if cfg.tensorboard and is_main else None
+    with_ema = (lambda: ema.applied(model)) if ema is not None else contextlib.nullcontext
 
-    metrics: list = []
-    start = time.perf_counter()
-    epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=cfg.quiet)
+    epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet)
     for epoch in epochs:
+        t0 = time.perf_counter()
+        if hasattr(recipe, "on_epoch_start"):
+            recipe.on_epoch_start(cfg, epoch, objective)
+        sampler.set_epoch(epoch)
         model.train()
         total = 0.0
-        steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=cfg.quiet)
+        steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)
         for xb, _ in steps:
-            loss = svi.step(recipe.prepare_batch(cfg, xb))
+            loss = svi_step(objective, model, optim, recipe.prepare_batch(cfg, xb), cfg.grad_clip, cfg.precision)
+            optim.step()  # the lr schedule
+            step += 1
+            if ema is not None:
+                ema.update(model, step)
             total += loss
-            steps.set_postfix(loss=f"{loss / len(xb):.2f}")
-        model.eval()
-        row = {"epoch": epoch, "train_elbo": -total / len(ds.x_train)}
-        row.update(recipe.evaluate(cfg, model, x_test))
-        row["seconds"] = time.perf_counter() - start
-        metrics.append(row)
-        epochs.set_postfix(test_elbo=f"{row['test_elbo']:.2f}")
-        log(f"epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k not in ("epoch", "seconds")))
-        atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg)}, os.path.join(out, "checkpoint.pt"))
+            steps.set_postfix(loss=f"{loss / cfg.batch_size:.2f}", lr=f"{current_lr(optim):.2e}")
+        seconds += time.perf_counter() - t0
 
-    atomic_torch_save(model.state_dict(), os.path.join(out, "model.pt"))
-    write_metrics_csv(os.path.join(out, "metrics.csv"), metrics)
-    plots.plot_curves(
-        os.path.join(out, "loss.png"),
-        [m["epoch"] for m in metrics],
-        {"train ELBO": [m["train_elbo"] for m in metrics], "test ELBO": [m["test_elbo"] for m in metrics]},
-        "epoch",
-        recipe.elbo_unit,
-        f"{cfg.model} on {ds.name}",
-    )
-    recipe.write_figures(out, cfg, model, ds, x_test)
+        if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            model.eval()
+            with with_ema():
+                test = recipe.evaluate(cfg, model, x_test)
+            row = {"epoch": epoch, "step": step, "train_elbo": -total / len(ds.x_train), **test, "lr": current_lr(optim), "seconds": seconds}
+            metrics.append(row)
+            write_metrics_csv(os.path.join(out, "metrics.csv"), metrics)
+            if writer is not None:
+                for k, v in row.items():
+                    writer.add_scalar(k, v, step)
+            epochs.set_postfix(test_elbo=f"{row['test_elbo']:.2f}")
+            log(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step")))
+        # Every rank's generator state, so that a resumed run continues each stream.
+        rngs = distributed.all_gather(checkpoint.rng_state())
+        if is_main:
+            state = {
+                "format": checkpoint.CHECKPOINT_FORMAT,
+                "config": dataclasses.asdict(cfg),
+                "epoch": epoch,
+                "step": step,
+                "model": dict(model.state_dict()),
+                "ema": ema.shadow if ema is not None else None,
+                "optim": optim.get_state(),
+                "rng": rngs,
+                "metrics": metrics,
+                "seconds": seconds,
+            }
+            atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
+
+    if writer is not None:
+        writer.close()
+    if is_main:
+        atomic_torch_save(dict(model.state_dict()), os.path.join(out, "model.pt"))
+        write_figures(out, cfg, recipe, model, ds, x_test, metrics, with_ema)
+    distributed.barrier()
     return TrainResult(model, cfg, metrics, out)
+
+
+def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics: list, with_ema) -> None:
+    """The ELBO curves (every metric but epoch, step, lr and seconds) and the
+    recipe's figures, drawn with the EMA weights when there are any."""
+    curves = {k: [m[k] for m in metrics] for k in metrics[0] if k not in ("epoch", "step", "lr", "seconds")}
+    plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", recipe.elbo_unit, f"{cfg.model} on {ds.name}")
+    model.eval()
+    with with_ema():
+        recipe.write_figures(out, cfg, model, ds, x_test)

@@ -32,6 +32,9 @@ class VAERecipe:
     def objective(self, cfg):
         return make_elbo(cfg.elbo)
 
+    def on_epoch_start(self, cfg, epoch: int, objective) -> None:
+        """Called by the loop before each epoch (e.g. to anneal the objective); nothing for the plain VAE."""
+
     def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
         return datasets.binarize(x, cfg.binarize)
 

@@ -1,0 +1,161 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint is one file, ``checkpoint.pt`` in the run folder, holding only
+plain tensors, numbers, strings, lists and dicts, so that
+``torch.load(path, weights_only=True)`` reads it without unpickling code:
+
+    format      CHECKPOINT_FORMAT
+    config      the run's TrainConfig as a dict
+    epoch, step the last finished epoch and optimiser step
+    model       the model's state_dict (parameters and buffers)
+    ema         the EMA weights (a state_dict) or None
+    optim       the Pyro optimiser's get_state(): per parameter name, the torch
+                optimiser's and the lr scheduler's state dicts
+    rng         one entry per process: Python, NumPy, torch and CUDA generator states
+    metrics     the metrics.csv rows so far
+    seconds     training time so far
+
+It is written atomically (:func:`atomic_torch_save`), so a kill during a save
+leaves the previous checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_write_bytes(path: str, write) -> None:
+    """Write a file through a temporary file in the same folder, fsync, then
+    ``os.replace``: a reader sees either the old file or the new, never half."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the folder's entry is on disk.
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def rng_state() -> dict:
+    """This process's Python, NumPy, torch and CUDA generator states as plain
+    values (NumPy's key array becomes an int64 tensor, tuples become lists)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_path(path: str) -> str:
+    """``path`` itself if it is a file, else ``path/checkpoint.pt``."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}: expected a run folder holding {CHECKPOINT} or a checkpoint file")
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint (a run folder or a file) onto the CPU with
+    ``weights_only=True``; raise ``ValueError`` if it is not one of ours."""
+    path = checkpoint_path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        raise ValueError(f"cannot read checkpoint {path!r}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path!r} is not a pyrovae checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
+    return ckpt
+
+
+def config_mismatches(saved: dict, requested: dict, ignore=()) -> list[str]:
+    """Human-readable differences ``"field: checkpoint X, requested Y"`` between
+    two config dicts, skipping the fields in ``ignore``."""
+    return [
+        f"{name}: checkpoint {saved.get(name)!r}, requested {requested.get(name)!r}"
+        for name in sorted(set(saved) | set(requested))
+        if name not in ignore and saved.get(name) != requested.get(name)
+    ]
+
+
+def load(path: str, model: str | None = None, ema: bool = True, device: str = "cpu"):
+    """A trained model and its config back from a run folder or checkpoint file.
+
+    :param path: a run folder (holding ``checkpoint.pt``) or a checkpoint file.
+    :param model: if given, the model name expected (e.g. ``"vae"``); a
+        checkpoint of another model is a ``ValueError`` naming both.
+    :param ema: load the EMA weights when the run kept them (they are the
+        ones to sample and evaluate with); ``False`` loads the raw weights.
+    :param device: where to put the model.
+    :returns: ``(model, config)``, the model in eval mode, ready for
+        ``sample``, ``reconstruct``, evaluation or further SVI.
+    """
+    from pyrovae import data as datasets
+    from pyrovae.device import resolve_device
+    from pyrovae.train import RECIPES, TrainConfig
+
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    if model is not None and model != cfg.model:
+        raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
+    recipe = RECIPES[cfg.model]
+    ds = datasets.load_dataset(cfg.data, cfg.data_dir)
+    net = recipe.build(cfg, ds)
+    state = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]
+    load_model_state(net, state, path)
+    return net.to(resolve_device(device)).eval(), cfg
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """``model.load_state_dict(state)`` with a ``ValueError`` that names the
+    missing, unexpected and mis-shaped entries."""
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [
+        f"{k} has shape {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        raise ValueError(f"checkpoint {source!r} does not fit the model its config builds: " + "; ".join(problems))
+    model.load_state_dict(state)
