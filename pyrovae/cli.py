@@ -132,12 +132,11 @@ def resumed_config(args: argparse.Namespace, argv: list[str]):
 
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from pyrovae import distributed
     from pyrovae.train import train
 
     cfg = resumed_config(args, argv) if args.resume else config_from_args(args)
     result = train(cfg)
-    if distributed.rank() == 0:
+    if result.metrics:  # rank 0 (only it evaluates under torchrun)
         print(f"done: test ELBO {result.metrics[-1]['test_elbo']:.2f}; files in {result.out_dir}")
     return 0
 

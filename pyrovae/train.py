@@ -136,7 +136,7 @@ class TrainConfig:
 class TrainResult:
     model: torch.nn.Module
     config: TrainConfig
-    metrics: list
+    metrics: list  # one row per evaluation; empty on ranks other than 0
     out_dir: str
 
 
