@@ -1,0 +1,174 @@
+"""Checkpoints: plain contents, atomic writes, exact resume, pyrovae.load, mismatch errors."""
+
+import csv
+import json
+import os
+import random
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+import pyrovae
+from pyrovae import checkpoint
+from pyrovae.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from pyrovae.cli import main
+from pyrovae.train import RECIPES, TrainConfig, train
+
+TINY = ["--data", "digits", "--train-size", "48", "--test-size", "32", "--batch-size", "16", "--z-dim", "3", "--hidden", "8", "--quiet"]
+# Every piece of state a resume must restore: Adam moments under a scheduler,
+# the warm-up and decay position, the EMA, and the torch RNG (dynamic binarisation, z draws).
+FULL = ["--optimizer", "clippedadam", "--lr-schedule", "exponential", "--lr-gamma", "0.8", "--warmup-steps", "4", "--grad-clip", "50", "--ema-decay", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "vae", *TINY, *FULL, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_checkpoint_reads_with_weights_only_and_holds_the_full_state(run_dir):
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert set(ckpt) == {"format", "config", "epoch", "step", "model", "ema", "optim", "rng", "metrics", "seconds"}
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
+    assert TrainConfig.from_dict(ckpt["config"]).ema_decay == 0.9
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+    # one optimiser (and lr scheduler) state per Pyro parameter of the VAE
+    model, _ = pyrovae.load(str(run_dir))
+    assert set(ckpt["optim"]) == {f"vae$$${name}" for name, _ in model.named_parameters()}
+    assert all({"python", "numpy", "torch", "cuda"} <= set(r) for r in ckpt["rng"])
+    assert [m["epoch"] for m in ckpt["metrics"]] == [1, 2]
+
+
+def test_rng_state_round_trip_replays_python_numpy_and_torch_streams():
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    np.random.normal()  # leaves a cached Gaussian in NumPy's state
+    state = rng_state()
+    first = (random.random(), np.random.normal(), torch.randn(3))
+    set_rng_state(state)
+    again = (random.random(), np.random.normal(), torch.randn(3))
+    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def test_failed_save_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    atomic_torch_save({"format": checkpoint.CHECKPOINT_FORMAT, "epoch": 1}, str(path))
+
+    def write_half_then_die(f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # as a kill arriving mid-save
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_write_bytes(str(path), write_half_then_die)
+    assert load_checkpoint(str(tmp_path))["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def read_rows_without_timing(path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_two_epochs_then_resume_two_equals_four_epochs_bit_for_bit(run_dir, tmp_path):
+    straight = tmp_path / "straight"
+    assert main(["train", "vae", *TINY, *FULL, "--epochs", "4", "--out", str(straight)]) == 0
+    resumed = tmp_path / "resumed"
+    # a copy of the 2-epoch run, continued with nothing but --epochs
+    resumed.mkdir()
+    for name in ("checkpoint.pt", "config.json", "metrics.csv"):
+        (resumed / name).write_bytes((run_dir / name).read_bytes())
+    assert main(["train", "vae", "--resume", str(resumed), "--epochs", "4", "--quiet"]) == 0
+
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for name, state in a["optim"].items():
+        for slot, moment in state["optimizer"]["state"][0].items():
+            other = b["optim"][name]["optimizer"]["state"][0][slot]
+            assert torch.equal(torch.as_tensor(moment), torch.as_tensor(other)), (name, slot)
+        assert state["scheduler"]["_last_lr"] == b["optim"][name]["scheduler"]["_last_lr"]
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    assert read_rows_without_timing(straight / "metrics.csv") == read_rows_without_timing(resumed / "metrics.csv")
+    assert len(read_rows_without_timing(resumed / "metrics.csv")) == 4
+
+
+def test_resume_with_a_changed_model_setting_names_the_mismatch(run_dir, capsys):
+    assert main(["train", "vae", "--resume", str(run_dir), "--epochs", "3", "--z-dim", "5", "--lr", "0.01", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "z_dim: checkpoint 3, requested 5" in err and "lr: checkpoint 0.001, requested 0.01" in err
+
+
+def test_resume_in_python_checks_the_whole_config(run_dir):
+    cfg = TrainConfig.from_dict({**json.loads((run_dir / "config.json").read_text()), "epochs": 3, "hidden": [9], "resume": str(run_dir)})
+    with pytest.raises(ValueError, match=r"hidden: checkpoint \[8\], requested \[9\]"):
+        train(cfg)
+
+
+def test_resume_needs_more_epochs_than_were_done(run_dir, capsys):
+    assert main(["train", "vae", "--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 1
+    assert "epochs must be > 2" in capsys.readouterr().err
+
+
+def test_load_returns_the_model_with_ema_weights_and_its_config(run_dir):
+    model, cfg = pyrovae.load(str(run_dir))
+    ckpt = load_checkpoint(str(run_dir))
+    assert cfg == TrainConfig.from_dict(ckpt["config"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["ema"][k]), k
+    raw, _ = pyrovae.load(str(run_dir / "checkpoint.pt"), ema=False)
+    for k, v in raw.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    assert model.sample(5).shape == (5, 64)
+    x = torch.bernoulli(torch.full((4, 64), 0.3))
+    assert model.reconstruct(x).shape == (4, 64)
+
+
+def test_loaded_model_trains_further_by_svi(run_dir):
+    model, _ = pyrovae.load(str(run_dir), ema=False)
+    pyro.clear_param_store()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    svi = pyro.infer.SVI(model.model, model.guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+    svi.step(torch.bernoulli(torch.full((8, 64), 0.3)))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_of_another_model_name_is_an_error_naming_both(run_dir):
+    with pytest.raises(ValueError, match="holds a 'vae' model, but model='diffusion' was requested"):
+        pyrovae.load(str(run_dir), model="diffusion")
+
+
+def test_weights_that_do_not_fit_the_config_name_the_entries(run_dir):
+    ckpt = load_checkpoint(str(run_dir))
+    model = RECIPES["vae"].build(TrainConfig(z_dim=4, hidden=[8]), pyrovae.data.load_dataset("digits"))
+    with pytest.raises(ValueError, match=r"decoder\.0\.weight has shape \(8, 3\) in the checkpoint, \(8, 4\) in the model"):
+        checkpoint.load_model_state(model, ckpt["model"], "run")
+
+
+def test_a_folder_without_checkpoint_or_a_foreign_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(str(tmp_path))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a pyrovae checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_sample_and_evaluate_commands_take_a_run_folder(run_dir, tmp_path, capsys):
+    png = tmp_path / "s.png"
+    assert main(["sample", str(run_dir), "--n", "8", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir / "checkpoint.pt"), "--seed", "5"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    # the same number as the recipe's evaluation of pyrovae.load's model under the same seed
+    model, cfg = pyrovae.load(str(run_dir))
+    recipe = RECIPES["vae"]
+    x_test = recipe.prepare_test(cfg, pyrovae.data.load_dataset("digits").subset(48, 32).x_test)
+    pyro.set_rng_seed(5)
+    assert reported["test_elbo"] == recipe.evaluate(cfg, model, x_test)["test_elbo"]
+    assert reported["test_size"] == 32
