@@ -1,0 +1,114 @@
+"""Multi-process training: 2 gloo processes launched here, as torchrun would."""
+
+import os
+import socket
+
+import pyro
+import pyro.distributions as dist
+import pyro.optim
+import pytest
+import torch
+import torch.distributed
+import torch.multiprocessing as mp
+
+from pyrovae.infer import make_elbo
+from pyrovae.train import TrainConfig, svi_step, train
+from pyrovae.vae import VAE
+from pyrovae.vae.encoders import DiagonalNormalEncoder
+from pyrovae.nets import MLP
+
+WORLD = 2
+X_DIM, Z_DIM = 6, 2
+
+
+class FixedNoiseNormal(dist.Normal):
+    """N(loc, scale) whose reparameterised draw uses the given noise eps:
+    z = loc + scale * eps, so a draw depends on its example, not on a process's RNG."""
+
+    def __init__(self, loc, scale, eps):
+        super().__init__(loc, scale)
+        self.eps = eps
+
+    def expand(self, batch_shape, _instance=None):
+        return FixedNoiseNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.eps.expand(batch_shape))
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.loc + self.scale * self.eps
+
+
+class FixedNoiseEncoder(DiagonalNormalEncoder):
+    """q_phi(z|x) with noise eps = sin(x W) from a fixed matrix W: seeded per example."""
+
+    def __init__(self):
+        super().__init__(X_DIM, Z_DIM, (5,))
+        self.register_buffer("w", torch.randn(X_DIM, Z_DIM, generator=torch.Generator().manual_seed(7)))
+
+    def forward(self, x):
+        q = super().forward(x).base_dist
+        return FixedNoiseNormal(q.loc, q.scale, torch.sin(3 * x @ self.w)).to_event(1)
+
+
+def fixed_noise_vae():
+    torch.manual_seed(0)
+    return VAE(FixedNoiseEncoder(), MLP(Z_DIM, (5,), X_DIM), X_DIM, Z_DIM)
+
+
+def global_batch():
+    return torch.bernoulli(torch.rand(8, X_DIM, generator=torch.Generator().manual_seed(1)))
+
+
+def one_step(vae, x):
+    pyro.clear_param_store()
+    loss = svi_step(make_elbo("trace"), vae, pyro.optim.SGD({"lr": 0.05}), x)
+    return loss, {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+
+def worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    try:
+        # rank r takes examples r, r+2, ... of the global batch, as the trainer's sampler does
+        loss, params = one_step(fixed_noise_vae(), global_batch()[rank::WORLD])
+        cfg = TrainConfig(data="digits", train_size=48, test_size=32, batch_size=16, z_dim=3, hidden=[8], epochs=1, quiet=True, out=os.path.join(out, "run"))
+        result = train(cfg)
+        torch.save({"loss": loss, "step": params, "trained": result.model.state_dict(), "rows": len(result.metrics)}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_two_process_step_equals_one_process_step_on_the_global_batch(ranks):
+    _, (r0, r1) = ranks
+    loss, params = one_step(fixed_noise_vae(), global_batch())
+    assert r0["loss"] == pytest.approx(loss, rel=1e-6) and r1["loss"] == r0["loss"]
+    for k, v in params.items():
+        torch.testing.assert_close(r0["step"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_hold_identical_parameters_after_training(ranks):
+    _, (r0, r1) = ranks
+    for k, v in r0["trained"].items():
+        assert torch.equal(v, r1["trained"][k]), k
+    assert len(r0["trained"]) > 0
+
+
+def test_only_rank_zero_evaluates_and_writes(ranks):
+    out, (r0, r1) = ranks
+    assert (r0["rows"], r1["rows"]) == (1, 0)
+    assert sorted(os.listdir(out / "run")) == sorted(
+        ["config.json", "metrics.csv", "model.pt", "checkpoint.pt", "loss.png", "samples.png", "reconstructions.png"]
+    )
+    assert len(torch.load(out / "run" / "checkpoint.pt", weights_only=True)["rng"]) == WORLD
