@@ -38,6 +38,8 @@ def atomic_write_bytes(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        # mkstemp makes the file private (0600); a run's files should read like any other file.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
