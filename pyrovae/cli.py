@@ -58,7 +58,7 @@ def add_common_train_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="test ELBO every N epochs (and after the last)")
     p.add_argument("--precision", default=d.precision, choices=("fp32", "bf16"), help="bf16: torch.autocast around the ELBO")
     p.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard (needs the tensorboard package)")
-    p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder (or checkpoint file); flags given override nothing but run controls")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder (or checkpoint file) with its saved settings; flags given that change the model or optimiser are an error")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -301,7 +301,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         cfg = dataclasses.replace(cfg, out=os.path.dirname(checkpoint.checkpoint_path(cfg.resume)))
     out = make_run_dir(cfg) if is_main else cfg.out
     quiet = cfg.quiet or not is_main
-    log = (lambda *a: None) if quiet else print
+    log = (lambda text: None) if quiet else tqdm.write  # keeps the bars intact
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(cfg.validate)
@@ -340,14 +340,14 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         model.train()
         total = 0.0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)
-        for xb, _ in steps:
+        for i, (xb, _) in enumerate(steps, start=1):
             loss = svi_step(objective, model, optim, recipe.prepare_batch(cfg, xb), cfg.grad_clip, cfg.precision)
             optim.step()  # the lr schedule
             step += 1
             if ema is not None:
                 ema.update(model, step)
             total += loss
-            steps.set_postfix(loss=f"{loss / cfg.batch_size:.2f}", lr=f"{current_lr(optim):.2e}")
+            steps.set_postfix(loss=f"{total / (i * cfg.batch_size):.2f}", lr=f"{current_lr(optim):.2e}")  # running -ELBO per example
         seconds += time.perf_counter() - t0
 
         if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
