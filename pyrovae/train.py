@@ -43,7 +43,7 @@ class TrainConfig:
     binarize: str = "dynamic"
     train_size: int | None = None
     test_size: int | None = None
-    epochs: int = 50
+    epochs: int = 300
     batch_size: int = 128
     lr: float = 1e-3
     z_dim: int = 50
