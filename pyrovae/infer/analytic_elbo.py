@@ -214,9 +214,12 @@ def _log_prob_sum(site) -> torch.Tensor:
 
 
 def _same(a, b) -> bool:
-    """Equal scales or masks without a device sync: tensors only by identity."""
+    """Equal scales or masks. The identity test settles the usual case (one
+    handler around both programs) without comparing tensor values."""
     if a is b:
         return True
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and bool(torch.equal(a, b))
     return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
 
 
