@@ -388,3 +388,48 @@ def test_non_reparameterised_guide_site_is_refused():
 
     with pytest.raises(ValueError, match="'k' must be reparameterised"):
         TraceAnalyticKL_ELBO().loss(model, guide)
+
+
+# ---------------------------------------------------------------------------
+# Training: the VAE default, per-term test figures, KL warm-up.
+
+
+def test_vae_training_defaults_to_analytic_elbo_and_reports_recon_and_kl(tmp_path):
+    from pyrovae.cli import main
+    from pyrovae.train import TrainConfig, train
+
+    assert TrainConfig().elbo == "analytic"
+    out = tmp_path / "run"
+    code = main(["train", "vae", "--data", "digits", "--train-size", "64", "--test-size", "32", "--epochs", "1",
+                 "--z-dim", "2", "--hidden", "8", "--test-particles", "2", "--quiet", "--out", str(out)])
+    assert code == 0
+    header, row = (out / "metrics.csv").read_text().splitlines()[:2]
+    metrics = dict(zip(header.split(","), map(float, row.split(","))))
+    assert metrics["test_elbo"] == pytest.approx(metrics["test_recon"] - metrics["test_kl"], rel=1e-5)
+    assert metrics["test_kl"] > 0 and metrics["test_recon"] < 0
+
+
+def test_kl_warmup_raises_kl_scale_linearly_from_zero_to_one(monkeypatch, tmp_path):
+    from pyrovae import train as training
+    from pyrovae.vae.training import VAERecipe
+
+    seen = []
+    original = VAERecipe.on_epoch_start
+
+    def record(self, cfg, epoch, objective):
+        original(self, cfg, epoch, objective)
+        seen.append(objective.kl_scale)
+
+    monkeypatch.setattr(VAERecipe, "on_epoch_start", record)
+    cfg = training.TrainConfig(data="digits", train_size=16, test_size=8, epochs=5, z_dim=2, hidden=[4], kl_warmup=3,
+                               test_particles=1, quiet=True, out=str(tmp_path))
+    training.train(cfg)
+    assert seen == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
+
+
+def test_kl_warmup_needs_an_elbo_with_kl_scale():
+    from pyrovae.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "vae", "--kl-warmup", "-1"])
+    assert main(["train", "vae", "--elbo", "trace", "--kl-warmup", "2", "--epochs", "1", "--quiet"]) == 1
