@@ -48,7 +48,8 @@ class TrainConfig:
     lr: float = 1e-3
     z_dim: int = 50
     hidden: list = field(default_factory=lambda: [400])
-    elbo: str = "trace"
+    elbo: str = "analytic"
+    kl_warmup: int = 0
     test_particles: int = 10
     seed: int = 0
     device: str = "auto"
@@ -62,6 +63,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.data not in datasets.DATASETS:
@@ -143,12 +146,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader = datasets.make_loader(ds.x_train, ds.y_train, cfg.batch_size, shuffle=True)
     model = recipe.build(cfg, ds).to(device)
-    svi = SVI(model.model, model.guide, Adam({"lr": cfg.lr}), loss=recipe.objective(cfg))
+    objective = recipe.objective(cfg)
+    svi = SVI(model.model, model.guide, Adam({"lr": cfg.lr}), loss=objective)
 
     metrics: list = []
     start = time.perf_counter()
     epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=cfg.quiet)
     for epoch in epochs:
+        recipe.on_epoch_start(cfg, epoch, objective)
         model.train()
         total = 0.0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=cfg.quiet)
