@@ -61,12 +61,13 @@ class TrainConfig:
     binarize: str = "dynamic"
     train_size: int | None = None
     test_size: int | None = None
-    epochs: int = 50
+    epochs: int = 300
     batch_size: int = 128
     lr: float = 1e-3
     z_dim: int = 50
     hidden: list = field(default_factory=lambda: [400])
-    elbo: str = "trace"
+    elbo: str = "analytic"
+    kl_warmup: int = 0
     test_particles: int = 10
     seed: int = 0
     device: str = "auto"
@@ -96,6 +97,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.data not in datasets.DATASETS:

@@ -150,7 +150,7 @@ def test_loop_calls_on_epoch_start_with_config_epoch_and_objective(tmp_path, mon
     calls = []
     recipe = training.RECIPES["vae"]
     monkeypatch.setattr(recipe, "on_epoch_start", lambda cfg, epoch, objective: calls.append((cfg.epochs, epoch, type(objective).__name__)))
-    training.train(tiny_config(tmp_path, epochs=2))
+    training.train(tiny_config(tmp_path, epochs=2, elbo="trace"))
     assert calls == [(2, 1, "Trace_ELBO"), (2, 2, "Trace_ELBO")]
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
+from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
+
 ELBOS = {
+    "analytic": TraceAnalyticKL_ELBO,
     "trace": Trace_ELBO,
     "meanfield": TraceMeanField_ELBO,
 }

@@ -1,0 +1,12 @@
+import pyro
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    """Each test starts with an empty param store, validation on and a fixed seed."""
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
