@@ -59,7 +59,7 @@ def add_common_train_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--optimizer", default=d.optimizer, choices=("adam", "clippedadam"), help="pyro.optim optimiser (clippedadam clamps each gradient entry to 10)")
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "cosine", "exponential"), help="learning-rate schedule, stepped every step")
     p.add_argument("--lr-gamma", type=positive_float, default=d.lr_gamma, help="lr factor per epoch of --lr-schedule exponential")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up over N steps")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps, help="linear learning-rate warm-up over N steps")
     p.add_argument("--grad-clip", type=positive_float, default=d.grad_clip, help="clip the global gradient norm to this")
     p.add_argument("--ema-decay", type=positive_float, default=d.ema_decay, help="keep an EMA of the weights (e.g. 0.999); evaluate and sample with it")
     p.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="test ELBO every N epochs (and after the last)")
