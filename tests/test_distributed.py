@@ -112,3 +112,25 @@ def test_only_rank_zero_evaluates_and_writes(ranks):
         ["config.json", "metrics.csv", "model.pt", "checkpoint.pt", "loss.png", "samples.png", "reconstructions.png"]
     )
     assert len(torch.load(out / "run" / "checkpoint.pt", weights_only=True)["rng"]) == WORLD
+
+
+def test_rank_shards_interleave_into_the_single_process_global_batches(monkeypatch):
+    from pyrovae import distributed, train as training
+
+    x = torch.arange(40.0).unsqueeze(1)
+    cfg = TrainConfig(batch_size=8, seed=3)
+
+    def batches(world, rank):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        loader, sampler = training.make_shard_loader(x, torch.zeros(40), cfg)
+        sampler.set_epoch(2)
+        return [xb.flatten() for xb, _ in loader]
+
+    single = batches(1, 0)
+    shards = [batches(2, r) for r in range(2)]
+    assert len(single) == len(shards[0]) == 5
+    for k, batch in enumerate(single):
+        assert torch.equal(torch.stack([shards[0][k], shards[1][k]], 1).flatten(), batch)
+    with pytest.raises(ValueError, match=r"batch_size \(8\) must be a multiple of the number of processes \(3\)"):
+        batches(3, 0)
