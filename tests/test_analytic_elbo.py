@@ -100,13 +100,13 @@ def test_conjugate_perturbed_guide_matches_closed_form_elbo():
     scale_tril = torch.linalg.cholesky(sigma) * torch.tensor([[1.6, 0.0], [0.3, 0.5]], dtype=torch.float64)
     guide = lg.guide_for(mu, scale_tril)
     exact = torch.tensor(lg.elbo(mu, scale_tril @ scale_tril.T), dtype=torch.float64)
-    analytic = elbo_draws(TraceAnalyticKL_ELBO, lg.model, guide, 100)
-    trace = elbo_draws(Trace_ELBO, lg.model, guide, 100)
+    analytic = elbo_draws(TraceAnalyticKL_ELBO, lg.model, guide, 60, particles=100)
+    trace = elbo_draws(Trace_ELBO, lg.model, guide, 60, particles=100)
     # Sequential particles average draws with the same spread as vectorised ones.
-    sequential = -TraceAnalyticKL_ELBO(num_particles=200).loss(lg.model, guide)
+    sequential = -TraceAnalyticKL_ELBO(num_particles=50).loss(lg.model, guide)
     assert_means_equal(analytic[:, None], exact, 3)
     assert_means_equal(trace[:, None], exact, 3)
-    assert abs(sequential - exact.item()) <= z_critical(3) * analytic.std().item() * math.sqrt(50 / 200)
+    assert abs(sequential - exact.item()) <= z_critical(3) * analytic.std().item() * math.sqrt(100 / 50)
 
 
 def test_conjugate_exact_posterior_gives_log_evidence_and_trace_elbo_has_zero_variance():
@@ -115,8 +115,8 @@ def test_conjugate_exact_posterior_gives_log_evidence_and_trace_elbo_has_zero_va
     guide = lg.guide_for(mu, torch.linalg.cholesky(sigma))
     log_px = torch.tensor(lg.log_evidence(), dtype=torch.float64)
     assert lg.elbo(mu, sigma) == pytest.approx(log_px.item(), abs=1e-9)
-    analytic = elbo_draws(TraceAnalyticKL_ELBO, lg.model, guide, 100)
-    trace = elbo_draws(Trace_ELBO, lg.model, guide, 10)
+    analytic = elbo_draws(TraceAnalyticKL_ELBO, lg.model, guide, 60, particles=100)
+    trace = elbo_draws(Trace_ELBO, lg.model, guide, 5)
     assert_means_equal(analytic[:, None], log_px, 1)
     assert (trace - log_px).abs().max() < 1e-9
     # The closed-form KL does not make the estimator zero-variance here: the
@@ -157,7 +157,7 @@ def vae_draws():
     pyro.set_rng_seed(5)
     vae, x = small_vae()
     with pyro.validation_enabled(True):
-        draws = {name: loss_and_gradient_draws(elbo, vae, x, 400) for name, elbo in (("analytic", TraceAnalyticKL_ELBO), ("trace", Trace_ELBO))}
+        draws = {name: loss_and_gradient_draws(elbo, vae, x, 200, particles=20) for name, elbo in (("analytic", TraceAnalyticKL_ELBO), ("trace", Trace_ELBO))}
     return draws
 
 
@@ -187,10 +187,10 @@ def test_mixture_prior_falls_back_to_monte_carlo_and_matches_trace_elbo():
     mixture = MixturePrior(2)
     vae, x = small_vae(prior=mixture)
     analytic = TraceAnalyticKL_ELBO()
-    z_terms = torch.tensor([analytic.terms(vae.model, vae.guide, x)["z"] for _ in range(20)])
+    z_terms = torch.tensor([analytic.terms(vae.model, vae.guide, x)["z"] for _ in range(5)])
     assert z_terms.std() > 0
-    a = elbo_draws(TraceAnalyticKL_ELBO, vae.model, vae.guide, 200, x)
-    t = elbo_draws(Trace_ELBO, vae.model, vae.guide, 200, x)
+    a = elbo_draws(TraceAnalyticKL_ELBO, vae.model, vae.guide, 60, x, particles=100)
+    t = elbo_draws(Trace_ELBO, vae.model, vae.guide, 60, x, particles=100)
     assert_means_equal(a[:, None], t[:, None], 1)
 
 
@@ -266,10 +266,13 @@ class SubsampledLinearGaussian:
     def __init__(self, subsample_size=None):
         g = torch.Generator().manual_seed(9)
         self.W = torch.randn(self.D, self.d, generator=g)
-        self.x = torch.randn(self.N, self.D, generator=g)
-        self.m = torch.randn(self.N, self.d, generator=g)
+        self.m = 2 * torch.randn(self.N, self.d, generator=g)
         self.v = torch.rand(self.N, self.d, generator=g) + 0.3
         self.a, self.t = torch.tensor(0.4), torch.tensor(0.6)
+        # Data close to the guide's predictions and guide means far from the
+        # prior's: the local KLs are large and vary less across subsamples than
+        # the log-likelihoods would otherwise, so a wrong N/B scale shows.
+        self.x = self.m @ self.W.T + self.a + 0.3 * torch.randn(self.N, self.D, generator=g)
         self.subsample_size = subsample_size
 
     def model(self):

@@ -154,21 +154,21 @@ class TraceAnalyticKL_ELBO(ELBO):
         differentiable tensor: the surrogate and the loss are the same number
         because every guide site is reparameterised."""
         observed, latent = self._terms(model, guide, args, kwargs)
-        elbo = sum(observed.values()) + self.kl_scale * sum(latent.values())
-        warn_if_nan(elbo, "loss")
-        return -elbo
+        return -(sum(observed.values()) + self.kl_scale * sum(latent.values()))
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The loss (minus the ELBO when kl_scale is 1) as a float, no gradients."""
         with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+            return warn_if_nan(torch_item(self.differentiable_loss(model, guide, *args, **kwargs)), "loss")
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """The loss as a float; its gradient is accumulated into the parameters."""
+        """The loss as a float; its gradient is accumulated into the parameters.
+        NaN is checked on the float, not on the tensor, to add no device sync
+        or backward hook to a training step."""
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if getattr(loss, "requires_grad", False):
             loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
+        return warn_if_nan(torch_item(loss), "loss")
 
     def terms(self, model, guide, *args, **kwargs) -> dict:
         """The ELBO estimate split by site: ``{site name: float}`` with the
