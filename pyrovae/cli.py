@@ -84,20 +84,58 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--kl-warmup", type=non_negative_int, default=d.kl_warmup, metavar="EPOCHS", help="KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)")
     vae.add_argument("--test-particles", type=positive_int, default=d.test_particles, help="particles for the test ELBO")
 
-    sample = commands.add_parser("sample", help="draw samples from a trained run")
-    sample.add_argument("run", help="run folder or checkpoint file")
-    sample.add_argument("--n", type=positive_int, default=64, help="number of samples (default %(default)s)")
-    sample.add_argument("--out", default=None, help="PNG to write (default RUN/samples-<seed>.png)")
-    add_load_args(sample)
-
-    evaluate = commands.add_parser("evaluate", help="test ELBO of a trained run")
-    evaluate.add_argument("run", help="run folder or checkpoint file")
-    evaluate.add_argument("--test-particles", type=positive_int, default=None, help="particles for the test ELBO (default: the run's)")
-    add_load_args(evaluate)
+    add_diffusion_train_parser(models, d)
+    add_run_parsers(commands)
     return parser
 
 
+def add_diffusion_train_parser(train_models, d) -> None:
+    """``pyrovae train diffusion``."""
+    from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES
+    from pyrovae.diffusion.schedule import SCHEDULES
+    from pyrovae.diffusion.training import NETS
+    from pyrovae.infer.diffusion_elbo import OBJECTIVES, TIME_SAMPLERS
+
+    p = train_models.add_parser("diffusion", help="train a diffusion model (a hierarchical VAE) by SVI", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_train_args(p, d)
+    p.add_argument("--T", type=positive_int, default=d.T, help="number of diffusion steps")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="noise schedule beta_t")
+    p.add_argument("--net", default="auto", choices=NETS, help="denoiser (auto: unet for images, mlp for 2-D data)")
+    p.add_argument("--channels", type=positive_int, default=d.channels, help="U-Net base channels")
+    p.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256, 256], help="MLP denoiser widths (one repeated width)")
+    p.add_argument("--objective", default=d.objective, choices=OBJECTIVES, help="elbo (the bound), simple (Ho et al.'s L_simple, not the ELBO) or hybrid (learned variances)")
+    p.add_argument("--parameterization", default=d.parameterization, choices=PARAMETERIZATIONS, help="what the denoiser predicts")
+    p.add_argument("--variance", default=d.variance, choices=VARIANCES, help="sigma_t^2 of p_theta(x_{t-1}|x_t)")
+    p.add_argument("--time-sampler", default=d.time_sampler, choices=TIME_SAMPLERS, help="how t is drawn per example")
+    p.add_argument("--sample-steps", type=positive_int, default=d.sample_steps, help="respaced steps for the samples figure")
+    p.add_argument("--test-particles", type=positive_int, default=1, help="draws of t per test example for the per-epoch (unbiased) test ELBO")
+
+
+def add_run_parsers(commands) -> None:
+    """``pyrovae sample {vae,diffusion} RUN`` and ``pyrovae evaluate {vae,diffusion} RUN``."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(dest="model", required=True)
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its test split").add_subparsers(dest="model", required=True)
+    for model in ("vae", "diffusion"):
+        p = sample.add_parser(model, help=f"samples of a trained {model} as a PNG", formatter_class=fmt)
+        add_load_args(p)
+        p.add_argument("--n", type=positive_int, default=None, help="number of samples (default 64 images, 2000 points)")
+        p.add_argument("--out", default=None, help="PNG to write (default RUN/samples-<seed>.png)")
+        if model == "diffusion":
+            p.add_argument("--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)")
+    p = evaluate.add_parser("vae", help="test ELBO (and IWAE-k log-likelihood) of a trained VAE", formatter_class=fmt)
+    add_load_args(p)
+    p.add_argument("--test-particles", type=positive_int, default=None, help="particles for the test ELBO (default: the run's)")
+    p.add_argument("--iwae-k", type=non_negative_int, default=None, help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)")
+    p = evaluate.add_parser("diffusion", help="the full-T bound (bits/dim for images) on the first N test examples", formatter_class=fmt)
+    add_load_args(p)
+    p.add_argument("--n", type=positive_int, default=100, help="first N test examples")
+    p.add_argument("--steps", type=positive_int, default=None, help="bound of the chain respaced to K steps (default: all T)")
+    p.add_argument("--chunk-size", type=positive_int, default=512, help="(t, example) pairs per network call")
+
+
 def add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
@@ -157,15 +195,22 @@ def run_sample(args: argparse.Namespace) -> int:
     from pyrovae import plots
     from pyrovae.checkpoint import checkpoint_path, load
 
-    model, cfg = load(args.run, ema=args.ema, device=args.device)
+    model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
-    x = model.sample(args.n)
-    out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{args.seed}.png")
     ds = datasets.load_dataset(cfg.data, cfg.data_dir)
-    if ds.is_image:
-        plots.save_image_grid(out, x, ds.image_shape, title=f"{args.n} samples, {cfg.model} on {ds.name}")
+    out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{args.seed}.png")
+    if args.model == "diffusion":
+        from pyrovae.diffusion.training import write_samples
+
+        steps = args.steps or model.T
+        if steps > model.T:
+            raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
+        out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{steps}.png")
+        write_samples(out, model, ds, steps, ds.x_test[:1000].to(next(model.parameters()).device), args.n)
+    elif ds.is_image:
+        plots.save_image_grid(out, model.sample(args.n or 64), ds.image_shape, title=f"samples, {cfg.model} on {ds.name}")
     else:
-        plots.save_scatter(out, x, title=f"{args.n} samples, {cfg.model} on {ds.name}")
+        plots.save_scatter(out, model.sample(args.n or 2000), title=f"samples, {cfg.model} on {ds.name}")
     print(f"wrote {out}")
     return 0
 
@@ -178,14 +223,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from pyrovae.checkpoint import load
     from pyrovae.train import RECIPES
 
-    model, cfg = load(args.run, ema=args.ema, device=args.device)
-    if args.test_particles is not None:
-        cfg = dataclasses.replace(cfg, test_particles=args.test_particles)
+    model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
     recipe = RECIPES[cfg.model]
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size)
     x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
-    print(json.dumps({"run": args.run, "test_size": len(x_test), **recipe.evaluate(cfg, model, x_test)}))
+    if args.model == "diffusion":
+        from pyrovae.diffusion.training import evaluate_bound
+
+        result = evaluate_bound(model, x_test[: args.n], args.steps, args.chunk_size, args.run)
+    else:
+        overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
+        result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
+    print(json.dumps({"run": args.run, "test_size": len(x_test), **result}))
     return 0
 
 

@@ -41,14 +41,16 @@ from pyrovae import data as datasets
 from pyrovae import distributed, plots
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.device import resolve_device
+from pyrovae.diffusion.training import DiffusionRecipe
 from pyrovae.vae.training import VAERecipe
 
-RECIPES = {"vae": VAERecipe()}
+
 OPTIMIZERS = {"adam": torch.optim.Adam, "clippedadam": ClippedAdam}
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 PRECISIONS = ("fp32", "bf16")
 # Fields that may change when a run is resumed: they steer the run, not the maths.
 RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume")
+RECIPES = {"vae": VAERecipe(), "diffusion": DiffusionRecipe()}
 
 
 @dataclass
@@ -85,6 +87,16 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (torch.autocast around the ELBO)
     tensorboard: bool = False  # also log metrics to TensorBoard (needs the tensorboard package)
     resume: str | None = None  # run folder or checkpoint to continue from
+    # diffusion only (pyrovae train diffusion); `hidden` sizes its MLP denoiser
+    T: int = 1000
+    schedule: str = "linear"
+    net: str = "auto"
+    channels: int = 16
+    objective: str = "elbo"
+    parameterization: str = "eps"
+    variance: str = "beta_tilde"
+    time_sampler: str = "uniform"
+    sample_steps: int = 50
 
     def check(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field."""

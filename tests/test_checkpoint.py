@@ -161,10 +161,10 @@ def test_a_folder_without_checkpoint_or_a_foreign_file_is_a_clear_error(tmp_path
 
 def test_sample_and_evaluate_commands_take_a_run_folder(run_dir, tmp_path, capsys):
     png = tmp_path / "s.png"
-    assert main(["sample", str(run_dir), "--n", "8", "--out", str(png)]) == 0
+    assert main(["sample", "vae", str(run_dir), "--n", "8", "--out", str(png)]) == 0
     assert png.stat().st_size > 0
     capsys.readouterr()
-    assert main(["evaluate", str(run_dir / "checkpoint.pt"), "--seed", "5"]) == 0
+    assert main(["evaluate", "vae", str(run_dir / "checkpoint.pt"), "--seed", "5"]) == 0
     reported = json.loads(capsys.readouterr().out)
     # the same number as the recipe's evaluation of pyrovae.load's model under the same seed
     model, cfg = pyrovae.load(str(run_dir))
