@@ -1,5 +1,6 @@
 """Objectives (ELBO variants) and evaluators."""
 
 from pyrovae.infer.elbos import ELBOS, make_elbo
+from pyrovae.infer.iwae import evaluate_iwae, iwae_log_likelihood, log_importance_weights
 
-__all__ = ["ELBOS", "make_elbo"]
+__all__ = ["ELBOS", "make_elbo", "evaluate_iwae", "iwae_log_likelihood", "log_importance_weights"]
