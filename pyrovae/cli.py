@@ -13,6 +13,7 @@ import sys
 from pyrovae import data as datasets
 from pyrovae.device import DEVICES
 from pyrovae.infer import ELBOS
+from pyrovae.vae import GUIDES, LIKELIHOODS, NETS, PRIORS
 
 
 def _defaults():
@@ -32,6 +33,13 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
@@ -64,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--hidden", type=positive_int, nargs="+", default=d.hidden, help="hidden layer sizes of encoder (decoder mirrors)")
     vae.add_argument("--elbo", default=d.elbo, choices=tuple(ELBOS), help="ELBO estimator")
     vae.add_argument("--test-particles", type=positive_int, default=d.test_particles, help="particles for the test ELBO")
+    vae.add_argument("--prior", default=d.prior, choices=tuple(PRIORS), help="prior p(z)")
+    vae.add_argument("--guide", default=d.guide, choices=tuple(GUIDES), help="encoder q(z|x)")
+    vae.add_argument("--likelihood", default=d.likelihood, choices=tuple(LIKELIHOODS), help="p(x|z); only bernoulli binarises the data")
+    vae.add_argument("--net", default=d.net, choices=tuple(NETS), help="encoder/decoder networks (conv needs image data)")
+    vae.add_argument("--iwae-k", type=nonnegative_int, default=d.iwae_k, help="IWAE-k log-likelihood on the test split after each epoch (0: off)")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained model")
+    evaluate_models = evaluate.add_subparsers(dest="model", required=True)
+    evaluate_vae = evaluate_models.add_parser("vae", help="test ELBO and IWAE-k log-likelihood of a trained VAE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate_vae.add_argument("run", help="run folder written by pyrovae train vae (config.json, model.pt)")
+    evaluate_vae.add_argument("--iwae-k", type=positive_int, default=1000, help="importance samples per test image")
+    evaluate_vae.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N")
     return parser
 
 
@@ -86,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pyrovae: error: {err}", file=sys.stderr)
             return 1
         print(f"done: test ELBO {result.metrics[-1]['test_elbo']:.2f} nats/image; files in {result.out_dir}")
+        return 0
+    if args.command == "evaluate" and args.model == "vae":
+        from pyrovae.vae.training import evaluate_run
+
+        try:
+            metrics = evaluate_run(args.run, args.iwae_k, args.device)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            print(f"pyrovae: error: {err}", file=sys.stderr)
+            return 1
+        print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return 0
     raise AssertionError(f"unhandled command {args}")
 

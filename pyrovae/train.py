@@ -49,6 +49,11 @@ class TrainConfig:
     z_dim: int = 50
     hidden: list = field(default_factory=lambda: [400])
     elbo: str = "trace"
+    prior: str = "normal"
+    guide: str = "diag"
+    likelihood: str = "bernoulli"
+    net: str = "mlp"
+    iwae_k: int = 0
     test_particles: int = 10
     seed: int = 0
     device: str = "auto"
