@@ -77,7 +77,7 @@ class VAERecipe:
             return
         plots.save_image_grid(os.path.join(out, "samples.png"), vae.sample(64), ds.image_shape, 8, "samples E[x|z], z ~ p(z)")
         x = x_test[:32]
-        pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(64, -1)
+        pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(2 * len(x), -1)
         plots.save_image_grid(os.path.join(out, "reconstructions.png"), pairs, ds.image_shape, 8, "test image | reconstruction")
 
 
