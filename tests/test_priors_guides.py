@@ -302,7 +302,7 @@ def test_cli_trains_named_parts_with_iwae(tmp_path):
     assert main(["evaluate", "vae", str(out), "--iwae-k", "7"]) == 0
 
 
-def test_cli_keeps_grey_levels_for_a_discretized_likelihood(tmp_path, capsys):
+def test_cli_keeps_grey_levels_for_a_discretized_likelihood(tmp_path):
     from pyrovae.train import RECIPES, TrainConfig
 
     recipe = RECIPES["vae"]
