@@ -85,10 +85,6 @@ class Mixture(dist.TorchDistribution):
             index = which[..., None, None].expand(*which.shape, 1, draws.shape[-1])
             return draws.gather(-2, index).squeeze(-2)
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return (self.logits.softmax(-1).unsqueeze(-1) * self.components.mean).sum(-2)
-
 
 class MixtureOfGaussiansPrior(nn.Module):
     """p(z) = sum_k pi_k N(z; mu_k, diag(sigma_k^2)), with pi, mu_k and sigma_k learned.
