@@ -10,6 +10,7 @@ distribution's parameters from them. :data:`GUIDES` names them for
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import pyro.distributions as dist
@@ -84,7 +85,8 @@ class LowRankNormalEncoder(Encoder):
 
 class FullNormalEncoder(Encoder):
     """q_phi(z|x) = N(z; mu_phi(x), L_phi(x) L_phi(x)^T), L lower triangular with a
-    positive diagonal (softplus): every covariance, at O(z_dim^2) outputs."""
+    positive diagonal (softplus) and off-diagonal entries the network's outputs
+    over sqrt(z_dim): every covariance, at O(z_dim^2) outputs."""
 
     def __init__(self, x_dim: int, z_dim: int, hidden=(400,), activation: str = "softplus", make_net=None):
         super().__init__(x_dim, z_dim, z_dim + z_dim * (z_dim + 1) // 2, hidden, activation, make_net)
@@ -94,7 +96,9 @@ class FullNormalEncoder(Encoder):
         loc, entries = self.net(x).split([self.z_dim, self.z_dim * (self.z_dim + 1) // 2], dim=-1)
         rows, cols = self.tril_index
         diagonal = rows == cols
-        entries = torch.where(diagonal, softplus(entries) + MIN_SCALE, entries)
+        # row i of L has i off-diagonal entries: scaling them by 1/sqrt(z_dim) keeps
+        # Var(z_i) = sum_j L_ij^2 of order one at initialisation, as for the diagonal guide
+        entries = torch.where(diagonal, softplus(entries) + MIN_SCALE, entries / math.sqrt(self.z_dim))
         scale_tril = entries.new_zeros(*entries.shape[:-1], self.z_dim, self.z_dim)
         scale_tril[..., rows, cols] = entries
         return dist.MultivariateNormal(loc, scale_tril=scale_tril)
