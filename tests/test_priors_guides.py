@@ -147,6 +147,17 @@ def test_gaussian_guide_samples_have_the_declared_mean_and_covariance(cls):
         assert (cov - torch.diag(cov.diag())).abs().max() > 10 * se.max()  # correlations are really there
 
 
+def test_full_guide_starts_with_variances_like_the_diagonal_guide():
+    """At initialisation Var(z_i) of the full-covariance guide must not grow with
+    z_dim (row i of L has i entries), or its KL starts far above the diagonal guide's."""
+    pyro.set_rng_seed(9)
+    x = torch.rand(64, 20)
+    with torch.no_grad():
+        full = FullNormalEncoder(20, 50, (32,))(x).variance.mean()
+        diag = DiagonalNormalEncoder(20, 50, (32,))(x).variance.mean()
+    assert full < 3 * diag, (full, diag)
+
+
 def test_iaf_guide_density_is_normalised_and_scores_its_own_samples_consistently():
     pyro.set_rng_seed(5)
     encoder = perturb_(IAFEncoder(5, 2, (8,), num_flows=2), 0.1)
