@@ -14,6 +14,7 @@ import sys
 from pyrovae import data as datasets
 from pyrovae.device import DEVICES
 from pyrovae.infer import ELBOS
+from pyrovae.vae import GUIDES, LIKELIHOODS, NETS, PRIORS
 
 
 def _defaults():
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--elbo", default=d.elbo, choices=tuple(ELBOS), help="ELBO estimator")
     vae.add_argument("--kl-warmup", type=non_negative_int, default=d.kl_warmup, metavar="EPOCHS", help="KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)")
     vae.add_argument("--test-particles", type=positive_int, default=d.test_particles, help="particles for the test ELBO")
+    vae.add_argument("--prior", default=d.prior, choices=tuple(PRIORS), help="prior p(z)")
+    vae.add_argument("--guide", default=d.guide, choices=tuple(GUIDES), help="encoder q(z|x)")
+    vae.add_argument("--likelihood", default=d.likelihood, choices=tuple(LIKELIHOODS), help="p(x|z); only bernoulli binarises the data")
+    vae.add_argument("--net", default="mlp", choices=tuple(NETS), help="encoder/decoder networks (conv needs image data)")
+    vae.add_argument("--iwae-k", type=non_negative_int, default=d.iwae_k, help="IWAE-k log-likelihood on the test split after each evaluation (0: off)")
 
     add_diffusion_train_parser(models, d)
     add_run_parsers(commands)

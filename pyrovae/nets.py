@@ -36,3 +36,76 @@ def xavier_init_(module: nn.Module) -> nn.Module:
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
     return module
+
+
+# Convolutional encoder/decoder pair for image VAEs (``--net conv``).
+
+
+def _conv_sizes(size: int, layers: int) -> list[int]:
+    """Spatial sizes after each 4x4, stride-2, padding-1 convolution (halving, rounding down)."""
+    sizes = [size]
+    for _ in range(layers):
+        sizes.append((sizes[-1] + 2 - 4) // 2 + 1)
+    return sizes
+
+
+class ConvEncoderNet(nn.Module):
+    """Flat images ``(..., C*H*W) -> (..., out_dim)``: two 4x4 stride-2 convolutions
+    (``channels``), then a hidden linear layer and the output layer."""
+
+    def __init__(self, image_shape: Sequence[int], out_dim: int, channels=(32, 64), hidden: int = 256, activation: str = "relu"):
+        super().__init__()
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        c, h, w = image_shape
+        hs, ws = _conv_sizes(h, len(channels)), _conv_sizes(w, len(channels))
+        if min(hs[-1], ws[-1]) < 1:
+            raise ValueError(f"image_shape {tuple(image_shape)} is too small for {len(channels)} stride-2 convolutions")
+        self.image_shape = tuple(image_shape)
+        layers: list[nn.Module] = []
+        for a, b in zip((c, *channels[:-1]), channels):
+            layers += [nn.Conv2d(a, b, 4, 2, 1), ACTIVATIONS[activation]()]
+        layers += [nn.Flatten(), nn.Linear(channels[-1] * hs[-1] * ws[-1], hidden), ACTIVATIONS[activation](), nn.Linear(hidden, out_dim)]
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        return self.layers(x.reshape(-1, *self.image_shape)).reshape(*lead, self.out_dim)
+
+
+class ConvDecoderNet(nn.Module):
+    """``(..., in_dim) -> (..., C*H*W)``: the mirror of :class:`ConvEncoderNet`
+    (linear layers up to a ``channels[-1]`` feature map, then 4x4 stride-2
+    transposed convolutions, with output padding where a size was odd)."""
+
+    def __init__(self, in_dim: int, image_shape: Sequence[int], channels=(32, 64), hidden: int = 256, activation: str = "relu"):
+        super().__init__()
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        c, h, w = image_shape
+        hs, ws = _conv_sizes(h, len(channels)), _conv_sizes(w, len(channels))
+        if min(hs[-1], ws[-1]) < 1:
+            raise ValueError(f"image_shape {tuple(image_shape)} is too small for {len(channels)} stride-2 convolutions")
+        self.image_shape = tuple(image_shape)
+        self.first = (channels[-1], hs[-1], ws[-1])
+        self.stem = nn.Sequential(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, channels[-1] * hs[-1] * ws[-1]), ACTIVATIONS[activation]())
+        outs = (*reversed(channels[:-1]), c)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(reversed(channels), outs)):
+            j = len(channels) - 1 - i  # from size index j+1 back to j
+            pad = (hs[j] - (2 * hs[j + 1]), ws[j] - (2 * ws[j + 1]))
+            layers.append(nn.ConvTranspose2d(a, b, 4, 2, 1, output_padding=pad))
+            if i < len(channels) - 1:
+                layers.append(ACTIVATIONS[activation]())
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = c * h * w
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        maps = self.stem(z.reshape(-1, z.shape[-1])).reshape(-1, *self.first)
+        return self.layers(maps).reshape(*lead, self.out_dim)

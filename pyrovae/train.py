@@ -70,6 +70,10 @@ class TrainConfig:
     hidden: list = field(default_factory=lambda: [400])
     elbo: str = "analytic"
     kl_warmup: int = 0
+    prior: str = "normal"
+    guide: str = "diag"
+    likelihood: str = "bernoulli"
+    iwae_k: int = 0
     test_particles: int = 10
     seed: int = 0
     device: str = "auto"

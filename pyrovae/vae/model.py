@@ -16,15 +16,16 @@ so that ``SVI(vae.model, vae.guide, optim, Trace_ELBO())`` maximises
 
 from __future__ import annotations
 
+import math
+
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.nets import MLP
-from pyrovae.vae.encoders import DiagonalNormalEncoder
-from pyrovae.vae.likelihoods import BernoulliLikelihood
-from pyrovae.vae.priors import StandardNormalPrior
+from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet
+from pyrovae.vae.encoders import GUIDES
+from pyrovae.vae.likelihoods import LIKELIHOODS, BernoulliLikelihood
+from pyrovae.vae.priors import PRIORS, StandardNormalPrior
 
 
 class VAE(nn.Module):
@@ -103,9 +104,14 @@ class VAE(nn.Module):
             return pyro.sample("z", self.encoder(x))
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The posterior mean E_q[z|x], shape ``(B, z_dim)``."""
-        return self.encoder(self.check_data(x)).mean
+    def encode(self, x: torch.Tensor, num_samples: int = 100) -> torch.Tensor:
+        """The posterior mean E_q[z|x], shape ``(B, z_dim)``; a mean of
+        ``num_samples`` draws where q has no closed-form mean (a flow)."""
+        q = self.encoder(self.check_data(x))
+        try:
+            return q.mean
+        except NotImplementedError:
+            return q.sample((num_samples,)).mean(0)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -125,13 +131,68 @@ class VAE(nn.Module):
         return self.decode(self.prior().sample((n,)))
 
 
-def build_vae(x_dim: int, z_dim: int = 50, hidden: tuple = (400,), activation: str = "softplus") -> VAE:
-    """The default VAE: MLP encoder ``x_dim -> hidden -> 2 z_dim`` giving a diagonal
-    Normal q_phi(z|x), MLP decoder ``z_dim -> hidden -> x_dim`` giving Bernoulli
-    logits, and p(z) = N(0, I)."""
-    return VAE(
-        encoder=DiagonalNormalEncoder(x_dim, z_dim, hidden, activation),
-        decoder=MLP(z_dim, tuple(reversed(hidden)), x_dim, activation),
-        x_dim=x_dim,
-        z_dim=z_dim,
+def mlp_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None):
+    """MLP encoder body ``x_dim -> hidden -> out`` and decoder ``z_dim -> reversed(hidden) -> x_dim``."""
+    return (lambda out_dim: MLP(x_dim, hidden, out_dim, activation)), MLP(z_dim, tuple(reversed(hidden)), x_dim, activation)
+
+
+def conv_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None):
+    """:class:`~pyrovae.nets.ConvEncoderNet` / :class:`~pyrovae.nets.ConvDecoderNet`
+    over ``image_shape`` (C, H, W), with ``hidden[0]`` units in their linear layer."""
+    if image_shape is None or len(image_shape) != 3 or math.prod(image_shape) != x_dim:
+        raise ValueError(f"net 'conv' needs image_shape (C, H, W) with C*H*W = x_dim = {x_dim}, got {image_shape}")
+    return (
+        lambda out_dim: ConvEncoderNet(image_shape, out_dim, hidden=hidden[0], activation=activation),
+        ConvDecoderNet(z_dim, image_shape, hidden=hidden[0], activation=activation),
     )
+
+
+NETS = {"mlp": mlp_nets, "conv": conv_nets}
+"""Encoder/decoder network pairs by name: ``(x_dim, z_dim, hidden, activation,
+image_shape) -> (make_encoder_net, decoder)``, ``make_encoder_net(out_dim)``
+giving the encoder's body."""
+
+
+def _lookup(kind: str, name, registry: dict):
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; expected one of {', '.join(registry)} or an nn.Module")
+    return registry[name]
+
+
+def build_vae(
+    x_dim: int,
+    z_dim: int = 50,
+    hidden: tuple = (400,),
+    activation: str = "softplus",
+    prior: str | nn.Module = "normal",
+    guide: str | nn.Module = "diag",
+    likelihood: str | nn.Module = "bernoulli",
+    net: str = "mlp",
+    image_shape: tuple | None = None,
+) -> VAE:
+    """A VAE from parts named in the registries or given as modules.
+
+    :param prior: a name in :data:`~pyrovae.vae.priors.PRIORS` or a module whose
+        ``forward()`` returns p(z) with event shape ``(z_dim,)``.
+    :param guide: a name in :data:`~pyrovae.vae.encoders.GUIDES` or an encoder
+        module ``x -> q(z|x)`` (batch ``(B,)``, event ``(z_dim,)``).
+    :param likelihood: a name in :data:`~pyrovae.vae.likelihoods.LIKELIHOODS` or a
+        module mapping the decoder's ``(..., x_dim)`` output to p(x|z) with event
+        shape ``(x_dim,)``.
+    :param net: ``mlp`` or ``conv`` (``conv`` needs ``image_shape``): the
+        encoder's body and the decoder.
+
+    The default, ``build_vae(784)``, is an MLP ``784 -> 400 -> 2 z_dim`` giving a
+    diagonal Normal q_phi(z|x), an MLP ``z_dim -> 400 -> 784`` giving Bernoulli
+    logits, and p(z) = N(0, I).
+    """
+    make_encoder_net, decoder = _lookup("net", net, NETS)(x_dim, z_dim, tuple(hidden), activation, image_shape)
+    if isinstance(guide, nn.Module):
+        encoder = guide
+    else:
+        encoder = _lookup("guide", guide, GUIDES)(x_dim, z_dim, hidden, activation, make_encoder_net)
+    if not isinstance(prior, nn.Module):
+        prior = _lookup("prior", prior, PRIORS)(z_dim, encoder)
+    if not isinstance(likelihood, nn.Module):
+        likelihood = _lookup("likelihood", likelihood, LIKELIHOODS)(x_dim)
+    return VAE(encoder, decoder, x_dim, z_dim, prior, likelihood)

@@ -9,8 +9,11 @@ import torch
 
 from pyrovae import data as datasets
 from pyrovae import plots
-from pyrovae.infer import TraceAnalyticKL_ELBO, make_elbo
-from pyrovae.vae.model import VAE, build_vae
+from pyrovae.infer import TraceAnalyticKL_ELBO, evaluate_iwae, make_elbo
+from pyrovae.vae.encoders import GUIDES
+from pyrovae.vae.likelihoods import LIKELIHOODS
+from pyrovae.vae.model import NETS, VAE, build_vae
+from pyrovae.vae.priors import PRIORS
 
 
 class VAERecipe:
@@ -27,9 +30,15 @@ class VAERecipe:
         elbo = make_elbo(cfg.elbo)
         if cfg.kl_warmup and not hasattr(elbo, "kl_scale"):
             raise ValueError(f"kl_warmup needs an ELBO with a kl_scale (--elbo analytic), got elbo {cfg.elbo!r}")
+        for kind, name, registry in (("prior", cfg.prior, PRIORS), ("guide", cfg.guide, GUIDES), ("likelihood", cfg.likelihood, LIKELIHOODS), ("net", self.net(cfg), NETS)):
+            if name not in registry:
+                raise ValueError(f"unknown {kind} {name!r}; expected one of {', '.join(registry)}")
+        if cfg.iwae_k < 0:
+            raise ValueError(f"iwae_k must be >= 0 (0: no IWAE estimate), got {cfg.iwae_k}")
 
     def build(self, cfg, ds: datasets.Dataset) -> VAE:
-        return build_vae(ds.x_dim, cfg.z_dim, tuple(cfg.hidden))
+        image_shape = ds.image_shape if ds.is_image else None
+        return build_vae(ds.x_dim, cfg.z_dim, tuple(cfg.hidden), prior=cfg.prior, guide=cfg.guide, likelihood=cfg.likelihood, net=self.net(cfg), image_shape=image_shape)
 
     def objective(self, cfg):
         return make_elbo(cfg.elbo)
@@ -40,19 +49,33 @@ class VAERecipe:
         if cfg.kl_warmup:
             objective.kl_scale = min(1.0, (epoch - 1) / cfg.kl_warmup)
 
+    @staticmethod
+    def net(cfg) -> str:
+        """The encoder/decoder family: ``auto`` (the shared default) is the MLP."""
+        return "mlp" if cfg.net == "auto" else cfg.net
+
+    @staticmethod
+    def binarize_mode(cfg) -> str:
+        """``cfg.binarize`` for a likelihood of binary data (Bernoulli); the grey
+        levels as they are for the others (continuous Bernoulli, Gaussian, discretised)."""
+        return cfg.binarize if LIKELIHOODS[cfg.likelihood].binary_data else "none"
+
     def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
-        return datasets.binarize(x, cfg.binarize)
+        return datasets.binarize(x, self.binarize_mode(cfg))
 
     def prepare_test(self, cfg, x: torch.Tensor) -> torch.Tensor:
-        return datasets.binarize_test(x, cfg.binarize)
+        return datasets.binarize_test(x, self.binarize_mode(cfg))
 
     @torch.no_grad()
     def evaluate(self, cfg, vae: VAE, x_test: torch.Tensor, batch_size: int = 500) -> dict:
         """Test ELBO in nats per image and its two terms, ``test_recon`` =
         E_q[log p(x|z)] and ``test_kl`` = KL(q(z|x) || p(z)), each image's
-        averaged over ``cfg.test_particles`` draws of z (vectorised). Whatever
+        averaged over ``cfg.test_particles`` draws of z (vectorised); with
+        ``cfg.iwae_k > 0`` also the IWAE-k estimate of log p(x) (``test_iwae``
+        in nats per image, ``test_iwae_bpd`` in bits per dimension). Whatever
         ELBO trains the model, these use the analytic-KL estimator: the same
-        expectation, with the KL exact wherever it is registered."""
+        expectation, with the KL exact wherever it is registered and Monte
+        Carlo elsewhere."""
         elbo = TraceAnalyticKL_ELBO(num_particles=cfg.test_particles, vectorize_particles=True, max_plate_nesting=1)
         recon = kl = 0.0
         for i in range(0, len(x_test), batch_size):
@@ -60,7 +83,11 @@ class VAERecipe:
             recon += terms.pop("x")
             kl -= sum(terms.values())
         n = len(x_test)
-        return {"test_elbo": (recon - kl) / n, "test_recon": recon / n, "test_kl": kl / n}
+        metrics = {"test_elbo": (recon - kl) / n, "test_recon": recon / n, "test_kl": kl / n}
+        if cfg.iwae_k > 0:
+            iwae = evaluate_iwae(vae.model, vae.guide, x_test, cfg.iwae_k)
+            metrics.update(test_iwae=iwae["iwae"], test_iwae_bpd=iwae["iwae_bpd"])
+        return metrics
 
     def write_figures(self, out: str, cfg, vae: VAE, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         if not ds.is_image:
@@ -69,3 +96,4 @@ class VAERecipe:
         x = x_test[:32]
         pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(2 * len(x), -1)
         plots.save_image_grid(os.path.join(out, "reconstructions.png"), pairs, ds.image_shape, 8, "test image | reconstruction")
+
