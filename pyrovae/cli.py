@@ -1,4 +1,4 @@
-"""``pyrovae`` command line: ``pyrovae train vae [...]``.
+"""``pyrovae`` command line: ``pyrovae train vae [...]``, ``pyrovae evaluate vae RUN``.
 
 Every command is reachable in-process as ``main(argv)``, which returns the
 exit code (argparse's usage errors exit with code 2).
