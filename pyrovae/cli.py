@@ -1,5 +1,6 @@
-"""``pyrovae`` command line: ``pyrovae train vae [...]``, ``pyrovae sample RUN``,
-``pyrovae evaluate RUN``.
+"""``pyrovae`` command line: ``pyrovae train {vae,diffusion} [...]``,
+``pyrovae sample {vae,diffusion} RUN``, ``pyrovae evaluate {vae,diffusion} RUN``,
+``pyrovae bench``.
 
 Every command is reachable in-process as ``main(argv)``, which returns the
 exit code (argparse's usage errors exit with code 2).

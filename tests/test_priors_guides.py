@@ -329,3 +329,8 @@ def test_cli_rejects_an_unknown_prior(capsys):
         main(["train", "vae", "--prior", "gauss"])
     assert err.value.code == 2
     assert "invalid choice: 'gauss'" in capsys.readouterr().err
+
+
+def test_evaluate_names_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["evaluate", "vae", str(tmp_path), "--iwae-k", "3"]) == 1
+    assert "has no config.json" in capsys.readouterr().err
