@@ -1,4 +1,4 @@
-"""``pyrovae`` command line: ``pyrovae train vae [...]``.
+"""``pyrovae`` command line: ``pyrovae train vae [...]``, ``pyrovae bench [...]``.
 
 Every command is reachable in-process as ``main(argv)``, which returns the
 exit code (argparse's usage errors exit with code 2).
@@ -72,7 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--elbo", default=d.elbo, choices=tuple(ELBOS), help="ELBO estimator")
     vae.add_argument("--kl-warmup", type=non_negative_int, default=d.kl_warmup, metavar="EPOCHS", help="KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)")
     vae.add_argument("--test-particles", type=positive_int, default=d.test_particles, help="particles for the test ELBO")
+    add_bench_parser(commands)
     return parser
+
+
+def add_bench_parser(commands) -> None:
+    from pyrovae.bench import WORKLOADS
+
+    bench = commands.add_parser("bench", help="time our steps against plain PyTorch and Pyro's ELBOs", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"any of {', '.join(WORKLOADS)} (default: all)")
+    bench.add_argument("--device", default="cpu", help=f"{'|'.join(DEVICES)} or cuda:N")
+    bench.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per variant (default: 11, or 2 with --smoke)")
+    bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+    bench.add_argument("--smoke", action="store_true", help="tiny sizes and 2 repeats: checks that every variant runs, measures nothing")
+    bench.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from pyrovae.bench import WORKLOADS, run
+
+    try:
+        run(args.workloads or WORKLOADS, args.device, args.smoke, args.repeats, args.json, args.seed)
+    except (ValueError, OSError) as err:
+        print(f"pyrovae: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def config_from_args(args: argparse.Namespace):
@@ -84,6 +108,8 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args)
     if args.command == "train" and args.model == "vae":
         from pyrovae.train import train
 
