@@ -1,0 +1,288 @@
+"""The diffusion model as a hierarchical VAE, written as a Pyro model/guide pair.
+
+Decoder (the generative chain, :meth:`DiffusionChain.model`)::
+
+    x_T ~ p(x_T) = N(0, I)
+    x_{t-1} ~ p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)      t = T..2
+    x_0 ~ p_theta(x_0 | x_1)                                                 observed
+
+Encoder (fixed, no parameters), in the seed's two factorisations of the same
+q(x_{1:T} | x_0)::
+
+    guide_forward:    x_1 ~ q(x_1|x_0), x_t ~ q(x_t|x_{t-1})                       t = 2..T
+    guide_posterior:  x_T ~ q(x_T|x_0), x_{t-1} ~ q(x_{t-1}|x_t,x_0)               t = T..2
+
+so that SVI with stock ``Trace_ELBO`` maximises
+
+    ELBO = E_q[ -KL(q(x_T|x_0) || p(x_T))
+                - sum_{t=2..T} KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))
+                + log p_theta(x_0|x_1) ]  <=  log p_theta(x_0).
+
+The t = 1 term is split off because q(x_0 | x_1, x_0) is a point mass
+(beta_tilde_1 = 0): there is no KL at t = 1, only the decoder's log-likelihood
+of the observed x_0 given x_1 ~ q(x_1|x_0). For images the decoder is a
+Gaussian discretised to the 256 pixel bins of [-1, 1], a probability mass
+function, so the ELBO bounds the discrete data's log-probability and
+``bits/dim = -ELBO / (D ln 2)``; for continuous data (2-D toys) it is a
+Gaussian density and the bound is in nats.
+
+Shapes: data ``x0`` are flat, ``(B, D)``; latents x_t have the same shape; the
+batch lives in ``pyro.plate("data", B)`` and every site has event shape ``(D,)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyrovae.diffusion.distributions import DiscretisedGaussian
+from pyrovae.diffusion.schedule import NoiseSchedule
+
+PARAMETERIZATIONS = ("eps", "x0", "mean")
+VARIANCES = ("beta_tilde", "beta", "learned")
+DECODERS = ("discretised", "gaussian")
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2) -> torch.Tensor:
+    """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))), elementwise."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+class DiffusionChain(nn.Module):
+    """p_theta(x_{0:T}) and the fixed encoder q(x_{1:T}|x_0) as Pyro programs.
+
+    :param net: denoiser ``(x (N, D), t (N,) float) -> (N, k D)`` (see
+        :mod:`pyrovae.diffusion.denoisers`), ``k = 2`` when ``variance="learned"``.
+    :param schedule: the :class:`NoiseSchedule` (beta_1..beta_T).
+    :param x_dim: D, the size of one flattened example.
+    :param decoder: ``"discretised"`` (images scaled to [-1, 1], 256 bins) or
+        ``"gaussian"`` (continuous data) for p_theta(x_0|x_1).
+    :param parameterization: what the network predicts: ``"eps"`` (default; the
+        noise, mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)),
+        ``"x0"`` (mu = mu_tilde_t(x_t, x0_hat)) or ``"mean"`` (mu directly).
+    :param variance: sigma_t^2 = ``"beta_tilde"`` (beta_tilde_t, log clipped at
+        t = 1), ``"beta"`` (beta_t), or ``"learned"``: log sigma_t^2 =
+        v log beta_t + (1 - v) log beta_tilde_t with v = (net output + 1) / 2
+        (improved DDPM).
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, x_dim: int, decoder: str = "gaussian", parameterization: str = "eps", variance: str = "beta_tilde"):
+        super().__init__()
+        for name, value, allowed in (("decoder", decoder, DECODERS), ("parameterization", parameterization, PARAMETERIZATIONS), ("variance", variance, VARIANCES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if x_dim < 1:
+            raise ValueError(f"x_dim must be >= 1, got {x_dim}")
+        want = 2 if variance == "learned" else 1
+        if getattr(net, "out_mult", want) != want:
+            raise ValueError(f"variance={variance!r} needs a net with out_mult={want}, got out_mult={net.out_mult}")
+        self.net, self.schedule, self.x_dim = net, schedule, x_dim
+        self.decoder, self.parameterization, self.variance = decoder, parameterization, variance
+
+    @property
+    def T(self) -> int:
+        return self.schedule.T
+
+    def check_data(self, x0: torch.Tensor) -> torch.Tensor:
+        """Raise a clear error for data this chain cannot score; return ``x0``."""
+        if not torch.is_tensor(x0) or not x0.is_floating_point():
+            raise TypeError(f"x0 must be a float tensor, got {type(x0).__name__} {getattr(x0, 'dtype', '')}")
+        if x0.dim() != 2 or x0.shape[1] != self.x_dim or x0.shape[0] == 0:
+            raise ValueError(f"x0 must have shape (batch >= 1, {self.x_dim}), got {tuple(x0.shape)}")
+        if x0.device != self.schedule.betas.device:
+            raise ValueError(f"x0 is on {x0.device} but the chain is on {self.schedule.betas.device}; move one with .to()")
+        if self.decoder == "discretised" and (x0.min() < -1 or x0.max() > 1):
+            raise ValueError(f"x0 must be scaled to [-1, 1] for the discretised decoder, got values in [{x0.min():.3g}, {x0.max():.3g}]")
+        return x0
+
+    # --- p_theta(x_{t-1} | x_t) -------------------------------------------------
+
+    def model_output(self, x_t: torch.Tensor, t) -> tuple:
+        """The denoiser at (x_t, t): ``(prediction, v)``, each ``x_t``'s shape;
+        ``v`` is ``None`` unless the variance is learned. Any batch shape: leading
+        dimensions are flattened into one network call. The network is told the
+        original time tau_t (respaced chains) rescaled to 0..1000."""
+        batch_shape = x_t.shape[:-1]
+        t = torch.as_tensor(t, device=x_t.device).expand(batch_shape)
+        tau = self.schedule.timesteps[t - 1].to(x_t.dtype) * (1000.0 / float(self.schedule.timesteps[-1]))
+        out = self.net(x_t.reshape(-1, self.x_dim), tau.reshape(-1)).reshape(*batch_shape, -1)
+        if self.variance == "learned":
+            pred, v = out.chunk(2, dim=-1)
+            return pred, v
+        return out, None
+
+    def p_mean_variance(self, x_t: torch.Tensor, t, output: tuple | None = None, clip_x0: bool = False) -> dict:
+        """mu_theta(x_t, t), sigma_t^2 (and its log) and the implied x0_hat.
+
+        :param output: a precomputed :meth:`model_output` (e.g. with the
+            prediction detached, for the hybrid objective).
+        :param clip_x0: clamp x0_hat to [-1, 1] before forming the mean (for
+            sampling images; not for an ELBO, which must score one fixed model).
+        """
+        s = self.schedule
+        pred, v = self.model_output(x_t, t) if output is None else output
+        min_log = s.extract(s.posterior_log_variance_clipped, t, x_t)
+        max_log = s.extract(s.betas, t, x_t).log()
+        if self.variance == "learned":
+            frac = (v + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+        else:
+            log_var = (max_log if self.variance == "beta" else min_log).expand_as(pred)
+        if self.parameterization == "mean":
+            mean = pred
+            x0_hat = (mean - s.extract(s.posterior_mean_coef2, t, x_t) * x_t) / s.extract(s.posterior_mean_coef1, t, x_t)
+        else:
+            if self.parameterization == "eps":
+                x0_hat = s.extract(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t - s.extract(s.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
+            else:
+                x0_hat = pred
+            if clip_x0:
+                x0_hat = x0_hat.clamp(-1.0, 1.0)
+            mean, _, _ = s.q_posterior_mean_variance(x_t, x0_hat, t)
+        return {"mean": mean, "log_variance": log_var, "x0_hat": x0_hat}
+
+    def p_step(self, x_t: torch.Tensor, t: int, clip_x0: bool = False) -> dist.Distribution:
+        """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I), for t >= 2."""
+        out = self.p_mean_variance(x_t, t, clip_x0=clip_x0)
+        return dist.Normal(out["mean"], (0.5 * out["log_variance"]).exp()).to_event(1)
+
+    def _decoder_dist(self, mean: torch.Tensor, log_variance: torch.Tensor) -> dist.Distribution:
+        scale = (0.5 * log_variance).exp()
+        base = DiscretisedGaussian(mean, scale) if self.decoder == "discretised" else dist.Normal(mean, scale)
+        return base.to_event(1)
+
+    def p_decoder(self, x_1: torch.Tensor, clip_x0: bool = False) -> dist.Distribution:
+        """p_theta(x_0 | x_1): the t = 1 step's Gaussian, discretised to 256 bins
+        for images (``decoder="discretised"``)."""
+        out = self.p_mean_variance(x_1, 1, clip_x0=clip_x0)
+        return self._decoder_dist(out["mean"], out["log_variance"])
+
+    @staticmethod
+    def p_prior(x0: torch.Tensor) -> dist.Distribution:
+        """p(x_T) = N(0, I), shaped like ``x0``."""
+        return dist.Normal(torch.zeros_like(x0), torch.ones_like(x0)).to_event(1)
+
+    # --- the literal chain as Pyro programs --------------------------------------
+
+    def model(self, x0: torch.Tensor) -> None:
+        """p(x_T) prod_{t=T..2} p_theta(x_{t-1}|x_t) p_theta(x_0|x_1): sample sites
+        ``"x_T"``, ..., ``"x_1"``, observed site ``"x_0"``. One site per step, so
+        tracing it costs O(T)."""
+        pyro.module("diffusion", self)
+        self.check_data(x0)
+        with pyro.plate("data", x0.shape[0]):
+            x = pyro.sample(f"x_{self.T}", self.p_prior(x0))
+            for t in range(self.T, 1, -1):
+                x = pyro.sample(f"x_{t - 1}", self.p_step(x, t))
+            pyro.sample("x_0", self.p_decoder(x), obs=x0)
+
+    def guide_forward(self, x0: torch.Tensor) -> None:
+        """q(x_{1:T}|x_0) = prod_{t=1..T} q(x_t|x_{t-1}): the forward process."""
+        self.check_data(x0)
+        with pyro.plate("data", x0.shape[0]):
+            x = x0
+            for t in range(1, self.T + 1):
+                x = pyro.sample(f"x_{t}", self.schedule.q_step(x, t))
+
+    def guide_posterior(self, x0: torch.Tensor) -> None:
+        """q(x_{1:T}|x_0) = q(x_T|x_0) prod_{t=T..2} q(x_{t-1}|x_t,x_0): the same
+        joint as :meth:`guide_forward` (Bayes' rule on each forward step),
+        factorised in the model's order.
+
+        With this guide ``TraceMeanField_ELBO`` computes exactly the seed's KL form:
+        each site's KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) is taken in
+        closed form given x_t, which is valid because x_t, the only latent the
+        model conditions x_{t-1} on, is drawn *before* x_{t-1} in this guide. In
+        :meth:`guide_forward` x_t is drawn after x_{t-1} and depends on it, so the
+        per-site KL would condition on a descendant and the estimate would be
+        biased (Pyro warns that the site orders differ).
+        """
+        self.check_data(x0)
+        s = self.schedule
+        with pyro.plate("data", x0.shape[0]):
+            x = pyro.sample(f"x_{self.T}", s.q_xt_given_x0(x0, self.T))
+            for t in range(self.T, 1, -1):
+                x = pyro.sample(f"x_{t - 1}", s.q_posterior(x, x0, t))
+
+    # --- the bound's terms in closed form ------------------------------------------
+
+    def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T|x_0) || N(0, I)), shape ``x0.shape[:-1]`` (no parameters)."""
+        mean, var = self.schedule.q_mean_variance(x0, self.T)
+        return normal_kl(mean, var.log(), torch.zeros_like(mean), torch.zeros_like(mean)).sum(-1)
+
+    def vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None = None) -> torch.Tensor:
+        """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D:
+
+            L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))   for t >= 2
+            L_0     = -log p_theta(x_0|x_1)                             for t = 1
+
+        ``x0`` and ``x_t`` of shape ``batch_shape + (D,)``, ``t`` integer of
+        ``batch_shape`` (times may differ per entry); returns ``batch_shape``.
+        """
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[:-1])
+        p = self.p_mean_variance(x_t, t, output=output)
+        q_mean, _, q_log_var = self.schedule.q_posterior_mean_variance(x_t, x0, t)
+        kl = normal_kl(q_mean, q_log_var, p["mean"], p["log_variance"]).sum(-1)
+        nll = -self._decoder_dist(p["mean"], p["log_variance"]).log_prob(x0)
+        return torch.where(t == 1, nll, kl)
+
+    def full_bound(self, x0: torch.Tensor, chunk_size: int = 512) -> dict:
+        """-ELBO(x0) with every term, x_t ~ q(x_t|x_0) drawn independently for each
+        t, evaluated as batched network calls over (t, example) pairs, at most
+        ``chunk_size`` pairs per call (bounds memory).
+
+        Returns a dict of tensors: ``prior`` (B,) = L_T, ``terms`` (B, T) with
+        ``terms[:, t-1]`` = L_{t-1} (column 0 is the decoder's -log p(x_0|x_1)),
+        ``total`` (B,) = -ELBO in nats, ``bits_per_dim`` (B,) = total / (D ln 2).
+        Differentiable; wrap in ``torch.no_grad()`` to evaluate.
+        """
+        x0 = self.check_data(x0)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        B = x0.shape[0]
+        per_call = max(1, chunk_size // B)
+        chunks = []
+        for start in range(1, self.T + 1, per_call):
+            ts = torch.arange(start, min(start + per_call, self.T + 1), device=x0.device)
+            t = ts[:, None].expand(len(ts), B)
+            x0_t = x0.expand(len(ts), B, self.x_dim)
+            chunks.append(self.vb_terms(x0_t, self.schedule.q_sample(x0_t, t), t))
+        terms = torch.cat(chunks, 0).T
+        prior = self.prior_kl(x0)
+        total = prior + terms.sum(-1)
+        return {"prior": prior, "terms": terms, "total": total, "bits_per_dim": total / (self.x_dim * math.log(2))}
+
+    # --- sampling -------------------------------------------------------------------
+
+    def respaced(self, steps: int) -> "DiffusionChain":
+        """The chain on ``steps`` evenly spaced times of this one (improved DDPM's
+        respacing), sharing this chain's network: a valid shorter chain whose
+        own ELBO and samples can be computed as for any chain."""
+        if self.parameterization == "mean":
+            raise ValueError("respacing needs parameterization 'eps' or 'x0': a predicted mean belongs to its own step")
+        return DiffusionChain(self.net, self.schedule.respace(steps), self.x_dim, self.decoder, self.parameterization, self.variance)
+
+    @torch.no_grad()
+    def sample(self, n: int, steps: int | None = None, clip_x0: bool | None = None) -> torch.Tensor:
+        """Ancestral sampling, x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1}|x_t) for
+        t = T..2, returning the decoder's mean given x_1, shape ``(n, D)``.
+
+        :param steps: use the chain respaced to this many steps (default: all T).
+        :param clip_x0: clamp x0_hat to [-1, 1] at each step (default: for images).
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        chain = self if steps is None or steps == self.T else self.respaced(steps)
+        clip_x0 = self.decoder == "discretised" if clip_x0 is None else clip_x0
+        ref = self.schedule.betas
+        x = torch.randn(n, self.x_dim, device=ref.device, dtype=next(self.net.parameters()).dtype)
+        for t in range(chain.T, 1, -1):
+            x = chain.p_step(x, t, clip_x0=clip_x0).sample()
+        return chain.p_decoder(x, clip_x0=clip_x0).mean
