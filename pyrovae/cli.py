@@ -85,6 +85,7 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per variant (default: 11, or 2 with --smoke)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     bench.add_argument("--smoke", action="store_true", help="tiny sizes and 2 repeats: checks that every variant runs, measures nothing")
+    bench.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads for the run (default: torch's own choice)")
     bench.add_argument("--seed", type=int, default=0, help="random seed")
 
 
@@ -92,7 +93,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from pyrovae.bench import WORKLOADS, run
 
     try:
-        run(args.workloads or WORKLOADS, args.device, args.smoke, args.repeats, args.json, args.seed)
+        run(args.workloads or WORKLOADS, args.device, args.smoke, args.repeats, args.json, args.seed, args.threads)
     except (ValueError, OSError) as err:
         print(f"pyrovae: error: {err}", file=sys.stderr)
         return 1

@@ -22,7 +22,16 @@ VARIANTS = {
         "JitTrace_ELBO",
         "JitTraceMeanField_ELBO",
     },
+    "diffusion": {bench.FLOOR, "pyrovae DiffusionELBO"},
+    "bound": {
+        bench.FLOOR,
+        "pyrovae full_bound (batched over t)",
+        "TraceMeanField_ELBO per-site chain",
+        "pyrovae TraceAnalyticKL_ELBO per-site chain",
+    },
 }
+# the literal chain under stock Trace_ELBO runs for the MLP at T = literal_T only
+LITERAL = "Trace_ELBO literal chain"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +41,9 @@ def smoke(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = main(["bench", "--smoke", "--json", str(path)])
+        # one thread: on a machine shared by many processes two OpenMP threads
+        # per process can make each call a hundred times slower
+        rc = main(["bench", "--smoke", "--threads", "1", "--json", str(path)])
     return rc, out.getvalue(), json.loads(path.read_text())
 
 
@@ -47,7 +58,26 @@ def test_every_case_reports_every_variant(smoke, workload):
     _, _, report = smoke
     results = [r for r in report["results"] if r["workload"] == workload]
     for case in {r["case"] for r in results}:
-        assert {r["variant"] for r in results if r["case"] == case} == VARIANTS[workload], case
+        rows = [r for r in results if r["case"] == case]
+        expected = set(VARIANTS[workload])
+        if workload == "diffusion" and rows[0]["params"] == {"denoiser": "mlp", "T": bench.SMOKE.literal_T}:
+            expected.add(LITERAL)
+        assert {r["variant"] for r in rows} == expected, case
+
+
+def test_sample_workload_times_ancestral_and_strided_sampling(smoke):
+    _, _, report = smoke
+    variants = {r["variant"] for r in report["results"] if r["workload"] == "sample"}
+    assert variants == {bench.FLOOR, "pyrovae sample", f"pyrovae sample(steps={bench.SMOKE.sample_steps})"}
+
+
+def test_diffusion_reports_the_literal_chain_and_the_growth_with_T(smoke):
+    _, table, report = smoke
+    assert LITERAL in {r["variant"] for r in report["results"]}
+    checks = report["checks"]
+    assert [c["check"].split(":")[0] for c in checks] == [f"diffusion {d}" for d in bench.SMOKE.denoisers]
+    for c in checks:
+        assert math.isfinite(c["ratio"]) and c["ratio"] > 0 and c["check"] in table
 
 
 def test_times_are_positive_and_finite_and_ratios_are_to_the_floor(smoke):
@@ -63,7 +93,7 @@ def test_times_are_positive_and_finite_and_ratios_are_to_the_floor(smoke):
 def test_table_shows_every_result_and_the_header(smoke):
     _, table, report = smoke
     head = report["header"]
-    assert head["threads"] == torch.get_num_threads() and head["device"] == "cpu"
+    assert head["threads"] == 1 and head["device"] == "cpu"
     assert f"device cpu, torch threads {head['threads']}" in table
     lines = table.splitlines()
     for r in report["results"]:
@@ -73,3 +103,45 @@ def test_table_shows_every_result_and_the_header(smoke):
 def test_unknown_workload_is_an_error_naming_it(capsys):
     assert main(["bench", "--smoke", "nope"]) == 1
     assert "unknown workload 'nope'" in capsys.readouterr().err
+
+
+def test_threads_are_restored_after_the_run():
+    before = torch.get_num_threads()
+    assert main(["bench", "--smoke", "--threads", "1", "vae", "--repeats", "1"]) == 0
+    assert torch.get_num_threads() == before
+
+
+class _NoStep:
+    """An optimiser stand-in, so that a floor step only computes its loss."""
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self):
+        pass
+
+
+def test_vae_floor_computes_the_analytic_elbo_of_the_same_draws():
+    from pyrovae.infer import TraceAnalyticKL_ELBO
+    from pyrovae.vae import build_vae
+
+    vae = build_vae(12, 3, (8,))
+    x = torch.bernoulli(torch.full((5, 12), 0.4))
+    torch.manual_seed(3)
+    floor = bench.vae_torch_step(vae, _NoStep(), x)
+    torch.manual_seed(3)
+    ours = TraceAnalyticKL_ELBO().loss(vae.model, vae.guide, x)
+    assert floor == pytest.approx(ours, rel=1e-6)
+
+
+def test_diffusion_floor_computes_the_chains_bound_terms():
+    """L_T + T * sum_b L_{t_b - 1}, with t = 1 (the decoder) among the times."""
+    chain = bench._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
+    x0 = bench._images(6, bench.SMOKE, torch.device("cpu"))
+    t = torch.tensor([1, 2, 5, 10, 1, 7])
+    noise = torch.randn_like(x0)
+    with torch.no_grad():
+        floor = bench.TorchDDPM(chain).loss(x0, t, noise)
+        x_t = chain.schedule.q_sample(x0, t, noise)
+        ours = chain.prior_kl(x0).sum() + chain.T * chain.vb_terms(x0, x_t, t).sum()
+    assert floor.item() == pytest.approx(ours.item(), rel=1e-5)
