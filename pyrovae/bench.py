@@ -66,7 +66,7 @@ class Sizes:
     bound_batch: int = 16
     sample_T: int = 1000
     sample_steps: int = 50
-    sample_n: int = 16
+    sample_n: int = 64
 
 
 FULL = Sizes()
@@ -420,31 +420,33 @@ def run_case(case: Case, sizes: Sizes, device: torch.device) -> list:
     return results
 
 
-def format_table(head: dict, results: list, checks: list) -> str:
-    lines = [
+def format_header(head: dict) -> str:
+    return "\n".join([
         f"pyrovae bench: device {head['device']}, torch threads {head['threads']}, torch {head['torch']}, pyro {head['pyro']}",
         f"median of {head['repeats']} interleaved repeats after {head['warmup']} warm-up calls; Pyro validation off",
         "",
         f"{'workload':<10} {'case':<28} {'variant':<44} {'ms':>10} {'x floor':>8}  target",
-    ]
-    previous = None
+    ])
+
+
+def format_case(results: list) -> str:
+    """One case's rows: ms, ratio to the floor, and the target where there is one."""
+    lines = []
     for r in results:
-        if previous is not None and (r.workload, r.case) != previous:
-            lines.append("")
-        previous = (r.workload, r.case)
         target = ""
         if r.target is not None:
             target = f"<= {r.target:.2f}  {'met' if r.ratio <= r.target else 'MISSED'}"
         lines.append(f"{r.workload:<10} {r.case:<28} {r.variant:<44} {r.ms:>10.2f} {r.ratio:>8.2f}  {target}")
-    if checks:
-        lines.append("")
-    for c in checks:
-        lines.append(f"{c['check']}: {c['ratio']:.2f}  <= {c['target']:.2f}  {'met' if c['ratio'] <= c['target'] else 'MISSED'}")
     return "\n".join(lines)
 
 
+def format_checks(checks: list) -> str:
+    return "\n".join(f"{c['check']}: {c['ratio']:.2f}  <= {c['target']:.2f}  {'met' if c['ratio'] <= c['target'] else 'MISSED'}" for c in checks)
+
+
 def run(workloads=WORKLOADS, device: str = "cpu", smoke: bool = False, repeats: int | None = None, json_path: str | None = None, seed: int = 0, threads: int | None = None, log=print) -> dict:
-    """Run the named workloads; print the table through ``log``; return (and
+    """Run the named workloads; print the table through ``log``, one case at a
+    time as it finishes; return (and
     write to ``json_path``) ``{"header": ..., "results": [...], "checks": [...]}``.
 
     :param threads: torch's intra-op threads for the run (restored afterwards);
@@ -465,17 +467,21 @@ def run(workloads=WORKLOADS, device: str = "cpu", smoke: bool = False, repeats: 
     torch.set_num_threads(threads or previous_threads)
     try:
         head = header(dev, sizes)
+        log(format_header(head))
         results = []
         pyro.set_rng_seed(seed)
         with pyro.validation_enabled(False):
             for name in workloads:
                 for case in CASES[name](sizes, dev):
-                    results.extend(run_case(case, sizes, dev))
+                    rows = run_case(case, sizes, dev)
+                    log(format_case(rows) + "\n")
+                    results.extend(rows)
     finally:
         torch.set_num_threads(previous_threads)
         pyro.clear_param_store()
     checks = t_checks(results)
-    log(format_table(head, results, checks))
+    if checks:
+        log(format_checks(checks))
     report = {"header": head, "results": [r.__dict__ for r in results], "checks": checks}
     if json_path:
         with open(json_path, "w") as f:
