@@ -67,3 +67,22 @@ def save_scatter(path: str, points: torch.Tensor, title: str = "", labels: torch
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_bound_terms(path: str, prior: float, terms: Sequence[float], title: str = "") -> None:
+    """A diffusion bound's terms across time on a log scale: ``terms[t-1]`` = L_{t-1}
+    (t = 1 is the decoder's -log p(x_0|x_1)), and L_T as a horizontal line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    t = range(1, len(terms) + 1)
+    ax.plot(t, terms, marker="o" if len(terms) < 30 else None, label="L_{t-1}: KL at t >= 2, -log p(x_0|x_1) at t = 1")
+    ax.axhline(prior, color="k", ls="--", label=f"L_T = KL(q(x_T|x_0) || N(0, I)) = {prior:.3g}")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("t")
+    ax.set_ylabel("nats per example")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

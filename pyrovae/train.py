@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from pyrovae import data as datasets
 from pyrovae import plots
 from pyrovae.device import resolve_device
+from pyrovae.diffusion.training import DiffusionRecipe
 from pyrovae.vae.training import VAERecipe
 
-RECIPES = {"vae": VAERecipe()}
+RECIPES = {"vae": VAERecipe(), "diffusion": DiffusionRecipe()}
 
 
 @dataclass
@@ -56,6 +57,16 @@ class TrainConfig:
     out: str | None = None
     validate: bool = True
     quiet: bool = False
+    # diffusion only (pyrovae train diffusion); `hidden` sizes its MLP denoiser
+    T: int = 1000
+    schedule: str = "linear"
+    net: str = "auto"
+    channels: int = 32
+    objective: str = "elbo"
+    parameterization: str = "eps"
+    variance: str = "beta_tilde"
+    time_sampler: str = "uniform"
+    sample_steps: int = 50
 
     def check(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field."""

@@ -210,6 +210,11 @@ class DiffusionChain(nn.Module):
             for t in range(self.T, 1, -1):
                 x = pyro.sample(f"x_{t - 1}", s.q_posterior(x, x0, t))
 
+    def guide(self, x0: torch.Tensor) -> None:
+        """The default encoder, :meth:`guide_posterior` (the one whose per-site
+        KLs are the seed's KL form)."""
+        self.guide_posterior(x0)
+
     # --- the bound's terms in closed form ------------------------------------------
 
     def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:

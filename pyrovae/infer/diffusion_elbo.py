@@ -81,7 +81,7 @@ class DiffusionELBO(ELBO):
 
     def time_probs(self, T: int, device) -> torch.Tensor:
         """p(t) for t = 1..T, shape ``(T,)``."""
-        uniform = torch.full((T,), 1.0 / T, device=device)
+        uniform = torch.full((T,), 1.0 / T, device=device, dtype=torch.float64)
         if self.time_sampler == "uniform" or self._count is None or (self._count < self._history.shape[1]).any():
             return uniform
         p = self._history.mean(-1).sqrt()
