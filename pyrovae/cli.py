@@ -180,6 +180,7 @@ def run_train_diffusion(args: argparse.Namespace) -> int:
     last = result.metrics[-1]
     bpd = f" ({last['test_bpd']:.3f} bits/dim)" if "test_bpd" in last else ""
     print(f"done: test ELBO {last['test_elbo']:.2f} nats/example{bpd}; files in {result.out_dir}")
+    return 0
 
 
 def add_bench_parser(commands) -> None:
