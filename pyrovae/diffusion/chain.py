@@ -235,8 +235,15 @@ class DiffusionChain(nn.Module):
         p = self.p_mean_variance(x_t, t, output=output)
         q_mean, _, q_log_var = self.schedule.q_posterior_mean_variance(x_t, x0, t)
         kl = normal_kl(q_mean, q_log_var, p["mean"], p["log_variance"]).sum(-1)
-        nll = -self._decoder_dist(p["mean"], p["log_variance"]).log_prob(x0)
-        return torch.where(t == 1, nll, kl)
+        # The decoder's term is scored only on the entries with t = 1 (one in T
+        # under uniform sampling): its discretised Gaussian costs several times
+        # the KL per element, forward and backward.
+        first = t == 1
+        if not first.any():
+            return kl
+        mean, log_variance = p["mean"].expand_as(x0)[first], p["log_variance"].expand_as(x0)[first]
+        nll = -self._decoder_dist(mean, log_variance).log_prob(x0[first])
+        return kl.masked_scatter(first, nll)
 
     def full_bound(self, x0: torch.Tensor, chunk_size: int = 512) -> dict:
         """-ELBO(x0) with every term, x_t ~ q(x_t|x_0) drawn independently for each

@@ -121,6 +121,12 @@ class NoiseSchedule(nn.Module):
     def extract(self, table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``table[t - 1]`` in ``x``'s dtype with a trailing event dimension, so it
         broadcasts against ``x`` of shape ``batch_shape + (D,)``."""
+        if type(t) is int:
+            # One time for the whole batch (the sampler's loop, the literal
+            # chain): checked in Python, without a tensor and two reductions per call.
+            if not 1 <= t <= self.T:
+                raise ValueError(f"t must lie in 1..{self.T}, got {t}")
+            return table[t - 1 : t].to(dtype=x.dtype)
         t = torch.as_tensor(t, device=table.device)
         if t.dtype in (torch.float16, torch.float32, torch.float64) or t.dtype == torch.bool:
             raise TypeError(f"t must be an integer tensor of times in 1..{self.T}, got dtype {t.dtype}")
