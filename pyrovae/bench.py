@@ -236,8 +236,12 @@ class TorchDDPM:
         true_mean = tab["posterior_mean_coef1"] * x0 + tab["posterior_mean_coef2"] * x_t
         log_var = tab["posterior_log_variance_clipped"]
         kl = (0.5 * (true_mean - mean) ** 2 * torch.exp(-log_var)).sum(-1)
-        nll = -_discretised_log_lik(x0, mean, 0.5 * log_var).sum(-1)
-        terms = torch.where(t == 1, nll, kl)
+        # the decoder's term only where t = 1, as the chain scores it
+        first = t == 1
+        terms = kl
+        if first.any():
+            nll = -_discretised_log_lik(x0[first], mean[first], 0.5 * log_var[first]).sum(-1)
+            terms = kl.masked_scatter(first, nll)
         # L_T = KL(N(sqrt(alpha_bar_T) x_0, 1 - alpha_bar_T) || N(0, 1)), no parameters
         a = self.alpha_bar_T
         prior = 0.5 * (a * x0**2 + (1 - a) - 1 - math.log(1 - a)).sum()
