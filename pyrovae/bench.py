@@ -43,6 +43,8 @@ from pyrovae.vae.model import VAE, build_vae
 
 WORKLOADS = ("vae", "diffusion", "bound", "sample")
 FLOOR = "torch (floor)"
+# the same ELBO stepped without SVI and pyro.optim (see elbo_torch_step)
+TORCH_ADAM = "pyrovae {} + torch Adam, no SVI"
 
 
 @dataclass
@@ -63,10 +65,11 @@ class Sizes:
     diffusion_Ts: tuple = (100, 1000)
     literal_T: int = 100
     bound_T: int = 1000
-    bound_batch: int = 16
+    bound_batch: int = 8
     sample_T: int = 1000
     sample_steps: int = 50
     sample_n: int = 64
+    slow_repeats: int = 5
 
 
 FULL = Sizes()
@@ -87,6 +90,7 @@ SMOKE = Sizes(
     sample_T=10,
     sample_steps=3,
     sample_n=2,
+    slow_repeats=2,
 )
 
 
@@ -101,6 +105,8 @@ class Case:
     target: float | None = None
     target_variant: str | None = None
     params: dict = field(default_factory=dict)
+    # fewer repeats for cases whose calls take seconds (None: Sizes.repeats)
+    repeats: int | None = None
 
 
 @dataclass
@@ -164,6 +170,17 @@ def vae_torch_step(vae: VAE, optimizer: torch.optim.Optimizer, x: torch.Tensor) 
     return loss.item()
 
 
+def elbo_torch_step(elbo, model, guide, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """One step of ``elbo.differentiable_loss`` with a plain torch optimiser in
+    place of ``SVI`` and ``pyro.optim``: what is left of the gap to the floor
+    is the ELBO's own cost; the rest of an SVI step's gap is Pyro's."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = elbo.differentiable_loss(model, guide, x)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def vae_cases(sizes: Sizes, device: torch.device):
     """One SVI step of the default VAE per batch size: our analytic-KL ELBO,
     Pyro's four stock ELBOs and the torch floor, all on one VAE (one set of
@@ -184,6 +201,8 @@ def vae_cases(sizes: Sizes, device: torch.device):
         for name, elbo in elbos.items():
             svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
             variants[name] = _bind(svi.step, x)
+        ours = TraceAnalyticKL_ELBO(max_plate_nesting=1)
+        variants[TORCH_ADAM.format("TraceAnalyticKL_ELBO")] = _bind(elbo_torch_step, ours, vae.model, vae.guide, torch.optim.Adam(vae.parameters(), lr=1e-3), x)
         target = 1.25 if batch < 128 else 1.10
         yield Case("vae", f"batch {batch}", variants, target, "pyrovae TraceAnalyticKL_ELBO", {"batch": batch})
 
@@ -316,6 +335,8 @@ def diffusion_cases(sizes: Sizes, device: torch.device):
             variants = {FLOOR: _bind(floor.train_step, torch.optim.Adam(chain.parameters(), lr=1e-4), x0)}
             svi = SVI(chain.model, chain.guide_posterior, pyro.optim.Adam({"lr": 1e-4}), loss=DiffusionELBO())
             variants["pyrovae DiffusionELBO"] = _bind(svi.step, x0)
+            adam = torch.optim.Adam(chain.parameters(), lr=1e-4)
+            variants[TORCH_ADAM.format("DiffusionELBO")] = _bind(elbo_torch_step, DiffusionELBO(), chain.model, chain.guide_posterior, adam, x0)
             if denoiser == "mlp" and T == sizes.literal_T:
                 literal = SVI(chain.model, chain.guide_posterior, pyro.optim.Adam({"lr": 1e-4}), loss=Trace_ELBO(max_plate_nesting=1))
                 variants["Trace_ELBO literal chain"] = _bind(literal.step, x0)
@@ -360,7 +381,7 @@ def bound_cases(sizes: Sizes, device: torch.device, chunk_size: int = 512):
         "TraceMeanField_ELBO per-site chain": _no_grad(TraceMeanField_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0),
         "pyrovae TraceAnalyticKL_ELBO per-site chain": _no_grad(TraceAnalyticKL_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0),
     }
-    yield Case("bound", f"mlp T={T} batch {B}", variants, 1.2, "pyrovae full_bound (batched over t)")
+    yield Case("bound", f"mlp T={T} batch {B}", variants, 1.2, "pyrovae full_bound (batched over t)", repeats=sizes.slow_repeats)
 
 
 def sample_cases(sizes: Sizes, device: torch.device):
@@ -371,7 +392,7 @@ def sample_cases(sizes: Sizes, device: torch.device):
     pyro.clear_param_store()
     chain = _chain(sizes, "mlp", sizes.sample_T, device)
     n = sizes.sample_n
-    yield Case("sample", f"mlp ancestral T={chain.T} n={n}", {FLOOR: _bind(TorchDDPM(chain).sample, n), "pyrovae sample": _bind(chain.sample, n)}, 1.1, "pyrovae sample")
+    yield Case("sample", f"mlp ancestral T={chain.T} n={n}", {FLOOR: _bind(TorchDDPM(chain).sample, n), "pyrovae sample": _bind(chain.sample, n)}, 1.1, "pyrovae sample", repeats=sizes.slow_repeats)
     strided = TorchDDPM(chain.respaced(sizes.sample_steps))
     variants = {FLOOR: _bind(strided.sample, n), f"pyrovae sample(steps={sizes.sample_steps})": _bind(chain.sample, n, sizes.sample_steps)}
     yield Case("sample", f"mlp strided {sizes.sample_steps} of T={chain.T} n={n}", variants, 1.1, f"pyrovae sample(steps={sizes.sample_steps})")
@@ -393,6 +414,7 @@ def header(device: torch.device, sizes: Sizes) -> dict:
         "threads": torch.get_num_threads(),
         "repeats": sizes.repeats,
         "warmup": sizes.warmup,
+        "slow_repeats": sizes.slow_repeats,
         "pyro_validation": False,
     }
 
@@ -414,7 +436,9 @@ def t_checks(results: list) -> list:
 
 
 def run_case(case: Case, sizes: Sizes, device: torch.device) -> list:
-    times = time_variants(case.variants, sizes.repeats, sizes.warmup, device)
+    # a slow case's calls take seconds: one warm-up call is enough there
+    warmup = 1 if case.repeats else sizes.warmup
+    times = time_variants(case.variants, case.repeats or sizes.repeats, warmup, device)
     floor = statistics.median(times[FLOOR])
     results = []
     for name, ts in times.items():
@@ -427,7 +451,8 @@ def run_case(case: Case, sizes: Sizes, device: torch.device) -> list:
 def format_header(head: dict) -> str:
     return "\n".join([
         f"pyrovae bench: device {head['device']}, torch threads {head['threads']}, torch {head['torch']}, pyro {head['pyro']}",
-        f"median of {head['repeats']} interleaved repeats after {head['warmup']} warm-up calls; Pyro validation off",
+        f"median of {head['repeats']} interleaved repeats after {head['warmup']} warm-up calls "
+        f"({head['slow_repeats']} after 1 for the full-T bound and ancestral sampling); Pyro validation off",
         "",
         f"{'workload':<10} {'case':<28} {'variant':<44} {'ms':>10} {'x floor':>8}  target",
     ])

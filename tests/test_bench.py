@@ -21,8 +21,9 @@ VARIANTS = {
         "TraceMeanField_ELBO",
         "JitTrace_ELBO",
         "JitTraceMeanField_ELBO",
+        "pyrovae TraceAnalyticKL_ELBO + torch Adam, no SVI",
     },
-    "diffusion": {bench.FLOOR, "pyrovae DiffusionELBO"},
+    "diffusion": {bench.FLOOR, "pyrovae DiffusionELBO", "pyrovae DiffusionELBO + torch Adam, no SVI"},
     "bound": {
         bench.FLOOR,
         "pyrovae full_bound (batched over t)",
@@ -84,7 +85,7 @@ def test_times_are_positive_and_finite_and_ratios_are_to_the_floor(smoke):
     _, _, report = smoke
     results = report["results"]
     for r in results:
-        assert len(r["times_ms"]) == report["header"]["repeats"]
+        assert len(r["times_ms"]) in (report["header"]["repeats"], report["header"]["slow_repeats"])
         assert all(math.isfinite(t) and t > 0 for t in r["times_ms"]), r
         floor = next(f for f in results if (f["workload"], f["case"], f["variant"]) == (r["workload"], r["case"], bench.FLOOR))
         assert r["ratio"] == pytest.approx(r["ms"] / floor["ms"])
