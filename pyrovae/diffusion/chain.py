@@ -120,6 +120,10 @@ class DiffusionChain(nn.Module):
     def p_mean_variance(self, x_t: torch.Tensor, t, output: tuple | None = None, clip_x0: bool = False) -> dict:
         """mu_theta(x_t, t), sigma_t^2 (and its log) and the implied x0_hat.
 
+        ``log_variance`` has x_t's shape when learned; a fixed one is one
+        number per entry, shape ``x_t.shape[:-1] + (1,)``, which broadcasts
+        against the mean (so the KL's variance terms cost one op per entry, not per pixel).
+
         :param output: a precomputed :meth:`model_output` (e.g. with the
             prediction detached, for the hybrid objective).
         :param clip_x0: clamp x0_hat to [-1, 1] before forming the mean (for
@@ -133,7 +137,7 @@ class DiffusionChain(nn.Module):
             frac = (v + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
         else:
-            log_var = (max_log if self.variance == "beta" else min_log).expand_as(pred)
+            log_var = max_log if self.variance == "beta" else min_log
         if self.parameterization == "mean":
             mean = pred
             x0_hat = (mean - s.extract(s.posterior_mean_coef2, t, x_t) * x_t) / s.extract(s.posterior_mean_coef1, t, x_t)
@@ -233,7 +237,9 @@ class DiffusionChain(nn.Module):
         """
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[:-1])
         p = self.p_mean_variance(x_t, t, output=output)
-        q_mean, _, q_log_var = self.schedule.q_posterior_mean_variance(x_t, x0, t)
+        q_mean = self.schedule.q_posterior_mean_variance(x_t, x0, t)[0]
+        # log beta_tilde_t unexpanded, one number per entry (see p_mean_variance)
+        q_log_var = self.schedule.extract(self.schedule.posterior_log_variance_clipped, t, x_t)
         kl = normal_kl(q_mean, q_log_var, p["mean"], p["log_variance"]).sum(-1)
         # The decoder's term is scored only on the entries with t = 1 (one in T
         # under uniform sampling): its discretised Gaussian costs several times
