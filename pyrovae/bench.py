@@ -66,6 +66,8 @@ class Sizes:
     literal_T: int = 100
     bound_T: int = 1000
     bound_batch: int = 8
+    bound_T_unet: int = 100
+    bound_batch_unet: int = 4
     sample_T: int = 1000
     sample_steps: int = 50
     sample_n: int = 64
@@ -87,6 +89,8 @@ SMOKE = Sizes(
     literal_T=5,
     bound_T=10,
     bound_batch=2,
+    bound_T_unet=5,
+    bound_batch_unet=2,
     sample_T=10,
     sample_steps=3,
     sample_n=2,
@@ -355,33 +359,35 @@ def _no_grad(fn: Callable, *args) -> Callable:
 
 def bound_cases(sizes: Sizes, device: torch.device, chunk_size: int = 512):
     """The full-T bound of a batch (every term, no gradients): ``full_bound``
-    (batched over t) and the per-site literal chain under Pyro's
-    ``TraceMeanField_ELBO`` and our ``TraceAnalyticKL_ELBO`` (closed-form KL
-    per site with the posterior-order guide), against the floor: the
-    denoiser's forward passes alone over the same T x B inputs in the same
-    chunks, inputs drawn beforehand."""
-    pyro.clear_param_store()
-    chain = _chain(sizes, "mlp", sizes.bound_T, device)
-    x0 = _images(sizes.bound_batch, sizes, device)
-    B, T = x0.shape[0], chain.T
-    per_call = max(1, chunk_size // B)
-    with torch.no_grad():
-        t = torch.arange(1, T + 1, device=device)[:, None].expand(T, B)
-        x_t = chain.schedule.q_sample(x0.expand(T, B, chain.x_dim), t).reshape(T * B, chain.x_dim)
-        tau = (t * (1000.0 / T)).to(x0.dtype).reshape(-1)
-    chunks = [(x_t[i : i + per_call * B], tau[i : i + per_call * B]) for i in range(0, T * B, per_call * B)]
+    (batched over t) against the floor, the denoiser's forward passes alone
+    over the same T x B inputs in the same chunks (inputs drawn beforehand).
+    For the MLP at ``sizes.bound_T`` also the per-site literal chain under
+    Pyro's ``TraceMeanField_ELBO`` and our ``TraceAnalyticKL_ELBO``
+    (closed-form KL per site with the posterior-order guide); for the U-Net,
+    where the network's work dominates, a shorter chain (``bound_T_unet``)."""
+    for denoiser, T, B in (("mlp", sizes.bound_T, sizes.bound_batch), ("unet", sizes.bound_T_unet, sizes.bound_batch_unet)):
+        pyro.clear_param_store()
+        chain = _chain(sizes, denoiser, T, device)
+        x0 = _images(B, sizes, device)
+        per_call = max(1, chunk_size // B)
+        with torch.no_grad():
+            t = torch.arange(1, T + 1, device=device)[:, None].expand(T, B)
+            x_t = chain.schedule.q_sample(x0.expand(T, B, chain.x_dim), t).reshape(T * B, chain.x_dim)
+            tau = (t * (1000.0 / T)).to(x0.dtype).reshape(-1)
+        chunks = [(x_t[i : i + per_call * B], tau[i : i + per_call * B]) for i in range(0, T * B, per_call * B)]
+        variants = {
+            FLOOR: _no_grad(_forwards, chain.net, chunks),
+            "pyrovae full_bound (batched over t)": _no_grad(chain.full_bound, x0, chunk_size),
+        }
+        if denoiser == "mlp":
+            variants["TraceMeanField_ELBO per-site chain"] = _no_grad(TraceMeanField_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0)
+            variants["pyrovae TraceAnalyticKL_ELBO per-site chain"] = _no_grad(TraceAnalyticKL_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0)
+        yield Case("bound", f"{denoiser} T={T} batch {B}", variants, 1.2, "pyrovae full_bound (batched over t)", {"denoiser": denoiser, "T": T}, repeats=sizes.slow_repeats)
 
-    def forwards():
-        for x, s in chunks:
-            chain.net(x, s)
 
-    variants = {
-        FLOOR: _no_grad(forwards),
-        "pyrovae full_bound (batched over t)": _no_grad(chain.full_bound, x0, chunk_size),
-        "TraceMeanField_ELBO per-site chain": _no_grad(TraceMeanField_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0),
-        "pyrovae TraceAnalyticKL_ELBO per-site chain": _no_grad(TraceAnalyticKL_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0),
-    }
-    yield Case("bound", f"mlp T={T} batch {B}", variants, 1.2, "pyrovae full_bound (batched over t)", repeats=sizes.slow_repeats)
+def _forwards(net, chunks: list) -> None:
+    for x, tau in chunks:
+        net(x, tau)
 
 
 def sample_cases(sizes: Sizes, device: torch.device):
