@@ -61,7 +61,7 @@ class TrainConfig:
     T: int = 1000
     schedule: str = "linear"
     net: str = "auto"
-    channels: int = 32
+    channels: int = 16
     objective: str = "elbo"
     parameterization: str = "eps"
     variance: str = "beta_tilde"

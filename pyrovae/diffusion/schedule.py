@@ -26,6 +26,7 @@ import math
 
 import pyro.distributions as dist
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 SCHEDULES = ("linear", "cosine")
@@ -120,17 +121,13 @@ class NoiseSchedule(nn.Module):
 
     def extract(self, table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``table[t - 1]`` in ``x``'s dtype with a trailing event dimension, so it
-        broadcasts against ``x`` of shape ``batch_shape + (D,)``."""
-        if type(t) is int:
-            # One time for the whole batch (the sampler's loop, the literal
-            # chain): checked in Python, without a tensor and two reductions per call.
-            if not 1 <= t <= self.T:
-                raise ValueError(f"t must lie in 1..{self.T}, got {t}")
-            return table[t - 1 : t].to(dtype=x.dtype)
+        broadcasts against ``x`` of shape ``batch_shape + (D,)``. Times outside
+        1..T are an error under ``pyro.enable_validation()`` (Pyro's default)."""
         t = torch.as_tensor(t, device=table.device)
-        if t.dtype in (torch.float16, torch.float32, torch.float64) or t.dtype == torch.bool:
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"t must be an integer tensor of times in 1..{self.T}, got dtype {t.dtype}")
-        if t.numel() and (t.min() < 1 or t.max() > self.T):
+        # the range check reads t back from the device: only under pyro.enable_validation
+        if is_validation_enabled() and t.numel() and (t.min() < 1 or t.max() > self.T):
             raise ValueError(f"t must lie in 1..{self.T}, got values from {int(t.min())} to {int(t.max())}")
         return table[t - 1].to(dtype=x.dtype).unsqueeze(-1)
 

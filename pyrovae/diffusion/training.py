@@ -97,14 +97,17 @@ class DiffusionRecipe:
         plots.plot_bound_terms(os.path.join(out, "terms.png"), bound["prior"].mean().item(), bound["terms"].mean(0).tolist(), f"bound terms, {min(len(x_test), TERMS_EXAMPLES)} test examples")
 
 
-def write_samples(path: str, chain: DiffusionChain, ds: datasets.Dataset, steps: int, x_test: torch.Tensor, n: int = 64) -> None:
-    """A grid of ``n`` samples (images) or a scatter of 2,000 samples over the test
-    data (2-D), drawn with the chain respaced to ``steps`` steps."""
+def write_samples(path: str, chain: DiffusionChain, ds: datasets.Dataset, steps: int, x_test: torch.Tensor, n: int | None = None) -> None:
+    """A grid of ``n`` (default 64) samples for images, or a scatter of ``n``
+    (default 2,000) samples over the test data for 2-D data, drawn with the
+    chain respaced to ``steps`` steps."""
     title = f"samples, {steps} of {chain.T} steps"
     if ds.is_image:
-        plots.save_image_grid(path, from_chain_space(chain.sample(n, steps=steps)), ds.image_shape, 8, title)
+        images = from_chain_space(chain.sample(n or 64, steps=steps))
+        plots.save_image_grid(path, images, ds.image_shape, min(8, len(images)), title)
     else:
-        plots.save_scatter(path, torch.cat([x_test, chain.sample(2000, steps=steps)]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(2000)]))
+        points = chain.sample(n or 2000, steps=steps)
+        plots.save_scatter(path, torch.cat([x_test, points]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(points))]))
 
 
 def load_run(run_dir: str, device: str = "cpu"):
