@@ -189,7 +189,7 @@ def add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="time our steps against plain PyTorch and Pyro's ELBOs", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"any of {', '.join(WORKLOADS)} (default: all)")
     bench.add_argument("--device", default="cpu", help=f"{'|'.join(DEVICES)} or cuda:N")
-    bench.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per variant (default: 11, or 2 with --smoke)")
+    bench.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per variant in the fast cases (default: 31; the slow ones take 7; 2 each with --smoke)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     bench.add_argument("--smoke", action="store_true", help="tiny sizes and 2 repeats: checks that every variant runs, measures nothing")
     bench.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads for the run (default: torch's own choice)")
