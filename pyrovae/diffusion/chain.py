@@ -48,11 +48,6 @@ VARIANCES = ("beta_tilde", "beta", "learned")
 DECODERS = ("discretised", "gaussian")
 
 
-def normal_kl(mean1, log_var1, mean2, log_var2) -> torch.Tensor:
-    """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))), elementwise."""
-    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
-
-
 class DiffusionChain(nn.Module):
     """p_theta(x_{0:T}) and the fixed encoder q(x_{1:T}|x_0) as Pyro programs.
 
@@ -118,18 +113,9 @@ class DiffusionChain(nn.Module):
             return pred, v
         return out, None
 
-    def p_mean_variance(self, x_t: torch.Tensor, t, output: tuple | None = None, clip_x0: bool = False) -> dict:
-        """mu_theta(x_t, t), sigma_t^2 (and its log) and the implied x0_hat.
-
-        ``log_variance`` has x_t's shape when learned; a fixed one is one
-        number per entry, shape ``x_t.shape[:-1] + (1,)``, which broadcasts
-        against the mean (so the KL's variance terms cost one op per entry, not per pixel).
-
-        :param output: a precomputed :meth:`model_output` (e.g. with the
-            prediction detached, for the hybrid objective).
-        :param clip_x0: clamp x0_hat to [-1, 1] before forming the mean (for
-            sampling images; not for an ELBO, which must score one fixed model).
-        """
+    def _x0_hat_log_variance(self, x_t: torch.Tensor, t, output: tuple | None, clip_x0: bool):
+        """The raw prediction, the implied x0_hat and log sigma_t^2 (shape ``(..., 1)``
+        for a fixed variance, ``x_t``'s shape for a learned one)."""
         s = self.schedule
         pred, v = self.model_output(x_t, t) if output is None else output
         min_log = s.extract(s.posterior_log_variance_clipped, t, x_t)
@@ -140,17 +126,29 @@ class DiffusionChain(nn.Module):
         else:
             log_var = max_log if self.variance == "beta" else min_log
         if self.parameterization == "mean":
-            mean = pred
-            x0_hat = (mean - s.extract(s.posterior_mean_coef2, t, x_t) * x_t) / s.extract(s.posterior_mean_coef1, t, x_t)
+            x0_hat = (pred - s.extract(s.posterior_mean_coef2, t, x_t) * x_t) / s.extract(s.posterior_mean_coef1, t, x_t)
+        elif self.parameterization == "eps":
+            x0_hat = s.extract(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t - s.extract(s.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
         else:
-            if self.parameterization == "eps":
-                x0_hat = s.extract(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t - s.extract(s.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
-            else:
-                x0_hat = pred
-            if clip_x0:
-                x0_hat = x0_hat.clamp(-1.0, 1.0)
-            mean, _, _ = s.q_posterior_mean_variance(x_t, x0_hat, t)
-        return {"mean": mean, "log_variance": log_var, "x0_hat": x0_hat}
+            x0_hat = pred
+        if clip_x0 and self.parameterization != "mean":
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+        return pred, x0_hat, log_var
+
+    def p_mean_variance(self, x_t: torch.Tensor, t, output: tuple | None = None, clip_x0: bool = False) -> dict:
+        """mu_theta(x_t, t), log sigma_t^2 and the implied x0_hat, each ``x_t``'s shape.
+
+        With eps or x0 prediction, mu_theta(x_t, t) = mu_tilde_t(x_t, x0_hat), the
+        posterior mean at the predicted x_0.
+
+        :param output: a precomputed :meth:`model_output` (e.g. with the
+            prediction detached, for the hybrid objective).
+        :param clip_x0: clamp x0_hat to [-1, 1] before forming the mean (for
+            sampling images; not for an ELBO, which must score one fixed model).
+        """
+        pred, x0_hat, log_var = self._x0_hat_log_variance(x_t, t, output, clip_x0)
+        mean = pred if self.parameterization == "mean" else self.schedule.q_posterior_mean_variance(x_t, x0_hat, t)[0]
+        return {"mean": mean, "log_variance": log_var.expand_as(mean), "x0_hat": x0_hat}
 
     def p_step(self, x_t: torch.Tensor, t: int, clip_x0: bool = False) -> dist.Distribution:
         """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I), for t >= 2."""
@@ -225,7 +223,7 @@ class DiffusionChain(nn.Module):
     def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T|x_0) || N(0, I)), shape ``x0.shape[:-1]`` (no parameters)."""
         mean, var = self.schedule.q_mean_variance(x0, self.T)
-        return normal_kl(mean, var.log(), torch.zeros_like(mean), torch.zeros_like(mean)).sum(-1)
+        return 0.5 * (var + mean.square() - 1 - var.log()).sum(-1)
 
     def vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None = None) -> torch.Tensor:
         """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D:
@@ -233,24 +231,31 @@ class DiffusionChain(nn.Module):
             L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))   for t >= 2
             L_0     = -log p_theta(x_0|x_1)                             for t = 1
 
-        ``x0`` and ``x_t`` of shape ``batch_shape + (D,)``, ``t`` integer of
-        ``batch_shape`` (times may differ per entry); returns ``batch_shape``.
+        ``x0`` broadcastable to ``x_t`` of shape ``batch_shape + (D,)``, ``t``
+        integer of ``batch_shape`` (times may differ per entry); returns
+        ``batch_shape``. Both Gaussians are diagonal and their means are the
+        posterior mean at x_0 and at x0_hat, so mu_tilde - mu_theta =
+        coef1_t (x_0 - x0_hat) and, for a fixed variance, the KL costs a few
+        operations per element beyond the network.
         """
+        s = self.schedule
+        x0 = x0.expand_as(x_t)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[:-1])
-        p = self.p_mean_variance(x_t, t, output=output)
-        q_mean = self.schedule.q_posterior_mean_variance(x_t, x0, t)[0]
-        # log beta_tilde_t unexpanded, one number per entry (see p_mean_variance)
-        q_log_var = self.schedule.extract(self.schedule.posterior_log_variance_clipped, t, x_t)
-        kl = normal_kl(q_mean, q_log_var, p["mean"], p["log_variance"]).sum(-1)
-        # The decoder's term is scored only on the entries with t = 1 (one in T
-        # under uniform sampling): its discretised Gaussian costs several times
-        # the KL per element, forward and backward.
-        first = t == 1
-        if not first.any():
+        pred, x0_hat, log_var = self._x0_hat_log_variance(x_t, t, output, clip_x0=False)
+        q_log_var = s.extract(s.posterior_log_variance_clipped, t, x_t)
+        var_part = 0.5 * (-1.0 + log_var - q_log_var + torch.exp(q_log_var - log_var))
+        sq = (x0 - x0_hat).square()
+        inv_var = torch.exp(-log_var)
+        mean_part = (sq.sum(-1) * inv_var.squeeze(-1)) if inv_var.shape[-1] == 1 else (sq * inv_var).sum(-1)
+        kl = var_part.sum(-1) * (self.x_dim / var_part.shape[-1]) + 0.5 * s.extract(s.posterior_mean_coef1, t, x_t).squeeze(-1).square() * mean_part
+        is_decoder = t == 1
+        if not is_decoder.any():  # most batches: no decoder term, skip its CDFs
             return kl
-        mean, log_variance = p["mean"].expand_as(x0)[first], p["log_variance"].expand_as(x0)[first]
-        nll = -self._decoder_dist(mean, log_variance).log_prob(x0[first])
-        return kl.masked_scatter(first, nll)
+        # at t = 1 the term is the decoder's -log p(x_0|x_1), on those entries only
+        x_1, t_1 = x_t[is_decoder], t[is_decoder]
+        mean = pred[is_decoder] if self.parameterization == "mean" else s.q_posterior_mean_variance(x_1, x0_hat[is_decoder], t_1)[0]
+        nll = -self._decoder_dist(mean, log_var.expand_as(x_t)[is_decoder]).log_prob(x0[is_decoder])
+        return kl.index_put((is_decoder,), nll)
 
     def full_bound(self, x0: torch.Tensor, chunk_size: int = 512) -> dict:
         """-ELBO(x0) with every term, x_t ~ q(x_t|x_0) drawn independently for each
