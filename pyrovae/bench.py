@@ -228,7 +228,8 @@ class TorchDDPM:
     clipped log, discretised Gaussian decoder):
 
         x0_hat = x_t / sqrt(alpha_bar_t) - sqrt(1/alpha_bar_t - 1) eps_theta(x_t, t)
-        L_{t-1} = sum_d (mu_tilde_t(x_t, x_0) - mu_tilde_t(x_t, x0_hat))^2 / (2 sigma_t^2)   t >= 2
+        L_{t-1} = coef1_t^2 sum_d (x_0 - x0_hat)_d^2 / (2 sigma_t^2)   t >= 2
+                (= |mu_tilde_t(x_t, x_0) - mu_tilde_t(x_t, x0_hat)|^2 / (2 sigma_t^2))
         L_0     = -sum_d log p(x_0 | x_1), the Gaussian N(mu, sigma_1^2) over 256 bins.
     """
 
@@ -255,15 +256,16 @@ class TorchDDPM:
         x_t = tab["sqrt_alphas_cumprod"] * x0 + tab["sqrt_one_minus_alphas_cumprod"] * noise
         eps = self.net(x_t, self.tau[t - 1])
         x0_hat = tab["sqrt_recip_alphas_cumprod"] * x_t - tab["sqrt_recipm1_alphas_cumprod"] * eps
-        mean = tab["posterior_mean_coef1"] * x0_hat + tab["posterior_mean_coef2"] * x_t
-        true_mean = tab["posterior_mean_coef1"] * x0 + tab["posterior_mean_coef2"] * x_t
         log_var = tab["posterior_log_variance_clipped"]
-        kl = (0.5 * (true_mean - mean) ** 2 * torch.exp(-log_var)).sum(-1)
+        # mu_tilde(x_t, x_0) - mu_tilde(x_t, x0_hat) = coef1_t (x_0 - x0_hat)
+        weight = 0.5 * tab["posterior_mean_coef1"] ** 2 * torch.exp(-log_var)
+        kl = weight.squeeze(-1) * (x0 - x0_hat).square().sum(-1)
         # the decoder's term only where t = 1, as the chain scores it
         first = t == 1
         terms = kl
         if first.any():
-            nll = -_discretised_log_lik(x0[first], mean[first], 0.5 * log_var[first]).sum(-1)
+            mean = tab["posterior_mean_coef1"][first] * x0_hat[first] + tab["posterior_mean_coef2"][first] * x_t[first]
+            nll = -_discretised_log_lik(x0[first], mean, 0.5 * log_var[first]).sum(-1)
             terms = kl.masked_scatter(first, nll)
         # L_T = KL(N(sqrt(alpha_bar_T) x_0, 1 - alpha_bar_T) || N(0, 1)), no parameters
         a = self.alpha_bar_T
