@@ -10,3 +10,11 @@ def fresh_pyro():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+def pytest_configure(config):
+    # The models under test are small: one intra-op thread is as fast, and it
+    # keeps the suite from oversubscribing a shared CI machine's cores.
+    import torch
+
+    torch.set_num_threads(1)

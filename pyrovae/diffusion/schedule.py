@@ -123,6 +123,12 @@ class NoiseSchedule(nn.Module):
         """``table[t - 1]`` in ``x``'s dtype with a trailing event dimension, so it
         broadcasts against ``x`` of shape ``batch_shape + (D,)``. Times outside
         1..T are an error under ``pyro.enable_validation()`` (Pyro's default)."""
+        if type(t) is int:
+            # one time for the whole batch (the sampler's loop, the literal chain):
+            # checked in Python, no tensor built from t, no index tensor
+            if not 1 <= t <= self.T:
+                raise ValueError(f"t must lie in 1..{self.T}, got {t}")
+            return table[t - 1 : t].to(dtype=x.dtype)
         t = torch.as_tensor(t, device=table.device)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"t must be an integer tensor of times in 1..{self.T}, got dtype {t.dtype}")

@@ -186,6 +186,9 @@ def build_vae(
     diagonal Normal q_phi(z|x), an MLP ``z_dim -> 400 -> 784`` giving Bernoulli
     logits, and p(z) = N(0, I).
     """
+    for name, size in (("x_dim", x_dim), ("z_dim", z_dim)):
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1, got {size}")
     make_encoder_net, decoder = _lookup("net", net, NETS)(x_dim, z_dim, tuple(hidden), activation, image_shape)
     if isinstance(guide, nn.Module):
         encoder = guide

@@ -1,0 +1,150 @@
+"""``pyrovae bench --smoke``: every workload runs every variant and reports it in
+the table and the JSON. Times are checked for sanity only (positive, finite),
+never against each other."""
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from pyrovae import bench
+from pyrovae.cli import main
+
+VARIANTS = {
+    "vae": {
+        bench.FLOOR,
+        "pyrovae TraceAnalyticKL_ELBO",
+        "Trace_ELBO",
+        "TraceMeanField_ELBO",
+        "JitTrace_ELBO",
+        "JitTraceMeanField_ELBO",
+        "pyrovae TraceAnalyticKL_ELBO + torch Adam, no SVI",
+    },
+    "diffusion": {bench.FLOOR, "pyrovae DiffusionELBO", "pyrovae DiffusionELBO + torch Adam, no SVI"},
+    "bound": {
+        bench.FLOOR,
+        "pyrovae full_bound (batched over t)",
+        "TraceMeanField_ELBO per-site chain",
+        "pyrovae TraceAnalyticKL_ELBO per-site chain",
+    },
+}
+# the literal chain under stock Trace_ELBO runs for the MLP at T = literal_T only
+LITERAL = "Trace_ELBO literal chain"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run of every workload through the CLI: (exit code, printed
+    table, JSON report)."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        # one thread: on a machine shared by many processes two OpenMP threads
+        # per process can make each call a hundred times slower
+        rc = main(["bench", "--smoke", "--threads", "1", "--json", str(path)])
+    return rc, out.getvalue(), json.loads(path.read_text())
+
+
+def test_smoke_run_exits_zero_and_covers_every_workload(smoke):
+    rc, _, report = smoke
+    assert rc == 0
+    assert {r["workload"] for r in report["results"]} == set(bench.WORKLOADS)
+
+
+@pytest.mark.parametrize("workload", sorted(VARIANTS))
+def test_every_case_reports_every_variant(smoke, workload):
+    _, _, report = smoke
+    results = [r for r in report["results"] if r["workload"] == workload]
+    for case in {r["case"] for r in results}:
+        rows = [r for r in results if r["case"] == case]
+        expected = set(VARIANTS[workload])
+        if workload == "diffusion" and rows[0]["params"] == {"denoiser": "mlp", "T": bench.SMOKE.literal_T}:
+            expected.add(LITERAL)
+        if workload == "bound" and rows[0]["params"]["denoiser"] == "unet":
+            expected = {bench.FLOOR, "pyrovae full_bound (batched over t)"}
+        assert {r["variant"] for r in rows} == expected, case
+
+
+def test_sample_workload_times_ancestral_and_strided_sampling(smoke):
+    _, _, report = smoke
+    variants = {r["variant"] for r in report["results"] if r["workload"] == "sample"}
+    assert variants == {bench.FLOOR, "pyrovae sample", f"pyrovae sample(steps={bench.SMOKE.sample_steps})"}
+
+
+def test_diffusion_reports_the_literal_chain_and_the_growth_with_T(smoke):
+    _, table, report = smoke
+    assert LITERAL in {r["variant"] for r in report["results"]}
+    checks = report["checks"]
+    assert [c["check"].split(":")[0] for c in checks] == [f"diffusion {d}" for d in bench.SMOKE.denoisers]
+    for c in checks:
+        assert math.isfinite(c["ratio"]) and c["ratio"] > 0 and c["check"] in table
+
+
+def test_times_are_positive_and_finite_and_ratios_are_to_the_floor(smoke):
+    _, _, report = smoke
+    results = report["results"]
+    for r in results:
+        assert len(r["times_ms"]) in (report["header"]["repeats"], report["header"]["slow_repeats"])
+        assert all(math.isfinite(t) and t > 0 for t in r["times_ms"]), r
+        floor = next(f for f in results if (f["workload"], f["case"], f["variant"]) == (r["workload"], r["case"], bench.FLOOR))
+        assert r["ratio"] == pytest.approx(r["ms"] / floor["ms"])
+
+
+def test_table_shows_every_result_and_the_header(smoke):
+    _, table, report = smoke
+    head = report["header"]
+    assert head["threads"] == 1 and head["device"] == "cpu"
+    assert f"device cpu, torch threads {head['threads']}" in table
+    lines = table.splitlines()
+    for r in report["results"]:
+        assert any(r["case"] in line and r["variant"] in line and f"{r['ms']:.2f}" in line for line in lines), r
+
+
+def test_unknown_workload_is_an_error_naming_it(capsys):
+    assert main(["bench", "--smoke", "nope"]) == 1
+    assert "unknown workload 'nope'" in capsys.readouterr().err
+
+
+def test_threads_are_restored_after_the_run():
+    before = torch.get_num_threads()
+    assert main(["bench", "--smoke", "--threads", "1", "vae", "--repeats", "1"]) == 0
+    assert torch.get_num_threads() == before
+
+
+class _NoStep:
+    """An optimiser stand-in, so that a floor step only computes its loss."""
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self):
+        pass
+
+
+def test_vae_floor_computes_the_analytic_elbo_of_the_same_draws():
+    from pyrovae.infer import TraceAnalyticKL_ELBO
+    from pyrovae.vae import build_vae
+
+    vae = build_vae(12, 3, (8,))
+    x = torch.bernoulli(torch.full((5, 12), 0.4))
+    torch.manual_seed(3)
+    floor = bench.vae_torch_step(vae, _NoStep(), x)
+    torch.manual_seed(3)
+    ours = TraceAnalyticKL_ELBO().loss(vae.model, vae.guide, x)
+    assert floor == pytest.approx(ours, rel=1e-6)
+
+
+def test_diffusion_floor_computes_the_chains_bound_terms():
+    """L_T + T * sum_b L_{t_b - 1}, with t = 1 (the decoder) among the times."""
+    chain = bench._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
+    x0 = bench._images(6, bench.SMOKE, torch.device("cpu"))
+    t = torch.tensor([1, 2, 5, 10, 1, 7])
+    noise = torch.randn_like(x0)
+    with torch.no_grad():
+        floor = bench.TorchDDPM(chain).loss(x0, t, noise)
+        x_t = chain.schedule.q_sample(x0, t, noise)
+        ours = chain.prior_kl(x0).sum() + chain.T * chain.vb_terms(x0, x_t, t).sum()
+    assert floor.item() == pytest.approx(ours.item(), rel=1e-5)
