@@ -29,6 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("mnist5k", "fashion-mnist", "digits", "moons")
+TOY_DATASETS = ("moons",)  # low-dimensional real-valued data, not images
 BINARIZE = ("dynamic", "threshold", "none")
 _SPLIT_SEED = 0
 _TEST_BINARIZE_SEED = 1234

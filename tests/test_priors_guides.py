@@ -333,4 +333,4 @@ def test_cli_rejects_an_unknown_prior(capsys):
 
 def test_evaluate_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["evaluate", "vae", str(tmp_path), "--iwae-k", "3"]) == 1
-    assert "has no config.json" in capsys.readouterr().err
+    assert "no checkpoint" in capsys.readouterr().err
