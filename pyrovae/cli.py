@@ -119,7 +119,7 @@ def add_diffusion_train_parser(train_models, d) -> None:
     p.add_argument("--test-particles", type=positive_int, default=1, help="draws of t per test example for the per-epoch (unbiased) test ELBO")
     # Defaults that give digit-like samples and about 2 bits/dim on mnist5k in a
     # few minutes on 2 CPU cores (docs/diffusion.md), with EMA weights for evaluation.
-    p.set_defaults(epochs=20, batch_size=64, lr=2e-4, objective=None, variance=None, ema_decay=0.995, eval_every=5)
+    p.set_defaults(epochs=20, batch_size=64, lr=5e-4, objective=None, variance=None, ema_decay=0.995, eval_every=5)
 
 
 def add_run_parsers(commands) -> None:
