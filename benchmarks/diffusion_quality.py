@@ -6,8 +6,7 @@ full-T bound in bits/dim on the first 100 test images.
 Training is the library's own: SVI(chain.model, chain.guide_posterior, Adam,
 DiffusionELBO(...)); the weights evaluated are an exponential moving average
 of the trained ones (decay --ema), as in the reference DDPM. The run folder
-has config.json + model.pt (the EMA weights), so `pyrovae sample|evaluate
-diffusion --run OUT` work on it.
+has config.json + model.pt (the EMA weights) and the bound it measured.
 """
 
 from __future__ import annotations
