@@ -45,9 +45,11 @@ def atomic_write_bytes(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):  # disk full, quota, I/O error: say what survived
+            raise OSError(err.errno, f"could not write {path}: {err.strerror or err}; the previous {os.path.basename(path)} there, if any, is left as it was") from err
         raise
     # The rename itself is durable only once the folder's entry is on disk.
     if hasattr(os, "O_DIRECTORY"):

@@ -6,10 +6,8 @@ faults (a NaN loss, SIGKILL during a save, a full disk, a crafted pickle) get
 one test each. docs/reliability.md lists the same cases.
 """
 
-import io
 import multiprocessing
 import os
-import pickle
 import random
 import signal
 import time
@@ -80,7 +78,7 @@ BAD_INPUTS = [
     ("data: another device than the model", lambda p: vae64().model(torch.rand(4, 64, device="meta")), ValueError, ["x is on meta", "model is on cpu"]),
     ("data: NaN into the diffusion chain", lambda p: chain64().model(with_nan(torch.rand(4, 64) * 2 - 1)), ValueError, ["x0", "finite", "nan"]),
     ("data: 2-D points for an image chain", lambda p: chain64().model(torch.rand(4, 2)), ValueError, ["x0", "64", "(4, 2)"]),
-    ("data: pixels in [0, 1] not [-1, 1]... out of range", lambda p: chain64().model(torch.rand(4, 64) * 3), ValueError, ["x0", "[-1, 1]"]),
+    ("data: values outside [-1, 1] for the discretised decoder", lambda p: chain64().model(torch.rand(4, 64) * 3), ValueError, ["x0", "[-1, 1]"]),
     ("data: empty dataset loader", lambda p: data.make_loader(torch.rand(0, 64)), ValueError, ["empty", "0 rows"]),
     # models
     ("model: unknown prior", lambda p: tiny_config(p, prior="gauss").check(), ValueError, ["prior", "'gauss'", "normal"]),
@@ -117,7 +115,7 @@ def chain64():
     from pyrovae.diffusion.chain import DiffusionChain
     from pyrovae.diffusion.denoisers import TimeMLP
 
-    return DiffusionChain(TimeMLP(64, [8]), NoiseSchedule.from_name("linear", 4), 64)
+    return DiffusionChain(TimeMLP(64, [8]), NoiseSchedule.from_name("linear", 4), 64, "discretised")
 
 
 def save(path, obj):
