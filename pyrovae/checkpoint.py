@@ -30,13 +30,14 @@ import torch
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+TMP_PREFIX = ".tmp-"
 
 
 def atomic_write_bytes(path: str, write) -> None:
     """Write a file through a temporary file in the same folder, fsync, then
     ``os.replace``: a reader sees either the old file or the new, never half."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     try:
         # mkstemp makes the file private (0600); a run's files should read like any other file.
         os.fchmod(fd, 0o644)
@@ -58,6 +59,15 @@ def atomic_write_bytes(path: str, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files of writes that a killed process left behind
+    (a SIGKILL skips the clean-up in :func:`atomic_write_bytes`); each is as
+    large as a checkpoint."""
+    for name in os.listdir(folder):
+        if name.startswith(TMP_PREFIX):
+            os.unlink(os.path.join(folder, name))
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -361,6 +361,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     pyro.enable_validation(cfg.validate)
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
     if is_main:
+        checkpoint.remove_stale_temporaries(out)
         atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
 
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
