@@ -14,6 +14,7 @@ plain tensors, numbers, strings, lists and dicts, so that
     rng         one entry per process: Python, NumPy, torch and CUDA generator states
     metrics     the metrics.csv rows so far
     seconds     training time so far
+    skipped     training steps skipped for a NaN/inf loss (``--nan-policy skip``)
 
 It is written atomically (:func:`atomic_torch_save`), so a kill during a save
 leaves the previous checkpoint in place.

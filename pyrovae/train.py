@@ -231,7 +231,8 @@ def nonfinite_terms(model, batch: torch.Tensor) -> list[str]:
     draw: for each sample site, log q (guide) and log p (model) as
     ``"log q at 'z'"``; in a VAE ``'x'`` is the reconstruction term and ``'z'``
     the KL term."""
-    with torch.no_grad():
+    # Without validation: the distributions must take the bad values to say where they are.
+    with torch.no_grad(), pyro.validation_enabled(False):
         guide_trace = poutine.trace(model.guide).get_trace(batch)
         model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(batch)
     bad = []
@@ -249,13 +250,21 @@ def svi_step(objective, model, optim, batch: torch.Tensor, grad_clip: float | No
     process's shard of the batch, recording which params the model and guide
     touch; then the gradients summed over processes, the global gradient norm
     clipped to ``grad_clip``, the ``pyro.optim`` step, and zeroed gradients.
-    A NaN or inf in the loss or any gradient raises :class:`NonFiniteLossError`
+    A NaN or inf in the loss or any gradient (or, under validation, in a
+    distribution's parameters) raises :class:`NonFiniteLossError`
     instead of the optimiser step (the check is after the reduction, so every
     process decides alike).
     """
     use_bf16 = precision == "bf16"
     with poutine.trace(param_only=True) as param_capture, torch.autocast(batch.device.type, torch.bfloat16, enabled=use_bf16):
-        loss = objective.loss_and_grads(model.model, model.guide, batch)
+        try:
+            loss = objective.loss_and_grads(model.model, model.guide, batch)
+        except ValueError as err:
+            # Under validation a NaN/inf from the networks surfaces as a distribution's
+            # invalid parameter (torch's argument check) before any loss exists.
+            if not str(err).startswith("Expected parameter"):
+                raise
+            raise NonFiniteLossError(str(err).splitlines()[0]) from err
     # Sorted by name: every process must reduce the gradients in the same order.
     sites = sorted(param_capture.trace.nodes.items())
     params = [site["value"].unconstrained() for _, site in sites]

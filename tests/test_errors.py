@@ -216,6 +216,36 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
     assert load_checkpoint(str(tmp_path))["epoch"] == 2
 
 
+def test_under_validation_a_nan_from_the_network_is_caught_as_a_nan_loss(tmp_path, monkeypatch):
+    """With validation on, a NaN decoder output is torch's invalid-parameter
+    ValueError inside the ELBO; the loop reports it as a non-finite step too."""
+    from pyrovae.vae.training import VAERecipe
+
+    build, calls = VAERecipe.build, {"n": 0}
+
+    class NaNFromStep5(torch.nn.Module):
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, z):
+            calls["n"] += 1
+            out = self.decoder(z)
+            return out * float("nan") if calls["n"] >= 5 else out
+
+    def poisoned_build(self, cfg, ds):
+        vae = build(self, cfg, ds)
+        vae.decoder = NaNFromStep5(vae.decoder)
+        return vae
+
+    monkeypatch.setattr(VAERecipe, "build", poisoned_build)
+    with pytest.raises(FloatingPointError) as exc:
+        train(tiny_config(tmp_path, epochs=3, eval_every=10))
+    message = str(exc.value)
+    assert "step 5 (epoch 2)" in message and "Expected parameter logits" in message and "log p at 'x'" in message
+    assert load_checkpoint(str(tmp_path))["epoch"] == 1
+
+
 def test_nan_policy_skip_skips_the_step_counts_it_and_keeps_weights_finite(tmp_path, monkeypatch):
     nan_on_step(monkeypatch, {2, 5})
     result = train(tiny_config(tmp_path, epochs=3, validate=False, nan_policy="skip"))
