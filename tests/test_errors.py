@@ -185,13 +185,14 @@ def test_grey_data_for_a_bernoulli_run_names_the_binarize_flag(tmp_path, capsys)
 # ---- faults ----
 
 
-def nan_on_step(monkeypatch, bad_steps):
+def nan_on_step(monkeypatch, bad_steps, recipe=None):
     """Make the batches of the given (1-based, global) steps hold a NaN, as a
     corrupt example or an overflow would; validation is off so that the data
     check does not catch it first and the loss itself goes bad."""
     from pyrovae.vae.training import VAERecipe
 
-    prepare = VAERecipe.prepare_batch
+    recipe = recipe or VAERecipe
+    prepare = recipe.prepare_batch
     calls = {"n": 0}
 
     def poisoned(self, cfg, x):
@@ -199,7 +200,7 @@ def nan_on_step(monkeypatch, bad_steps):
         x = prepare(self, cfg, x)
         return with_nan(x) if calls["n"] in bad_steps else x
 
-    monkeypatch.setattr(VAERecipe, "prepare_batch", poisoned)
+    monkeypatch.setattr(recipe, "prepare_batch", poisoned)
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -251,6 +252,16 @@ def test_nan_policy_skip_skips_the_step_counts_it_and_keeps_weights_finite(tmp_p
     result = train(tiny_config(tmp_path, epochs=3, validate=False, nan_policy="skip"))
     assert [row["skipped_steps"] for row in result.metrics] == [1, 2, 2]
     assert [row["step"] for row in result.metrics] == [2, 4, 7]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_nan_policy_is_the_shared_loop_s_so_diffusion_runs_skip_too(tmp_path, monkeypatch):
+    from pyrovae.diffusion.training import DiffusionRecipe
+
+    nan_on_step(monkeypatch, {3}, DiffusionRecipe)
+    cfg = tiny_config(tmp_path, model="diffusion", data="moons", T=4, hidden=[8], epochs=2, validate=False, nan_policy="skip", sample_steps=2)
+    result = train(cfg)
+    assert [row["skipped_steps"] for row in result.metrics] == [1, 1]
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
 
