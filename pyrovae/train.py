@@ -414,7 +414,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
                     skipped += 1
                     log(f"step {step + 1} (epoch {epoch}) skipped: {err}")
                     continue
-                raise nonfinite_stop(err, cfg, model, batch, step + 1, epoch, out) from err
+                raise nonfinite_stop(err, model, batch, step + 1, epoch, out) from err
             optim.step()  # the lr schedule
             step += 1
             if ema is not None:
@@ -462,7 +462,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     return TrainResult(model, cfg, metrics, out)
 
 
-def nonfinite_stop(err: NonFiniteLossError, cfg: TrainConfig, model, batch, step: int, epoch: int, out: str) -> NonFiniteLossError:
+def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int, out: str) -> NonFiniteLossError:
     """The error that stops a run at a non-finite step: which step, which ELBO
     terms went bad, and the checkpoint left (the one of the last finished epoch)."""
     terms = ", ".join(nonfinite_terms(model, batch)) or "none on re-evaluation (a gradient or an unlucky draw)"
