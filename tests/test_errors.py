@@ -203,6 +203,7 @@ def nan_on_step(monkeypatch, bad_steps, recipe=None):
     monkeypatch.setattr(recipe, "prepare_batch", poisoned)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own notice of the injected NaN
 def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     nan_on_step(monkeypatch, {5})  # 3 steps per epoch: step 5 is in epoch 2
     code = main(["train", "vae", *TINY, "--epochs", "3", "--no-validate", "--out", str(tmp_path)])
@@ -247,6 +248,7 @@ def test_under_validation_a_nan_from_the_network_is_caught_as_a_nan_loss(tmp_pat
     assert load_checkpoint(str(tmp_path))["epoch"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own notice of the injected NaN
 def test_nan_policy_skip_skips_the_step_counts_it_and_keeps_weights_finite(tmp_path, monkeypatch):
     nan_on_step(monkeypatch, {2, 5})
     result = train(tiny_config(tmp_path, epochs=3, validate=False, nan_policy="skip"))
@@ -255,6 +257,7 @@ def test_nan_policy_skip_skips_the_step_counts_it_and_keeps_weights_finite(tmp_p
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own notice of the injected NaN
 def test_nan_policy_is_the_shared_loop_s_so_diffusion_runs_skip_too(tmp_path, monkeypatch):
     from pyrovae.diffusion.training import DiffusionRecipe
 
