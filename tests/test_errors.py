@@ -34,6 +34,18 @@ def vae64():
     return build_vae(64, 2, (8,))
 
 
+def chain64():
+    from pyrovae.diffusion.chain import DiffusionChain
+    from pyrovae.diffusion.denoisers import TimeMLP
+
+    return DiffusionChain(TimeMLP(64, [8]), NoiseSchedule.from_name("linear", 4), 64, "discretised")
+
+
+def save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
 def with_nan(x):
     x = x.clone()
     x[0, 0] = float("nan")
@@ -109,18 +121,6 @@ BAD_INPUTS = [
     ("file: output folder not writable", lambda p: train(unwritable_out(p)), ValueError, ["output folder", "not writable", "a-file"]),
     ("file: --resume on a folder with no checkpoint", lambda p: train(tiny_config(p, resume=str(p))), FileNotFoundError, ["no checkpoint", "checkpoint.pt"]),
 ]
-
-
-def chain64():
-    from pyrovae.diffusion.chain import DiffusionChain
-    from pyrovae.diffusion.denoisers import TimeMLP
-
-    return DiffusionChain(TimeMLP(64, [8]), NoiseSchedule.from_name("linear", 4), 64, "discretised")
-
-
-def save(path, obj):
-    torch.save(obj, path)
-    return str(path)
 
 
 @pytest.mark.parametrize("case, call, error, words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
