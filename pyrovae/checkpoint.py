@@ -14,6 +14,7 @@ plain tensors, numbers, strings, lists and dicts, so that
     rng         one entry per process: Python, NumPy, torch and CUDA generator states
     metrics     the metrics.csv rows so far
     seconds     training time so far
+    skipped     training steps skipped for a NaN/inf loss (``--nan-policy skip``)
 
 It is written atomically (:func:`atomic_torch_save`), so a kill during a save
 leaves the previous checkpoint in place.
@@ -30,13 +31,14 @@ import torch
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+TMP_PREFIX = ".tmp-"
 
 
 def atomic_write_bytes(path: str, write) -> None:
     """Write a file through a temporary file in the same folder, fsync, then
     ``os.replace``: a reader sees either the old file or the new, never half."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     try:
         # mkstemp makes the file private (0600); a run's files should read like any other file.
         os.fchmod(fd, 0o644)
@@ -45,9 +47,11 @@ def atomic_write_bytes(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):  # disk full, quota, I/O error: say what survived
+            raise OSError(err.errno, f"could not write {path}: {err.strerror or err}; the previous {os.path.basename(path)} there, if any, is left as it was") from err
         raise
     # The rename itself is durable only once the folder's entry is on disk.
     if hasattr(os, "O_DIRECTORY"):
@@ -56,6 +60,15 @@ def atomic_write_bytes(path: str, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files of writes that a killed process left behind
+    (a SIGKILL skips the clean-up in :func:`atomic_write_bytes`); each is as
+    large as a checkpoint."""
+    for name in os.listdir(folder):
+        if name.startswith(TMP_PREFIX):
+            os.unlink(os.path.join(folder, name))
 
 
 def atomic_torch_save(obj, path: str) -> None:

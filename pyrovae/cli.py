@@ -67,6 +67,7 @@ def add_common_train_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="test ELBO every N epochs (and after the last)")
     p.add_argument("--precision", default=d.precision, choices=("fp32", "bf16"), help="bf16: torch.autocast around the ELBO")
     p.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard (needs the tensorboard package)")
+    p.add_argument("--nan-policy", default=d.nan_policy, choices=("stop", "skip"), help="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step and count it in metrics.csv")
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder (or checkpoint file) with its saved settings; flags given that change the model or optimiser are an error")
 
 
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": lambda: run_train(args, argv), "sample": lambda: run_sample(args), "evaluate": lambda: run_evaluate(args), "bench": lambda: run_bench(args)}
     try:
         return commands[args.command]()
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    # OSError: unreadable or unwritable files, a full disk; FloatingPointError: a NaN loss (train.NonFiniteLossError).
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
         print(f"pyrovae: error: {err}", file=sys.stderr)
         return 1
 

@@ -205,6 +205,15 @@ def load_dataset(name: str = "mnist5k", data_dir: str | None = None) -> Dataset:
     raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
 
 
+def check_finite(x: torch.Tensor, name: str = "x") -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or inf: one bad pixel would turn
+    the whole ELBO, and then every weight, into NaN. A full pass over ``x``, so
+    the models call it only under ``pyro.enable_validation``."""
+    if not torch.isfinite(x).all():
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise ValueError(f"{name} must hold finite values, got {n_nan} nan and {n_inf} inf entries of {x.numel()}")
+
+
 def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Map pixel intensities in [0, 1] to {0, 1}.
 

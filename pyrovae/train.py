@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -48,8 +49,9 @@ from pyrovae.vae.training import VAERecipe
 OPTIMIZERS = {"adam": torch.optim.Adam, "clippedadam": ClippedAdam}
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 PRECISIONS = ("fp32", "bf16")
+NAN_POLICIES = ("stop", "skip")
 # Fields that may change when a run is resumed: they steer the run, not the maths.
-RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume")
+RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy")
 RECIPES = {"vae": VAERecipe(), "diffusion": DiffusionRecipe()}
 
 
@@ -91,6 +93,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (torch.autocast around the ELBO)
     tensorboard: bool = False  # also log metrics to TensorBoard (needs the tensorboard package)
     resume: str | None = None  # run folder or checkpoint to continue from
+    nan_policy: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the step and count it
     # diffusion only (pyrovae train diffusion); `hidden` sizes its MLP denoiser
     T: int = 1000
     schedule: str = "linear"
@@ -121,7 +124,7 @@ class TrainConfig:
             raise ValueError(f"unknown dataset {self.data!r}; expected one of {', '.join(datasets.DATASETS)}")
         if self.model not in RECIPES:
             raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(RECIPES)}")
-        choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS}
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "nan_policy": NAN_POLICIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
@@ -218,6 +221,28 @@ def current_lr(optim: pyro.optim.PyroLRScheduler) -> float:
     return schedulers[0].get_last_lr()[0] if schedulers else float("nan")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training step whose loss or gradient is NaN or inf; raised before the
+    optimiser step, so the weights are still those of the last good step."""
+
+
+def nonfinite_terms(model, batch: torch.Tensor) -> list[str]:
+    """The ELBO's terms that are not finite on ``batch``, re-evaluated on one
+    draw: for each sample site, log q (guide) and log p (model) as
+    ``"log q at 'z'"``; in a VAE ``'x'`` is the reconstruction term and ``'z'``
+    the KL term."""
+    # Without validation: the distributions must take the bad values to say where they are.
+    with torch.no_grad(), pyro.validation_enabled(False):
+        guide_trace = poutine.trace(model.guide).get_trace(batch)
+        model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(batch)
+    bad = []
+    for label, trace in (("log p", model_trace), ("log q", guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and not torch.isfinite(site["fn"].log_prob(site["value"])).all():
+                bad.append(f"{label} at {name!r}")
+    return bad
+
+
 def svi_step(objective, model, optim, batch: torch.Tensor, grad_clip: float | None = None, precision: str = "fp32") -> float:
     """One SVI step on the global batch; returns its loss (-ELBO, summed over examples).
 
@@ -225,14 +250,29 @@ def svi_step(objective, model, optim, batch: torch.Tensor, grad_clip: float | No
     process's shard of the batch, recording which params the model and guide
     touch; then the gradients summed over processes, the global gradient norm
     clipped to ``grad_clip``, the ``pyro.optim`` step, and zeroed gradients.
+    A NaN or inf in the loss or any gradient (or, under validation, in a
+    distribution's parameters) raises :class:`NonFiniteLossError`
+    instead of the optimiser step (the check is after the reduction, so every
+    process decides alike).
     """
     use_bf16 = precision == "bf16"
     with poutine.trace(param_only=True) as param_capture, torch.autocast(batch.device.type, torch.bfloat16, enabled=use_bf16):
-        loss = objective.loss_and_grads(model.model, model.guide, batch)
+        try:
+            loss = objective.loss_and_grads(model.model, model.guide, batch)
+        except ValueError as err:
+            # Under validation a NaN/inf from the networks surfaces as a distribution's
+            # invalid parameter (torch's argument check) before any loss exists.
+            if not str(err).startswith("Expected parameter"):
+                raise
+            raise NonFiniteLossError(str(err).splitlines()[0]) from err
     # Sorted by name: every process must reduce the gradients in the same order.
     sites = sorted(param_capture.trace.nodes.items())
     params = [site["value"].unconstrained() for _, site in sites]
     loss = distributed.all_reduce_grads(params, float(loss))
+    grads = [p.grad for p in params if p.grad is not None]
+    if not (math.isfinite(loss) and (not grads or torch.stack([g.isfinite().all() for g in grads]).all())):
+        zero_grads(set(params))
+        raise NonFiniteLossError(f"the loss is {loss}" if not math.isfinite(loss) else f"the loss is {loss:.6g} but a gradient is NaN or inf")
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optim(params)
@@ -255,9 +295,13 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
 
 def make_run_dir(cfg: TrainConfig) -> str:
     out = cfg.out or os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"output folder {out!r} is not writable")
+    try:
+        # A real write, not os.access: that says yes to root on a read-only mount or folder.
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ValueError(f"output folder {out!r} is not writable: {err}") from err
     return out
 
 
@@ -326,6 +370,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     pyro.enable_validation(cfg.validate)
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
     if is_main:
+        checkpoint.remove_stale_temporaries(out)
         atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
 
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
@@ -336,13 +381,14 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     objective = recipe.objective(cfg)
     optim = make_optim(cfg, len(loader))
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
-    metrics, epoch0, step, seconds = [], 0, 0, 0.0
+    metrics, epoch0, step, seconds, skipped = [], 0, 0, 0.0, 0
     if ckpt is not None:
         checkpoint.load_model_state(model, ckpt["model"], cfg.resume)
         optim.set_state(ckpt["optim"])
         if ema is not None:
             ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
         metrics, epoch0, step, seconds = ckpt["metrics"], ckpt["epoch"], ckpt["step"], ckpt["seconds"]
+        skipped = ckpt.get("skipped", 0)  # absent in checkpoints from before --nan-policy
         checkpoint.set_rng_state(ckpt["rng"][distributed.rank()])
     else:
         # Equal initial weights on every rank, different sampling noise.
@@ -360,7 +406,15 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         total = 0.0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)
         for i, (xb, _) in enumerate(steps, start=1):
-            loss = svi_step(objective, model, optim, recipe.prepare_batch(cfg, xb), cfg.grad_clip, cfg.precision)
+            batch = recipe.prepare_batch(cfg, xb)
+            try:
+                loss = svi_step(objective, model, optim, batch, cfg.grad_clip, cfg.precision)
+            except NonFiniteLossError as err:
+                if cfg.nan_policy == "skip":
+                    skipped += 1
+                    log(f"step {step + 1} (epoch {epoch}) skipped: {err}")
+                    continue
+                raise nonfinite_stop(err, model, batch, step + 1, epoch, out) from err
             optim.step()  # the lr schedule
             step += 1
             if ema is not None:
@@ -373,7 +427,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
             model.eval()
             with with_ema():
                 test = recipe.evaluate(cfg, model, x_test)
-            row = {"epoch": epoch, "step": step, "train_elbo": -total / len(ds.x_train), **test, "lr": current_lr(optim), "seconds": seconds}
+            row = {"epoch": epoch, "step": step, "train_elbo": -total / len(ds.x_train), **test, "lr": current_lr(optim), "seconds": seconds, "skipped_steps": skipped}
             metrics.append(row)
             write_metrics_csv(os.path.join(out, "metrics.csv"), metrics)
             if writer is not None:
@@ -395,6 +449,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
                 "rng": rngs,
                 "metrics": metrics,
                 "seconds": seconds,
+                "skipped": skipped,
             }
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
 
@@ -407,10 +462,22 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     return TrainResult(model, cfg, metrics, out)
 
 
+def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int, out: str) -> NonFiniteLossError:
+    """The error that stops a run at a non-finite step: which step, which ELBO
+    terms went bad, and the checkpoint left (the one of the last finished epoch)."""
+    terms = ", ".join(nonfinite_terms(model, batch)) or "none on re-evaluation (a gradient or an unlucky draw)"
+    path = os.path.join(out, checkpoint.CHECKPOINT)
+    kept = f"the last good checkpoint {path} (epoch {epoch - 1}) is kept; continue with --resume" if epoch > 1 else "no epoch had finished, so there is no checkpoint"
+    return NonFiniteLossError(
+        f"non-finite training loss at step {step} (epoch {epoch}): {err}; ELBO terms not finite on this batch: {terms}. "
+        f"Stopped: {kept}, or pass --nan-policy skip to skip such steps"
+    )
+
+
 def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics: list, with_ema) -> None:
     """The ELBO curves (every metric but epoch, step, lr and seconds) and the
     recipe's figures, drawn with the EMA weights when there are any."""
-    curves = {k: [m[k] for m in metrics] for k in metrics[0] if k not in ("epoch", "step", "lr", "seconds")}
+    curves = {k: [m[k] for m in metrics] for k in metrics[0] if k not in ("epoch", "step", "lr", "seconds", "skipped_steps")}
     plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", recipe.elbo_unit, f"{cfg.model} on {ds.name}")
     model.eval()
     with with_ema():

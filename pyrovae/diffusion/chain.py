@@ -40,6 +40,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyrovae.data import check_finite
 from pyrovae.diffusion.distributions import DiscretisedGaussian
 from pyrovae.diffusion.schedule import NoiseSchedule
 
@@ -93,6 +94,8 @@ class DiffusionChain(nn.Module):
             raise ValueError(f"x0 must have shape (batch >= 1, {self.x_dim}), got {tuple(x0.shape)}")
         if x0.device != self.schedule.betas.device:
             raise ValueError(f"x0 is on {x0.device} but the chain is on {self.schedule.betas.device}; move one with .to()")
+        if is_validation_enabled():
+            check_finite(x0, "x0")
         if self.decoder == "discretised" and is_validation_enabled() and (x0.min() < -1 or x0.max() > 1):
             raise ValueError(f"x0 must be scaled to [-1, 1] for the discretised decoder, got values in [{x0.min():.3g}, {x0.max():.3g}]")
         return x0

@@ -20,7 +20,10 @@ import math
 
 import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
+
+from pyrovae.data import check_finite
 
 from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet
 from pyrovae.vae.encoders import GUIDES
@@ -85,6 +88,14 @@ class VAE(nn.Module):
             raise TypeError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the model is on {self.device}; move one with .to()")
+        if is_validation_enabled():
+            check_finite(x, "x")
+            if getattr(self.likelihood, "binary_data", False) and not ((x == 0) | (x == 1)).all():
+                raise ValueError(
+                    f"x must be binary (0 or 1) for the {type(self.likelihood).__name__}, got values in "
+                    f"[{x.min():.3g}, {x.max():.3g}] with grey levels; binarise the data (--binarize dynamic or "
+                    "threshold, pyrovae.data.binarize) or use a likelihood for grey levels (--likelihood continuous-bernoulli)"
+                )
         return x
 
     def model(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,348 @@
+"""Every mistake a user can make ends in a clear error, and no fault loses a run's work.
+
+Bad inputs are a table of (what is wrong, call, error type, words the message
+must hold): the argument's name, what was expected and what was given. The
+faults (a NaN loss, SIGKILL during a save, a full disk, a crafted pickle) get
+one test each. docs/reliability.md lists the same cases.
+"""
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from pyrovae import checkpoint, data
+from pyrovae.checkpoint import load_checkpoint
+from pyrovae.cli import main
+from pyrovae.diffusion.schedule import NoiseSchedule
+from pyrovae.train import TrainConfig, train
+from pyrovae.vae import build_vae
+
+TINY = ["--data", "digits", "--train-size", "48", "--test-size", "16", "--batch-size", "16", "--z-dim", "2", "--hidden", "8", "--quiet"]
+
+
+def tiny_config(out, **changes) -> TrainConfig:
+    values = dict(data="digits", train_size=48, test_size=16, batch_size=16, z_dim=2, hidden=[8], epochs=2, quiet=True, out=str(out))
+    return TrainConfig(**{**values, **changes})
+
+
+def vae64():
+    return build_vae(64, 2, (8,))
+
+
+def chain64():
+    from pyrovae.diffusion.chain import DiffusionChain
+    from pyrovae.diffusion.denoisers import TimeMLP
+
+    return DiffusionChain(TimeMLP(64, [8]), NoiseSchedule.from_name("linear", 4), 64, "discretised")
+
+
+def save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+def with_nan(x):
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x
+
+
+def idx_bytes(magic=b"\x00\x00\x08\x01", n=4, payload=None):
+    return magic + n.to_bytes(4, "big") + (bytes(n) if payload is None else payload)
+
+
+def write(path, raw):
+    path.write_bytes(raw)
+    return str(path)
+
+
+def unwritable_out(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    return tiny_config(blocker / "run")
+
+
+def other_model_checkpoint(tmp_path):
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--out", str(tmp_path / "v")]) == 0
+    return str(tmp_path / "v")
+
+
+def resume_changed(tmp_path):
+    train(tiny_config(tmp_path / "r", epochs=1))
+    return tiny_config(tmp_path / "r", epochs=3, z_dim=3, resume=str(tmp_path / "r"))
+
+
+# (case, call(tmp_path), error type, words the message must contain)
+BAD_INPUTS = [
+    # data
+    ("data: 28x28 images for an 8x8 model", lambda p: vae64().model(torch.rand(4, 784)), ValueError, ["x must have shape", "64", "(4, 784)"]),
+    ("data: empty batch", lambda p: vae64().model(torch.rand(0, 64)), ValueError, ["empty"]),
+    ("data: NaN values", lambda p: vae64().model(with_nan(torch.rand(4, 64).round())), ValueError, ["x", "finite", "nan"]),
+    ("data: inf values", lambda p: vae64().guide(torch.full((4, 64), float("inf"))), ValueError, ["x", "finite", "inf"]),
+    ("data: grey levels for a Bernoulli likelihood", lambda p: vae64().model(torch.rand(4, 64)), ValueError, ["x", "binary", "--binarize"]),
+    ("data: uint8 images unscaled", lambda p: vae64().model(torch.zeros(4, 64, dtype=torch.uint8)), TypeError, ["x", "float", "uint8"]),
+    ("data: not a tensor", lambda p: vae64().model([[0.0] * 64]), TypeError, ["x", "torch.Tensor", "list"]),
+    ("data: another device than the model", lambda p: vae64().model(torch.rand(4, 64, device="meta")), ValueError, ["x is on meta", "model is on cpu"]),
+    ("data: NaN into the diffusion chain", lambda p: chain64().model(with_nan(torch.rand(4, 64) * 2 - 1)), ValueError, ["x0", "finite", "nan"]),
+    ("data: 2-D points for an image chain", lambda p: chain64().model(torch.rand(4, 2)), ValueError, ["x0", "64", "(4, 2)"]),
+    ("data: values outside [-1, 1] for the discretised decoder", lambda p: chain64().model(torch.rand(4, 64) * 3), ValueError, ["x0", "[-1, 1]"]),
+    ("data: empty dataset loader", lambda p: data.make_loader(torch.rand(0, 64)), ValueError, ["empty", "0 rows"]),
+    # models
+    ("model: unknown prior", lambda p: tiny_config(p, prior="gauss").check(), ValueError, ["prior", "'gauss'", "normal"]),
+    ("model: unknown guide", lambda p: tiny_config(p, guide="mf").check(), ValueError, ["guide", "'mf'", "diag"]),
+    ("model: unknown likelihood", lambda p: tiny_config(p, likelihood="poisson").check(), ValueError, ["likelihood", "'poisson'", "bernoulli"]),
+    ("model: unknown network", lambda p: tiny_config(p, net="resnet").check(), ValueError, ["net", "'resnet'", "mlp"]),
+    ("model: unknown schedule", lambda p: tiny_config(p, model="diffusion", schedule="quad").check(), ValueError, ["schedule", "'quad'", "linear"]),
+    ("model: unknown dataset", lambda p: tiny_config(p, data="cifar").check(), ValueError, ["dataset", "'cifar'", "mnist5k"]),
+    ("model: unknown prior (Python API)", lambda p: build_vae(64, 2, prior="gauss"), ValueError, ["prior", "'gauss'", "normal"]),
+    ("model: z_dim < 1", lambda p: tiny_config(p, z_dim=0).check(), ValueError, ["z_dim", ">= 1", "0"]),
+    ("model: z_dim < 1 (Python API)", lambda p: build_vae(64, 0), ValueError, ["z_dim", ">= 1", "0"]),
+    ("model: T < 1", lambda p: tiny_config(p, model="diffusion", T=0).check(), ValueError, ["T", ">= 1", "0"]),
+    ("model: betas outside (0, 1)", lambda p: NoiseSchedule(torch.tensor([0.1, 1.5])), ValueError, ["betas", "(0, 1)", "1.5"]),
+    ("model: betas not finite", lambda p: NoiseSchedule(torch.tensor([0.1, float("nan")])), ValueError, ["betas", "finite", "nan"]),
+    ("model: strided sampler, more steps than T", lambda p: NoiseSchedule.from_name("linear", 10).respace(11), ValueError, ["steps", "1..10", "11"]),
+    ("model: strided sampler, 0 steps", lambda p: NoiseSchedule.from_name("linear", 10).respace(0), ValueError, ["steps", "1..10", "0"]),
+    ("model: batch size < 1", lambda p: tiny_config(p, batch_size=0).check(), ValueError, ["batch_size", ">= 1", "0"]),
+    ("model: negative learning rate", lambda p: tiny_config(p, lr=-0.1).check(), ValueError, ["lr", "> 0", "-0.1"]),
+    ("model: unknown nan_policy", lambda p: tiny_config(p, nan_policy="ignore").check(), ValueError, ["nan_policy", "'ignore'", "stop, skip"]),
+    # files
+    ("file: missing checkpoint", lambda p: load_checkpoint(str(p / "nope.pt")), FileNotFoundError, ["no checkpoint", "nope.pt"]),
+    ("file: corrupt checkpoint", lambda p: load_checkpoint(write(p / "c.pt", b"\x80\x02garbage")), ValueError, ["cannot read checkpoint", "c.pt"]),
+    ("file: a tensor file, not a checkpoint", lambda p: load_checkpoint(save(p / "t.pt", torch.zeros(2))), ValueError, ["not a pyrovae checkpoint", "Tensor"]),
+    ("file: checkpoint of another model", lambda p: checkpoint.load(other_model_checkpoint(p), model="diffusion"), ValueError, ["'vae' model", "model='diffusion'"]),
+    ("file: checkpoint of another config", lambda p: train(resume_changed(p)), ValueError, ["cannot resume", "z_dim: checkpoint 2, requested 3"]),
+    ("file: truncated IDX", lambda p: data.read_idx(write(p / "t-idx1-ubyte", idx_bytes(payload=b"\x00"))), ValueError, ["IDX data has 1 bytes", "need 4", "truncated"]),
+    ("file: IDX with a wrong magic number", lambda p: data.read_idx(write(p / "m-idx1-ubyte", idx_bytes(magic=b"PK\x03\x04"))), ValueError, ["not an IDX file", "magic", "504b0304"]),
+    ("file: output folder not writable", lambda p: train(unwritable_out(p)), ValueError, ["output folder", "not writable", "a-file"]),
+    ("file: --resume on a folder with no checkpoint", lambda p: train(tiny_config(p, resume=str(p))), FileNotFoundError, ["no checkpoint", "checkpoint.pt"]),
+]
+
+
+@pytest.mark.parametrize("case, call, error, words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_a_clear_error(case, call, error, words, tmp_path):
+    with pytest.raises(error) as exc:
+        call(tmp_path)
+    for word in words:
+        assert word in str(exc.value), f"{case}: {word!r} not in {exc.value}"
+
+
+BAD_FLAGS = [
+    ["train", "vae", "--z-dim", "0"],
+    ["train", "vae", "--batch-size", "-4"],
+    ["train", "vae", "--lr", "-1e-3"],
+    ["train", "vae", "--prior", "gauss"],
+    ["train", "vae", "--epochs", "ten"],
+    ["train", "diffusion", "--T", "0"],
+    ["train", "diffusion", "--schedule", "quad"],
+    ["train", "vae", "--nan-policy", "ignore"],
+    ["sample", "diffusion", "run", "--steps", "0"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=[" ".join(a[1:]) for a in BAD_FLAGS])
+def test_bad_flag_value_gives_usage_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "usage:" in err and argv[-2] in err
+
+
+CLI_ERRORS = [
+    (["sample", "vae", "{tmp}/missing"], "no checkpoint"),
+    (["evaluate", "vae", "{tmp}/missing"], "no checkpoint"),
+    (["train", "vae", *TINY, "--epochs", "1", "--resume", "{tmp}"], "no checkpoint"),
+    (["train", "vae", *TINY, "--epochs", "1", "--out", "{tmp}/a-file/run"], "not writable"),
+    (["train", "vae", *TINY, "--epochs", "1", "--data", "fashion-mnist", "--data-dir", "{tmp}"], "not found"),
+]
+
+
+@pytest.mark.parametrize("argv, words", CLI_ERRORS, ids=[" ".join(a[:2]) + " " + w for a, w in CLI_ERRORS])
+def test_cli_runtime_error_is_one_line_and_exit_1(argv, words, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("pyrovae: error:") and words in err and "Traceback" not in err
+
+
+def test_cli_keeps_validation_on_unless_no_validate(tmp_path, capsys):
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--out", str(tmp_path / "on")]) == 0
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--no-validate", "--out", str(tmp_path / "off")]) == 0
+    assert TrainConfig.from_dict(load_checkpoint(str(tmp_path / "on"))["config"]).validate is True
+    assert TrainConfig.from_dict(load_checkpoint(str(tmp_path / "off"))["config"]).validate is False
+
+
+def test_grey_data_for_a_bernoulli_run_names_the_binarize_flag(tmp_path, capsys):
+    code = main(["train", "vae", *TINY, "--epochs", "1", "--binarize", "none", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "--binarize" in err
+
+
+# ---- faults ----
+
+
+def nan_on_step(monkeypatch, bad_steps, recipe=None):
+    """Make the batches of the given (1-based, global) steps hold a NaN, as a
+    corrupt example or an overflow would; validation is off so that the data
+    check does not catch it first and the loss itself goes bad."""
+    from pyrovae.vae.training import VAERecipe
+
+    recipe = recipe or VAERecipe
+    prepare = recipe.prepare_batch
+    calls = {"n": 0}
+
+    def poisoned(self, cfg, x):
+        calls["n"] += 1
+        x = prepare(self, cfg, x)
+        return with_nan(x) if calls["n"] in bad_steps else x
+
+    monkeypatch.setattr(recipe, "prepare_batch", poisoned)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own notice of the injected NaN
+def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    nan_on_step(monkeypatch, {5})  # 3 steps per epoch: step 5 is in epoch 2
+    code = main(["train", "vae", *TINY, "--epochs", "3", "--no-validate", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("pyrovae: error:")
+    assert "step 5" in err and "epoch 2" in err and "'x'" in err and "checkpoint.pt (epoch 1)" in err
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    monkeypatch.undo()
+    assert main(["train", "vae", *TINY, "--epochs", "2", "--resume", str(tmp_path)]) == 0
+    assert load_checkpoint(str(tmp_path))["epoch"] == 2
+
+
+def test_under_validation_a_nan_from_the_network_is_caught_as_a_nan_loss(tmp_path, monkeypatch):
+    """With validation on, a NaN decoder output is torch's invalid-parameter
+    ValueError inside the ELBO; the loop reports it as a non-finite step too."""
+    from pyrovae.vae.training import VAERecipe
+
+    build, calls = VAERecipe.build, {"n": 0}
+
+    class NaNFromStep5(torch.nn.Module):
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, z):
+            calls["n"] += 1
+            out = self.decoder(z)
+            return out * float("nan") if calls["n"] >= 5 else out
+
+    def poisoned_build(self, cfg, ds):
+        vae = build(self, cfg, ds)
+        vae.decoder = NaNFromStep5(vae.decoder)
+        return vae
+
+    monkeypatch.setattr(VAERecipe, "build", poisoned_build)
+    with pytest.raises(FloatingPointError) as exc:
+        train(tiny_config(tmp_path, epochs=3, eval_every=10))
+    message = str(exc.value)
+    assert "step 5 (epoch 2)" in message and "Expected parameter logits" in message and "log p at 'x'" in message
+    assert load_checkpoint(str(tmp_path))["epoch"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own notice of the injected NaN
+def test_nan_policy_skip_skips_the_step_counts_it_and_keeps_weights_finite(tmp_path, monkeypatch):
+    nan_on_step(monkeypatch, {2, 5})
+    result = train(tiny_config(tmp_path, epochs=3, validate=False, nan_policy="skip"))
+    assert [row["skipped_steps"] for row in result.metrics] == [1, 2, 2]
+    assert [row["step"] for row in result.metrics] == [2, 4, 7]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own notice of the injected NaN
+def test_nan_policy_is_the_shared_loop_s_so_diffusion_runs_skip_too(tmp_path, monkeypatch):
+    from pyrovae.diffusion.training import DiffusionRecipe
+
+    nan_on_step(monkeypatch, {3}, DiffusionRecipe)
+    cfg = tiny_config(tmp_path, model="diffusion", data="moons", T=4, hidden=[8], epochs=2, validate=False, nan_policy="skip", sample_steps=2)
+    result = train(cfg)
+    assert [row["skipped_steps"] for row in result.metrics] == [1, 1]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def _train_forever(out: str) -> None:
+    """The forked child: train with a checkpoint after every (tiny) epoch, so
+    most of its time is spent inside saves."""
+    # The parent's OpenMP pool does not survive fork (libgomp hangs in the
+    # child's first parallel region); one thread keeps torch out of OpenMP.
+    torch.set_num_threads(1)
+    cfg = tiny_config(out, epochs=10**6, train_size=16, eval_every=10**6)
+    if os.path.exists(os.path.join(out, checkpoint.CHECKPOINT)):
+        cfg.resume = out
+    train(cfg)
+
+
+def test_sigkill_during_checkpoint_saves_never_corrupts_and_resume_continues(tmp_path):
+    """Kill a training process ~10 times at random moments (most of them fall
+    inside a save); each time the checkpoint loads, its epoch never goes back,
+    and the next process resumes from it."""
+    ctx = multiprocessing.get_context("fork")
+    # One run here does the imports (scikit-learn, torch.optim's dynamo) once, not in every child.
+    train(tiny_config(tmp_path / "warm-up", epochs=1, train_size=16))
+    rng = random.Random(0)
+    out, path, epochs = str(tmp_path / "run"), tmp_path / "run" / checkpoint.CHECKPOINT, []
+    for _ in range(10):
+        before = path.stat().st_mtime_ns if path.exists() else None
+        child = ctx.Process(target=_train_forever, args=(out,))
+        child.start()
+        deadline = time.monotonic() + 30
+        while (not path.exists() or path.stat().st_mtime_ns == before) and time.monotonic() < deadline and child.is_alive():
+            time.sleep(0.005)  # wait for this process's first save
+        assert child.is_alive(), f"training child died with exit code {child.exitcode}"
+        time.sleep(rng.uniform(0, 0.05))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        ckpt = load_checkpoint(out)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+        epochs.append(ckpt["epoch"])
+    assert epochs == sorted(epochs) and epochs[-1] > epochs[0]
+    # A kill inside a save leaves at most the one temporary file of that save; the next run removes it.
+    assert len([f for f in os.listdir(out) if f.startswith(checkpoint.TMP_PREFIX)]) <= 1
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code = main(["train", "vae", *TINY, "--epochs", "2", "--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and "previous" in err and "checkpoint.pt" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_runs_code_under_plain_pickle_but_not_through_load_checkpoint(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "payload": RunsCode(marker)}, evil)
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_checkpoint(str(evil))
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        checkpoint.load(str(evil))
+    assert not marker.exists()
+    # The file is a real exploit: plain unpickling runs the command.
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
