@@ -399,7 +399,7 @@ def test_non_reparameterised_guide_site_is_refused():
 
 def test_vae_training_defaults_to_analytic_elbo_and_reports_recon_and_kl(tmp_path):
     from pyrovae.cli import main
-    from pyrovae.train import TrainConfig, train
+    from pyrovae.train import TrainConfig
 
     assert TrainConfig().elbo == "analytic"
     out = tmp_path / "run"
