@@ -49,20 +49,34 @@ def _conv_sizes(size: int, layers: int) -> list[int]:
     return sizes
 
 
+def check_sizes(**sizes: int) -> None:
+    """Raise ``ValueError`` naming the first size that is not >= 1."""
+    for name, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1, got {size}")
+
+
+def _conv_feature_sizes(image_shape: Sequence[int], channels: Sequence[int], activation: str):
+    """``(C, heights, widths)`` of the feature maps of ``len(channels)`` stride-2
+    convolutions over ``image_shape``; a clear error for a shape they cannot take."""
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    c, h, w = image_shape
+    hs, ws = _conv_sizes(h, len(channels)), _conv_sizes(w, len(channels))
+    if min(hs[-1], ws[-1]) < 1:
+        raise ValueError(f"image_shape {tuple(image_shape)} is too small for {len(channels)} stride-2 convolutions")
+    return c, hs, ws
+
+
 class ConvEncoderNet(nn.Module):
     """Flat images ``(..., C*H*W) -> (..., out_dim)``: two 4x4 stride-2 convolutions
     (``channels``), then a hidden linear layer and the output layer."""
 
     def __init__(self, image_shape: Sequence[int], out_dim: int, channels=(32, 64), hidden: int = 256, activation: str = "relu"):
         super().__init__()
-        if len(image_shape) != 3:
-            raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
-        c, h, w = image_shape
-        hs, ws = _conv_sizes(h, len(channels)), _conv_sizes(w, len(channels))
-        if min(hs[-1], ws[-1]) < 1:
-            raise ValueError(f"image_shape {tuple(image_shape)} is too small for {len(channels)} stride-2 convolutions")
+        c, hs, ws = _conv_feature_sizes(image_shape, channels, activation)
         self.image_shape = tuple(image_shape)
         layers: list[nn.Module] = []
         for a, b in zip((c, *channels[:-1]), channels):
@@ -83,14 +97,7 @@ class ConvDecoderNet(nn.Module):
 
     def __init__(self, in_dim: int, image_shape: Sequence[int], channels=(32, 64), hidden: int = 256, activation: str = "relu"):
         super().__init__()
-        if len(image_shape) != 3:
-            raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
-        c, h, w = image_shape
-        hs, ws = _conv_sizes(h, len(channels)), _conv_sizes(w, len(channels))
-        if min(hs[-1], ws[-1]) < 1:
-            raise ValueError(f"image_shape {tuple(image_shape)} is too small for {len(channels)} stride-2 convolutions")
+        c, hs, ws = _conv_feature_sizes(image_shape, channels, activation)
         self.image_shape = tuple(image_shape)
         self.first = (channels[-1], hs[-1], ws[-1])
         self.stem = nn.Sequential(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, channels[-1] * hs[-1] * ws[-1]), ACTIVATIONS[activation]())
@@ -103,7 +110,7 @@ class ConvDecoderNet(nn.Module):
             if i < len(channels) - 1:
                 layers.append(ACTIVATIONS[activation]())
         self.layers = nn.Sequential(*layers)
-        self.out_dim = c * h * w
+        self.out_dim = c * hs[0] * ws[0]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]

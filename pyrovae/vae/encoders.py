@@ -20,7 +20,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyrovae.nets import MLP
+from pyrovae.nets import MLP, check_sizes
 
 MIN_SCALE = 1e-4
 
@@ -43,10 +43,7 @@ class Encoder(nn.Module):
         make_net: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
-        if z_dim < 1:
-            raise ValueError(f"z_dim must be >= 1, got {z_dim}")
-        if x_dim < 1:
-            raise ValueError(f"x_dim must be >= 1, got {x_dim}")
+        check_sizes(x_dim=x_dim, z_dim=z_dim)
         self.x_dim, self.z_dim = x_dim, z_dim
         self.net = make_net(out_dim) if make_net is not None else MLP(x_dim, hidden, out_dim, activation)
 

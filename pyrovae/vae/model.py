@@ -25,7 +25,7 @@ from torch import nn
 
 from pyrovae.data import check_finite
 
-from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet
+from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes
 from pyrovae.vae.encoders import GUIDES
 from pyrovae.vae.likelihoods import LIKELIHOODS, BernoulliLikelihood
 from pyrovae.vae.priors import PRIORS, StandardNormalPrior
@@ -60,10 +60,7 @@ class VAE(nn.Module):
         likelihood: nn.Module | None = None,
     ):
         super().__init__()
-        if z_dim < 1:
-            raise ValueError(f"z_dim must be >= 1, got {z_dim}")
-        if x_dim < 1:
-            raise ValueError(f"x_dim must be >= 1, got {x_dim}")
+        check_sizes(x_dim=x_dim, z_dim=z_dim)
         self.x_dim, self.z_dim = x_dim, z_dim
         self.encoder = encoder
         self.decoder = decoder
@@ -197,9 +194,7 @@ def build_vae(
     diagonal Normal q_phi(z|x), an MLP ``z_dim -> 400 -> 784`` giving Bernoulli
     logits, and p(z) = N(0, I).
     """
-    for name, size in (("x_dim", x_dim), ("z_dim", z_dim)):
-        if size < 1:
-            raise ValueError(f"{name} must be >= 1, got {size}")
+    check_sizes(x_dim=x_dim, z_dim=z_dim)
     make_encoder_net, decoder = _lookup("net", net, NETS)(x_dim, z_dim, tuple(hidden), activation, image_shape)
     if isinstance(guide, nn.Module):
         encoder = guide
