@@ -5,11 +5,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 
 def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "") -> None:
