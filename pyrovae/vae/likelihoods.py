@@ -20,30 +20,34 @@ from torch.nn.functional import logsigmoid, softplus
 from pyrovae.vae.encoders import MIN_SCALE
 
 
-class BernoulliLikelihood(nn.Module):
-    """p_theta(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)); data must be binary."""
+class _LogitsLikelihood(nn.Module):
+    """A likelihood whose decoder output is the logits of one distribution
+    ``family`` per pixel, independent across the x_dim pixels."""
 
-    binary_data = True
+    family: type
+    binary_data: bool
 
     def __init__(self, x_dim: int | None = None):
         super().__init__()
 
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=logits).to_event(1)
+        return self.family(logits=logits).to_event(1)
 
 
-class ContinuousBernoulliLikelihood(nn.Module):
+class BernoulliLikelihood(_LogitsLikelihood):
+    """p_theta(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)); data must be binary."""
+
+    family = dist.Bernoulli
+    binary_data = True
+
+
+class ContinuousBernoulliLikelihood(_LogitsLikelihood):
     """p_theta(x|z) = prod_d CB(x_d; sigmoid(logits_d)) for x in [0, 1]: the Bernoulli
     with its normalising constant (Loaiza-Ganem & Cunningham 2019), a proper
     density on grey-level pixels."""
 
+    family = dist.ContinuousBernoulli
     binary_data = False
-
-    def __init__(self, x_dim: int | None = None):
-        super().__init__()
-
-    def forward(self, logits: torch.Tensor) -> dist.Distribution:
-        return dist.ContinuousBernoulli(logits=logits).to_event(1)
 
 
 class GaussianLikelihood(nn.Module):
