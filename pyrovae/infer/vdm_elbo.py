@@ -1,0 +1,127 @@
+"""The variational diffusion model's ELBO, at a cost independent of T."""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro.infer import ELBO
+from pyro.util import warn_if_nan
+
+TERMS = ("recon", "kl_top", "diffusion")
+
+
+class VDMELBO(ELBO):
+    """-ELBO of a :class:`~pyrovae.diffusion.vdm.VDM`, estimated without tracing
+    a chain (Kingma et al. 2021, eqs. 11-17):
+
+        -ELBO(x) = KL(q(z_1|x) || N(0, I))         ``kl_top``    closed form
+                 + E_{q(z_0|x)}[-log p(x | z_0)]   ``recon``     one draw of z_0
+                 + L_diffusion                     ``diffusion`` k draws of (t, eps)
+
+    where L_diffusion is L_inf = 1/2 E_t[gamma'(t) ||eps - eps_hat||^2] for the
+    continuous-time model (``vdm.T is None``) and L_T, the sum of the T-step
+    chain's KL terms, otherwise (see :meth:`VDM.diffusion_weight`). Every
+    estimate is unbiased; the cost is ``num_particles`` (= k) network calls
+    per example whatever T.
+
+    Times are drawn antithetically (low-discrepancy) over the k B draws of a
+    batch, t_j = (u + j / (k B)) mod 1 with one u ~ U(0, 1): each t_j is
+    marginally uniform, so the estimate stays unbiased, and together they
+    cover [0, 1] evenly, which lowers its variance (VDM's default). Draws
+    within a batch are then dependent: a standard error must come from
+    independent replicates (batches), not from the spread within one.
+
+    ``minimise_variance=True`` (continuous time only) trains the schedule's
+    interior (:meth:`GammaSchedule.interior_parameters`) to minimise
+    E[L_diffusion_estimate^2] instead of the bound (VDM's appendix I.2): the
+    bound depends on the schedule only through gamma(0) and gamma(1), which
+    are separate parameters that keep following the ELBO, so the bound's
+    expectation is unchanged and only its estimator's variance moves. It
+    needs a denoiser conditioned on gamma_t, as :class:`VDM`'s is. The
+    schedule enters the diffusion term only through (gamma_t, w) at the drawn
+    times, and d(l^2)/d(gamma_t, w) = 2 l dl/d(gamma_t, w) per draw, so one
+    backward pass through the network serves both objectives; only the small
+    schedule module is differentiated twice.
+
+    Drop-in for ``SVI(vdm.model, vdm.guide, optim, VDMELBO())``: ``model`` must
+    be the bound method ``vdm.model`` of a VDM and ``guide`` its ``vdm.guide``
+    (the encoder is fixed; neither is run). Losses are summed over the batch,
+    as Pyro's ELBOs sum over a plate.
+    """
+
+    def __init__(self, num_particles: int = 1, antithetic: bool = True, minimise_variance: bool = False):
+        super().__init__(num_particles=num_particles)
+        self.antithetic, self.minimise_variance = antithetic, minimise_variance
+
+    def _vdm(self, model, guide):
+        from pyrovae.diffusion.vdm import VDM
+
+        vdm = getattr(model, "__self__", None)
+        if not isinstance(vdm, VDM) or model.__func__ is not VDM.model:
+            raise TypeError(f"VDMELBO needs model=vdm.model of a VDM, got {model!r}")
+        if getattr(guide, "__self__", None) is not vdm or guide.__func__ is not VDM.guide:
+            raise TypeError(f"VDMELBO needs guide=vdm.guide of the same VDM, got {guide!r}")
+        if self.minimise_variance and vdm.T is not None:
+            raise ValueError(f"minimise_variance needs the continuous-time model (T=None): the {vdm.T}-step bound depends on the schedule's interior")
+        return vdm
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("VDMELBO never traces a chain: that is what makes it O(1) in T")
+
+    def draw_times(self, k: int, B: int, like: torch.Tensor) -> torch.Tensor:
+        """t of shape ``(k, B)``, each U(0, 1): antithetic over the k B draws, or i.i.d."""
+        if not self.antithetic:
+            return torch.rand(k, B, dtype=like.dtype, device=like.device)
+        u = torch.rand((), dtype=like.dtype, device=like.device)
+        return torch.remainder(u + torch.arange(k * B, dtype=like.dtype, device=like.device) / (k * B), 1.0).reshape(k, B)
+
+    def bound_terms(self, vdm, x: torch.Tensor, detach_schedule: bool = False) -> dict:
+        """The bound's named terms per example, nats, each ``(B,)``: ``recon``,
+        ``kl_top``, ``diffusion`` (the mean of k draws) and ``elbo`` = -(their sum);
+        also ``per_draw`` ``(k, B)``, the diffusion estimate of each draw, and
+        ``gamma_weight`` = (gamma_t, w) of the draws, detached leaves that
+        require grad when ``detach_schedule`` (else connected to the schedule)."""
+        pyro.module("vdm", vdm)
+        x = vdm.check_data(x)
+        t = self.draw_times(self.num_particles, x.shape[0], x)
+        gamma_weight = vdm.diffusion_weight(t)
+        leaves = tuple(v.detach().requires_grad_() for v in gamma_weight) if detach_schedule else gamma_weight
+        per_draw = vdm.diffusion_loss(x, *leaves)
+        terms = {"recon": vdm.recon(x), "kl_top": vdm.prior_kl(x), "diffusion": per_draw.mean(0)}
+        terms["elbo"] = -(terms["recon"] + terms["kl_top"] + terms["diffusion"])
+        return {**terms, "per_draw": per_draw, "gamma_weight": gamma_weight, "leaves": leaves}
+
+    def differentiable_loss(self, model, guide, x: torch.Tensor) -> torch.Tensor:
+        """-ELBO summed over the batch, differentiable in every parameter."""
+        return -self.bound_terms(self._vdm(model, guide), x)["elbo"].sum()
+
+    def loss(self, model, guide, x: torch.Tensor) -> float:
+        """The estimate of -ELBO, summed over the batch."""
+        with torch.no_grad():
+            loss = self.differentiable_loss(model, guide, x).item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, x: torch.Tensor) -> float:
+        vdm = self._vdm(model, guide)
+        if not self.minimise_variance:
+            loss = -self.bound_terms(vdm, x)["elbo"].sum()
+            loss.backward()
+        else:
+            terms = self.bound_terms(vdm, x, detach_schedule=True)
+            loss = -terms["elbo"].sum()
+            loss.backward()  # the network's gradients, and the end points' through recon and kl_top
+            grads = [leaf.grad for leaf in terms["leaves"]]  # dl / d(gamma_t, w) / k per draw
+            ends = [p for p in (vdm.gamma.gamma_min, vdm.gamma.log_width) if p.requires_grad]
+            interior = vdm.gamma.interior_parameters()
+            # end points: the bound's gradient through the diffusion term;
+            # interior: the gradient of sum_draws l^2 / k (its variance, as E[l] does not depend on it)
+            two_l = 2 * terms["per_draw"].detach()
+            for params, outer in ((ends, grads), (interior, [two_l * g for g in grads])):
+                if params:
+                    for p, g in zip(params, torch.autograd.grad(terms["gamma_weight"], params, outer, retain_graph=True, allow_unused=True)):
+                        if g is not None:
+                            p.grad = g if p.grad is None else p.grad + g
+        loss = loss.item()
+        warn_if_nan(loss, "loss")
+        return loss
