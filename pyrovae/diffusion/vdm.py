@@ -56,7 +56,8 @@ FOURIER_EXPONENTS = (6, 7)  # VDM's code: sin, cos of 2^n 2 pi z for n = 6, 7
 
 def bin_centres(dtype=torch.float32, device=None) -> torch.Tensor:
     """The 256 values x_k = 2 k / 255 - 1 of 8-bit pixels in [-1, 1]."""
-    return torch.arange(NUM_BINS, dtype=dtype, device=device) * (2.0 / (NUM_BINS - 1)) - 1.0
+    # k / 127.5 - 1, exactly as the data are scaled (to_chain_space), so values match bins bit for bit
+    return torch.arange(NUM_BINS, dtype=dtype, device=device) / ((NUM_BINS - 1) / 2) - 1.0
 
 
 class BinPosterior(TorchDistribution):
