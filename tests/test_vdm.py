@@ -231,11 +231,13 @@ def test_continuous_model_has_no_literal_chain():
         vdm.model(X)
 
 
-def test_decoder_is_a_distribution_over_the_bins():
+@pytest.mark.parametrize("scale", [1e-3, 0.05, 3.0])
+def test_decoder_is_a_distribution_over_the_bins(scale):
     loc = torch.tensor([-1.3, -0.5, 0.0, 0.2, 1.4], dtype=torch.float64)
-    d = BinPosterior(loc, torch.full_like(loc, 0.05))
+    d = BinPosterior(loc, torch.full_like(loc, scale))
     logp = torch.stack([d.log_prob(torch.full_like(loc, v)) for v in bin_centres(torch.float64)])
     assert torch.allclose(logp.exp().sum(0), torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(logp.T, d.logits(), atol=1e-10)  # the windowed normaliser is the full one
     draws = d.sample((100,))
     assert torch.equal(((draws + 1) * 127.5).round() / 127.5 - 1, draws)
 

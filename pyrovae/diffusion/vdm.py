@@ -91,12 +91,25 @@ class BinPosterior(TorchDistribution):
         logits = -0.5 * ((self.loc[..., None] - x_k) / self.scale[..., None]).square()
         return logits - logits.logsumexp(-1, keepdim=True)
 
+    def log_normaliser(self) -> torch.Tensor:
+        """log sum_k exp(-(u - x_k)^2 / (2 v)), ``batch_shape``, summed over the
+        bins within 12 sqrt(v) + 1 bin of the bin nearest u only: every bin left
+        out is at least 12 standard deviations further than that bin, so the
+        mass left out is below 256 e^{-72} ~ 1e-29 of the sum (exact in float32
+        and float64). At VDM's gamma_0 = -13.3 this is 7 bins instead of 256."""
+        half_width = 2.0 / (NUM_BINS - 1)
+        window = min(NUM_BINS - 1, math.ceil(12 * float(self.scale.detach().max()) / half_width) + 1)
+        nearest = ((self.loc.detach() + 1) * ((NUM_BINS - 1) / 2)).round().clamp(0, NUM_BINS - 1)
+        index = nearest[..., None] + torch.arange(-window, window + 1, dtype=self.loc.dtype, device=self.loc.device)
+        x_k = index / ((NUM_BINS - 1) / 2) - 1.0
+        logits = -0.5 * ((self.loc[..., None] - x_k) / self.scale[..., None]).square()
+        return logits.masked_fill((index < 0) | (index > NUM_BINS - 1), -math.inf).logsumexp(-1)
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        index = ((value.clamp(-1, 1) + 1) * ((NUM_BINS - 1) / 2)).round().long()
-        logits = self.logits()
-        return logits.gather(-1, index.expand(logits.shape[:-1])[..., None]).squeeze(-1)
+        x_k = ((value.clamp(-1, 1) + 1) * ((NUM_BINS - 1) / 2)).round() / ((NUM_BINS - 1) / 2) - 1.0  # the value's bin
+        return -0.5 * ((self.loc - x_k) / self.scale).square() - self.log_normaliser()
 
     @property
     def mean(self) -> torch.Tensor:
