@@ -178,7 +178,8 @@ def check_field(f: dataclasses.Field, value) -> None:
             raise ValueError(f"{f.name} must not be None")
         return
     if "choices" in meta and value not in meta["choices"]:
-        raise ValueError(f"unknown {f.name} {value!r}; expected one of {', '.join(map(str, meta['choices']))}")
+        what = meta["help"].split(";")[0].split(" (")[0]
+        raise ValueError(f"unknown {f.name} {value!r} ({what}); expected one of {', '.join(map(str, meta['choices']))}")
     values = value if isinstance(value, list) else [value]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
