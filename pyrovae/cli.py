@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--iwae-k", type=non_negative_int, default=d.iwae_k, help="IWAE-k log-likelihood on the test split after each evaluation (0: off)")
 
     add_diffusion_train_parser(models, d)
+    from pyrovae.recipes.vdm import add_train_parser as add_vdm_train_parser
+
+    add_vdm_train_parser(models, add_common_train_args)
     add_run_parsers(commands)
     add_bench_parser(commands)
     return parser
@@ -130,13 +133,18 @@ def add_run_parsers(commands) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(dest="model", required=True)
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its test split").add_subparsers(dest="model", required=True)
-    for model in ("vae", "diffusion"):
+    for model in ("vae", "diffusion", "vdm"):
         p = sample.add_parser(model, help=f"samples of a trained {model} as a PNG", formatter_class=fmt)
         add_load_args(p)
         p.add_argument("--n", type=positive_int, default=None, help="number of samples (default 64 images, 2000 points)")
         p.add_argument("--out", default=None, help="PNG to write (default RUN/samples-<seed>.png)")
         if model == "diffusion":
             p.add_argument("--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)")
+    from pyrovae.recipes.vdm import add_run_arguments as add_vdm_run_arguments
+
+    p = evaluate.add_parser("vdm", help="the bound in bits/dim on the first N test examples, with its standard error", formatter_class=fmt)
+    add_load_args(p)
+    add_vdm_run_arguments(sample.choices["vdm"], p)
     p = evaluate.add_parser("vae", help="test ELBO (and IWAE-k log-likelihood) of a trained VAE", formatter_class=fmt)
     add_load_args(p)
     p.add_argument("--test-particles", type=positive_int, default=None, help="particles for the test ELBO (default: the run's)")
@@ -243,6 +251,10 @@ def run_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
         out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{steps}.png")
         write_samples(out, model, ds, steps, ds.x_test[:1000].to(next(model.parameters()).device), args.n)
+    elif args.model == "vdm":
+        from pyrovae.recipes.vdm import run_sample as run_vdm_sample
+
+        out = run_vdm_sample(args, model, cfg, ds, out)
     elif ds.is_image:
         plots.save_image_grid(out, model.sample(args.n or 64), ds.image_shape, title=f"samples, {cfg.model} on {ds.name}")
     else:
@@ -268,6 +280,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from pyrovae.recipes.diffusion import evaluate_bound
 
         result = evaluate_bound(model, x_test[: args.n], args.steps, args.chunk_size, args.run)
+    elif args.model == "vdm":
+        from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
+
+        result = run_vdm_evaluate(args, model, x_test)
     else:
         overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
         result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
