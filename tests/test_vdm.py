@@ -307,3 +307,43 @@ def test_samples_are_images_on_the_bins_for_any_number_of_steps():
         x = vdm.sample(5, steps=steps)
         assert x.shape == (5, D)
         assert torch.equal(((x + 1) * 127.5).round() / 127.5 - 1, x)
+
+
+# --- the command line -------------------------------------------------------------------
+
+TINY = ["--data", "digits", "--train-size", "64", "--test-size", "16", "--epochs", "1", "--channels", "4", "--sample-steps", "3", "--quiet"]
+
+
+def test_train_sample_evaluate_round_trip(tmp_path, capsys):
+    import json
+
+    from pyrovae.cli import main
+
+    run = str(tmp_path / "run")
+    assert main(["train", "vdm", *TINY, "--schedule", "learned-net", "--minimise-variance", "--out", run]) == 0
+    assert (tmp_path / "run" / "samples.png").exists() and (tmp_path / "run" / "schedule.png").exists()
+    assert main(["sample", "vdm", run, "--steps", "4", "--n", "4"]) == 0
+    assert (tmp_path / "run" / "samples-4.png").exists()
+    capsys.readouterr()
+    assert main(["evaluate", "vdm", run, "--n", "8", "--replicates", "3", "--draws", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits_per_dim_se"] > 0 and result["replicates"] == 3
+    nats = result["recon_nats"] + result["kl_top_nats"] + result["diffusion_nats"]
+    assert result["nats"] == pytest.approx(nats, rel=1e-5)
+    assert result["bits_per_dim"] == pytest.approx(result["nats"] / (64 * math.log(2)), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "moons"], "8-bit images"),
+        (["--time", "soon"], "time must be"),
+        (["--minimise-variance"], "learned-net"),
+        (["--time", "8", "--schedule", "learned-net", "--minimise-variance"], "continuous time"),
+    ],
+)
+def test_bad_vdm_settings_are_named(flags, message, tmp_path, capsys):
+    from pyrovae.cli import main
+
+    assert main(["train", "vdm", *TINY, *flags, "--out", str(tmp_path)]) == 1
+    assert message in capsys.readouterr().err
