@@ -26,7 +26,7 @@ from pyrovae import data as datasets
 from pyrovae.diffusion.chain import DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP
 from pyrovae.diffusion.schedule import NoiseSchedule
-from pyrovae.diffusion.training import to_chain_space
+from pyrovae.recipes.diffusion import to_chain_space
 from pyrovae.infer.diffusion_elbo import DiffusionELBO
 
 

@@ -23,7 +23,7 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyrovae import data as datasets
-from pyrovae.diffusion.training import DiffusionRecipe, write_samples
+from pyrovae.recipes.diffusion import DiffusionRecipe, write_samples
 from pyrovae.train import TrainConfig
 
 

@@ -38,8 +38,8 @@ from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, T
 
 from pyrovae.device import resolve_device
 from pyrovae.infer import TraceAnalyticKL_ELBO
-from pyrovae.vae.encoders import MIN_SCALE
-from pyrovae.vae.model import VAE, build_vae
+from pyrovae.parts.encoders import MIN_SCALE
+from pyrovae.vae import VAE, build_vae
 
 WORKLOADS = ("vae", "diffusion", "bound", "sample")
 FLOOR = "torch (floor)"

@@ -15,7 +15,8 @@ import sys
 from pyrovae import data as datasets
 from pyrovae.device import DEVICES
 from pyrovae.infer import ELBOS
-from pyrovae.vae import GUIDES, LIKELIHOODS, NETS, PRIORS
+from pyrovae.parts import GUIDES, LIKELIHOODS, PRIORS
+from pyrovae.vae import NETS
 
 
 def _defaults():
@@ -102,7 +103,7 @@ def add_diffusion_train_parser(train_models, d) -> None:
     """``pyrovae train diffusion``."""
     from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES
     from pyrovae.diffusion.schedule import SCHEDULES
-    from pyrovae.diffusion.training import NETS
+    from pyrovae.recipes.diffusion import NETS
     from pyrovae.infer.diffusion_elbo import OBJECTIVES, TIME_SAMPLERS
 
     p = train_models.add_parser("diffusion", help="train a diffusion model (a hierarchical VAE) by SVI", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -240,7 +241,7 @@ def run_sample(args: argparse.Namespace) -> int:
     ds = datasets.load_dataset(cfg.data, cfg.data_dir)
     out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{args.seed}.png")
     if args.model == "diffusion":
-        from pyrovae.diffusion.training import write_samples
+        from pyrovae.recipes.diffusion import write_samples
 
         steps = args.steps or model.T
         if steps > model.T:
@@ -269,7 +270,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size)
     x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
     if args.model == "diffusion":
-        from pyrovae.diffusion.training import evaluate_bound
+        from pyrovae.recipes.diffusion import evaluate_bound
 
         result = evaluate_bound(model, x_test[: args.n], args.steps, args.chunk_size, args.run)
     else:

@@ -42,8 +42,8 @@ from pyrovae import data as datasets
 from pyrovae import distributed, plots
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.device import resolve_device
-from pyrovae.diffusion.training import DiffusionRecipe
-from pyrovae.vae.training import VAERecipe
+from pyrovae.recipes.diffusion import DiffusionRecipe
+from pyrovae.recipes.vae import VAERecipe
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "clippedadam": ClippedAdam}

@@ -414,7 +414,7 @@ def test_vae_training_defaults_to_analytic_elbo_and_reports_recon_and_kl(tmp_pat
 
 def test_kl_warmup_raises_kl_scale_linearly_from_zero_to_one(monkeypatch, tmp_path):
     from pyrovae import train as training
-    from pyrovae.vae.training import VAERecipe
+    from pyrovae.recipes.vae import VAERecipe
 
     seen = []
     original = VAERecipe.on_epoch_start

@@ -160,7 +160,7 @@ def test_training_on_moons_lowers_the_bound_and_samples_match_mean_and_covarianc
 
 
 def test_bits_per_dim_is_finite_untrained_and_decreases_on_digits():
-    from pyrovae.diffusion.training import to_chain_space
+    from pyrovae.recipes.diffusion import to_chain_space
 
     pyro.set_rng_seed(0)
     ds = datasets.load_digits()

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from pyrovae.infer import make_elbo
 from pyrovae.train import TrainConfig, svi_step, train
 from pyrovae.vae import VAE
-from pyrovae.vae.encoders import DiagonalNormalEncoder
+from pyrovae.parts.encoders import DiagonalNormalEncoder
 from pyrovae.nets import MLP
 
 WORLD = 2

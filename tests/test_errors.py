@@ -189,7 +189,7 @@ def nan_on_step(monkeypatch, bad_steps, recipe=None):
     """Make the batches of the given (1-based, global) steps hold a NaN, as a
     corrupt example or an overflow would; validation is off so that the data
     check does not catch it first and the loss itself goes bad."""
-    from pyrovae.vae.training import VAERecipe
+    from pyrovae.recipes.vae import VAERecipe
 
     recipe = recipe or VAERecipe
     prepare = recipe.prepare_batch
@@ -221,7 +221,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
 def test_under_validation_a_nan_from_the_network_is_caught_as_a_nan_loss(tmp_path, monkeypatch):
     """With validation on, a NaN decoder output is torch's invalid-parameter
     ValueError inside the ELBO; the loop reports it as a non-finite step too."""
-    from pyrovae.vae.training import VAERecipe
+    from pyrovae.recipes.vae import VAERecipe
 
     build, calls = VAERecipe.build, {"n": 0}
 
@@ -259,7 +259,7 @@ def test_nan_policy_skip_skips_the_step_counts_it_and_keeps_weights_finite(tmp_p
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own notice of the injected NaN
 def test_nan_policy_is_the_shared_loop_s_so_diffusion_runs_skip_too(tmp_path, monkeypatch):
-    from pyrovae.diffusion.training import DiffusionRecipe
+    from pyrovae.recipes.diffusion import DiffusionRecipe
 
     nan_on_step(monkeypatch, {3}, DiffusionRecipe)
     cfg = tiny_config(tmp_path, model="diffusion", data="moons", T=4, hidden=[8], epochs=2, validate=False, nan_policy="skip", sample_steps=2)

@@ -15,7 +15,8 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyrovae.infer import evaluate_iwae, iwae_log_likelihood, log_importance_weights
-from pyrovae.vae import IAFEncoder, VampPrior, build_vae
+from pyrovae.parts import IAFEncoder, VampPrior
+from pyrovae.vae import build_vae
 
 SIGMA = 0.5
 

@@ -20,10 +20,11 @@ from torch import nn
 
 from pyrovae.cli import main
 from pyrovae.nets import ConvDecoderNet, ConvEncoderNet
-from pyrovae.vae import GUIDES, LIKELIHOODS, PRIORS, FlowPrior, MixtureOfGaussiansPrior, VampPrior, build_vae
-from pyrovae.vae.encoders import DiagonalNormalEncoder, FullNormalEncoder, IAFEncoder, LowRankNormalEncoder
-from pyrovae.vae.kl import has_closed_form_kl
-from pyrovae.vae.likelihoods import Discretized
+from pyrovae.parts import GUIDES, LIKELIHOODS, PRIORS, FlowPrior, MixtureOfGaussiansPrior, VampPrior
+from pyrovae.vae import build_vae
+from pyrovae.parts.encoders import DiagonalNormalEncoder, FullNormalEncoder, IAFEncoder, LowRankNormalEncoder
+from pyrovae.parts.kl import has_closed_form_kl
+from pyrovae.parts.likelihoods import Discretized
 
 # The analytic-KL ELBO (issue 4) joins this list; TraceMeanField_ELBO stands in
 # for it: it uses kl_divergence where registered and falls back to Monte Carlo.

@@ -18,7 +18,7 @@ from pyro.nn import AutoRegressiveNN, DenseNN
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyrovae.vae.encoders import MIN_SCALE
+from pyrovae.parts.encoders import MIN_SCALE
 
 
 class StandardNormalPrior(nn.Module):

@@ -17,7 +17,7 @@ from pyro.distributions import constraints
 from torch import nn
 from torch.nn.functional import logsigmoid, softplus
 
-from pyrovae.vae.encoders import MIN_SCALE
+from pyrovae.parts.encoders import MIN_SCALE
 
 
 class _LogitsLikelihood(nn.Module):

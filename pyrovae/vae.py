@@ -26,9 +26,9 @@ from torch import nn
 from pyrovae.data import check_finite
 
 from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes
-from pyrovae.vae.encoders import GUIDES
-from pyrovae.vae.likelihoods import LIKELIHOODS, BernoulliLikelihood
-from pyrovae.vae.priors import PRIORS, StandardNormalPrior
+from pyrovae.parts.encoders import GUIDES
+from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood
+from pyrovae.parts.priors import PRIORS, StandardNormalPrior
 
 
 class VAE(nn.Module):
@@ -180,11 +180,11 @@ def build_vae(
 ) -> VAE:
     """A VAE from parts named in the registries or given as modules.
 
-    :param prior: a name in :data:`~pyrovae.vae.priors.PRIORS` or a module whose
+    :param prior: a name in :data:`~pyrovae.parts.priors.PRIORS` or a module whose
         ``forward()`` returns p(z) with event shape ``(z_dim,)``.
-    :param guide: a name in :data:`~pyrovae.vae.encoders.GUIDES` or an encoder
+    :param guide: a name in :data:`~pyrovae.parts.encoders.GUIDES` or an encoder
         module ``x -> q(z|x)`` (batch ``(B,)``, event ``(z_dim,)``).
-    :param likelihood: a name in :data:`~pyrovae.vae.likelihoods.LIKELIHOODS` or a
+    :param likelihood: a name in :data:`~pyrovae.parts.likelihoods.LIKELIHOODS` or a
         module mapping the decoder's ``(..., x_dim)`` output to p(x|z) with event
         shape ``(x_dim,)``.
     :param net: ``mlp`` or ``conv`` (``conv`` needs ``image_shape``): the

@@ -10,10 +10,10 @@ import torch
 from pyrovae import data as datasets
 from pyrovae import plots
 from pyrovae.infer import TraceAnalyticKL_ELBO, evaluate_iwae, make_elbo
-from pyrovae.vae.encoders import GUIDES
-from pyrovae.vae.likelihoods import LIKELIHOODS
-from pyrovae.vae.model import NETS, VAE, build_vae
-from pyrovae.vae.priors import PRIORS
+from pyrovae.parts.encoders import GUIDES
+from pyrovae.parts.likelihoods import LIKELIHOODS
+from pyrovae.vae import NETS, VAE, build_vae
+from pyrovae.parts.priors import PRIORS
 
 
 class VAERecipe:
