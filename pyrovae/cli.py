@@ -47,7 +47,11 @@ def positive_float(text: str) -> float:
 
 
 def add_common_train_args(p: argparse.ArgumentParser, d) -> None:
-    p.add_argument("--data", default=d.data, choices=datasets.DATASETS, help="dataset (default %(default)s)")
+    p.add_argument("--data", default=d.data, metavar="NAME|PATH", help=f"a data set ({', '.join(datasets.DATASETS)}) or a path: image folder, .npy/.npz, IDX folder (docs/data.md; default %(default)s)")
+    p.add_argument("--image-size", type=positive_int, default=d.image_size, metavar="H", help="image folders: resize every image to H x H")
+    p.add_argument("--layout", default=d.layout, choices=datasets.LAYOUTS, help="arrays: axis order (auto: see docs/data.md)")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share held out for test when a path source has no split of its own")
+    p.add_argument("--num-workers", type=non_negative_int, default=d.num_workers, help="DataLoader worker processes reading the training batches")
     p.add_argument("--data-dir", default=None, help="folder with the dataset's files (fashion-mnist IDX files)")
     p.add_argument("--train-size", type=positive_int, default=None, help="use only the first N training examples")
     p.add_argument("--test-size", type=positive_int, default=None, help="use only the first N test examples")
@@ -137,21 +141,23 @@ def add_run_parsers(commands) -> None:
         if model == "diffusion":
             p.add_argument("--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)")
     p = evaluate.add_parser("vae", help="test ELBO (and IWAE-k log-likelihood) of a trained VAE", formatter_class=fmt)
-    add_load_args(p)
+    add_load_args(p, evaluate=True)
     p.add_argument("--test-particles", type=positive_int, default=None, help="particles for the test ELBO (default: the run's)")
     p.add_argument("--iwae-k", type=non_negative_int, default=None, help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)")
     p = evaluate.add_parser("diffusion", help="the full-T bound (bits/dim for images) on the first N test examples", formatter_class=fmt)
-    add_load_args(p)
+    add_load_args(p, evaluate=True)
     p.add_argument("--n", type=positive_int, default=100, help="first N test examples")
     p.add_argument("--steps", type=positive_int, default=None, help="bound of the chain respaced to K steps (default: all T)")
     p.add_argument("--chunk-size", type=positive_int, default=512, help="(t, example) pairs per network call")
 
 
-def add_load_args(p: argparse.ArgumentParser) -> None:
+def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
+    if evaluate:
+        p.add_argument("--data", default=None, metavar="NAME|PATH", help="evaluate on this data set's test split (default: the run's); its examples must have the run's shape")
 
 
 def given_options(argv: list[str]) -> set[str]:
@@ -234,11 +240,13 @@ def run_sample(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae import plots
-    from pyrovae.checkpoint import checkpoint_path, load
+    from pyrovae.checkpoint import checkpoint_path, load, load_checkpoint
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir)
+    # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
+    ds = datasets.run_spec(load_checkpoint(args.run), cfg)
+    x_test = None if ds.is_image else datasets.load_from_config(cfg).x_test[:1000].to(next(model.parameters()).device)
     out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{args.seed}.png")
     if args.model == "diffusion":
         from pyrovae.recipes.diffusion import write_samples
@@ -247,7 +255,7 @@ def run_sample(args: argparse.Namespace) -> int:
         if steps > model.T:
             raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
         out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{steps}.png")
-        write_samples(out, model, ds, steps, ds.x_test[:1000].to(next(model.parameters()).device), args.n)
+        write_samples(out, model, ds, steps, x_test, args.n)
     elif ds.is_image:
         plots.save_image_grid(out, model.sample(args.n or 64), ds.image_shape, title=f"samples, {cfg.model} on {ds.name}")
     else:
@@ -261,13 +269,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     import pyro
 
-    from pyrovae.checkpoint import load
+    from pyrovae.checkpoint import load, load_checkpoint
     from pyrovae.train import RECIPES
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
     recipe = RECIPES[cfg.model]
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size)
+    source = args.data or cfg.data
+    ds = datasets.load_from_config(dataclasses.replace(cfg, data=source)).subset(cfg.train_size, cfg.test_size)
+    datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {source!r}")
     x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
     if args.model == "diffusion":
         from pyrovae.recipes.diffusion import evaluate_bound

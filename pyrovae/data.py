@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import logging
 import math
 import os
@@ -334,6 +335,16 @@ def photo_patches(image: np.ndarray, size: int, stride: int, x_from: int, x_to: 
     return np.stack([image[t : t + size, l : l + size].transpose(2, 0, 1) for t in tops for l in lefts])
 
 
+def sample_photo_paths() -> list[str]:
+    """scikit-learn's two sample photographs (what ``load_sample_images`` reads),
+    found without importing scikit-learn (seconds of start-up)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("photo-patches needs scikit-learn installed (pip install scikit-learn): it holds the photographs")
+    folder = os.path.join(spec.submodule_search_locations[0], "datasets", "images")
+    return [os.path.join(folder, name) for name in ("china.jpg", "flower.jpg")]
+
+
 def load_photo_patches(size: int = 32, stride: int = 16, train_part: float = 0.8) -> Dataset:
     """32x32 RGB patches at a stride of 16 from scikit-learn's two sample
     photographs (china.jpg, flower.jpg, 427x640), labelled by photo. Patches
@@ -341,9 +352,7 @@ def load_photo_patches(size: int = 32, stride: int = 16, train_part: float = 0.8
     b = 16 round(0.8 * 640 / 16) = 512 train (2 x 25 x 31 = 1,550), patches
     wholly right of it test (2 x 25 x 7 = 350); the column of patches that
     straddles b is left out, so no test pixel is seen in training."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
+    photos = [np.asarray(decode_image(path, 3, None).transpose(1, 2, 0)) for path in sample_photo_paths()]
     parts = {"train": ([], []), "test": ([], [])}
     for label, image in enumerate(photos):
         boundary = stride * round(train_part * image.shape[1] / stride)
@@ -694,6 +703,30 @@ def load_dataset(
     if kind == "npy":
         return load_npy(name, layout, test_fraction, lazy)
     return load_npz(name, layout, test_fraction)
+
+
+def run_spec(ckpt: dict, cfg) -> DataSpec:
+    """The data spec a checkpoint carries; a checkpoint from before specs
+    were saved gets it from its config's data set, which must then be there."""
+    if "data" in ckpt:
+        return DataSpec.from_dict(ckpt["data"])
+    return load_from_config(cfg).spec
+
+
+def check_config(cfg) -> None:
+    """Raise ``ValueError`` naming the first bad data field of a run's config
+    (``data``, ``image_size``, ``layout``, ``test_fraction``, ``num_workers``)
+    without reading the data."""
+    check_source(cfg.data)
+    image_size = getattr(cfg, "image_size", None)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be an integer >= 1 or None, got {image_size!r}")
+    if getattr(cfg, "layout", "auto") not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}")
+    if not 0 < getattr(cfg, "test_fraction", DEFAULT_TEST_FRACTION) < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {cfg.test_fraction}")
+    if getattr(cfg, "num_workers", 0) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
 
 
 def load_from_config(cfg) -> Dataset:

@@ -34,7 +34,7 @@ import torch
 from pyro import poutine
 from pyro.infer.util import zero_grads
 from pyro.optim.clipped_adam import ClippedAdam
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from pyrovae import checkpoint
@@ -62,6 +62,10 @@ class TrainConfig:
     model: str = "vae"
     data: str = "mnist5k"
     data_dir: str | None = None
+    image_size: int | None = None  # image folders: resize every image to H x H
+    layout: str = "auto"  # arrays: axis order, auto | NHW | NHWC | NCHW (docs/data.md)
+    test_fraction: float = datasets.DEFAULT_TEST_FRACTION  # held out by a seeded split when the source has no test split
+    num_workers: int = 0  # DataLoader worker processes reading the training batches
     binarize: str = "dynamic"
     train_size: int | None = None
     test_size: int | None = None
@@ -120,8 +124,7 @@ class TrainConfig:
             raise ValueError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.data not in datasets.DATASETS:
-            raise ValueError(f"unknown dataset {self.data!r}; expected one of {', '.join(datasets.DATASETS)}")
+        datasets.check_config(self)
         if self.model not in RECIPES:
             raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(RECIPES)}")
         choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "nan_policy": NAN_POLICIES}
@@ -288,13 +291,14 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({world})")
-    ds = TensorDataset(x, y)
+    ds = datasets.example_dataset(x, y)
     sampler = DistributedSampler(ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=cfg.seed)
-    return DataLoader(ds, sampler=BatchSampler(sampler, cfg.batch_size // world, drop_last=False), batch_size=None), sampler
+    batches = BatchSampler(sampler, cfg.batch_size // world, drop_last=False)
+    return DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0), sampler
 
 
 def make_run_dir(cfg: TrainConfig) -> str:
-    out = cfg.out or os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = cfg.out or os.path.join("runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         # A real write, not os.access: that says yes to root on a read-only mount or folder.
         os.makedirs(out, exist_ok=True)
@@ -373,7 +377,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         checkpoint.remove_stale_temporaries(out)
         atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
 
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
+    ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
@@ -406,7 +410,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         total = 0.0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)
         for i, (xb, _) in enumerate(steps, start=1):
-            batch = recipe.prepare_batch(cfg, xb)
+            batch = recipe.prepare_batch(cfg, xb.to(device))  # lazy rows arrive on the CPU
             try:
                 loss = svi_step(objective, model, optim, batch, cfg.grad_clip, cfg.precision)
             except NonFiniteLossError as err:
@@ -450,6 +454,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
                 "metrics": metrics,
                 "seconds": seconds,
                 "skipped": skipped,
+                "data": ds.spec.to_dict(),
             }
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
 
