@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -31,14 +32,16 @@ import torch
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-TMP_PREFIX = ".tmp-"
+# Our temporaries end in ".pyrovae-tmp-<pid>": no user's file is mistaken for one.
+TMP_SUFFIX = ".pyrovae-tmp-"
+_TMP_NAME = re.compile(r"^\..+" + re.escape(TMP_SUFFIX) + r"(\d+)$")
 
 
 def atomic_write_bytes(path: str, write) -> None:
     """Write a file through a temporary file in the same folder, fsync, then
     ``os.replace``: a reader sees either the old file or the new, never half."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f"{TMP_SUFFIX}{os.getpid()}")
     try:
         # mkstemp makes the file private (0600); a run's files should read like any other file.
         os.fchmod(fd, 0o644)
@@ -65,9 +68,11 @@ def atomic_write_bytes(path: str, write) -> None:
 def remove_stale_temporaries(folder: str) -> None:
     """Delete the temporary files of writes that a killed process left behind
     (a SIGKILL skips the clean-up in :func:`atomic_write_bytes`); each is as
-    large as a checkpoint."""
+    large as a checkpoint. Only names :func:`atomic_write_bytes` makes, of a
+    process other than this one, are removed (the caller holds the folder's lock)."""
     for name in os.listdir(folder):
-        if name.startswith(TMP_PREFIX):
+        match = _TMP_NAME.match(name)
+        if match and int(match.group(1)) != os.getpid():
             os.unlink(os.path.join(folder, name))
 
 
