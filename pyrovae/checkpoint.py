@@ -117,14 +117,24 @@ def load_checkpoint(path: str) -> dict:
     """Read a checkpoint (a run folder or a file) onto the CPU with
     ``weights_only=True``; raise ``ValueError`` if it is not one of ours."""
     path = checkpoint_path(path)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read checkpoint {path!r}: the file is empty (0 bytes), not a pyrovae checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"cannot read checkpoint {path!r}: {err}") from err
+        raise ValueError(f"cannot read checkpoint {path!r}: not a pyrovae checkpoint ({_load_failure(err)})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path!r} is not a pyrovae checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
     return ckpt
+
+
+def _load_failure(err: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong, without its advice to
+    retry unsafely (checkpoints never need code to be unpickled)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kept = [line for line in lines if "weights_only" not in line and not line.startswith(("Check the documentation", "Please file an issue"))]
+    return f"{type(err).__name__}: {kept[-1]}" if kept else type(err).__name__
 
 
 def config_mismatches(saved: dict, requested: dict, ignore=()) -> list[str]:
