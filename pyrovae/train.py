@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from pyrovae import checkpoint
 from pyrovae import data as datasets
-from pyrovae import distributed, plots
+from pyrovae import distributed, plots, runs
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.device import resolve_device
 from pyrovae.recipes.diffusion import DiffusionRecipe
@@ -51,7 +50,7 @@ LR_SCHEDULES = ("constant", "cosine", "exponential")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 # Fields that may change when a run is resumed: they steer the run, not the maths.
-RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy")
+RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy", "overwrite")
 RECIPES = {"vae": VAERecipe(), "diffusion": DiffusionRecipe()}
 
 
@@ -97,6 +96,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (torch.autocast around the ELBO)
     tensorboard: bool = False  # also log metrics to TensorBoard (needs the tensorboard package)
     resume: str | None = None  # run folder or checkpoint to continue from
+    overwrite: bool = False  # replace the run that `out` holds (else such a folder is refused)
     nan_policy: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the step and count it
     # diffusion only (pyrovae train diffusion); `hidden` sizes its MLP denoiser
     T: int = 1000
@@ -297,16 +297,12 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     return DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0), sampler
 
 
-def make_run_dir(cfg: TrainConfig) -> str:
-    out = cfg.out or os.path.join("runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        # A real write, not os.access: that says yes to root on a read-only mount or folder.
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise ValueError(f"output folder {out!r} is not writable: {err}") from err
-    return out
+def run_dir(cfg: TrainConfig) -> str:
+    """``cfg.out``; by default the resumed run's folder, or a new
+    ``runs/<model>-<data>-<timestamp>``."""
+    if cfg.out is None and cfg.resume is not None:
+        return os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
+    return cfg.out or os.path.join("runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
@@ -337,12 +333,13 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     return ckpt
 
 
-def open_tensorboard(out: str):
+def tensorboard_writer():
+    """TensorBoard's ``SummaryWriter`` class, imported before the run writes anything."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ValueError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from err
-    return SummaryWriter(out)
+    return SummaryWriter
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -356,26 +353,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     recipe = RECIPES[cfg.model]
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
     try:
-        return _train(cfg, recipe, device)
+        cfg = dataclasses.replace(cfg, out=run_dir(cfg))
+        with runs.open_run(cfg.out, cfg.resume, cfg.overwrite) as run:
+            return _train(cfg, recipe, device, run)
     finally:
         distributed.shutdown(started_group)
 
 
-def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
+def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) -> TrainResult:
     ckpt = resume_state(cfg)
     is_main = distributed.rank() == 0
-    if cfg.out is None and cfg.resume is not None:
-        cfg = dataclasses.replace(cfg, out=os.path.dirname(checkpoint.checkpoint_path(cfg.resume)))
-    out = make_run_dir(cfg) if is_main else cfg.out
+    out = cfg.out
     quiet = cfg.quiet or not is_main
     log = (lambda text: None) if quiet else tqdm.write  # keeps the bars intact
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(cfg.validate)
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
-    if is_main:
-        checkpoint.remove_stale_temporaries(out)
-        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
 
     ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
     x_test = recipe.prepare_test(cfg, ds.x_test)
@@ -397,7 +391,12 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     else:
         # Equal initial weights on every rank, different sampling noise.
         pyro.set_rng_seed(cfg.seed + distributed.rank())
-    writer = open_tensorboard(out) if cfg.tensorboard and is_main else None
+    summary_writer = tensorboard_writer() if cfg.tensorboard and is_main else None
+    # Every check has passed: only now is anything but the lock written.
+    if is_main:
+        run.start()
+        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
+    writer = summary_writer(out) if summary_writer is not None else None
     with_ema = (lambda: ema.applied(model)) if ema is not None else contextlib.nullcontext
 
     epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet)

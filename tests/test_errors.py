@@ -305,7 +305,7 @@ def test_sigkill_during_checkpoint_saves_never_corrupts_and_resume_continues(tmp
         epochs.append(ckpt["epoch"])
     assert epochs == sorted(epochs) and epochs[-1] > epochs[0]
     # A kill inside a save leaves at most the one temporary file of that save; the next run removes it.
-    assert len([f for f in os.listdir(out) if f.startswith(checkpoint.TMP_PREFIX)]) <= 1
+    assert len([f for f in os.listdir(out) if checkpoint.TMP_SUFFIX in f]) <= 1
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
@@ -321,7 +321,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint_and_says_so(tmp_pat
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err and "previous" in err and "checkpoint.pt" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(tmp_path) if checkpoint.TMP_SUFFIX in f]
 
 
 class RunsCode:
