@@ -294,7 +294,10 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     ds = datasets.example_dataset(x, y)
     sampler = DistributedSampler(ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=cfg.seed)
     batches = BatchSampler(sampler, cfg.batch_size // world, drop_last=False)
-    return DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0), sampler
+    # Its own generator: the base seed a DataLoader draws per iterator would otherwise
+    # come from the global stream, and how often it draws depends on num_workers.
+    loader = DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler
 
 
 def run_dir(cfg: TrainConfig) -> str:
