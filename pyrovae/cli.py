@@ -105,7 +105,9 @@ def add_diffusion_train_parser(train_models, d) -> None:
     from pyrovae.diffusion.schedule import SCHEDULES
     from pyrovae.recipes.diffusion import NETS
     from pyrovae.infer.diffusion_elbo import OBJECTIVES, TIME_SAMPLERS
+    from pyrovae.config import DiffusionConfig
 
+    d = DiffusionConfig()
     p = train_models.add_parser("diffusion", help="train a diffusion model (a hierarchical VAE) by SVI", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_train_args(p, d)
     p.add_argument("--T", type=positive_int, default=d.T, help="number of diffusion steps")
@@ -113,15 +115,14 @@ def add_diffusion_train_parser(train_models, d) -> None:
     p.add_argument("--net", default="auto", choices=NETS, help="denoiser (auto: unet for images, mlp for 2-D data)")
     p.add_argument("--channels", type=positive_int, default=d.channels, help="U-Net base channels")
     p.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256, 256], help="MLP denoiser widths (one repeated width)")
-    p.add_argument("--objective", default=d.objective, choices=OBJECTIVES, help="elbo (the bound), simple (Ho et al.'s L_simple, not the ELBO) or hybrid (learned variances); default hybrid for images, elbo for 2-D data")
+    p.add_argument("--objective", default=d.objective, choices=("auto", *OBJECTIVES), help="elbo (the bound), simple (Ho et al.'s L_simple, not the ELBO) or hybrid (learned variances); default hybrid for images, elbo for 2-D data")
     p.add_argument("--parameterization", default=d.parameterization, choices=PARAMETERIZATIONS, help="what the denoiser predicts")
-    p.add_argument("--variance", default=d.variance, choices=VARIANCES, help="sigma_t^2 of p_theta(x_{t-1}|x_t); default learned for images, beta_tilde for 2-D data")
+    p.add_argument("--variance", default=d.variance, choices=("auto", *VARIANCES), help="sigma_t^2 of p_theta(x_{t-1}|x_t); default learned for images, beta_tilde for 2-D data")
     p.add_argument("--time-sampler", default=d.time_sampler, choices=TIME_SAMPLERS, help="how t is drawn per example")
     p.add_argument("--sample-steps", type=positive_int, default=d.sample_steps, help="respaced steps for the samples figure")
     p.add_argument("--test-particles", type=positive_int, default=1, help="draws of t per test example for the per-epoch (unbiased) test ELBO")
-    # Defaults that give digit-like samples and about 2 bits/dim on mnist5k in a
-    # few minutes on 2 CPU cores (docs/diffusion.md), with EMA weights for evaluation.
-    p.set_defaults(epochs=20, batch_size=64, lr=5e-4, objective=None, variance=None, ema_decay=0.995, eval_every=5)
+    # Every default is DiffusionConfig's (pyrovae.config), the common flags' too.
+    p.set_defaults(**{k: v for k, v in dataclasses.asdict(d).items() if k in {a.dest for a in p._actions}})
 
 
 def add_run_parsers(commands) -> None:
@@ -192,16 +193,10 @@ def run_bench(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace):
     from pyrovae.train import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    if args.model == "diffusion":
-        # improved DDPM's hybrid objective with learned variances is what gets
-        # images to ~2 bits/dim in minutes; the 2-D toys train best on the plain
-        # bound with fixed variances.
-        image = args.data not in datasets.TOY_DATASETS
-        values["objective"] = values["objective"] or ("hybrid" if image else "elbo")
-        values["variance"] = values["variance"] or ("learned" if image else "beta_tilde")
-    return TrainConfig(**values)
+    from pyrovae.config import config_class
+
+    names = {f.name for f in dataclasses.fields(config_class(args.model))}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def resumed_config(args: argparse.Namespace, argv: list[str]):
@@ -262,11 +257,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae.checkpoint import load
-    from pyrovae.train import RECIPES
+    from pyrovae.config import MODELS
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
-    recipe = RECIPES[cfg.model]
+    recipe = MODELS[cfg.model].recipe
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size)
     x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
     if args.model == "diffusion":
