@@ -259,6 +259,8 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
 
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
+    if hasattr(recipe, "check_data"):
+        recipe.check_data(cfg, ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
