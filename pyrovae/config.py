@@ -68,7 +68,7 @@ AUTO = "auto"
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 # Fields that may change when a run is resumed: they steer the run, not the maths.
-RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy", "compile")
+RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy", "compile", "overwrite")
 
 
 def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None, cli: bool = True):
@@ -130,6 +130,7 @@ class TrainConfig(metaclass=_ByModel):
     compile: bool = option(False, "torch.compile the loss (same loss as eager; faster once compiled)")
     tensorboard: bool = option(False, "also log metrics to TensorBoard (needs the tensorboard package)")
     resume: str | None = option(None, "continue the run in this folder (or checkpoint file) with its saved settings")
+    overwrite: bool = option(False, "replace the run that the run folder holds (without it such a folder is refused)")
     nan_policy: str = option("stop", "a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step and count it", choices=NAN_POLICIES)
     test_particles: int = option(10, "particles per test example for the test ELBO", ge=1)
 
