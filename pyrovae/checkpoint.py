@@ -163,13 +163,13 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     """
     from pyrovae import data as datasets
     from pyrovae.device import resolve_device
-    from pyrovae.train import RECIPES, TrainConfig
+    from pyrovae.config import MODELS, TrainConfig, resolve
 
     ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg = resolve(TrainConfig.from_dict(ckpt["config"]))
     if model is not None and model != cfg.model:
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
-    recipe = RECIPES[cfg.model]
+    recipe = MODELS[cfg.model].recipe
     net = recipe.build(cfg, datasets.run_spec(ckpt, cfg))
     state = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]
     load_model_state(net, state, path)

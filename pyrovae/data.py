@@ -713,22 +713,6 @@ def run_spec(ckpt: dict, cfg) -> DataSpec:
     return load_from_config(cfg).spec
 
 
-def check_config(cfg) -> None:
-    """Raise ``ValueError`` naming the first bad data field of a run's config
-    (``data``, ``image_size``, ``layout``, ``test_fraction``, ``num_workers``)
-    without reading the data."""
-    check_source(cfg.data)
-    image_size = getattr(cfg, "image_size", None)
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size must be an integer >= 1 or None, got {image_size!r}")
-    if getattr(cfg, "layout", "auto") not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}")
-    if not 0 < getattr(cfg, "test_fraction", DEFAULT_TEST_FRACTION) < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {cfg.test_fraction}")
-    if getattr(cfg, "num_workers", 0) < 0:
-        raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
-
-
 def load_from_config(cfg) -> Dataset:
     """The data set a run's config names, with its data options."""
     return load_dataset(

@@ -26,7 +26,9 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import socket
+import threading
 
 from pyrovae import checkpoint, distributed
 
@@ -89,12 +91,53 @@ def _take_lock(folder: str) -> None:
     raise RunFolderError(f"run folder {folder!r}: another process took the lock {path} as this one cleared a stale one; try again")
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped a run cleanly after a finished step; the message says
+    which checkpoint is kept and how to continue."""
+
+
 class RunFolder:
     """A locked run folder (see the module docstring); ``path`` is the folder."""
 
     def __init__(self, path: str, overwrite: bool):
         self.path = path
         self.overwrite = overwrite
+        self._interrupted = False
+        self._previous_handler = None
+
+    def catch_interrupts(self) -> None:
+        """From now until the run ends, Ctrl-C (SIGINT) asks the loop to stop
+        after the current step (:meth:`stop_requested`); a second Ctrl-C
+        interrupts at once, as usual."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+
+        def handler(signum, frame):
+            self._interrupted = True
+            signal.signal(signal.SIGINT, self._previous_handler)
+
+        self._previous_handler = signal.signal(signal.SIGINT, handler)
+
+    def restore_interrupts(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C was pressed, on any process: under ``torchrun`` the
+        processes agree, so that every rank stops after the same step."""
+        if distributed.world_size() == 1:
+            return self._interrupted
+        return any(distributed.all_gather(self._interrupted))
+
+    def interrupted(self, model: str, step: int, epoch: int) -> TrainingInterrupted:
+        """The error that ends a run stopped by Ctrl-C during ``epoch``."""
+        path = os.path.join(self.path, checkpoint.CHECKPOINT)
+        if epoch > 1:
+            kept = f"the checkpoint of epoch {epoch - 1}, {path}, is kept; continue with: pyrovae train {model} --resume {self.path}"
+        else:
+            kept = "no epoch had finished, so there is no checkpoint to resume"
+        return TrainingInterrupted(f"interrupted after step {step} (epoch {epoch}): {kept}")
 
     def start(self) -> None:
         """Every check has passed: remove the replaced run's files (with
@@ -161,5 +204,6 @@ def open_run(out: str, resume: str | None = None, overwrite: bool = False):
     try:
         yield folder
     finally:
+        folder.restore_interrupts()
         if distributed.rank() == 0:
             _release(out, created)
