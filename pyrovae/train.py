@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -33,12 +32,12 @@ import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer.util import zero_grads
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from pyrovae import checkpoint
 from pyrovae import data as datasets
-from pyrovae import distributed, plots
+from pyrovae import distributed, plots, runs
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.device import resolve_device
 from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, data_kind, resolve
@@ -176,21 +175,21 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({world})")
-    ds = TensorDataset(x, y)
+    ds = datasets.example_dataset(x, y)
     sampler = DistributedSampler(ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=cfg.seed)
-    return DataLoader(ds, sampler=BatchSampler(sampler, cfg.batch_size // world, drop_last=False), batch_size=None), sampler
+    batches = BatchSampler(sampler, cfg.batch_size // world, drop_last=False)
+    # Its own generator: the base seed a DataLoader draws per iterator would otherwise
+    # come from the global stream, and how often it draws depends on num_workers.
+    loader = DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler
 
 
-def make_run_dir(cfg: TrainConfig) -> str:
-    out = cfg.out or os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        # A real write, not os.access: that says yes to root on a read-only mount or folder.
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise ValueError(f"output folder {out!r} is not writable: {err}") from err
-    return out
+def run_dir(cfg: TrainConfig) -> str:
+    """``cfg.out``; by default the resumed run's folder, or a new
+    ``runs/<model>-<data>-<timestamp>``."""
+    if cfg.out is None and cfg.resume is not None:
+        return os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
+    return cfg.out or os.path.join("runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
@@ -221,12 +220,13 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     return ckpt
 
 
-def open_tensorboard(out: str):
+def tensorboard_writer():
+    """TensorBoard's ``SummaryWriter`` class, imported before the run writes anything."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ValueError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from err
-    return SummaryWriter(out)
+    return SummaryWriter
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -244,28 +244,28 @@ def train(cfg: TrainConfig) -> TrainResult:
     recipe = RECIPES[cfg.model]
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
     try:
-        return _train(cfg, recipe, device)
+        cfg = dataclasses.replace(cfg, out=run_dir(cfg))
+        with runs.open_run(cfg.out, cfg.resume, cfg.overwrite) as run:
+            return _train(cfg, recipe, device, run)
     finally:
         distributed.shutdown(started_group)
 
 
-def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
+def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) -> TrainResult:
     ckpt = resume_state(cfg)
     is_main = distributed.rank() == 0
-    if cfg.out is None and cfg.resume is not None:
-        cfg = dataclasses.replace(cfg, out=os.path.dirname(checkpoint.checkpoint_path(cfg.resume)))
-    out = make_run_dir(cfg) if is_main else cfg.out
+    out = cfg.out
     quiet = cfg.quiet or not is_main
     log = (lambda text: None) if quiet else tqdm.write  # keeps the bars intact
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(cfg.validate)
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
-    if is_main:
-        checkpoint.remove_stale_temporaries(out)
-        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
 
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
+    ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
+    if hasattr(recipe, "check_data"):
+        # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
+        recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
@@ -285,10 +285,17 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     else:
         # Equal initial weights on every rank, different sampling noise.
         pyro.set_rng_seed(cfg.seed + distributed.rank())
-    writer = open_tensorboard(out) if cfg.tensorboard and is_main else None
+    summary_writer = tensorboard_writer() if cfg.tensorboard and is_main else None
+    # Every check has passed: only now is anything but the lock written.
+    if is_main:
+        run.start()
+        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
+    writer = summary_writer(out) if summary_writer is not None else None
     with_ema = (lambda: ema.applied(model)) if ema is not None else contextlib.nullcontext
 
-    epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet)
+    # disable=None: no bars when stderr is not a terminal (logs get the per-epoch lines only).
+    epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet or None)
+    run.catch_interrupts()
     for epoch in epochs:
         t0 = time.perf_counter()
         if hasattr(recipe, "on_epoch_start"):
@@ -296,9 +303,9 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         sampler.set_epoch(epoch)
         model.train()
         total = 0.0
-        steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)
+        steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet or None)
         for i, (xb, _) in enumerate(steps, start=1):
-            batch = recipe.prepare_batch(cfg, xb)
+            batch = recipe.prepare_batch(cfg, xb.to(device))  # lazy rows arrive on the CPU
             try:
                 loss = svi_step(objective, model, optim, batch, cfg.grad_clip, cfg.precision)
             except NonFiniteLossError as err:
@@ -313,6 +320,8 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
                 ema.update(model, step)
             total += loss
             steps.set_postfix(loss=f"{total / (i * cfg.batch_size):.2f}", lr=f"{current_lr(optim):.2e}")  # running -ELBO per example
+            if run.stop_requested():  # Ctrl-C: the last epoch's checkpoint stays the one to resume
+                raise run.interrupted(cfg.model, step, epoch)
         seconds += time.perf_counter() - t0
 
         if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
@@ -342,6 +351,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
                 "metrics": metrics,
                 "seconds": seconds,
                 "skipped": skipped,
+                "data": ds.spec.to_dict(),
             }
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
 

@@ -176,6 +176,23 @@ def test_variance_minimisation_keeps_the_bound_and_lowers_its_variance():
     assert after.std() < 0.7 * before.std()
 
 
+def test_variance_minimisation_changes_only_the_interior_gradient():
+    gamma = wiggly_net_gamma()
+    vdm = VDM(TimeMLP(D, [8]), gamma, D).double()
+    grads = {}
+    for option in (False, True):
+        vdm.zero_grad()
+        pyro.set_rng_seed(8)
+        loss = VDMELBO(num_particles=3, minimise_variance=option).differentiable_loss(vdm.model, vdm.guide, X)
+        loss.backward()
+        grads[option] = (loss.item(), {n: p.grad.clone() for n, p in vdm.named_parameters()})
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-12)  # the same -ELBO
+    interior = {n for n, p in vdm.named_parameters() if any(p is q for q in gamma.interior_parameters())}
+    for name, g in grads[False][1].items():
+        same = torch.allclose(grads[True][1][name], g, rtol=1e-9, atol=1e-12)
+        assert same != (name in interior and g.abs().sum() > 0), name
+
+
 def test_variance_minimisation_needs_continuous_time():
     vdm = make_vdm(MonotoneNetGamma(features=4).double(), T=4)
     with pytest.raises(ValueError, match="continuous-time"):

@@ -76,18 +76,24 @@ class GammaSchedule(nn.Module):
             raise TypeError(f"t must be a float tensor of times in [0, 1], got {type(t).__name__} {getattr(t, 'dtype', '')}")
         return self.gamma_min.to(t.dtype) + self.log_width.exp().to(t.dtype) * self.shape(t)
 
-    def gamma_and_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gamma(t), gamma'(t)). gamma is elementwise in t, so the gradient of
-        sum(gamma(t)) with respect to t is the elementwise derivative; the graph
-        is kept (``create_graph``) when gradients are on, so gamma' is
+    def shape_and_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shape(t), shape'(t)). shape is elementwise in t, so the gradient of
+        sum(shape(t)) with respect to t is the elementwise derivative; the graph
+        is kept (``create_graph``) when gradients are on, so shape' is
         differentiable in the schedule's parameters. (Reverse mode, not
         ``torch.func.jvp``: on CPU the forward-mode transform costs ~50 ms a call.)"""
         outer = torch.is_grad_enabled()
         with torch.enable_grad():
             t_ = t.detach().requires_grad_()
-            gamma = self.forward(t_)
-            (dgamma,) = torch.autograd.grad(gamma.sum(), t_, create_graph=outer)
-        return (gamma, dgamma) if outer else (gamma.detach(), dgamma.detach())
+            shape = self.shape(t_)
+            (dshape,) = torch.autograd.grad(shape.sum(), t_, create_graph=outer)
+        return (shape, dshape) if outer else (shape.detach(), dshape.detach())
+
+    def gamma_and_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gamma(t), gamma'(t)) = (gamma_min + W shape(t), W shape'(t)), W = gamma_max - gamma_min."""
+        shape, dshape = self.shape_and_derivative(t)
+        width = self.log_width.exp().to(t.dtype)
+        return self.gamma_min.to(t.dtype) + width * shape, width * dshape
 
 
 class LinearGamma(GammaSchedule):

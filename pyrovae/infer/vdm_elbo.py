@@ -33,15 +33,20 @@ class VDMELBO(ELBO):
 
     ``minimise_variance=True`` (continuous time only) trains the schedule's
     interior (:meth:`GammaSchedule.interior_parameters`) to minimise
-    E[L_diffusion_estimate^2] instead of the bound (VDM's appendix I.2): the
-    bound depends on the schedule only through gamma(0) and gamma(1), which
-    are separate parameters that keep following the ELBO, so the bound's
-    expectation is unchanged and only its estimator's variance moves. It
-    needs a denoiser conditioned on gamma_t, as :class:`VDM`'s is. The
-    schedule enters the diffusion term only through (gamma_t, w) at the drawn
-    times, and d(l^2)/d(gamma_t, w) = 2 l dl/d(gamma_t, w) per draw, so one
-    backward pass through the network serves both objectives; only the small
-    schedule module is differentiated twice.
+    E[l^2], l the diffusion estimate of one draw, instead of the bound (VDM's
+    appendix I.2): the bound depends on the schedule only through gamma(0)
+    and gamma(1), which are separate parameters that keep following the
+    ELBO, so the bound's expectation is unchanged and only its estimator's
+    variance moves. It needs a denoiser conditioned on gamma_t, as
+    :class:`VDM`'s is. The loss's value is still -ELBO; only the gradient
+    reaching the interior changes (a surrogate term of value 0), so any
+    trainer that backpropagates ``differentiable_loss`` gets it. The schedule
+    enters l only through (gamma_t, w) at the drawn times, with gamma_t =
+    gamma_min + W shape(t) and w = W shape'(t), and d(l^2) = 2 l dl: one extra
+    backward pass to (gamma_t, w) gives dl/d(gamma_t, w) per draw, and the
+    surrogate sum_draws [dl . (gamma_t, w)|ends + 2 l dl . (gamma_t, w)|interior] / k,
+    with the shape detached in the first and the end points in the second,
+    carries both gradients.
 
     Drop-in for ``SVI(vdm.model, vdm.guide, optim, VDMELBO())``: ``model`` must
     be the bound method ``vdm.model`` of a VDM and ``guide`` its ``vdm.guide``
@@ -75,25 +80,40 @@ class VDMELBO(ELBO):
         u = torch.rand((), dtype=like.dtype, device=like.device)
         return torch.remainder(u + torch.arange(k * B, dtype=like.dtype, device=like.device) / (k * B), 1.0).reshape(k, B)
 
-    def bound_terms(self, vdm, x: torch.Tensor, detach_schedule: bool = False) -> dict:
+    def bound_terms(self, vdm, x: torch.Tensor) -> dict:
         """The bound's named terms per example, nats, each ``(B,)``: ``recon``,
-        ``kl_top``, ``diffusion`` (the mean of k draws) and ``elbo`` = -(their sum);
-        also ``per_draw`` ``(k, B)``, the diffusion estimate of each draw, and
-        ``gamma_weight`` = (gamma_t, w) of the draws, detached leaves that
-        require grad when ``detach_schedule`` (else connected to the schedule)."""
+        ``kl_top``, ``diffusion`` (the mean of k draws) and ``elbo`` = -(their
+        sum); also ``per_draw`` ``(k, B)``, the diffusion estimate of each draw;
+        and ``surrogate``, a scalar of value 0 that carries the schedule's
+        gradient when ``minimise_variance`` (else ``None``)."""
         pyro.module("vdm", vdm)
         x = vdm.check_data(x)
-        t = self.draw_times(self.num_particles, x.shape[0], x)
-        gamma_weight = vdm.diffusion_weight(t)
-        leaves = tuple(v.detach().requires_grad_() for v in gamma_weight) if detach_schedule else gamma_weight
-        per_draw = vdm.diffusion_loss(x, *leaves)
+        k = self.num_particles
+        t = self.draw_times(k, x.shape[0], x)
+        surrogate = None
+        if self.minimise_variance and torch.is_grad_enabled():
+            gamma = vdm.gamma
+            shape, dshape = gamma.shape_and_derivative(t)
+            low, width = gamma.gamma_min.to(x.dtype), gamma.log_width.exp().to(x.dtype)
+            leaves = ((low + width * shape).detach().requires_grad_(), (width * dshape).detach().requires_grad_())
+            per_draw = vdm.diffusion_loss(x, *leaves)
+            c_gamma, c_w = torch.autograd.grad(per_draw.sum(), leaves, retain_graph=True)
+            ends = c_gamma * (low + width * shape.detach()) + c_w * (width * dshape.detach())
+            interior = c_gamma * (low.detach() + width.detach() * shape) + c_w * (width.detach() * dshape)
+            carrier = (ends + 2 * per_draw.detach() * interior).sum() / k
+            surrogate = carrier - carrier.detach()
+        else:
+            per_draw = vdm.diffusion_loss(x, *vdm.diffusion_weight(t))
         terms = {"recon": vdm.recon(x), "kl_top": vdm.prior_kl(x), "diffusion": per_draw.mean(0)}
         terms["elbo"] = -(terms["recon"] + terms["kl_top"] + terms["diffusion"])
-        return {**terms, "per_draw": per_draw, "gamma_weight": gamma_weight, "leaves": leaves}
+        return {**terms, "per_draw": per_draw, "surrogate": surrogate}
 
     def differentiable_loss(self, model, guide, x: torch.Tensor) -> torch.Tensor:
-        """-ELBO summed over the batch, differentiable in every parameter."""
-        return -self.bound_terms(self._vdm(model, guide), x)["elbo"].sum()
+        """-ELBO summed over the batch; its gradient is the bound's, except in the
+        schedule's interior under ``minimise_variance``."""
+        terms = self.bound_terms(self._vdm(model, guide), x)
+        loss = -terms["elbo"].sum()
+        return loss if terms["surrogate"] is None else loss + terms["surrogate"]
 
     def loss(self, model, guide, x: torch.Tensor) -> float:
         """The estimate of -ELBO, summed over the batch."""
@@ -103,25 +123,8 @@ class VDMELBO(ELBO):
         return loss
 
     def loss_and_grads(self, model, guide, x: torch.Tensor) -> float:
-        vdm = self._vdm(model, guide)
-        if not self.minimise_variance:
-            loss = -self.bound_terms(vdm, x)["elbo"].sum()
-            loss.backward()
-        else:
-            terms = self.bound_terms(vdm, x, detach_schedule=True)
-            loss = -terms["elbo"].sum()
-            loss.backward()  # the network's gradients, and the end points' through recon and kl_top
-            grads = [leaf.grad for leaf in terms["leaves"]]  # dl / d(gamma_t, w) / k per draw
-            ends = [p for p in (vdm.gamma.gamma_min, vdm.gamma.log_width) if p.requires_grad]
-            interior = vdm.gamma.interior_parameters()
-            # end points: the bound's gradient through the diffusion term;
-            # interior: the gradient of sum_draws l^2 / k (its variance, as E[l] does not depend on it)
-            two_l = 2 * terms["per_draw"].detach()
-            for params, outer in ((ends, grads), (interior, [two_l * g for g in grads])):
-                if params:
-                    for p, g in zip(params, torch.autograd.grad(terms["gamma_weight"], params, outer, retain_graph=True, allow_unused=True)):
-                        if g is not None:
-                            p.grad = g if p.grad is None else p.grad + g
+        loss = self.differentiable_loss(model, guide, x)
+        loss.backward()
         loss = loss.item()
         warn_if_nan(loss, "loss")
         return loss

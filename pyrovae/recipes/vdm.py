@@ -131,46 +131,22 @@ def write_samples(path: str, vdm: VDM, ds: datasets.Dataset, steps: int, n: int 
 # --- the command line's vdm-only parts (pyrovae.cli calls these) ---------------------------
 
 
-def add_train_parser(train_models, add_common_train_args) -> None:
-    """``pyrovae train vdm``: the common flags, then one flag per field of
-    :class:`~pyrovae.config.VDMConfig` from its metadata; every default is the config's."""
-    import argparse
-    import dataclasses
-
-    from pyrovae.config import TrainConfig, VDMConfig
-
-    d = VDMConfig()
-    p = train_models.add_parser("vdm", help="train a variational diffusion model (continuous time, learned schedule) by SVI", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_train_args(p, d)
-    common = {f.name for f in dataclasses.fields(TrainConfig)}
-    for f in dataclasses.fields(VDMConfig):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.name == "test_particles":
-            p.add_argument(flag, type=int, help=meta["help"])
-        elif f.name in common:
-            continue
-        elif f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=meta["help"])
-        elif "list" in str(f.type):
-            p.add_argument(flag, type=int, nargs="+", help=meta["help"])
-        else:
-            p.add_argument(flag, type=int if f.type in (int, "int") else str, choices=meta.get("choices"), help=meta["help"])
-    p.set_defaults(**{k: v for k, v in dataclasses.asdict(d).items() if k in {a.dest for a in p._actions}})
+def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
+    """``--steps`` for ``pyrovae sample vdm`` (its other flags are every
+    model's), and the ``pyrovae evaluate vdm`` parser."""
+    sample.add_argument("--steps", type=int, default=None, help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)")
+    p = evaluate.add_parser("vdm", help="the bound in bits/dim on the first N test examples, with its standard error", parents=[debug_flag])
+    add_load_args(p, evaluate=True)
+    p.add_argument("--n", type=int, default=100, help="first N test examples (default: 100)")
+    p.add_argument("--replicates", type=int, default=10, help="independent estimates of the bound; its standard error comes from their spread (default: 10)")
+    p.add_argument("--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)")
 
 
-def add_run_arguments(sample, evaluate) -> None:
-    """The flags of ``pyrovae sample vdm`` and ``pyrovae evaluate vdm`` beyond the run's."""
-    sample.add_argument("--steps", type=int, default=None, help="ancestral steps (default: the run's sample_steps)")
-    evaluate.add_argument("--n", type=int, default=100, help="first N test examples")
-    evaluate.add_argument("--replicates", type=int, default=10, help="independent estimates of the bound (its standard error comes from their spread)")
-    evaluate.add_argument("--draws", type=int, default=10, help="antithetic draws of t per example in each replicate")
-
-
-def run_sample(args, vdm: VDM, cfg, ds: datasets.Dataset, default_out: str) -> str:
-    steps = args.steps or cfg.sample_steps
-    out = args.out or os.path.join(os.path.dirname(default_out), f"samples-{steps}.png")
-    write_samples(out, vdm, ds, steps, args.n)
-    return out
+def sampler(vdm: VDM, steps: int):
+    """``(draw, title)`` for ``pyrovae sample vdm``: ``draw(k)`` gives k images in [0, 1]."""
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
 
 
 def run_evaluate(args, vdm: VDM, x_test: torch.Tensor) -> dict:
