@@ -7,6 +7,8 @@ import torch
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
+from pyrovae import params
+
 OBJECTIVES = ("elbo", "simple", "hybrid")
 TIME_SAMPLERS = ("uniform", "importance")
 
@@ -96,7 +98,7 @@ class DiffusionELBO(ELBO):
     def _loss_and_terms(self, chain, x0: torch.Tensor):
         """The differentiable loss, the times drawn ``(k, B)`` and their bound terms
         (``None`` for L_simple)."""
-        pyro.module("diffusion", chain)
+        params.module(chain, "diffusion")  # a name of its own in the param store
         x0 = chain.check_data(x0)
         T, k, B = chain.T, self.num_particles, x0.shape[0]
         if self.time_sampler == "importance" and self._history is None:
