@@ -68,7 +68,7 @@ AUTO = "auto"
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 # Fields that may change when a run is resumed: they steer the run, not the maths.
-RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy", "compile")
+RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy", "compile", "overwrite")
 
 
 def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None, cli: bool = True):
@@ -107,8 +107,12 @@ class TrainConfig(metaclass=_ByModel):
     model's config (a subclass with its own fields and defaults)."""
 
     model: str = option("vae", "the model to train (the subcommand of `pyrovae train`)", cli=False)
-    data: str = option("mnist5k", "dataset", choices=datasets.DATASETS)
+    data: str = option("mnist5k", f"a data set ({', '.join(datasets.DATASETS)}) or a path: a folder of images, a .npy/.npz array, a folder of IDX files (docs/data.md)")
     data_dir: str | None = option(None, "folder with the dataset's files (fashion-mnist IDX files)")
+    image_size: int | None = option(None, "image folders: resize every image to H x H", ge=1)
+    layout: str = option("auto", "arrays: axis order (auto: the rule in docs/data.md)", choices=datasets.LAYOUTS)
+    test_fraction: float = option(datasets.DEFAULT_TEST_FRACTION, "share of a path source held out for test by a seeded split, when it has no split of its own", gt=0, lt=1)
+    num_workers: int = option(0, "DataLoader worker processes reading the training batches", ge=0)
     train_size: int | None = option(None, "use only the first N training examples", ge=1)
     test_size: int | None = option(None, "use only the first N test examples", ge=1)
     epochs: int = option(300, "passes over the training set", ge=1)
@@ -130,6 +134,7 @@ class TrainConfig(metaclass=_ByModel):
     compile: bool = option(False, "torch.compile the loss (same loss as eager; faster once compiled)")
     tensorboard: bool = option(False, "also log metrics to TensorBoard (needs the tensorboard package)")
     resume: str | None = option(None, "continue the run in this folder (or checkpoint file) with its saved settings")
+    overwrite: bool = option(False, "replace the run that the run folder holds (without it such a folder is refused)")
     nan_policy: str = option("stop", "a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step and count it", choices=NAN_POLICIES)
     test_particles: int = option(10, "particles per test example for the test ELBO", ge=1)
 
@@ -145,6 +150,7 @@ class TrainConfig(metaclass=_ByModel):
             raise ValueError(f"model {self.model!r} does not match its config class {type(self).__name__}; build configs with TrainConfig(model=...) or one of {', '.join(c.__name__ for c, _ in MODELS.values())}")
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
+        datasets.check_source(self.data)
         MODELS[self.model].recipe.check(resolve(self))
         resolve_device(self.device)
         return self

@@ -27,7 +27,6 @@ import dataclasses
 import io
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -35,16 +34,16 @@ import pyro
 import torch
 from pyro import poutine
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from pyrovae import checkpoint
 from pyrovae import data as datasets
-from pyrovae import distributed, params, plots
+from pyrovae import distributed, params, plots, runs
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
 from pyrovae.device import resolve_device
-from pyrovae.optim import make_optimizer, make_scheduler
+from pyrovae.optim import OPTIMIZERS, make_optimizer, make_scheduler  # noqa: F401 (OPTIMIZERS: pyrovae.lightning)
 
 RECIPES = {name: m.recipe for name, m in MODELS.items()}
 __all__ = ["TrainConfig", "TrainResult", "LossModule", "train", "train_step", "make_averaged_model"]
@@ -179,21 +178,21 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({world})")
-    ds = TensorDataset(x, y)
+    ds = datasets.example_dataset(x, y)
     sampler = DistributedSampler(ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=cfg.seed)
-    return DataLoader(ds, sampler=BatchSampler(sampler, cfg.batch_size // world, drop_last=False), batch_size=None), sampler
+    batches = BatchSampler(sampler, cfg.batch_size // world, drop_last=False)
+    # Its own generator: the base seed a DataLoader draws per iterator would otherwise
+    # come from the global stream, and how often it draws depends on num_workers.
+    loader = DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler
 
 
-def make_run_dir(cfg: TrainConfig) -> str:
-    out = cfg.out or os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        # A real write, not os.access: that says yes to root on a read-only mount or folder.
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise ValueError(f"output folder {out!r} is not writable: {err}") from err
-    return out
+def run_dir(cfg: TrainConfig) -> str:
+    """``cfg.out``; by default the resumed run's folder, or a new
+    ``runs/<model>-<data>-<timestamp>``."""
+    if cfg.out is None and cfg.resume is not None:
+        return os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
+    return cfg.out or os.path.join("runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
@@ -224,12 +223,13 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     return ckpt
 
 
-def open_tensorboard(out: str):
+def tensorboard_writer():
+    """TensorBoard's ``SummaryWriter`` class, imported before the run writes anything."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ValueError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from err
-    return SummaryWriter(out)
+    return SummaryWriter
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -246,28 +246,28 @@ def train(cfg: TrainConfig) -> TrainResult:
     recipe = RECIPES[cfg.model]
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
     try:
-        return _train(cfg, recipe, device)
+        cfg = dataclasses.replace(cfg, out=run_dir(cfg))
+        with runs.open_run(cfg.out, cfg.resume, cfg.overwrite) as run:
+            return _train(cfg, recipe, device, run)
     finally:
         distributed.shutdown(started_group)
 
 
-def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
+def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) -> TrainResult:
     ckpt = resume_state(cfg)
     is_main = distributed.rank() == 0
-    if cfg.out is None and cfg.resume is not None:
-        cfg = dataclasses.replace(cfg, out=os.path.dirname(checkpoint.checkpoint_path(cfg.resume)))
-    out = make_run_dir(cfg) if is_main else cfg.out
+    out = cfg.out
     quiet = cfg.quiet or not is_main
     log = (lambda text: None) if quiet else tqdm.write  # keeps the bars intact
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(cfg.validate)
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
-    if is_main:
-        checkpoint.remove_stale_temporaries(out)
-        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
 
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
+    ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
+    if hasattr(recipe, "check_data"):
+        # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
+        recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
@@ -288,10 +288,17 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     else:
         # Equal initial weights on every rank, different sampling noise.
         pyro.set_rng_seed(cfg.seed + distributed.rank())
-    writer = open_tensorboard(out) if cfg.tensorboard and is_main else None
+    summary_writer = tensorboard_writer() if cfg.tensorboard and is_main else None
+    # Every check has passed: only now is anything but the lock written.
+    if is_main:
+        run.start()
+        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
+    writer = summary_writer(out) if summary_writer is not None else None
     eval_model = averaged.module if averaged is not None else model
 
-    epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet)
+    # disable=None: no bars when stderr is not a terminal (logs get the per-epoch lines only).
+    epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet or None)
+    run.catch_interrupts()
     for epoch in epochs:
         t0 = time.perf_counter()
         if hasattr(recipe, "on_epoch_start"):
@@ -299,9 +306,9 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         sampler.set_epoch(epoch)
         model.train()
         total, norms, done = 0.0, 0.0, 0
-        steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)
+        steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet or None)
         for xb, _ in steps:
-            batch = recipe.prepare_batch(cfg, xb)
+            batch = recipe.prepare_batch(cfg, xb.to(device))  # lazy rows arrive on the CPU
             try:
                 loss, norm = train_step(loss_fn, parameters, optimizer, batch, cfg.grad_clip, cfg.precision)
             except NonFiniteLossError as err:
@@ -317,6 +324,8 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
             total, norms, done = total + loss, norms + norm, done + 1
             if not quiet:  # running -ELBO per example
                 steps.set_postfix(loss=f"{total / (done * cfg.batch_size):.2f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if run.stop_requested():  # Ctrl-C: the last epoch's checkpoint stays the one to resume
+                raise run.interrupted(cfg.model, step, epoch)
         seconds += time.perf_counter() - t0
 
         if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
@@ -342,7 +351,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         # Every rank's generator state, so that a resumed run continues each stream.
         rngs = distributed.all_gather(checkpoint.rng_state())
         if is_main:
-            state = checkpoint.assemble(cfg, epoch, step, model, optimizer, scheduler, averaged, objective, rngs, metrics, seconds, skipped)
+            state = checkpoint.assemble(cfg, epoch, step, model, optimizer, scheduler, averaged, objective, rngs, metrics, seconds, skipped, ds.spec.to_dict())
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
 
     if writer is not None:
