@@ -197,9 +197,12 @@ def run_dir(cfg: TrainConfig) -> str:
 
 def write_metrics_csv(path: str, rows: list) -> None:
     """All rows so far, rewritten atomically after each evaluation (floats as
-    ``repr``, so reading them back gives the same numbers)."""
+    ``repr``, so reading them back gives the same numbers; a column a row
+    lacks is left empty)."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    # Every column any row has, in order of appearance: rows of a resumed older run lack the newer ones.
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(path, lambda f: f.write(text.getvalue().encode()))

@@ -174,3 +174,37 @@ def test_sample_and_evaluate_commands_take_a_run_folder(run_dir, tmp_path, capsy
     pyro.set_rng_seed(5)
     assert reported["test_elbo"] == recipe.evaluate(cfg, model, x_test)["test_elbo"]
     assert reported["test_size"] == 32
+
+
+FORMAT1 = os.path.join(os.path.dirname(__file__), "data", "format1-vae")  # written by pyrovae 0.1 (Pyro's per-parameter optimisers)
+
+
+def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(tmp_path, capsys):
+    old = torch.load(os.path.join(FORMAT1, "checkpoint.pt"), weights_only=True)
+    assert old["format"] == 1
+    model, cfg = pyrovae.load(FORMAT1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, old["ema"][k]), k
+    assert main(["evaluate", "vae", FORMAT1]) == 0 and "test_elbo" in capsys.readouterr().out
+
+    # restore() maps each parameter's saved moments onto the one optimiser
+    from pyrovae.optim import make_optimizer, make_scheduler
+    from pyrovae.train import make_averaged_model
+
+    net = RECIPES["vae"].build(cfg, pyrovae.data.load_dataset("digits"))
+    optimizer = make_optimizer(cfg.optimizer, net.parameters(), cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg, 2)
+    averaged = make_averaged_model(net, cfg.ema_decay)
+    checkpoint.restore(load_checkpoint(FORMAT1), FORMAT1, net, optimizer, scheduler, averaged)
+    for i, (name, p) in enumerate(net.named_parameters()):
+        saved = old["optim"][f"vae$$${name}"]["optimizer"]["state"][0]
+        assert torch.equal(optimizer.state[p]["exp_avg"], saved["exp_avg"]), name
+    assert scheduler.last_epoch == old["step"] and optimizer.param_groups[0]["lr"] == old["optim"][f"vae$$${name}"]["optimizer"]["param_groups"][0]["lr"]
+    assert int(averaged.n_averaged) == old["step"]
+
+    run = tmp_path / "old"
+    run.mkdir()
+    for name in ("checkpoint.pt", "config.json"):
+        (run / name).write_bytes(open(os.path.join(FORMAT1, name), "rb").read())
+    assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
