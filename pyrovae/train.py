@@ -42,6 +42,7 @@ from pyrovae import data as datasets
 from pyrovae import distributed, plots
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.device import resolve_device
+from pyrovae.infer.bound import metric_unit
 from pyrovae.recipes.diffusion import DiffusionRecipe
 from pyrovae.recipes.vae import VAERecipe
 
@@ -427,7 +428,9 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
             model.eval()
             with with_ema():
                 test = recipe.evaluate(cfg, model, x_test)
-            row = {"epoch": epoch, "step": step, "train_elbo": -total / len(ds.x_train), **test, "lr": current_lr(optim), "seconds": seconds, "skipped_steps": skipped}
+            # a bound's column is *_elbo (-loss); a loss that is not one keeps its own name and sign
+            name = getattr(objective, "train_metric", "train_elbo")
+            row = {"epoch": epoch, "step": step, name: (-total if name.endswith("_elbo") else total) / len(ds.x_train), **test, "lr": current_lr(optim), "seconds": seconds, "skipped_steps": skipped}
             metrics.append(row)
             write_metrics_csv(os.path.join(out, "metrics.csv"), metrics)
             if writer is not None:
@@ -478,7 +481,7 @@ def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics
     """The ELBO curves (every metric but epoch, step, lr and seconds) and the
     recipe's figures, drawn with the EMA weights when there are any."""
     curves = {k: [m[k] for m in metrics] for k in metrics[0] if k not in ("epoch", "step", "lr", "seconds", "skipped_steps")}
-    plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", recipe.elbo_unit, f"{cfg.model} on {ds.name}")
+    plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", {k: metric_unit(k) for k in curves}, f"{cfg.model} on {ds.name}")
     model.eval()
     with with_ema():
         recipe.write_figures(out, cfg, model, ds, x_test)
