@@ -219,7 +219,7 @@ def test_cli_trains_samples_and_evaluates_a_diffusion_run(tmp_path):
     for name in ("config.json", "metrics.csv", "model.pt", "loss.png", "samples.png", "terms.png"):
         assert (run / name).exists(), name
     assert main(["sample", "diffusion", str(run), "--steps", "3", "--n", "4"]) == 0
-    assert (run / "samples-3.png").exists()
+    assert (run / "samples-0.png").exists() and (run / "samples-0.npy").exists()
     assert main(["evaluate", "diffusion", str(run), "--n", "4"]) == 0
     import json
 
