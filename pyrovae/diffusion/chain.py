@@ -252,10 +252,11 @@ class DiffusionChain(nn.Module):
     # --- the bound's terms in closed form ------------------------------------------
 
     def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
-        """L_T = KL(q(x_T|x_0) || p(x_T)), p(x_T) = N(0, I), shape ``x0.shape[:-1]`` (no parameters)."""
+        """L_T = KL(q(x_T|x_0) || p(x_T)) in closed form, with p(x_T) the prior
+        module (N(0, I)), shape ``x0.shape[:-1]`` (no parameters)."""
+        p = self.prior()
         mean, var = self.schedule.q_mean_variance(x0, self.T)
-        zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
-        return normal_kl(mean, var.log(), zero.expand(x0.shape[:-1] + (1,)), self.x_dim)
+        return normal_kl(mean - p.base_dist.loc, var.log(), 2 * p.base_dist.scale.log(), self.x_dim)
 
     def decoder_nll(self, x0: torch.Tensor, mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
         """L_0 = -log p_theta(x_0|x_1) given the t = 1 step's mean and log sigma_1^2
