@@ -43,6 +43,7 @@ from pyrovae import distributed, params, plots, runs
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
 from pyrovae.device import resolve_device
+from pyrovae.infer.bound import metric_unit
 from pyrovae.optim import OPTIMIZERS, make_optimizer, make_scheduler  # noqa: F401 (OPTIMIZERS: pyrovae.lightning)
 
 RECIPES = {name: m.recipe for name, m in MODELS.items()}
@@ -334,10 +335,12 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             eval_model.eval()
             test = recipe.evaluate(cfg, eval_model, x_test)
+            # a bound's column is *_elbo (-loss); a loss that is not one keeps its own name and sign
+            name = getattr(objective, "train_metric", "train_elbo")
             row = {
                 "epoch": epoch,
                 "step": step,
-                "train_elbo": -total / len(ds.x_train),
+                name: (-total if name.endswith("_elbo") else total) / len(ds.x_train),
                 **test,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": norms / done if done else math.nan,
@@ -382,6 +385,6 @@ def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics
     """The ELBO curves (every metric but epoch, step, lr, grad_norm and seconds)
     and the recipe's figures, drawn with ``model`` (the EMA weights when there are any)."""
     curves = {k: [m[k] for m in metrics] for k in metrics[0] if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps")}
-    plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", recipe.elbo_unit, f"{cfg.model} on {ds.name}")
+    plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", {k: metric_unit(k) for k in curves}, f"{cfg.model} on {ds.name}")
     model.eval()
     recipe.write_figures(out, cfg, model, ds, x_test)

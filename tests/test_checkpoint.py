@@ -208,3 +208,40 @@ def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(
         (run / name).write_bytes(open(os.path.join(FORMAT1, name), "rb").read())
     assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
+
+
+DIFFUSION_TINY = ["--data", "moons", "--train-size", "64", "--test-size", "16", "--batch-size", "16", "--T", "4", "--hidden", "8", "--quiet", "--eval-every", "1", "--sample-steps", "2"]
+# The diffusion run's state: the importance sampler's history (p(t) leaves uniform in
+# epoch 2: 4 steps of 16 draws give every t its 10 values), bf16 autocast, EMA, schedules.
+DIFFUSION_FULL = ["--time-sampler", "importance", "--precision", "bf16", "--ema-decay", "0.9", "--lr-schedule", "exponential", "--lr-gamma", "0.7", "--warmup-steps", "3", "--grad-clip", "20"]  # cosine depends on --epochs
+
+
+def test_diffusion_two_epochs_then_resume_equals_four_epochs_bit_for_bit_with_the_sampler_state(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "diffusion", *DIFFUSION_TINY, *DIFFUSION_FULL, "--epochs", "4", "--out", str(straight)]) == 0
+    assert main(["train", "diffusion", *DIFFUSION_TINY, *DIFFUSION_FULL, "--epochs", "2", "--out", str(resumed)]) == 0
+    half = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert half["time_sampler"]["count"].min() >= 10  # the importance p(t) is in use from here on
+    assert main(["train", "diffusion", "--resume", str(resumed), "--epochs", "4", "--quiet"]) == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for k in ("squares", "count"):
+        assert torch.equal(a["time_sampler"][k], b["time_sampler"][k]), k
+    assert a["scheduler"] == b["scheduler"]
+    assert read_rows_without_timing(straight / "metrics.csv") == read_rows_without_timing(resumed / "metrics.csv")
+
+
+def test_a_resumed_importance_sampler_draws_what_the_saved_one_would(tmp_path):
+    """Without its saved history a resumed run would restart p(t) at uniform."""
+    from pyrovae.infer.diffusion_elbo import ImportanceTimeSampler
+
+    sampler = ImportanceTimeSampler(history=2)
+    sampler.start(3, torch.device("cpu"))
+    sampler.update(torch.tensor([1, 1, 2, 2, 3, 3]), torch.tensor([1.0, 1.0, 2.0, 2.0, 8.0, 8.0]))
+    again = ImportanceTimeSampler(history=2)
+    again.load_state_dict(sampler.state_dict())
+    assert torch.equal(again.probs(3, "cpu"), sampler.probs(3, "cpu"))
+    assert not torch.allclose(again.probs(3, "cpu"), torch.full((3,), 1 / 3, dtype=torch.float64))
