@@ -6,21 +6,29 @@ faults (a NaN loss, SIGKILL during a save, a full disk, a crafted pickle) get
 one test each. docs/reliability.md lists the same cases.
 """
 
+import gzip
+import json
 import multiprocessing
 import os
 import random
+import re
 import signal
+import socket
 import time
 
 import pytest
 import torch
 
-from pyrovae import checkpoint, data
+import pyro
+import pyro.distributions as dist
+
+from pyrovae import checkpoint, data, runs
 from pyrovae.checkpoint import load_checkpoint
 from pyrovae.cli import main
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.config import TrainConfig
 from pyrovae.train import train
+from pyrovae.infer.diffusion_elbo import DiffusionELBO
 from pyrovae.vae import build_vae
 
 TINY = ["--data", "digits", "--train-size", "48", "--test-size", "16", "--batch-size", "16", "--z-dim", "2", "--hidden", "8", "--quiet"]
@@ -80,6 +88,33 @@ def resume_changed(tmp_path):
     return tiny_config(tmp_path / "r", epochs=3, z_dim=3, resume=str(tmp_path / "r"))
 
 
+class WrongEventSize(torch.nn.Module):
+    """An encoder (or prior) whose distributions have 3 latent dimensions, not the VAE's 2."""
+
+    def forward(self, x=None):
+        return dist.Normal(torch.zeros(3 if x is None else (len(x), 3)), 1.0).to_event(1)
+
+
+def elbo_loss(vae, x):
+    return pyro.infer.Trace_ELBO().loss(vae.model, vae.guide, x)
+
+
+def finished_run(tmp_path, name="run", **changes):
+    out = tmp_path / name
+    train(tiny_config(out, epochs=1, **changes))
+    return out
+
+
+def locked_by(folder, host, pid):
+    os.makedirs(folder, exist_ok=True)
+    (folder / runs.LOCK).write_text(json.dumps({"host": host, "pid": pid}))
+    return folder
+
+
+def gzip_bytes(raw):
+    return gzip.compress(raw)
+
+
 # (case, call(tmp_path), error type, words the message must contain)
 BAD_INPUTS = [
     # data
@@ -123,6 +158,26 @@ BAD_INPUTS = [
     ("file: IDX with a wrong magic number", lambda p: data.read_idx(write(p / "m-idx1-ubyte", idx_bytes(magic=b"PK\x03\x04"))), ValueError, ["not an IDX file", "magic", "504b0304"]),
     ("file: output folder not writable", lambda p: train(unwritable_out(p)), ValueError, ["output folder", "not writable", "a-file"]),
     ("file: --resume on a folder with no checkpoint", lambda p: train(tiny_config(p, resume=str(p))), FileNotFoundError, ["no checkpoint", "checkpoint.pt"]),
+    # issue 17: the cases a new user tried
+    ("file: empty checkpoint", lambda p: load_checkpoint(write(p / "e.pt", b"")), ValueError, ["cannot read checkpoint", "e.pt", "empty (0 bytes)", "not a pyrovae checkpoint"]),
+    ("file: garbage checkpoint", lambda p: load_checkpoint(write(p / "g.pt", b"\x80\x02garbage")), ValueError, ["g.pt", "not a pyrovae checkpoint", "Unsupported operand"]),
+    ("file: a text file as checkpoint", lambda p: load_checkpoint(write(p / "t.pt", b"hello world, no pickle")), ValueError, ["t.pt", "not a pyrovae checkpoint"]),
+    ("file: gzip IDX that is not gzip", lambda p: data.read_idx(write(p / "x-idx1-ubyte.gz", idx_bytes())), ValueError, ["x-idx1-ubyte.gz", "not a readable gzip file", "BadGzipFile"]),
+    ("file: truncated gzip IDX", lambda p: data.read_idx(write(p / "y-idx1-ubyte.gz", gzip_bytes(idx_bytes())[:12])), ValueError, ["y-idx1-ubyte.gz", "not a readable gzip file", "EOFError"]),
+    ("model: encoder with the wrong event size", lambda p: elbo_loss(build_vae(64, 2, (8,), guide=WrongEventSize()), torch.rand(4, 64).round()), ValueError, ["encoder", "event shape (z_dim,) = (2,)", "(3,)"]),
+    ("model: prior with the wrong event size", lambda p: elbo_loss(build_vae(64, 2, (8,), prior=WrongEventSize()), torch.rand(4, 64).round()), ValueError, ["prior", "event shape (z_dim,) = (2,)", "(3,)"]),
+    ("model: z_dim = 2.5 (Python API)", lambda p: build_vae(64, 2.5), ValueError, ["z_dim", "integer >= 1", "2.5"]),
+    ("model: z_dim = 2.5 (TrainConfig)", lambda p: train(tiny_config(p, z_dim=2.5)), ValueError, ["z_dim", "integer >= 1", "2.5"]),
+    ("model: DiffusionELBO(num_particles=0)", lambda p: DiffusionELBO(num_particles=0), ValueError, ["num_particles", "integer >= 1", "0"]),
+    ("data: moons for a Bernoulli VAE", lambda p: train(tiny_config(p, data="moons")), ValueError, ["'moons'", "bernoulli", "[0, 1]", "--likelihood gaussian"]),
+    ("data: moons for a continuous-Bernoulli VAE", lambda p: train(tiny_config(p, data="moons", likelihood="continuous-bernoulli")), ValueError, ["'moons'", "outside [0, 1]", "continuous-bernoulli", "--likelihood gaussian"]),
+    ("data: moons for a discretised VAE", lambda p: train(tiny_config(p, data="moons", likelihood="discretized-logistic")), ValueError, ["'moons'", "outside [0, 1]", "discretized-logistic"]),
+    ("data: grey levels, --binarize none, Bernoulli", lambda p: train(tiny_config(p, binarize="none")), ValueError, ["'digits'", "outside {0, 1}", "bernoulli", "--binarize dynamic"]),
+    ("run folder: holds a run", lambda p: train(tiny_config(finished_run(p))), runs.RunFolderError, ["already holds a run", "--resume", "--overwrite"]),
+    ("run folder: locked by a live process", lambda p: train(tiny_config(locked_by(p / "r", socket.gethostname(), os.getppid()))), runs.RunFolderError, ["in use by process", str(os.getppid()), runs.LOCK]),
+    ("run folder: locked on another host", lambda p: train(tiny_config(locked_by(p / "r", "elsewhere.example", 1))), runs.RunFolderError, ["host 'elsewhere.example'", "delete the lock file"]),
+    ("run folder: --resume into another run's folder", lambda p: train(tiny_config(finished_run(p, "b"), epochs=2, resume=str(finished_run(p, "a")))), runs.RunFolderError, ["already holds a run"]),
+    ("config: --tensorboard without the package", lambda p: train(tiny_config(p / "tb", tensorboard=True)), ValueError, ["tensorboard package"]),
 ]
 
 
@@ -144,6 +199,30 @@ BAD_FLAGS = [
     ["train", "diffusion", "--schedule", "quad"],
     ["train", "vae", "--nan-policy", "ignore"],
     ["sample", "diffusion", "run", "--steps", "0"],
+    # issue 17 and more: every bound in the configs is a usage error
+    ["train", "vae", "--ema-decay", "1"],
+    ["train", "diffusion", "--ema-decay", "1.5"],
+    ["train", "vae", "--lr", "inf"],
+    ["train", "vae", "--lr", "nan"],
+    ["train", "vae", "--grad-clip", "0"],
+    ["train", "vae", "--lr-gamma", "2"],
+    ["train", "vae", "--warmup-steps", "-1"],
+    ["train", "vae", "--z-dim", "2.5"],
+    ["train", "vae", "--hidden", "8", "0"],
+    ["train", "vae", "--train-size", "0"],
+    ["train", "vae", "--kl-warmup", "-2"],
+    ["train", "vae", "--iwae-k", "-1"],
+    ["train", "vae", "--test-particles", "0"],
+    ["train", "vae", "--eval-every", "0"],
+    ["train", "vae", "--likelihood", "poisson"],
+    ["train", "diffusion", "--T", "2.5"],
+    ["train", "diffusion", "--channels", "0"],
+    ["train", "diffusion", "--objective", "vlb"],
+    ["train", "diffusion", "--variance", "fixed"],
+    ["train", "diffusion", "--z-dim", "2"],
+    ["sample", "vae", "run", "--n", "0"],
+    ["sample", "vae", "run", "--chunk-size", "0"],
+    ["evaluate", "diffusion", "run", "--n", "0"],
 ]
 
 
@@ -152,7 +231,8 @@ def test_bad_flag_value_gives_usage_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "usage:" in err and argv[-2] in err
+    flag = [a for a in argv if a.startswith("--")][-1]
+    assert exc.value.code == 2 and "usage:" in err and flag in err
 
 
 CLI_ERRORS = [
@@ -161,15 +241,24 @@ CLI_ERRORS = [
     (["train", "vae", *TINY, "--epochs", "1", "--resume", "{tmp}"], "no checkpoint"),
     (["train", "vae", *TINY, "--epochs", "1", "--out", "{tmp}/a-file/run"], "not writable"),
     (["train", "vae", *TINY, "--epochs", "1", "--data", "fashion-mnist", "--data-dir", "{tmp}"], "not found"),
+    (["sample", "vae", "{tmp}/a-file"], "not a pyrovae checkpoint"),
+    (["train", "vae", *TINY, "--data", "moons", "--out", "{tmp}/m"], "--likelihood gaussian"),
+    (["train", "vae", *TINY, "--tensorboard", "--out", "{tmp}/tb"], "tensorboard package"),
+    (["train", "diffusion", "--resume", "{tmp}/vae-run"], "is a 'vae' run"),
+    (["train", "vae", *TINY, "--out", "{tmp}/vae-run"], "already holds a run"),
+    (["train", "vae", *TINY, "--resume", "{tmp}/vae-run"], "epochs must be > 1"),
 ]
 
 
 @pytest.mark.parametrize("argv, words", CLI_ERRORS, ids=[" ".join(a[:2]) + " " + w for a, w in CLI_ERRORS])
 def test_cli_runtime_error_is_one_line_and_exit_1(argv, words, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
+    if "{tmp}/vae-run" in argv:
+        finished_run(tmp_path, "vae-run")
     code = main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("pyrovae: error:") and words in err and "Traceback" not in err
+    assert err.count("\n") == 1, err
 
 
 def test_cli_keeps_validation_on_unless_no_validate(tmp_path, capsys):
