@@ -438,3 +438,129 @@ def test_crafted_pickle_runs_code_under_plain_pickle_but_not_through_load_checkp
     # The file is a real exploit: plain unpickling runs the command.
     torch.load(evil, weights_only=False)
     assert marker.exists()
+
+
+# ---- run folders (issue 17 items 1-3) ----
+
+
+def folder_bytes(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = multiprocessing.get_context("fork").Process(target=int)
+    child.start()
+    child.join()
+    return child.pid
+
+
+def test_a_run_folder_holding_a_run_is_refused_and_left_byte_for_byte(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = folder_bytes(out)
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--seed", "5", "--out", str(out)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert folder_bytes(out) == before and runs.LOCK not in os.listdir(out)
+
+
+def test_overwrite_replaces_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "vae", *TINY, "--epochs", "2", "--out", str(out)]) == 0
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--seed", "5", "--overwrite", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["epoch"] == 1 and ckpt["config"]["seed"] == 5 and json.loads((out / "config.json").read_text())["seed"] == 5
+
+
+def test_a_run_that_fails_its_checks_writes_nothing_and_removes_the_lock(tmp_path, capsys):
+    """Even with --overwrite, the old run stays as it was until every check has passed."""
+    out = tmp_path / "run"
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = folder_bytes(out)
+    argv = ["train", "vae", *TINY, "--epochs", "1", "--z-dim", "7", "--overwrite", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(out)]
+    assert main(argv) == 1 and "not found" in capsys.readouterr().err
+    assert folder_bytes(out) == before and runs.LOCK not in os.listdir(out)
+    # A folder the failed run created itself is removed again.
+    assert main(["train", "vae", *TINY, "--data", "moons", "--out", str(tmp_path / "new")]) == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_only_our_own_temporaries_are_removed(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    users = [".tmp-notes.txt", ".tmp-", "draft.pyrovae-tmp", ".x.pyrovae-tmp-12ab"]
+    for name in users:
+        (out / name).write_text("the user's")
+    ours = f".checkpoint.pt.k3j2{checkpoint.TMP_SUFFIX}{dead_pid()}"
+    (out / ours).write_bytes(b"half a checkpoint")
+    train(tiny_config(out, epochs=1))
+    left = set(os.listdir(out))
+    assert set(users) <= left and ours not in left
+
+
+def test_a_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    out = locked_by(tmp_path / "run", socket.gethostname(), dead_pid())
+    train(tiny_config(out, epochs=1))
+    assert load_checkpoint(str(out))["epoch"] == 1 and runs.LOCK not in os.listdir(out)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
+    """Two runs on one --out: the second is refused while the first trains,
+    and the first keeps the folder."""
+    out = tmp_path / "run"
+    child = multiprocessing.get_context("fork").Process(target=_train_forever, args=(str(out),))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / checkpoint.CHECKPOINT).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(runs.RunFolderError, match=f"in use by process {child.pid}"):
+            train(tiny_config(out, epochs=1, overwrite=True))
+        assert child.is_alive()
+        assert json.loads((out / runs.LOCK).read_text())["pid"] == child.pid
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+
+
+def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    with runs.open_run(str(tmp_path / "r0")):
+        assert (tmp_path / "r0" / runs.LOCK).exists()
+    monkeypatch.setattr(runs.distributed, "rank", lambda: 1)
+    with runs.open_run(str(tmp_path / "r1")):
+        assert not (tmp_path / "r1").exists()
+
+
+# ---- Ctrl-C (issue 17 item 12) ----
+
+
+def ctrl_c_on_step(monkeypatch, step, recipe=None):
+    """Press Ctrl-C (a real SIGINT to this process) while the given 1-based step's batch is prepared."""
+    from pyrovae.recipes.vae import VAERecipe
+
+    recipe = recipe or VAERecipe
+    prepare, calls = recipe.prepare_batch, {"n": 0}
+
+    def pressed(self, cfg, x):
+        calls["n"] += 1
+        if calls["n"] == step:
+            signal.raise_signal(signal.SIGINT)
+        return prepare(self, cfg, x)
+
+    monkeypatch.setattr(recipe, "prepare_batch", pressed)
+    return calls
+
+
+def test_ctrl_c_stops_after_the_step_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    calls = ctrl_c_on_step(monkeypatch, 5)  # 3 steps per epoch: step 5 is in epoch 2
+    out = str(tmp_path / "run")
+    assert main(["train", "vae", *TINY, "--epochs", "3", "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert calls["n"] == 5 and "Traceback" not in err and err.count("\n") == 1
+    assert "interrupted after step 5 (epoch 2)" in err and f"pyrovae train vae --resume {out}" in err
+    assert load_checkpoint(out)["epoch"] == 1 and runs.LOCK not in os.listdir(out)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.undo()
+    # Without --epochs the resumed run continues to its own epoch count.
+    assert main(["train", "vae", "--quiet", "--resume", out]) == 0
+    assert load_checkpoint(out)["epoch"] == 3
