@@ -15,6 +15,8 @@ plain tensors, numbers, strings, lists and dicts, so that
     metrics     the metrics.csv rows so far
     seconds     training time so far
     skipped     training steps skipped for a NaN/inf loss (``--nan-policy skip``)
+    data        the data's DataSpec as a dict (name, image_shape, values), so
+                the model is rebuilt without the data (absent before it was saved)
 
 It is written atomically (:func:`atomic_torch_save`), so a kill during a save
 leaves the previous checkpoint in place.
@@ -168,8 +170,7 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     if model is not None and model != cfg.model:
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
     recipe = MODELS[cfg.model].recipe
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir)
-    net = recipe.build(cfg, ds)
+    net = recipe.build(cfg, datasets.run_spec(ckpt, cfg))
     state = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]
     load_model_state(net, state, path)
     return net.to(resolve_device(device)).eval(), cfg

@@ -32,7 +32,7 @@ import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer.util import zero_grads
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from pyrovae import checkpoint
@@ -175,9 +175,13 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({world})")
-    ds = TensorDataset(x, y)
+    ds = datasets.example_dataset(x, y)
     sampler = DistributedSampler(ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=cfg.seed)
-    return DataLoader(ds, sampler=BatchSampler(sampler, cfg.batch_size // world, drop_last=False), batch_size=None), sampler
+    batches = BatchSampler(sampler, cfg.batch_size // world, drop_last=False)
+    # Its own generator: the base seed a DataLoader draws per iterator would otherwise
+    # come from the global stream, and how often it draws depends on num_workers.
+    loader = DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -185,7 +189,7 @@ def run_dir(cfg: TrainConfig) -> str:
     ``runs/<model>-<data>-<timestamp>``."""
     if cfg.out is None and cfg.resume is not None:
         return os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
-    return cfg.out or os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg.out or os.path.join("runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
@@ -258,9 +262,10 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     pyro.enable_validation(cfg.validate)
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
 
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
+    ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
     if hasattr(recipe, "check_data"):
-        recipe.check_data(cfg, ds.x_train)
+        # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
+        recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
@@ -300,7 +305,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         total = 0.0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet or None)
         for i, (xb, _) in enumerate(steps, start=1):
-            batch = recipe.prepare_batch(cfg, xb)
+            batch = recipe.prepare_batch(cfg, xb.to(device))  # lazy rows arrive on the CPU
             try:
                 loss = svi_step(objective, model, optim, batch, cfg.grad_clip, cfg.precision)
             except NonFiniteLossError as err:
@@ -346,6 +351,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
                 "metrics": metrics,
                 "seconds": seconds,
                 "skipped": skipped,
+                "data": ds.spec.to_dict(),
             }
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
 

@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory):
 
 def test_checkpoint_reads_with_weights_only_and_holds_the_full_state(run_dir):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"format", "config", "epoch", "step", "model", "ema", "optim", "rng", "metrics", "seconds", "skipped"}
+    assert set(ckpt) == {"format", "config", "epoch", "step", "model", "ema", "optim", "rng", "metrics", "seconds", "skipped", "data"}
     assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
     assert TrainConfig.from_dict(ckpt["config"]).ema_decay == 0.9
     assert set(ckpt["ema"]) == set(ckpt["model"])

@@ -58,7 +58,6 @@ def test_same_seed_gives_the_same_run(tmp_path):
     "argv",
     [
         ["train", "vae", "--epochs", "0"],
-        ["train", "vae", "--data", "cifar"],
         ["train", "vae", "--lr", "-1"],
         ["train", "vae", "--elbo", "nope"],
         ["train", "gan"],

@@ -37,7 +37,7 @@ TINY = ["--data", "digits", "--train-size", "48", "--test-size", "16", "--batch-
 def tiny_config(out, **changes) -> TrainConfig:
     values = dict(data="digits", train_size=48, test_size=16, batch_size=16, hidden=[8], epochs=2, quiet=True, out=str(out))
     if changes.get("model", "vae") == "vae":
-        values["z_dim"] = 2
+        values["z_dim"] = 2  # each model's config has only its own fields
     return TrainConfig(**{**values, **changes})
 
 
