@@ -15,11 +15,13 @@ latents z_t for t in [0, 1], gamma from :mod:`pyrovae.diffusion.gamma`)::
 
 where eps_hat = eps_hat_theta(z_t; gamma_t) is the denoiser, conditioned on
 gamma_t (not on t, so that the bound's invariance to the schedule's interior
-holds). Its bound is
+holds). Its bound, in the project's vocabulary (:mod:`pyrovae.infer.bound`;
+``kl_layers`` is the sum of the T-step chain's KL terms, and its limit, the
+integral L_inf, in continuous time), is
 
-    -ELBO(x) = KL(q(z_1|x) || N(0, I))                 ``kl_top``
-             + E_{q(z_0|x)}[-log p(x | z_0)]           ``recon``
-             + L_diffusion                             ``diffusion``
+    ELBO(x) = E_{q(z_0|x)}[log p(x | z_0)]            ``recon``
+            - KL(q(z_1|x) || N(0, I))                 ``kl_top``
+            - L_diffusion                             ``kl_layers``
 
     continuous time:  L_inf = 1/2 E_{t ~ U(0, 1), eps}[gamma'(t) ||eps - eps_hat(z_t; gamma_t)||^2]
     T steps:          L_T   = sum_{i=1..T} E_{q(z_{t_i}|x)} KL(q(z_{s_i}|z_{t_i}, x) || p_theta(z_{s_i}|z_{t_i}))
@@ -47,6 +49,7 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyrovae import params
 from pyrovae.data import check_finite
 from pyrovae.diffusion.gamma import GAMMA_MAX, GAMMA_MIN, GammaSchedule
 
@@ -253,7 +256,7 @@ class VDM(nn.Module):
         """p(z_1) prod_{i=T..1} p_theta(z_{(i-1)/T} | z_{i/T}) p(x | z_0): sites
         ``"z_T"``, ..., ``"z_0"`` and the observed ``"x"``."""
         self._check_discrete()
-        pyro.module("vdm", self)
+        params.module(self, "vdm")  # a name of its own in the param store
         self.check_data(x)
         gammas = self._grid(self.T, x)
         with pyro.plate("data", x.shape[0]):
@@ -266,7 +269,7 @@ class VDM(nn.Module):
         """q(z_1 | x) prod_{i=T..1} q(z_{(i-1)/T} | z_{i/T}, x): the fixed encoder
         in the model's order, so each site's KL given its parent is exact."""
         self._check_discrete()
-        pyro.module("vdm", self)
+        params.module(self, "vdm")
         self.check_data(x)
         gammas = self._grid(self.T, x)
         with pyro.plate("data", x.shape[0]):
@@ -283,10 +286,10 @@ class VDM(nn.Module):
         return 0.5 * (var_1 + torch.sigmoid(-gamma_1) * x.square() - 1 - torch.nn.functional.logsigmoid(gamma_1)).sum(-1)
 
     def recon(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """``recon`` = -log p(x | z_0) at one z_0 ~ q(z_0|x), shape ``(B,)``."""
+        """``recon`` = log p(x | z_0) at one z_0 ~ q(z_0|x), shape ``(B,)``."""
         gamma_0 = self.gamma(x.new_zeros(()))
         eps = torch.randn_like(x) if eps is None else eps
-        return -self.p_decoder(self.q_sample(x, gamma_0.expand(x.shape[:-1]), eps)).log_prob(x)
+        return self.p_decoder(self.q_sample(x, gamma_0.expand(x.shape[:-1]), eps)).log_prob(x)
 
     def diffusion_weight(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma at the time used, the diffusion term's weight w) for times
@@ -319,9 +322,6 @@ class VDM(nn.Module):
         eps = torch.randn(gamma_t.shape + x.shape[-1:], dtype=x.dtype, device=x.device) if eps is None else eps
         z_t = self.q_sample(x, gamma_t, eps)
         return 0.5 * weight * (eps - self.eps_hat(z_t, gamma_t)).square().sum(-1)
-
-    def bits_per_dim(self, nats: torch.Tensor) -> torch.Tensor:
-        return nats / (self.x_dim * math.log(2))
 
     # --- sampling ---------------------------------------------------------------------
 

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import pyro
 import torch
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
-TERMS = ("recon", "kl_top", "diffusion")
+from pyrovae import params
+
+TERMS = ("recon", "kl_top", "kl_layers")
 
 
 class VDMELBO(ELBO):
     """-ELBO of a :class:`~pyrovae.diffusion.vdm.VDM`, estimated without tracing
     a chain (Kingma et al. 2021, eqs. 11-17):
 
-        -ELBO(x) = KL(q(z_1|x) || N(0, I))         ``kl_top``    closed form
-                 + E_{q(z_0|x)}[-log p(x | z_0)]   ``recon``     one draw of z_0
-                 + L_diffusion                     ``diffusion`` k draws of (t, eps)
+        ELBO(x) = E_{q(z_0|x)}[log p(x | z_0)]    ``recon``      one draw of z_0
+                - KL(q(z_1|x) || N(0, I))         ``kl_top``     closed form
+                - L_diffusion                     ``kl_layers``  k draws of (t, eps)
 
     where L_diffusion is L_inf = 1/2 E_t[gamma'(t) ||eps - eps_hat||^2] for the
     continuous-time model (``vdm.T is None``) and L_T, the sum of the T-step
@@ -81,12 +82,12 @@ class VDMELBO(ELBO):
         return torch.remainder(u + torch.arange(k * B, dtype=like.dtype, device=like.device) / (k * B), 1.0).reshape(k, B)
 
     def bound_terms(self, vdm, x: torch.Tensor) -> dict:
-        """The bound's named terms per example, nats, each ``(B,)``: ``recon``,
-        ``kl_top``, ``diffusion`` (the mean of k draws) and ``elbo`` = -(their
-        sum); also ``per_draw`` ``(k, B)``, the diffusion estimate of each draw;
+        """The bound's named terms per example (:mod:`pyrovae.infer.bound`), nats,
+        each ``(B,)``: ``recon``, ``kl_top``, ``kl_layers`` (L_diffusion, the
+        mean of k draws) and ``elbo`` = recon - kl_top - kl_layers; also ``per_draw`` ``(k, B)``, the diffusion estimate of each draw;
         and ``surrogate``, a scalar of value 0 that carries the schedule's
         gradient when ``minimise_variance`` (else ``None``)."""
-        pyro.module("vdm", vdm)
+        params.module(vdm, "vdm")  # a name of its own in the param store
         x = vdm.check_data(x)
         k = self.num_particles
         t = self.draw_times(k, x.shape[0], x)
@@ -104,8 +105,8 @@ class VDMELBO(ELBO):
             surrogate = carrier - carrier.detach()
         else:
             per_draw = vdm.diffusion_loss(x, *vdm.diffusion_weight(t))
-        terms = {"recon": vdm.recon(x), "kl_top": vdm.prior_kl(x), "diffusion": per_draw.mean(0)}
-        terms["elbo"] = -(terms["recon"] + terms["kl_top"] + terms["diffusion"])
+        terms = {"recon": vdm.recon(x), "kl_top": vdm.prior_kl(x), "kl_layers": per_draw.mean(0)}
+        terms["elbo"] = terms["recon"] - terms["kl_top"] - terms["kl_layers"]
         return {**terms, "per_draw": per_draw, "surrogate": surrogate}
 
     def differentiable_loss(self, model, guide, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pyrovae import plots
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.gamma import make_gamma
 from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
+from pyrovae.infer.bound import bits_per_dim, bound_terms as named_terms, prefixed
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
 from pyrovae.recipes.diffusion import from_chain_space, to_chain_space
 
@@ -68,9 +69,8 @@ class VDMRecipe:
         schedule's end points gamma(0), gamma(1). ``pyrovae evaluate vdm`` gives
         the bound with its standard error."""
         terms = bound_terms(vdm, x_test, cfg.test_particles, batch_size)
-        row = {"test_elbo": terms["elbo"].mean().item(), "test_bpd": vdm.bits_per_dim(-terms["elbo"]).mean().item()}
-        row.update({f"test_{k}": terms[k].mean().item() for k in TERMS})
-        return {**row, **schedule_ends(vdm)}
+        means = {k: terms[k].mean().item() for k in TERMS}
+        return {**prefixed(named_terms(**means, dim=vdm.x_dim), "test"), **schedule_ends(vdm)}
 
     def write_figures(self, out: str, cfg, vdm: VDM, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         write_samples(os.path.join(out, "samples.png"), vdm, ds, cfg.sample_steps)
@@ -87,7 +87,7 @@ def schedule_ends(vdm: VDM) -> dict:
 
 def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500) -> dict:
     """:meth:`VDMELBO.bound_terms` over ``x`` in batches: ``recon``, ``kl_top``,
-    ``diffusion`` and ``elbo`` per example, ``(N,)``, with ``draws`` antithetic
+    ``kl_layers`` and ``elbo`` per example, ``(N,)``, with ``draws`` antithetic
     draws of t per example."""
     elbo = VDMELBO(num_particles=draws)
     parts = [elbo.bound_terms(vdm, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
@@ -104,7 +104,7 @@ def evaluate_bound(vdm: VDM, x: torch.Tensor, replicates: int, draws: int, run_d
     if replicates < 2:
         raise ValueError(f"replicates must be >= 2 for a standard error, got {replicates}")
     reps = [bound_terms(vdm, x, draws, batch_size) for _ in range(replicates)]
-    bpd = torch.stack([vdm.bits_per_dim(-r["elbo"]).mean() for r in reps])
+    bpd = torch.stack([bits_per_dim(-r["elbo"].mean(), vdm.x_dim) for r in reps])
     result = {
         "n": len(x),
         "time": "continuous" if vdm.T is None else vdm.T,
