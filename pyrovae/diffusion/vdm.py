@@ -210,7 +210,8 @@ class VDM(nn.Module):
 
     def p_step(self, z_t: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor) -> dist.Distribution:
         """p_theta(z_s | z_t) = N((alpha_s / alpha_t)(z_t - c sigma_t eps_hat), c sigma_s^2 I),
-        c = -expm1(gamma_s - gamma_t), for s < t (any grid)."""
+        c = -expm1(gamma_s - gamma_t), for s < t (any grid); ``gamma_t``, ``gamma_s``
+        scalars (one step for the whole batch)."""
         return self._posterior(z_t, self.eps_hat(z_t, gamma_t), gamma_t, gamma_s)
 
     def q_posterior(self, z_t: torch.Tensor, x: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor) -> dist.Distribution:
