@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from PIL import Image
 
 
 def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ylabel: str | Mapping[str, str], title: str = "") -> None:
@@ -33,31 +35,47 @@ def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[flo
 
 
 def image_grid(images: torch.Tensor, image_shape: Sequence[int], ncol: int | None = None) -> torch.Tensor:
-    """Tile ``(n, prod(image_shape))`` images into one ``(H*rows, W*cols)`` array."""
+    """Tile ``(n, prod(image_shape))`` images, ``image_shape`` = (C, H, W), into
+    one array with a 1-pixel white border: ``(rows, cols, 3)`` for C = 3 (RGB),
+    ``(rows, cols)`` for C = 1, and for any other C each image's channels side
+    by side as grey panels, ``(rows, cols * C)``-wide."""
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}")
     c, h, w = image_shape
-    if c != 1:
-        raise ValueError(f"image_grid draws single-channel images, got image_shape {tuple(image_shape)}")
     n = images.shape[0]
+    imgs = images.detach().float().cpu().reshape(n, c, h, w)
+    if c == 3:
+        imgs = imgs.permute(0, 2, 3, 1)  # (n, H, W, 3)
+    else:
+        imgs = imgs.permute(0, 2, 1, 3).reshape(n, h, c * w)  # channels as panels
+    w = imgs.shape[2]
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
-    grid = torch.ones(nrow * (h + 1) + 1, ncol * (w + 1) + 1)
-    for i, img in enumerate(images.detach().float().cpu().reshape(n, h, w)):
+    grid = torch.ones(nrow * (h + 1) + 1, ncol * (w + 1) + 1, *imgs.shape[3:])
+    for i, img in enumerate(imgs):
         r, k = divmod(i, ncol)
         grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = img
     return grid
 
 
 def save_image_grid(path: str, images: torch.Tensor, image_shape: Sequence[int], ncol: int | None = None, title: str = "") -> None:
-    """Save a grid of grey images with values in [0, 1] as PNG."""
+    """Save a grid of images with values in [0, 1] as an RGB PNG (no alpha):
+    colour for C = 3, grey (dark ink on white, as the digits) otherwise."""
     grid = image_grid(images.clamp(0, 1), image_shape, ncol)
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 28 * 0.9 + 0.2, grid.shape[0] / 28 * 0.9 + 0.4))
-    ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    if grid.ndim == 3:
+        ax.imshow(grid.numpy(), interpolation="nearest")
+    else:
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    # Agg writes RGBA; a figure has no transparency to keep.
+    Image.open(buffer).convert("RGB").save(path)
 
 
 def save_scatter(path: str, points: torch.Tensor, title: str = "", labels: torch.Tensor | None = None) -> None:

@@ -43,6 +43,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyrovae import params
 from pyrovae.data import check_finite
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.infer.bound import bits_per_dim
@@ -208,7 +209,7 @@ class DiffusionChain(nn.Module):
         """p(x_T) prod_{t=T..2} p_theta(x_{t-1}|x_t) p_theta(x_0|x_1): sample sites
         ``"x_T"``, ..., ``"x_1"``, observed site ``"x_0"``. One site per step, so
         tracing it costs O(T)."""
-        pyro.module("diffusion", self)
+        params.module(self, "diffusion")  # a name of its own in the param store
         x0 = self.check_data(x0)
         with pyro.plate("data", x0.shape[0]):
             x = pyro.sample(f"x_{self.T}", self.prior())

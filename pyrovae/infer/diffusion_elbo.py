@@ -7,10 +7,11 @@ draw of (t, x_t) per example and particle.
 
 from __future__ import annotations
 
-import pyro
 import torch
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
+
+from pyrovae import distributed, params
 
 TIME_SAMPLERS = ("uniform", "importance")
 
@@ -141,7 +142,7 @@ class ChainObjective:
         """``k = num_particles`` draws per example: times ``t`` (k, B), their
         importance weights 1/p(t), the noise and x_t = sqrt(alpha_bar_t) x_0 +
         sqrt(1 - alpha_bar_t) noise (k, B, D), and x_0 expanded to (k, B, D)."""
-        pyro.module("diffusion", chain)
+        params.module(chain, "diffusion")  # a name of its own in the param store
         x0 = chain.check_data(x0)
         T, k, B = chain.T, self.num_particles, x0.shape[0]
         if isinstance(self.time_sampler, ImportanceTimeSampler):
@@ -158,7 +159,13 @@ class ChainObjective:
         raise NotImplementedError
 
     def differentiable_loss(self, model, guide, x0: torch.Tensor) -> torch.Tensor:
-        return self._loss_and_terms(self._chain(model, guide), x0)[0]
+        """The loss; with gradients on (a training step, as the trainer takes
+        it), the bound's terms also update the time sampler, with every
+        process's draws under torchrun so that all ranks keep the same p(t)."""
+        loss, t, terms = self._loss_and_terms(self._chain(model, guide), x0)
+        if terms is not None and torch.is_grad_enabled():
+            self.time_sampler.update(distributed.all_gather_cat(t), distributed.all_gather_cat(terms.detach()))
+        return loss
 
     def loss(self, model, guide, x0: torch.Tensor) -> float:
         """The objective's value on ``x0``, summed over the batch."""
@@ -168,10 +175,8 @@ class ChainObjective:
         return loss
 
     def loss_and_grads(self, model, guide, x0: torch.Tensor) -> float:
-        loss, t, terms = self._loss_and_terms(self._chain(model, guide), x0)
+        loss = self.differentiable_loss(model, guide, x0)
         loss.backward()
-        if terms is not None:
-            self.time_sampler.update(t, terms)
         loss = loss.item()
         warn_if_nan(loss, "loss")
         return loss
@@ -236,7 +241,7 @@ class DiffusionELBO(ChainObjective, ELBO):
         to chance), and ``kl_top`` = L_T in closed form. Unbiased for the ELBO:
         ``recon - kl_top - kl_layers``."""
         chain = self._chain(model, guide)
-        pyro.module("diffusion", chain)
+        params.module(chain, "diffusion")  # a name of its own in the param store
         x0 = chain.check_data(x0)
         T, k, B = chain.T, self.num_particles, x0.shape[0]
         x0_k = x0.expand(k, B, chain.x_dim)
