@@ -80,7 +80,8 @@ def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=No
     meta = {"help": help, "cli": cli}
     for key, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
         if value is not None:
-            meta[key] = tuple(value) if key == "choices" else value
+            # a registry stays itself: its lookups may accept other spellings (LIKELIHOODS' aliases)
+            meta[key] = tuple(value) if key == "choices" and not isinstance(value, dict) else value
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
