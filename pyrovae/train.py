@@ -82,6 +82,17 @@ class LossModule(torch.nn.Module):
             return self.objective.differentiable_loss(self.model.model, self.model.guide, batch)
 
 
+def compile_loss(loss_fn: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """``torch.compile(loss_fn)``: the loss (model, guide, ELBO) captured into
+    graphs once its structure is known, with the same value as the eager loss
+    on the same draws. Pyro's tracing makes graph breaks (each sample site's
+    messenger stack is Python), so the win depends on the model: measured
+    on a shared 2-core CPU for the default VAE at batch 128 it was *slower*
+    than eager (docs/performance.md), hence off by default (``compile=False``,
+    ``--compile``)."""
+    return torch.compile(loss_fn, backend=backend)
+
+
 def ema_multi_avg_fn(decay: float):
     """The ``multi_avg_fn`` of :func:`make_averaged_model`: at the k-th update
     (k >= 2; the first copies the weights)
@@ -279,7 +290,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     # DDP copies rank 0's weights to every process when it wraps the module.
     loss_fn = distributed.wrap(LossModule(model, objective), device)
     if cfg.compile:
-        loss_fn = torch.compile(loss_fn)
+        loss_fn = compile_loss(loss_fn)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, parameters, cfg.lr)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
@@ -384,9 +395,9 @@ def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int,
 def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics: list) -> None:
     """The ELBO curves (every metric but epoch, step, lr, grad_norm and seconds)
     and the recipe's figures, drawn with ``model`` (the EMA weights when there are any)."""
-    # every column any row has (a resumed older run's rows may name its terms differently), NaN where a row lacks it
-    names = dict.fromkeys(k for m in metrics for k in m)
-    curves = {k: [m.get(k, math.nan) for m in metrics] for k in names if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps")}
+    # A resumed older run's rows may name other columns: a curve is NaN where its row lacks it.
+    names = dict.fromkeys(k for m in metrics for k in m if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps"))
+    curves = {k: [m.get(k, math.nan) for m in metrics] for k in names}
     plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", {k: metric_unit(k) for k in curves}, f"{cfg.model} on {ds.name}")
     model.eval()
     recipe.write_figures(out, cfg, model, ds, x_test)
