@@ -11,6 +11,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from pyrovae import data
+from pyrovae.params import pyro_name
 from pyrovae.vae import VAE, build_vae
 
 X_DIM, Z_DIM, B = 12, 3, 5
@@ -95,7 +96,8 @@ def test_svi_on_real_mnist_improves_the_test_elbo():
 def test_parameters_of_every_part_reach_the_param_store(vae, x):
     poutine.trace(vae.guide).get_trace(x)
     names = set(pyro.get_param_store().keys())
-    assert {f"vae$$${n}" for n, _ in vae.named_parameters()} <= names
+    prefix = pyro_name(vae, "vae")  # each instance has its own name in the store
+    assert {f"{prefix}$$${n}" for n, _ in vae.named_parameters()} <= names
 
 
 def test_sample_reconstruct_encode_shapes_and_ranges(vae, x):
@@ -119,7 +121,7 @@ def test_a_users_own_prior_plugs_in(x):
     z = torch.zeros(B, Z_DIM)
     tr = poutine.trace(poutine.condition(vae.model, data={"z": z})).get_trace(x)
     assert torch.allclose(tr.nodes["z"]["fn"].log_prob(z), dist.Normal(2.0, 1.0).log_prob(z).sum(-1))
-    assert "vae$$$prior.loc" in pyro.get_param_store().keys()  # SVI will train the prior's parameter
+    assert f"{pyro_name(vae, 'vae')}$$$prior.loc" in pyro.get_param_store().keys()  # SVI will train the prior's parameter
 
 
 @pytest.mark.parametrize(
