@@ -564,3 +564,21 @@ def test_ctrl_c_stops_after_the_step_keeps_the_checkpoint_and_says_how_to_resume
     # Without --epochs the resumed run continues to its own epoch count.
     assert main(["train", "vae", "--quiet", "--resume", out]) == 0
     assert load_checkpoint(out)["epoch"] == 3
+
+
+# ---- data of another floating dtype (issue 17 item 16) ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("make, data", [(vae64, lambda: torch.rand(4, 64).round()), (chain64, lambda: torch.rand(4, 64) * 2 - 1)], ids=["vae", "chain"])
+def test_floating_data_of_any_dtype_is_cast_to_the_model_s(make, data, dtype):
+    """NumPy's default float64 (and half precision) gave 'mat1 and mat2 must
+    have the same dtype': the model casts at its entry, so the ELBO is the
+    float32 data's (up to the dtype's rounding of the values)."""
+    model, x = make(), data()
+    x_cast = x.to(dtype)
+    guide = getattr(model, "guide_posterior", model.guide)
+    pyro.set_rng_seed(0)
+    loss = pyro.infer.Trace_ELBO().loss(model.model, guide, x_cast)
+    pyro.set_rng_seed(0)
+    assert loss == pytest.approx(pyro.infer.Trace_ELBO().loss(model.model, guide, x_cast.to(torch.float32)), rel=1e-6)
