@@ -191,9 +191,12 @@ def config_from_args(args: argparse.Namespace):
     given = {k: v for k, v in vars(args).items() if k not in ("command", "model", "debug")}
     if getattr(args, "resume", None) is None:
         return TrainConfig(model=args.model, **given)
-    saved = load_checkpoint(args.resume)["config"]
+    ckpt = load_checkpoint(args.resume)
+    saved = ckpt["config"]
     if saved.get("model", "vae") != args.model:
         raise ValueError(f"--resume {args.resume!r} is a {saved.get('model', 'vae')!r} run, not {args.model!r}; resume it with pyrovae train {saved.get('model', 'vae')}")
+    if "epochs" not in given and ckpt["epoch"] >= saved["epochs"]:
+        raise ValueError(f"run {args.resume!r} has finished its {ckpt['epoch']} epochs; give --epochs N with N > {ckpt['epoch']} to train it further")
     return TrainConfig.from_dict({**saved, "out": None, "overwrite": False, **given})
 
 

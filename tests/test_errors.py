@@ -246,7 +246,8 @@ CLI_ERRORS = [
     (["train", "vae", *TINY, "--tensorboard", "--out", "{tmp}/tb"], "tensorboard package"),
     (["train", "diffusion", "--resume", "{tmp}/vae-run"], "is a 'vae' run"),
     (["train", "vae", *TINY, "--out", "{tmp}/vae-run"], "already holds a run"),
-    (["train", "vae", *TINY, "--resume", "{tmp}/vae-run"], "epochs must be > 1"),
+    (["train", "vae", *TINY, "--resume", "{tmp}/vae-run"], "has finished its 1 epochs; give --epochs N with N > 1"),
+    (["train", "vae", "--epochs", "1", "--resume", "{tmp}/vae-run"], "epochs must be > 1"),
 ]
 
 
