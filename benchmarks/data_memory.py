@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--folder", default=tempfile.gettempdir())
     parser.add_argument("train_args", nargs="*", help="more `pyrovae train vae` arguments (after --)")
     args = parser.parse_args()
+    # A SIGTERM (e.g. from `timeout`) unwinds through the finally below, so the array is deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     path = os.path.join(args.folder, f"pyrovae-memory-{os.getpid()}.npy")
     try:
         write_array(path, args.n)
@@ -70,14 +73,19 @@ def main() -> None:
             cmd = [sys.executable, "-m", "pyrovae", "train", "vae", "--data", path, "--num-workers", str(args.num_workers), "--out", out, "--quiet", *args.train_args]
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd)
-            peak_main, peak_worker, peak_sum, samples = 0, 0, 0, 0
-            while proc.poll() is None:
-                main_kb = rss_anon_kb(proc.pid)
-                workers = [rss_anon_kb(c) for c in children(proc.pid)]
-                peak_main, peak_worker = max(peak_main, main_kb), max([peak_worker, *workers])
-                peak_sum = max(peak_sum, main_kb + sum(workers))
-                samples += 1
-                time.sleep(0.2)
+            try:
+                peak_main, peak_worker, peak_sum, samples = 0, 0, 0, 0
+                while proc.poll() is None:
+                    main_kb = rss_anon_kb(proc.pid)
+                    workers = [rss_anon_kb(c) for c in children(proc.pid)]
+                    peak_main, peak_worker = max(peak_main, main_kb), max([peak_worker, *workers])
+                    peak_sum = max(peak_sum, main_kb + sum(workers))
+                    samples += 1
+                    time.sleep(0.2)
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
             seconds = time.perf_counter() - t0
             with open(os.path.join(out, "metrics.csv")) as f:
                 last = f.read().strip().splitlines()[-1]

@@ -304,7 +304,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
         result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
-    shown = {k: v for k, v in result.items() if k != "terms_nats"}
+    shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))
     return 0
 

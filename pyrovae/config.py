@@ -53,7 +53,8 @@ from pyrovae import data as datasets
 from pyrovae.device import resolve_device
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES
 from pyrovae.diffusion.schedule import SCHEDULES
-from pyrovae.infer.diffusion_elbo import OBJECTIVES, TIME_SAMPLERS
+from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS
+from pyrovae.infer.losses import OBJECTIVES
 from pyrovae.infer.elbos import ELBOS
 from pyrovae.optim import LR_SCHEDULES, OPTIMIZERS
 from pyrovae.parts.encoders import GUIDES

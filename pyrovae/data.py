@@ -715,13 +715,7 @@ def run_spec(ckpt: dict, cfg) -> DataSpec:
 
 def load_from_config(cfg) -> Dataset:
     """The data set a run's config names, with its data options."""
-    return load_dataset(
-        cfg.data,
-        cfg.data_dir,
-        image_size=getattr(cfg, "image_size", None),
-        layout=getattr(cfg, "layout", "auto"),
-        test_fraction=getattr(cfg, "test_fraction", DEFAULT_TEST_FRACTION),
-    )
+    return load_dataset(cfg.data, cfg.data_dir, image_size=cfg.image_size, layout=cfg.layout, test_fraction=cfg.test_fraction)
 
 
 def example_dataset(x: torch.Tensor | LazyRows, y: torch.Tensor) -> torch.utils.data.Dataset:

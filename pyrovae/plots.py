@@ -11,17 +11,24 @@ import torch
 from PIL import Image
 
 
-def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "") -> None:
-    """One line per named curve against ``x``, saved as PNG."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, y in curves.items():
-        ax.plot(x, y, marker="o" if len(x) < 30 else None, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ylabel: str | Mapping[str, str], title: str = "") -> None:
+    """One line per named curve against ``x``, saved as PNG. ``ylabel`` is the
+    unit of every curve, or a mapping from each curve to its unit: curves of
+    one unit share an axis, each unit has its own (stacked, sharing ``x``)."""
+    units = {name: ylabel for name in curves} if isinstance(ylabel, str) else dict(ylabel)
+    groups = {}
+    for name in curves:
+        groups.setdefault(units[name], []).append(name)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1 + 3 * len(groups)), sharex=True, squeeze=False)
+    for ax, (unit, names) in zip(axes[:, 0], groups.items()):
+        for name in names:
+            ax.plot(x, curves[name], marker="o" if len(x) < 30 else None, label=name)
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[-1, 0].set_xlabel(xlabel)
     if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        axes[0, 0].set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -84,15 +91,19 @@ def save_scatter(path: str, points: torch.Tensor, title: str = "", labels: torch
     plt.close(fig)
 
 
-def plot_bound_terms(path: str, prior: float, terms: Sequence[float], title: str = "") -> None:
-    """A diffusion bound's terms across time on a log scale: ``terms[t-1]`` = L_{t-1}
-    (t = 1 is the decoder's -log p(x_0|x_1)), and L_T as a horizontal line."""
+def plot_layer_kl(path: str, kl: Sequence[float], recon: float | None = None, title: str = "", layer: str = "layer l") -> None:
+    """Per-layer KL of a hierarchical bound on a log scale, the same figure for
+    every model: ``kl[l-1]`` = KL at layer l for l = 1..L, the last one the top
+    (``kl_top``); for the HVAE kl_1..kl_L, for the diffusion chain L_1..L_{T-1}
+    then L_T. ``recon`` (E_q log p(x | layer 1)), when given, is a horizontal line."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    t = range(1, len(terms) + 1)
-    ax.plot(t, terms, marker="o" if len(terms) < 30 else None, label="L_{t-1}: KL at t >= 2, -log p(x_0|x_1) at t = 1")
-    ax.axhline(prior, color="k", ls="--", label=f"L_T = KL(q(x_T|x_0) || N(0, I)) = {prior:.3g}")
+    layers = range(1, len(kl) + 1)
+    ax.plot(layers, kl, marker="o" if len(kl) < 30 else None, label="KL per layer")
+    ax.plot([len(kl)], [kl[-1]], "s", color="C3", label=f"top: kl_top = {kl[-1]:.3g}")
+    if recon is not None:
+        ax.axhline(-recon, color="k", ls="--", label=f"-recon = {-recon:.3g}")
     ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("t")
+    ax.set_xlabel(layer)
     ax.set_ylabel("nats per example")
     if title:
         ax.set_title(title)
