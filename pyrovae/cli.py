@@ -276,8 +276,8 @@ def run_sample(args: argparse.Namespace) -> int:
     else:
         x_test = datasets.load_from_config(cfg).x_test[:1000]
         plots.save_scatter(out, torch.cat([x_test, shown]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(shown))]))
-    note = f" (the first {len(shown)} of {n})" if len(shown) < n else ""
-    print(f"wrote {n} samples to {array_path} and drew{note} them in {out}")
+    drawn = f"the first {len(shown)} of {n}" if len(shown) < n else "them"
+    print(f"wrote {n} samples to {array_path} and drew {drawn} in {out}")
     return 0
 
 
