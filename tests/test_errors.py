@@ -535,8 +535,9 @@ def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
 # ---- Ctrl-C (issue 17 item 12) ----
 
 
-def ctrl_c_on_step(monkeypatch, step, recipe=None):
-    """Press Ctrl-C (a real SIGINT to this process) while the given 1-based step's batch is prepared."""
+def ctrl_c_on_step(monkeypatch, step, recipe=None, signum=signal.SIGINT):
+    """Press Ctrl-C (a real SIGINT to this process; or send ``signum``) while
+    the given 1-based step's batch is prepared."""
     from pyrovae.recipes.vae import VAERecipe
 
     recipe = recipe or VAERecipe
@@ -545,22 +546,25 @@ def ctrl_c_on_step(monkeypatch, step, recipe=None):
     def pressed(self, cfg, x):
         calls["n"] += 1
         if calls["n"] == step:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return prepare(self, cfg, x)
 
     monkeypatch.setattr(recipe, "prepare_batch", pressed)
     return calls
 
 
-def test_ctrl_c_stops_after_the_step_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    calls = ctrl_c_on_step(monkeypatch, 5)  # 3 steps per epoch: step 5 is in epoch 2
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_after_the_step_keeps_the_checkpoint_and_says_how_to_resume(signum, tmp_path, monkeypatch, capsys):
+    """SIGTERM is what torchrun sends its workers on Ctrl-C: the same clean stop."""
+    calls = ctrl_c_on_step(monkeypatch, 5, signum=signum)  # 3 steps per epoch: step 5 is in epoch 2
     out = str(tmp_path / "run")
     assert main(["train", "vae", *TINY, "--epochs", "3", "--out", out]) == 130
     err = capsys.readouterr().err
     assert calls["n"] == 5 and "Traceback" not in err and err.count("\n") == 1
     assert "interrupted after step 5 (epoch 2)" in err and f"pyrovae train vae --resume {out}" in err
     assert load_checkpoint(out)["epoch"] == 1 and runs.LOCK not in os.listdir(out)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     monkeypatch.undo()
     # Without --epochs the resumed run continues to its own epoch count.
     assert main(["train", "vae", "--quiet", "--resume", out]) == 0
