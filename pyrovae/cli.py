@@ -94,6 +94,8 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
         kwargs = {"dest": f.name, "help": (help_text + suffix).replace("%", "%%")}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+            if hasattr(kwargs["choices"], "canonical"):  # other spellings of a name are accepted
+                kwargs["type"] = kwargs["choices"].canonical
         elif number:
             kwargs["type"] = field_value_parser(f)
             kwargs["metavar"] = ("N" if "int" in f.type else "X") + ("|none" if "None" in f.type else "")

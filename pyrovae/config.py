@@ -77,7 +77,8 @@ def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=No
     meta = {"help": help, "cli": cli}
     for key, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
         if value is not None:
-            meta[key] = tuple(value) if key == "choices" else value
+            # A registry with other spellings (parts.likelihoods.Registry) stays one: its aliases are accepted.
+            meta[key] = tuple(value) if key == "choices" and not hasattr(value, "canonical") else value
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
