@@ -139,7 +139,11 @@ def add_run_parsers(commands) -> None:
         p.add_argument("--chunk-size", type=positive_int, default=SAMPLE_CHUNK, help=f"samples drawn at a time: memory is bounded by this, not by --n (default: {SAMPLE_CHUNK})")
         if chain:
             p.add_argument("--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)")
-        if chain:
+        if model == "vdm":
+            from pyrovae.recipes.vdm import add_run_arguments as add_vdm_run_arguments
+
+            add_vdm_run_arguments(p, evaluate, add_load_args, DEBUG_FLAG)
+        elif chain:
             p = evaluate.add_parser(model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG])
             add_load_args(p, evaluate=True)
             p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
@@ -247,9 +251,13 @@ def run_sample(args: argparse.Namespace) -> int:
     # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
     ds = datasets.run_spec(load_checkpoint(args.run), cfg)
     steps = getattr(args, "steps", None)
-    if steps is not None and steps > model.T:
+    if args.model == "vdm":  # any number of steps, not a respaced chain
+        from pyrovae.recipes.vdm import sampler as vdm_sampler
+
+        draw, title = vdm_sampler(model, steps or cfg.sample_steps)
+    elif steps is not None and steps > model.T:
         raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
-    if hasattr(model, "T"):
+    elif hasattr(model, "T"):
         from pyrovae.recipes.diffusion import from_chain_space
 
         steps = steps or model.T
@@ -298,7 +306,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     ds = datasets.load_from_config(dataclasses.replace(cfg, data=source)).subset(cfg.train_size, cfg.test_size)
     datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {source!r}")
     x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
-    if hasattr(model, "T"):
+    if args.model == "vdm":
+        from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
+
+        result = run_vdm_evaluate(args, model, x_test)
+    elif hasattr(model, "T"):
         from pyrovae.recipes.diffusion import evaluate_bound
 
         result = evaluate_bound(model, x_test[: args.n], args.steps, args.chunk_size, args.run)

@@ -52,6 +52,7 @@ from typing import NamedTuple
 from pyrovae import data as datasets
 from pyrovae.device import resolve_device
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES
+from pyrovae.diffusion.gamma import SCHEDULES as GAMMA_SCHEDULES
 from pyrovae.diffusion.schedule import SCHEDULES
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS
 from pyrovae.infer.losses import OBJECTIVES
@@ -63,6 +64,8 @@ from pyrovae.parts.priors import PRIORS
 from pyrovae.recipes.diffusion import NETS as DIFFUSION_NETS
 from pyrovae.recipes.diffusion import DiffusionRecipe
 from pyrovae.recipes.vae import VAERecipe
+from pyrovae.recipes.vdm import NETS as VDM_NETS
+from pyrovae.recipes.vdm import VDMRecipe
 from pyrovae.vae import NETS as VAE_NETS
 
 AUTO = "auto"
@@ -77,8 +80,8 @@ def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=No
     meta = {"help": help, "cli": cli}
     for key, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
         if value is not None:
-            # A registry with other spellings (parts.likelihoods.Registry) stays one: its aliases are accepted.
-            meta[key] = tuple(value) if key == "choices" and not hasattr(value, "canonical") else value
+            # a registry stays itself: its lookups may accept other spellings (LIKELIHOODS' aliases)
+            meta[key] = tuple(value) if key == "choices" and not isinstance(value, dict) else value
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -249,6 +252,29 @@ class DiffusionConfig(TrainConfig):
         return {"objective": "hybrid" if image else "elbo", "variance": "learned" if image else "beta_tilde", "net": "unet" if image else "mlp"}
 
 
+@dataclass
+class VDMConfig(TrainConfig):
+    """``pyrovae train vdm``: a variational diffusion model (continuous time,
+    learned noise schedule; docs/vdm.md), for 8-bit images, with the diffusion
+    chain's optimiser settings and EMA weights for evaluation."""
+
+    model: str = override("model", "vdm")
+    epochs: int = override("epochs", 50)
+    batch_size: int = override("batch_size", 64)
+    lr: float = override("lr", 5e-4)
+    ema_decay: float | None = override("ema_decay", 0.995)
+    eval_every: int = override("eval_every", 5)
+    test_particles: int = override("test_particles", 1, help="draws of t per test example for the per-epoch (unbiased) test ELBO")
+    schedule: str = option("learned-linear", "noise schedule gamma(t): fixed linear, linear with learned end points, or VDM's monotone network", choices=GAMMA_SCHEDULES)
+    time: str = option("continuous", "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)")
+    fourier: bool = option(False, "Fourier features sin, cos(2^n 2 pi z_t), n = 6, 7, as extra denoiser inputs")
+    minimise_variance: bool = option(False, "train the schedule's interior to minimise the bound estimate's variance (learned-net, continuous time)")
+    net: str = option("unet", "denoiser", choices=VDM_NETS)
+    channels: int = option(16, "U-Net base channels", ge=1)
+    hidden: list[int] = option([256, 256, 256], "MLP denoiser widths", ge=1)
+    sample_steps: int = option(100, "ancestral steps for the samples figure", ge=1)
+
+
 class Model(NamedTuple):
     config: type
     recipe: object
@@ -257,6 +283,7 @@ class Model(NamedTuple):
 MODELS = {
     "vae": Model(VAEConfig, VAERecipe()),
     "diffusion": Model(DiffusionConfig, DiffusionRecipe()),
+    "vdm": Model(VDMConfig, VDMRecipe()),
 }
 
 

@@ -384,7 +384,9 @@ def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int,
 def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics: list) -> None:
     """The ELBO curves (every metric but epoch, step, lr, grad_norm and seconds)
     and the recipe's figures, drawn with ``model`` (the EMA weights when there are any)."""
-    curves = {k: [m[k] for m in metrics] for k in metrics[0] if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps")}
+    # every column any row has (a resumed older run's rows may name its terms differently), NaN where a row lacks it
+    names = dict.fromkeys(k for m in metrics for k in m)
+    curves = {k: [m.get(k, math.nan) for m in metrics] for k in names if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps")}
     plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", {k: metric_unit(k) for k in curves}, f"{cfg.model} on {ds.name}")
     model.eval()
     recipe.write_figures(out, cfg, model, ds, x_test)

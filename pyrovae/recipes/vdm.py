@@ -1,0 +1,156 @@
+"""How ``pyrovae train vdm`` builds, feeds, evaluates and draws a variational
+diffusion model (its recipe for the shared loop in :mod:`pyrovae.train`; its
+config is :class:`pyrovae.config.VDMConfig`), and how ``pyrovae sample|evaluate
+vdm`` use a finished run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from pyrovae import data as datasets
+from pyrovae import plots
+from pyrovae.diffusion.denoisers import TimeMLP, UNet
+from pyrovae.diffusion.gamma import make_gamma
+from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
+from pyrovae.infer.bound import bits_per_dim, bound_terms as named_terms, prefixed
+from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
+from pyrovae.recipes.diffusion import from_chain_space, to_chain_space
+
+NETS = ("unet", "mlp")
+CONTINUOUS = "continuous"
+
+
+def parse_time(time: str) -> int | None:
+    """``"continuous"`` -> None (the model of L_inf); ``"T"`` (digits) -> T steps."""
+    if time == CONTINUOUS:
+        return None
+    if isinstance(time, str) and time.isdigit() and int(time) >= 1:
+        return int(time)
+    raise ValueError(f"time must be 'continuous' or a number of steps T >= 1, got {time!r}")
+
+
+class VDMRecipe:
+    elbo_unit = "ELBO (nats per example)"
+
+    def check(self, cfg) -> None:
+        """Raise ``ValueError`` for VDM settings that cannot work."""
+        T = parse_time(cfg.time)
+        if cfg.data in datasets.TOY_DATASETS:
+            raise ValueError(f"vdm models 8-bit images (its decoder is over the 256 pixel values); {cfg.data!r} is continuous 2-D data: use `pyrovae train diffusion`")
+        if cfg.minimise_variance and (T is not None or cfg.schedule != "learned-net"):
+            raise ValueError(f"minimise_variance trains the interior of a learned-net schedule in continuous time; got schedule {cfg.schedule!r}, time {cfg.time!r}")
+
+    def build(self, cfg, ds: datasets.Dataset) -> VDM:
+        if not ds.is_image:
+            raise ValueError(f"vdm needs image data; {ds.name!r} has examples of shape {ds.image_shape}")
+        # the denoiser sees z_t and, with Fourier features, 2 |n| more blocks of D
+        k = 1 + 2 * len(FOURIER_EXPONENTS) if cfg.fourier else 1
+        c, h, w = ds.image_shape
+        net = UNet((k * c, h, w), cfg.channels) if cfg.net == "unet" else TimeMLP(k * ds.x_dim, cfg.hidden)
+        return VDM(net, make_gamma(cfg.schedule), ds.x_dim, T=parse_time(cfg.time), fourier=cfg.fourier)
+
+    def objective(self, cfg) -> VDMELBO:
+        return VDMELBO(minimise_variance=cfg.minimise_variance)
+
+    def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
+        return to_chain_space(x)
+
+    def prepare_test(self, cfg, x: torch.Tensor) -> torch.Tensor:
+        return to_chain_space(x)
+
+    @torch.no_grad()
+    def evaluate(self, cfg, vdm: VDM, x_test: torch.Tensor, batch_size: int = 500) -> dict:
+        """The test bound's terms per example (nats; an unbiased estimate with
+        ``cfg.test_particles`` draws of t per example), bits/dim, and the
+        schedule's end points gamma(0), gamma(1). ``pyrovae evaluate vdm`` gives
+        the bound with its standard error."""
+        terms = bound_terms(vdm, x_test, cfg.test_particles, batch_size)
+        means = {k: terms[k].mean().item() for k in TERMS}
+        return {**prefixed(named_terms(**means, dim=vdm.x_dim), "test"), **schedule_ends(vdm)}
+
+    def write_figures(self, out: str, cfg, vdm: VDM, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
+        write_samples(os.path.join(out, "samples.png"), vdm, ds, cfg.sample_steps)
+        t = torch.linspace(0, 1, 201, dtype=vdm.gamma.gamma_min.dtype, device=vdm.gamma.gamma_min.device)
+        with torch.no_grad():
+            gamma = vdm.gamma(t).cpu().tolist()
+        plots.plot_curves(os.path.join(out, "schedule.png"), t.cpu().tolist(), {"gamma(t)": gamma}, "t", "gamma(t) = log(sigma_t^2 / alpha_t^2)", f"learned noise schedule ({cfg.schedule})")
+
+
+def schedule_ends(vdm: VDM) -> dict:
+    with torch.no_grad():
+        return {"gamma_0": vdm.gamma.gamma_min.item(), "gamma_1": vdm.gamma.gamma_max.item()}
+
+
+def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500) -> dict:
+    """:meth:`VDMELBO.bound_terms` over ``x`` in batches: ``recon``, ``kl_top``,
+    ``kl_layers`` and ``elbo`` per example, ``(N,)``, with ``draws`` antithetic
+    draws of t per example."""
+    elbo = VDMELBO(num_particles=draws)
+    parts = [elbo.bound_terms(vdm, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return {k: torch.cat([p[k] for p in parts]) for k in (*TERMS, "elbo")}
+
+
+@torch.no_grad()
+def evaluate_bound(vdm: VDM, x: torch.Tensor, replicates: int, draws: int, run_dir: str, batch_size: int = 500) -> dict:
+    """-ELBO on ``x``, bits/dim and nats per example, with the standard error of
+    the mean over ``replicates`` independent estimates (each: ``draws``
+    antithetic draws of t per example and one z_0 per example; the draws
+    inside one replicate are dependent, so the spread across replicates is
+    the honest one). Written to ``run_dir/evaluate.json``."""
+    if replicates < 2:
+        raise ValueError(f"replicates must be >= 2 for a standard error, got {replicates}")
+    reps = [bound_terms(vdm, x, draws, batch_size) for _ in range(replicates)]
+    bpd = torch.stack([bits_per_dim(-r["elbo"].mean(), vdm.x_dim) for r in reps])
+    result = {
+        "n": len(x),
+        "time": "continuous" if vdm.T is None else vdm.T,
+        "replicates": replicates,
+        "draws": draws,
+        "bits_per_dim": bpd.mean().item(),
+        "bits_per_dim_se": (bpd.std() / math.sqrt(replicates)).item(),
+        "nats": -torch.stack([r["elbo"].mean() for r in reps]).mean().item(),
+        **{f"{k}_nats": torch.stack([r[k].mean() for r in reps]).mean().item() for k in TERMS},
+        **schedule_ends(vdm),
+    }
+    folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
+    with open(os.path.join(folder, "evaluate.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def write_samples(path: str, vdm: VDM, ds: datasets.Dataset, steps: int, n: int | None = None) -> None:
+    """A grid of ``n`` (default 64) ancestral samples on a grid of ``steps`` times."""
+    images = from_chain_space(vdm.sample(n or 64, steps=steps))
+    plots.save_image_grid(path, images, ds.image_shape, min(8, len(images)), f"samples, {steps} steps")
+
+
+# --- the command line's vdm-only parts (pyrovae.cli calls these) ---------------------------
+
+
+def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
+    """``--steps`` for ``pyrovae sample vdm`` (its other flags are every
+    model's), and the ``pyrovae evaluate vdm`` parser."""
+    sample.add_argument("--steps", type=int, default=None, help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)")
+    p = evaluate.add_parser("vdm", help="the bound in bits/dim on the first N test examples, with its standard error", parents=[debug_flag])
+    add_load_args(p, evaluate=True)
+    p.add_argument("--n", type=int, default=100, help="first N test examples (default: 100)")
+    p.add_argument("--replicates", type=int, default=10, help="independent estimates of the bound; its standard error comes from their spread (default: 10)")
+    p.add_argument("--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)")
+
+
+def sampler(vdm: VDM, steps: int):
+    """``(draw, title)`` for ``pyrovae sample vdm``: ``draw(k)`` gives k images in [0, 1]."""
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
+
+
+def run_evaluate(args, vdm: VDM, x_test: torch.Tensor) -> dict:
+    for name in ("n", "replicates", "draws"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return evaluate_bound(vdm, x_test[: args.n], args.replicates, args.draws, args.run)
