@@ -94,6 +94,8 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
         kwargs = {"dest": f.name, "help": (help_text + suffix).replace("%", "%%")}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+            if hasattr(kwargs["choices"], "canonical"):  # other spellings of a name are accepted
+                kwargs["type"] = kwargs["choices"].canonical
         elif number:
             kwargs["type"] = field_value_parser(f)
             kwargs["metavar"] = ("N" if "int" in f.type else "X") + ("|none" if "None" in f.type else "")
@@ -195,9 +197,12 @@ def config_from_args(args: argparse.Namespace):
     given = {k: v for k, v in vars(args).items() if k not in ("command", "model", "debug")}
     if getattr(args, "resume", None) is None:
         return TrainConfig(model=args.model, **given)
-    saved = load_checkpoint(args.resume)["config"]
+    ckpt = load_checkpoint(args.resume)
+    saved = ckpt["config"]
     if saved.get("model", "vae") != args.model:
         raise ValueError(f"--resume {args.resume!r} is a {saved.get('model', 'vae')!r} run, not {args.model!r}; resume it with pyrovae train {saved.get('model', 'vae')}")
+    if "epochs" not in given and ckpt["epoch"] >= saved["epochs"]:
+        raise ValueError(f"run {args.resume!r} has finished its {ckpt['epoch']} epochs; give --epochs N with N > {ckpt['epoch']} to train it further")
     return TrainConfig.from_dict({**saved, "out": None, "overwrite": False, **given})
 
 
@@ -281,8 +286,8 @@ def run_sample(args: argparse.Namespace) -> int:
     else:
         x_test = datasets.load_from_config(cfg).x_test[:1000]
         plots.save_scatter(out, torch.cat([x_test, shown]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(shown))]))
-    note = f" (the first {len(shown)} of {n})" if len(shown) < n else ""
-    print(f"wrote {n} samples to {array_path} and drew{note} them in {out}")
+    drawn = f"the first {len(shown)} of {n}" if len(shown) < n else "them"
+    print(f"wrote {n} samples to {array_path} and drew {drawn} in {out}")
     return 0
 
 

@@ -103,25 +103,28 @@ class RunFolder:
         self.path = path
         self.overwrite = overwrite
         self._interrupted = False
-        self._previous_handler = None
+        self._previous_handlers = {}
 
     def catch_interrupts(self) -> None:
-        """From now until the run ends, Ctrl-C (SIGINT) asks the loop to stop
-        after the current step (:meth:`stop_requested`); a second Ctrl-C
-        interrupts at once, as usual."""
+        """From now until the run ends, Ctrl-C (SIGINT) or SIGTERM asks the
+        loop to stop after the current step (:meth:`stop_requested`); a second
+        one acts at once, as usual. SIGTERM too, because that is what
+        ``torchrun`` sends its workers when it gets Ctrl-C itself (and what a
+        cluster's scheduler sends before it kills a job)."""
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
 
         def handler(signum, frame):
             self._interrupted = True
-            signal.signal(signal.SIGINT, self._previous_handler)
+            signal.signal(signum, self._previous_handlers[signum])
 
-        self._previous_handler = signal.signal(signal.SIGINT, handler)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, handler)
 
     def restore_interrupts(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)
+        self._previous_handlers = {}
 
     def stop_requested(self) -> bool:
         """Whether Ctrl-C was pressed, on any process: under ``torchrun`` the

@@ -61,3 +61,28 @@ def test_fragments_say_why_and_most_snippets_run():
     assert not fragments, f"blocks marked 'not run' without a reason: {fragments}"
     runnable = [b for b in BLOCKS if b[3] != "not run"]
     assert len(runnable) >= 4 and BLOCKS[0][0].name == "README.md" and BLOCKS[0][3] != "not run"
+
+
+NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
+LOCAL_PATH = re.compile(r"(/root/|/home/|/work/|/Users/|site-packages|[A-Z]:\\\\)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_committed_tutorial_outputs_hold_no_warnings_or_local_paths(path):
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        for output in cell.get("outputs", []):
+            text = output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
+            assert "Warning" not in text and not LOCAL_PATH.search(text), f"{path.name} cell {i}: {text[:200]!r}"
+
+
+def test_diffusion_tutorial_introduction_lists_its_sections():
+    import nbformat
+
+    nb = nbformat.read(ROOT / "tutorials" / "diffusion_as_hierarchical_vae.ipynb", as_version=4)
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    listed = [int(n) for n in re.findall(r"^(\d+)\. ", markdown[0], re.M)]
+    headings = [int(n) for text in markdown[1:] for n in re.findall(r"^## (\d+)\. ", text, re.M)]
+    assert listed == headings == list(range(1, len(headings) + 1))

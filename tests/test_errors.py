@@ -246,7 +246,8 @@ CLI_ERRORS = [
     (["train", "vae", *TINY, "--tensorboard", "--out", "{tmp}/tb"], "tensorboard package"),
     (["train", "diffusion", "--resume", "{tmp}/vae-run"], "is a 'vae' run"),
     (["train", "vae", *TINY, "--out", "{tmp}/vae-run"], "already holds a run"),
-    (["train", "vae", *TINY, "--resume", "{tmp}/vae-run"], "epochs must be > 1"),
+    (["train", "vae", *TINY, "--resume", "{tmp}/vae-run"], "has finished its 1 epochs; give --epochs N with N > 1"),
+    (["train", "vae", "--epochs", "1", "--resume", "{tmp}/vae-run"], "epochs must be > 1"),
 ]
 
 
@@ -534,8 +535,9 @@ def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
 # ---- Ctrl-C (issue 17 item 12) ----
 
 
-def ctrl_c_on_step(monkeypatch, step, recipe=None):
-    """Press Ctrl-C (a real SIGINT to this process) while the given 1-based step's batch is prepared."""
+def ctrl_c_on_step(monkeypatch, step, recipe=None, signum=signal.SIGINT):
+    """Press Ctrl-C (a real SIGINT to this process; or send ``signum``) while
+    the given 1-based step's batch is prepared."""
     from pyrovae.recipes.vae import VAERecipe
 
     recipe = recipe or VAERecipe
@@ -544,23 +546,44 @@ def ctrl_c_on_step(monkeypatch, step, recipe=None):
     def pressed(self, cfg, x):
         calls["n"] += 1
         if calls["n"] == step:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return prepare(self, cfg, x)
 
     monkeypatch.setattr(recipe, "prepare_batch", pressed)
     return calls
 
 
-def test_ctrl_c_stops_after_the_step_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    calls = ctrl_c_on_step(monkeypatch, 5)  # 3 steps per epoch: step 5 is in epoch 2
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_after_the_step_keeps_the_checkpoint_and_says_how_to_resume(signum, tmp_path, monkeypatch, capsys):
+    """SIGTERM is what torchrun sends its workers on Ctrl-C: the same clean stop."""
+    calls = ctrl_c_on_step(monkeypatch, 5, signum=signum)  # 3 steps per epoch: step 5 is in epoch 2
     out = str(tmp_path / "run")
     assert main(["train", "vae", *TINY, "--epochs", "3", "--out", out]) == 130
     err = capsys.readouterr().err
     assert calls["n"] == 5 and "Traceback" not in err and err.count("\n") == 1
     assert "interrupted after step 5 (epoch 2)" in err and f"pyrovae train vae --resume {out}" in err
     assert load_checkpoint(out)["epoch"] == 1 and runs.LOCK not in os.listdir(out)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     monkeypatch.undo()
     # Without --epochs the resumed run continues to its own epoch count.
     assert main(["train", "vae", "--quiet", "--resume", out]) == 0
     assert load_checkpoint(out)["epoch"] == 3
+
+
+# ---- data of another floating dtype (issue 17 item 16) ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("make, data", [(vae64, lambda: torch.rand(4, 64).round()), (chain64, lambda: torch.rand(4, 64) * 2 - 1)], ids=["vae", "chain"])
+def test_floating_data_of_any_dtype_is_cast_to_the_model_s(make, data, dtype):
+    """NumPy's default float64 (and half precision) gave 'mat1 and mat2 must
+    have the same dtype': the model casts at its entry, so the ELBO is the
+    float32 data's (up to the dtype's rounding of the values)."""
+    model, x = make(), data()
+    x_cast = x.to(dtype)
+    guide = getattr(model, "guide_posterior", model.guide)
+    pyro.set_rng_seed(0)
+    loss = pyro.infer.Trace_ELBO().loss(model.model, guide, x_cast)
+    pyro.set_rng_seed(0)
+    assert loss == pytest.approx(pyro.infer.Trace_ELBO().loss(model.model, guide, x_cast.to(torch.float32)), rel=1e-6)
