@@ -273,7 +273,11 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     """``model.load_state_dict(state)`` with a ``ValueError`` that names the
-    missing, unexpected and mis-shaped entries."""
+    missing, unexpected and mis-shaped entries. A model with an
+    ``upgrade_state_dict`` method first maps a state saved by an older pyrovae
+    onto its own layout."""
+    if hasattr(model, "upgrade_state_dict"):
+        state = model.upgrade_state_dict(state)
     own = model.state_dict()
     problems = [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]

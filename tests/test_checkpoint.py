@@ -210,6 +210,27 @@ def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(
     assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
 
 
+FORMAT1_DIFFUSION = os.path.join(os.path.dirname(__file__), "data", "format1-diffusion")  # pyrovae 0.1: a chain without a prior module, fewer schedule tables
+
+
+def test_a_format1_diffusion_checkpoint_loads_samples_evaluates_and_resumes(tmp_path, capsys):
+    old = torch.load(os.path.join(FORMAT1_DIFFUSION, "checkpoint.pt"), weights_only=True)
+    assert old["format"] == 1 and "prior.loc" not in old["model"]
+    chain, _ = pyrovae.load(FORMAT1_DIFFUSION)
+    for k, v in old["ema"].items():
+        if not k.startswith("schedule."):
+            assert torch.equal(chain.state_dict()[k], v), k
+    # the tables are recomputed from the saved betas, so they are the schedule's own
+    assert torch.allclose(chain.schedule.alphas_cumprod, old["ema"]["schedule.alphas_cumprod"], rtol=1e-12)
+    assert main(["evaluate", "diffusion", FORMAT1_DIFFUSION, "--n", "8"]) == 0 and "test_elbo" in capsys.readouterr().out
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "config.json"):
+        (run / name).write_bytes(open(os.path.join(FORMAT1_DIFFUSION, name), "rb").read())
+    assert main(["train", "diffusion", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
+
+
 DIFFUSION_TINY = ["--data", "moons", "--train-size", "64", "--test-size", "16", "--batch-size", "16", "--T", "4", "--hidden", "8", "--quiet", "--eval-every", "1", "--sample-steps", "2"]
 # The diffusion run's state: the importance sampler's history (p(t) leaves uniform in
 # epoch 2: 4 steps of 16 draws give every t its 10 values), bf16 autocast, EMA, schedules.

@@ -122,6 +122,25 @@ class DiffusionChain(nn.Module):
     def T(self) -> int:
         return self.schedule.T
 
+    def upgrade_state_dict(self, state: dict) -> dict:
+        """``state`` as this chain's ``state_dict`` lays it out, for a chain saved by
+        an older pyrovae: the schedule's tables are recomputed from the saved
+        ``schedule.betas`` and ``schedule.timesteps`` (the schedule owns every number
+        derived from beta_t, and later versions added tables), and the prior's
+        buffers, absent before the chain held a prior module, are this chain's
+        own (N(0, I) has nothing to learn). A current state is returned as it is."""
+        own = self.state_dict()
+        if set(state) == set(own):
+            return state
+        upgraded = dict(state)
+        if "schedule.betas" in state:
+            timesteps = state.get("schedule.timesteps")
+            spaced = timesteps is not None and not torch.equal(timesteps.cpu(), torch.arange(1, len(timesteps) + 1))
+            schedule = NoiseSchedule(state["schedule.betas"], timesteps if spaced else None, self.schedule.original_T if spaced else None)
+            upgraded.update({f"schedule.{k}": v for k, v in schedule.state_dict().items()})
+        upgraded.update({k: v for k, v in own.items() if k.startswith("prior.") and k not in state})
+        return upgraded
+
     def check_data(self, x0: torch.Tensor) -> torch.Tensor:
         """Raise a clear error for data this chain cannot score; return ``x0``
         in the denoiser's floating dtype (float64 or half-precision data are cast)."""
