@@ -299,33 +299,41 @@ def build_hvae(
     return hvae
 
 
+def latent_sites(model) -> list:
+    """The latent sites from z_1 (next to the data) to the top: ``["z_1", .., "z_L"]``
+    for an :class:`HVAE`, ``["z"]`` for a :class:`~pyrovae.vae.VAE` (its one layer)."""
+    return [f"z_{l}" for l in range(1, model.L + 1)] if isinstance(model, HVAE) else ["z"]
+
+
 @torch.no_grad()
-def bound_terms(hvae: HVAE, x: torch.Tensor, num_particles: int = 10, batch_size: int = 500) -> dict:
+def bound_terms(hvae: HVAE | VAE, x: torch.Tensor, num_particles: int = 10, batch_size: int = 500) -> dict:
     """The ELBO's named terms, per example in nats, averaged over ``x``:
     ``recon``, ``kl_1`` .. ``kl_L``, ``kl_top`` (= kl_L), ``kl_layers``
     (= kl_1 + .. + kl_{L-1}), ``kl`` (all of them) and ``elbo`` = recon - kl_top -
     kl_layers, each from ``num_particles`` vectorised draws of the analytic-KL
     ELBO (closed form where exact, Monte Carlo elsewhere); ``closed_form`` lists
-    the layers that took the closed form."""
+    the layers that took the closed form. A :class:`~pyrovae.vae.VAE` is read as
+    the 1-layer hierarchy (its ``z`` is z_1 = the top)."""
     elbo = TraceAnalyticKL_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     sums: dict = {}
     for i in range(0, len(x), batch_size):
         terms = elbo.terms(hvae.model, hvae.guide, x[i : i + batch_size])
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
-    n, L = len(x), hvae.L
+    sites = latent_sites(hvae)
+    n, L = len(x), len(sites)
     out = {"recon": sums["x"] / n}
-    out.update({f"kl_{l}": -sums[f"z_{l}"] / n for l in range(1, L + 1)})
+    out.update({f"kl_{l}": -sums[site] / n for l, site in enumerate(sites, start=1)})
     out["kl_top"] = out[f"kl_{L}"]
     out["kl_layers"] = sum(out[f"kl_{l}"] for l in range(1, L))
     out["kl"] = out["kl_top"] + out["kl_layers"]
     out["elbo"] = out["recon"] - out["kl"]
-    out["closed_form"] = [int(name.split("_")[1]) for name in terms.closed_form]
+    out["closed_form"] = [l for l, site in enumerate(sites, start=1) if site in terms.closed_form]
     return out
 
 
 @torch.no_grad()
-def active_units(hvae: HVAE, x: torch.Tensor, num_samples: int = 10, threshold: float = 0.01) -> dict:
+def active_units(hvae: HVAE | VAE, x: torch.Tensor, num_samples: int = 10, threshold: float = 0.01) -> dict:
     """Active units per layer (Burda et al. 2016): unit u of z_l is active when
     Cov_x(E_q[z_{l,u} | x]) > ``threshold``. E_q[z_l | x] is the mean over
     ``num_samples`` guide draws of the mean of q at layer l given the layers drawn
@@ -333,7 +341,5 @@ def active_units(hvae: HVAE, x: torch.Tensor, num_samples: int = 10, threshold: 
     ``{l: number of active units}``."""
     with pyro.plate("au_particles", num_samples, dim=-2), poutine.block():
         trace = poutine.trace(hvae.guide).get_trace(x)
-    return {
-        l: int((trace.nodes[f"z_{l}"]["fn"].mean.expand(num_samples, len(x), hvae.z_dims[l - 1]).mean(0).var(0) > threshold).sum())
-        for l in range(1, hvae.L + 1)
-    }
+    means = {l: trace.nodes[site]["fn"].mean for l, site in enumerate(latent_sites(hvae), start=1)}
+    return {l: int((mean.expand(num_samples, *mean.shape[-2:]).mean(0).var(0) > threshold).sum()) for l, mean in means.items()}
