@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -31,14 +32,16 @@ import torch
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-TMP_PREFIX = ".tmp-"
+# Our temporaries end in ".pyrovae-tmp-<pid>": no user's file is mistaken for one.
+TMP_SUFFIX = ".pyrovae-tmp-"
+_TMP_NAME = re.compile(r"^\..+" + re.escape(TMP_SUFFIX) + r"(\d+)$")
 
 
 def atomic_write_bytes(path: str, write) -> None:
     """Write a file through a temporary file in the same folder, fsync, then
     ``os.replace``: a reader sees either the old file or the new, never half."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f"{TMP_SUFFIX}{os.getpid()}")
     try:
         # mkstemp makes the file private (0600); a run's files should read like any other file.
         os.fchmod(fd, 0o644)
@@ -65,9 +68,11 @@ def atomic_write_bytes(path: str, write) -> None:
 def remove_stale_temporaries(folder: str) -> None:
     """Delete the temporary files of writes that a killed process left behind
     (a SIGKILL skips the clean-up in :func:`atomic_write_bytes`); each is as
-    large as a checkpoint."""
+    large as a checkpoint. Only names :func:`atomic_write_bytes` makes, of a
+    process other than this one, are removed (the caller holds the folder's lock)."""
     for name in os.listdir(folder):
-        if name.startswith(TMP_PREFIX):
+        match = _TMP_NAME.match(name)
+        if match and int(match.group(1)) != os.getpid():
             os.unlink(os.path.join(folder, name))
 
 
@@ -112,14 +117,24 @@ def load_checkpoint(path: str) -> dict:
     """Read a checkpoint (a run folder or a file) onto the CPU with
     ``weights_only=True``; raise ``ValueError`` if it is not one of ours."""
     path = checkpoint_path(path)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read checkpoint {path!r}: the file is empty (0 bytes), not a pyrovae checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"cannot read checkpoint {path!r}: {err}") from err
+        raise ValueError(f"cannot read checkpoint {path!r}: not a pyrovae checkpoint ({_load_failure(err)})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path!r} is not a pyrovae checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
     return ckpt
+
+
+def _load_failure(err: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong, without its advice to
+    retry unsafely (checkpoints never need code to be unpickled)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kept = [line for line in lines if "weights_only" not in line and not line.startswith(("Check the documentation", "Please file an issue"))]
+    return f"{type(err).__name__}: {kept[-1]}" if kept else type(err).__name__
 
 
 def config_mismatches(saved: dict, requested: dict, ignore=()) -> list[str]:
@@ -146,13 +161,13 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     """
     from pyrovae import data as datasets
     from pyrovae.device import resolve_device
-    from pyrovae.train import RECIPES, TrainConfig
+    from pyrovae.config import MODELS, TrainConfig, resolve
 
     ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg = resolve(TrainConfig.from_dict(ckpt["config"]))
     if model is not None and model != cfg.model:
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
-    recipe = RECIPES[cfg.model]
+    recipe = MODELS[cfg.model].recipe
     ds = datasets.load_dataset(cfg.data, cfg.data_dir)
     net = recipe.build(cfg, ds)
     state = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]

@@ -116,8 +116,11 @@ def read_idx(path: str) -> np.ndarray:
     number or when the data are shorter or longer than the header says.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError) as err:  # neither names the file
+        raise ValueError(f"{path}: not a readable gzip file ({type(err).__name__}: {err or 'ends early'})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     ndim = raw[3]

@@ -50,10 +50,10 @@ def _conv_sizes(size: int, layers: int) -> list[int]:
 
 
 def check_sizes(**sizes: int) -> None:
-    """Raise ``ValueError`` naming the first size that is not >= 1."""
+    """Raise ``ValueError`` naming the first size that is not an integer >= 1."""
     for name, size in sizes.items():
-        if size < 1:
-            raise ValueError(f"{name} must be >= 1, got {size}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
 
 
 def _conv_feature_sizes(image_shape: Sequence[int], channels: Sequence[int], activation: str):

@@ -24,134 +24,27 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer.util import zero_grads
-from pyro.optim.clipped_adam import ClippedAdam
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from pyrovae import checkpoint
 from pyrovae import data as datasets
-from pyrovae import distributed, plots
+from pyrovae import distributed, plots, runs
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.device import resolve_device
-from pyrovae.recipes.diffusion import DiffusionRecipe
-from pyrovae.recipes.vae import VAERecipe
+from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, data_kind, resolve
+from pyrovae.optim import OPTIMIZERS, lr_factor
 
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "clippedadam": ClippedAdam}
-LR_SCHEDULES = ("constant", "cosine", "exponential")
-PRECISIONS = ("fp32", "bf16")
-NAN_POLICIES = ("stop", "skip")
-# Fields that may change when a run is resumed: they steer the run, not the maths.
-RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy")
-RECIPES = {"vae": VAERecipe(), "diffusion": DiffusionRecipe()}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved as ``config.json`` in the run folder."""
-
-    model: str = "vae"
-    data: str = "mnist5k"
-    data_dir: str | None = None
-    binarize: str = "dynamic"
-    train_size: int | None = None
-    test_size: int | None = None
-    epochs: int = 300
-    batch_size: int = 128
-    lr: float = 1e-3
-    z_dim: int = 50
-    hidden: list = field(default_factory=lambda: [400])
-    elbo: str = "analytic"
-    kl_warmup: int = 0
-    prior: str = "normal"
-    guide: str = "diag"
-    likelihood: str = "bernoulli"
-    iwae_k: int = 0
-    test_particles: int = 10
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None
-    validate: bool = True
-    quiet: bool = False
-    # optimisation, evaluation and run control
-    optimizer: str = "adam"  # adam | clippedadam (Pyro's, clamps each gradient entry)
-    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last step) | exponential
-    lr_gamma: float = 1.0  # factor per epoch of the exponential schedule
-    warmup_steps: int = 0  # linear warm-up of the learning rate
-    grad_clip: float | None = None  # clip the global gradient norm to this
-    ema_decay: float | None = None  # keep an EMA of the weights; evaluate and sample with it
-    eval_every: int = 1  # test ELBO every N epochs (and after the last)
-    precision: str = "fp32"  # fp32 | bf16 (torch.autocast around the ELBO)
-    tensorboard: bool = False  # also log metrics to TensorBoard (needs the tensorboard package)
-    resume: str | None = None  # run folder or checkpoint to continue from
-    nan_policy: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the step and count it
-    # diffusion only (pyrovae train diffusion); `hidden` sizes its MLP denoiser
-    T: int = 1000
-    schedule: str = "linear"
-    net: str = "auto"
-    channels: int = 16
-    objective: str = "elbo"
-    parameterization: str = "eps"
-    variance: str = "beta_tilde"
-    time_sampler: str = "uniform"
-    sample_steps: int = 50
-
-    def check(self) -> "TrainConfig":
-        """Raise ``ValueError`` naming the first bad field."""
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "test_particles": self.test_particles,
-            "eval_every": self.eval_every,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.kl_warmup < 0:
-            raise ValueError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.data not in datasets.DATASETS:
-            raise ValueError(f"unknown dataset {self.data!r}; expected one of {', '.join(datasets.DATASETS)}")
-        if self.model not in RECIPES:
-            raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(RECIPES)}")
-        choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "nan_policy": NAN_POLICIES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
-        if not 0 < self.lr_gamma <= 1:
-            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
-        RECIPES[self.model].check(self)
-        resolve_device(self.device)
-        return self
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """A config from a saved dict; fields it lacks take their defaults
-        (checkpoints from before a field existed), unknown names are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}; this pyrovae knows {sorted(names)}")
-        return cls(**values)
+RECIPES = {name: m.recipe for name, m in MODELS.items()}
 
 
 @dataclass
@@ -203,15 +96,9 @@ def make_optim(cfg: TrainConfig, steps_per_epoch: int) -> pyro.optim.PyroLRSched
     min(1, (k + 1) / warmup_steps), and schedule(k) = 1 (constant),
     (1 + cos(pi k / K)) / 2 over the run's K steps (cosine), or
     lr_gamma ** (k / steps_per_epoch) (exponential)."""
-    total = cfg.epochs * steps_per_epoch
 
     def lr_lambda(k: int) -> float:
-        warmup = min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        if cfg.lr_schedule == "cosine":
-            return warmup * 0.5 * (1 + math.cos(math.pi * min(k, total) / total))
-        if cfg.lr_schedule == "exponential":
-            return warmup * cfg.lr_gamma ** (k / steps_per_epoch)
-        return warmup
+        return lr_factor(k, steps_per_epoch, cfg.epochs, cfg.lr_schedule, cfg.warmup_steps, cfg.lr_gamma)
 
     return pyro.optim.LambdaLR({"optimizer": OPTIMIZERS[cfg.optimizer], "optim_args": {"lr": cfg.lr}, "lr_lambda": lr_lambda})
 
@@ -293,16 +180,12 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     return DataLoader(ds, sampler=BatchSampler(sampler, cfg.batch_size // world, drop_last=False), batch_size=None), sampler
 
 
-def make_run_dir(cfg: TrainConfig) -> str:
-    out = cfg.out or os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        # A real write, not os.access: that says yes to root on a read-only mount or folder.
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise ValueError(f"output folder {out!r} is not writable: {err}") from err
-    return out
+def run_dir(cfg: TrainConfig) -> str:
+    """``cfg.out``; by default the resumed run's folder, or a new
+    ``runs/<model>-<data>-<timestamp>``."""
+    if cfg.out is None and cfg.resume is not None:
+        return os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
+    return cfg.out or os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
@@ -322,7 +205,7 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     if cfg.resume is None:
         return None
     ckpt = checkpoint.load_checkpoint(cfg.resume)
-    saved = dataclasses.asdict(TrainConfig.from_dict(ckpt["config"]))
+    saved = dataclasses.asdict(resolve(TrainConfig.from_dict(ckpt["config"])))
     mismatches = checkpoint.config_mismatches(saved, dataclasses.asdict(cfg), ignore=RESUMABLE_FIELDS)
     if mismatches:
         raise ValueError(f"cannot resume from {cfg.resume!r}: its config does not match the requested one: " + "; ".join(mismatches))
@@ -333,47 +216,51 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     return ckpt
 
 
-def open_tensorboard(out: str):
+def tensorboard_writer():
+    """TensorBoard's ``SummaryWriter`` class, imported before the run writes anything."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ValueError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from err
-    return SummaryWriter(out)
+    return SummaryWriter
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train the model ``cfg.model`` names by SVI; write the run's files; return it.
 
+    The config's ``"auto"`` fields are resolved for the data first
+    (:func:`pyrovae.config.resolve`): ``TrainResult.config`` and ``config.json``
+    hold the values used.
+
     The loop is the same for every model: a *recipe* (``RECIPES[cfg.model]``)
     says how to build the model/guide pair and its objective, how to prepare a
     batch, what to evaluate and which figures to draw.
     """
-    cfg.check()
+    cfg = resolve(cfg).check()
     recipe = RECIPES[cfg.model]
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
     try:
-        return _train(cfg, recipe, device)
+        cfg = dataclasses.replace(cfg, out=run_dir(cfg))
+        with runs.open_run(cfg.out, cfg.resume, cfg.overwrite) as run:
+            return _train(cfg, recipe, device, run)
     finally:
         distributed.shutdown(started_group)
 
 
-def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
+def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) -> TrainResult:
     ckpt = resume_state(cfg)
     is_main = distributed.rank() == 0
-    if cfg.out is None and cfg.resume is not None:
-        cfg = dataclasses.replace(cfg, out=os.path.dirname(checkpoint.checkpoint_path(cfg.resume)))
-    out = make_run_dir(cfg) if is_main else cfg.out
+    out = cfg.out
     quiet = cfg.quiet or not is_main
     log = (lambda text: None) if quiet else tqdm.write  # keeps the bars intact
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(cfg.validate)
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
-    if is_main:
-        checkpoint.remove_stale_temporaries(out)
-        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
 
     ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
+    if hasattr(recipe, "check_data"):
+        recipe.check_data(cfg, ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
@@ -393,10 +280,17 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
     else:
         # Equal initial weights on every rank, different sampling noise.
         pyro.set_rng_seed(cfg.seed + distributed.rank())
-    writer = open_tensorboard(out) if cfg.tensorboard and is_main else None
+    summary_writer = tensorboard_writer() if cfg.tensorboard and is_main else None
+    # Every check has passed: only now is anything but the lock written.
+    if is_main:
+        run.start()
+        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
+    writer = summary_writer(out) if summary_writer is not None else None
     with_ema = (lambda: ema.applied(model)) if ema is not None else contextlib.nullcontext
 
-    epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet)
+    # disable=None: no bars when stderr is not a terminal (logs get the per-epoch lines only).
+    epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet or None)
+    run.catch_interrupts()
     for epoch in epochs:
         t0 = time.perf_counter()
         if hasattr(recipe, "on_epoch_start"):
@@ -404,7 +298,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
         sampler.set_epoch(epoch)
         model.train()
         total = 0.0
-        steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)
+        steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet or None)
         for i, (xb, _) in enumerate(steps, start=1):
             batch = recipe.prepare_batch(cfg, xb)
             try:
@@ -421,6 +315,8 @@ def _train(cfg: TrainConfig, recipe, device: torch.device) -> TrainResult:
                 ema.update(model, step)
             total += loss
             steps.set_postfix(loss=f"{total / (i * cfg.batch_size):.2f}", lr=f"{current_lr(optim):.2e}")  # running -ELBO per example
+            if run.stop_requested():  # Ctrl-C: the last epoch's checkpoint stays the one to resume
+                raise run.interrupted(cfg.model, step, epoch)
         seconds += time.perf_counter() - t0
 
         if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):

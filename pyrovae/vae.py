@@ -31,6 +31,14 @@ from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood
 from pyrovae.parts.priors import PRIORS, StandardNormalPrior
 
 
+def check_event(d, part: str, z_dim: int):
+    """``d`` if its event shape is ``(z_dim,)``, else a ``ValueError`` naming
+    the part (before the decoder fails on a raw matrix-size error)."""
+    if tuple(d.event_shape) != (z_dim,):
+        raise ValueError(f"the {part} must return a distribution with event shape (z_dim,) = ({z_dim},), got event shape {tuple(d.event_shape)}")
+    return d
+
+
 class VAE(nn.Module):
     """A VAE composed of four replaceable parts.
 
@@ -72,7 +80,9 @@ class VAE(nn.Module):
         return next(self.parameters()).device
 
     def check_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Raise a clear error for data this model cannot score; return ``x``."""
+        """Raise a clear error for data this model cannot score; return ``x``
+        in the model's floating dtype (NumPy's default float64, or half
+        precision, is cast: the networks' matmuls need one dtype)."""
         if not torch.is_tensor(x):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.x_dim:
@@ -85,6 +95,7 @@ class VAE(nn.Module):
             raise TypeError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the model is on {self.device}; move one with .to()")
+        x = x.to(next(self.parameters()).dtype)
         if is_validation_enabled():
             check_finite(x, "x")
             if getattr(self.likelihood, "binary_data", False) and not ((x == 0) | (x == 1)).all():
@@ -98,18 +109,18 @@ class VAE(nn.Module):
     def model(self, x: torch.Tensor) -> torch.Tensor:
         """p(z) p_theta(x|z): sample site ``"z"``, observed site ``"x"``."""
         pyro.module("vae", self)
-        self.check_data(x)
+        x = self.check_data(x)
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", self.prior())
+            z = pyro.sample("z", check_event(self.prior(), "prior", self.z_dim))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
         return z
 
     def guide(self, x: torch.Tensor) -> torch.Tensor:
         """q_phi(z|x): sample site ``"z"``."""
         pyro.module("vae", self)
-        self.check_data(x)
+        x = self.check_data(x)
         with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", self.encoder(x))
+            return pyro.sample("z", check_event(self.encoder(x), "encoder", self.z_dim))
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, num_samples: int = 100) -> torch.Tensor:

@@ -19,14 +19,17 @@ from pyrovae import checkpoint, data
 from pyrovae.checkpoint import load_checkpoint
 from pyrovae.cli import main
 from pyrovae.diffusion.schedule import NoiseSchedule
-from pyrovae.train import TrainConfig, train
+from pyrovae.config import TrainConfig
+from pyrovae.train import train
 from pyrovae.vae import build_vae
 
 TINY = ["--data", "digits", "--train-size", "48", "--test-size", "16", "--batch-size", "16", "--z-dim", "2", "--hidden", "8", "--quiet"]
 
 
 def tiny_config(out, **changes) -> TrainConfig:
-    values = dict(data="digits", train_size=48, test_size=16, batch_size=16, z_dim=2, hidden=[8], epochs=2, quiet=True, out=str(out))
+    values = dict(data="digits", train_size=48, test_size=16, batch_size=16, hidden=[8], epochs=2, quiet=True, out=str(out))
+    if changes.get("model", "vae") == "vae":
+        values["z_dim"] = 2  # each model's config has only its own fields
     return TrainConfig(**{**values, **changes})
 
 
@@ -98,7 +101,7 @@ BAD_INPUTS = [
     ("model: unknown likelihood", lambda p: tiny_config(p, likelihood="poisson").check(), ValueError, ["likelihood", "'poisson'", "bernoulli"]),
     ("model: unknown network", lambda p: tiny_config(p, net="resnet").check(), ValueError, ["net", "'resnet'", "mlp"]),
     ("model: unknown schedule", lambda p: tiny_config(p, model="diffusion", schedule="quad").check(), ValueError, ["schedule", "'quad'", "linear"]),
-    ("model: unknown dataset", lambda p: tiny_config(p, data="cifar").check(), ValueError, ["dataset", "'cifar'", "mnist5k"]),
+    ("model: unknown dataset", lambda p: tiny_config(p, data="cifar").check(), ValueError, ["data", "'cifar'", "mnist5k"]),
     ("model: unknown prior (Python API)", lambda p: build_vae(64, 2, prior="gauss"), ValueError, ["prior", "'gauss'", "normal"]),
     ("model: z_dim < 1", lambda p: tiny_config(p, z_dim=0).check(), ValueError, ["z_dim", ">= 1", "0"]),
     ("model: z_dim < 1 (Python API)", lambda p: build_vae(64, 0), ValueError, ["z_dim", ">= 1", "0"]),
@@ -262,7 +265,7 @@ def test_nan_policy_is_the_shared_loop_s_so_diffusion_runs_skip_too(tmp_path, mo
     from pyrovae.recipes.diffusion import DiffusionRecipe
 
     nan_on_step(monkeypatch, {3}, DiffusionRecipe)
-    cfg = tiny_config(tmp_path, model="diffusion", data="moons", T=4, hidden=[8], epochs=2, validate=False, nan_policy="skip", sample_steps=2)
+    cfg = tiny_config(tmp_path, model="diffusion", data="moons", T=4, hidden=[8], epochs=2, eval_every=1, validate=False, nan_policy="skip", sample_steps=2)
     result = train(cfg)
     assert [row["skipped_steps"] for row in result.metrics] == [1, 1]
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
@@ -305,7 +308,7 @@ def test_sigkill_during_checkpoint_saves_never_corrupts_and_resume_continues(tmp
         epochs.append(ckpt["epoch"])
     assert epochs == sorted(epochs) and epochs[-1] > epochs[0]
     # A kill inside a save leaves at most the one temporary file of that save; the next run removes it.
-    assert len([f for f in os.listdir(out) if f.startswith(checkpoint.TMP_PREFIX)]) <= 1
+    assert len([f for f in os.listdir(out) if checkpoint.TMP_SUFFIX in f]) <= 1
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
@@ -321,7 +324,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint_and_says_so(tmp_pat
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err and "previous" in err and "checkpoint.pt" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(tmp_path) if checkpoint.TMP_SUFFIX in f]
 
 
 class RunsCode:

@@ -206,3 +206,54 @@ def test_cuda_requested_without_gpu_is_an_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert main(["train", "vae", *TINY, "--device", "cuda", "--out", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("model", sorted(training.MODELS))
+def test_python_and_cli_build_the_same_default_config_for_every_model(model):
+    from pyrovae.cli import build_parser, config_from_args
+    from pyrovae.config import MODELS
+
+    from_cli = config_from_args(build_parser().parse_args(["train", model]))
+    assert from_cli == TrainConfig(model=model) == MODELS[model].config()
+    assert type(from_cli) is MODELS[model].config
+
+
+def test_data_dependent_defaults_are_resolved_by_the_data_kind_and_explicit_values_kept():
+    from pyrovae.config import DiffusionConfig, resolve
+
+    image = resolve(DiffusionConfig(data="digits"))
+    points = resolve(DiffusionConfig(data="moons"))
+    assert (image.objective, image.variance, image.net) == ("hybrid", "learned", "unet")
+    assert (points.objective, points.variance, points.net) == ("elbo", "beta_tilde", "mlp")
+    assert resolve(DiffusionConfig(data="digits", objective="elbo", variance="beta")).objective == "elbo"
+    assert resolve(TrainConfig()) == TrainConfig()  # the VAE has nothing data-dependent
+
+
+def test_an_old_flat_config_converts_on_read():
+    """pyrovae 0.1 saved one config with both models' fields."""
+    from pyrovae.config import DiffusionConfig, VAEConfig, _LEGACY_FIELDS
+
+    old = {name: getattr(TrainConfig(), name, None) for name in _LEGACY_FIELDS}
+    old.update(T=1000, schedule="linear", net="auto", channels=16, objective="elbo", parameterization="eps", variance="beta_tilde", time_sampler="uniform", sample_steps=50)
+    vae = TrainConfig.from_dict({**old, "model": "vae", "z_dim": 7})
+    assert type(vae) is VAEConfig and vae.z_dim == 7 and vae.net == "mlp" and not hasattr(vae, "T")
+    old_diffusion = {**old, "model": "diffusion", "T": 10, "hidden": [32], "z_dim": 50}
+    chain = TrainConfig.from_dict(old_diffusion)
+    assert type(chain) is DiffusionConfig and (chain.T, chain.hidden) == (10, [32]) and not hasattr(chain, "z_dim")
+    with pytest.raises(ValueError, match="unknown config fields"):
+        TrainConfig.from_dict({"model": "vae", "not_a_field": 1})
+
+
+@pytest.mark.parametrize(
+    "model, change, message",
+    [
+        ("vae", {"lr": math.inf}, "lr must be < inf"),
+        ("vae", {"hidden": [8, 0]}, "hidden must be >= 1"),
+        ("diffusion", {"T": 0}, "T must be >= 1"),
+        ("diffusion", {"objective": "best"}, "unknown objective 'best'"),
+        ("vae", {"ema_decay": None, "z_dim": None}, "z_dim must not be None"),
+    ],
+)
+def test_field_metadata_checks_name_the_field(model, change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(model=model, **change).check()

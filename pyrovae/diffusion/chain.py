@@ -87,13 +87,15 @@ class DiffusionChain(nn.Module):
         return self.schedule.T
 
     def check_data(self, x0: torch.Tensor) -> torch.Tensor:
-        """Raise a clear error for data this chain cannot score; return ``x0``."""
+        """Raise a clear error for data this chain cannot score; return ``x0``
+        in the denoiser's floating dtype (float64 or half-precision data are cast)."""
         if not torch.is_tensor(x0) or not x0.is_floating_point():
             raise TypeError(f"x0 must be a float tensor, got {type(x0).__name__} {getattr(x0, 'dtype', '')}")
         if x0.dim() != 2 or x0.shape[1] != self.x_dim or x0.shape[0] == 0:
             raise ValueError(f"x0 must have shape (batch >= 1, {self.x_dim}), got {tuple(x0.shape)}")
         if x0.device != self.schedule.betas.device:
             raise ValueError(f"x0 is on {x0.device} but the chain is on {self.schedule.betas.device}; move one with .to()")
+        x0 = x0.to(next(self.parameters()).dtype)
         if is_validation_enabled():
             check_finite(x0, "x0")
         if self.decoder == "discretised" and is_validation_enabled() and (x0.min() < -1 or x0.max() > 1):
@@ -181,7 +183,7 @@ class DiffusionChain(nn.Module):
         ``"x_T"``, ..., ``"x_1"``, observed site ``"x_0"``. One site per step, so
         tracing it costs O(T)."""
         pyro.module("diffusion", self)
-        self.check_data(x0)
+        x0 = self.check_data(x0)
         with pyro.plate("data", x0.shape[0]):
             x = pyro.sample(f"x_{self.T}", self.p_prior(x0))
             for t in range(self.T, 1, -1):
@@ -190,7 +192,7 @@ class DiffusionChain(nn.Module):
 
     def guide_forward(self, x0: torch.Tensor) -> None:
         """q(x_{1:T}|x_0) = prod_{t=1..T} q(x_t|x_{t-1}): the forward process."""
-        self.check_data(x0)
+        x0 = self.check_data(x0)
         with pyro.plate("data", x0.shape[0]):
             x = x0
             for t in range(1, self.T + 1):
@@ -209,7 +211,7 @@ class DiffusionChain(nn.Module):
         per-site KL would condition on a descendant and the estimate would be
         biased (Pyro warns that the site orders differ).
         """
-        self.check_data(x0)
+        x0 = self.check_data(x0)
         s = self.schedule
         with pyro.plate("data", x0.shape[0]):
             x = pyro.sample(f"x_{self.T}", s.q_xt_given_x0(x0, self.T))

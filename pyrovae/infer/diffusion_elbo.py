@@ -53,6 +53,8 @@ class DiffusionELBO(ELBO):
     """
 
     def __init__(self, num_particles: int = 1, objective: str = "elbo", time_sampler: str = "uniform", hybrid_weight: float = 1e-3):
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
         super().__init__(num_particles=num_particles)
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")

@@ -60,6 +60,27 @@ class VAERecipe:
         levels as they are for the others (continuous Bernoulli, Gaussian, discretised)."""
         return cfg.binarize if LIKELIHOODS[cfg.likelihood].binary_data else "none"
 
+    def check_data(self, cfg, x: torch.Tensor) -> None:
+        """The training data against the likelihood's support, once before
+        training: binarisation needs intensities in [0, 1], and each
+        likelihood its own support (its distribution's ``support``)."""
+        lo, hi = float(x.min()), float(x.max())
+        mode = self.binarize_mode(cfg)
+        if mode != "none" and (lo < 0 or hi > 1):
+            raise ValueError(
+                f"data {cfg.data!r} has values in [{lo:.3g}, {hi:.3g}], but the {cfg.likelihood} likelihood binarises them "
+                f"(--binarize {mode}), which needs intensities in [0, 1]; for real-valued data use --likelihood gaussian"
+            )
+        if mode == "none":
+            support = LIKELIHOODS[cfg.likelihood](x.shape[1])(torch.zeros(1, x.shape[1], device=x.device)).support
+            if not support.check(x).all():
+                base = getattr(support, "base_constraint", support)
+                if LIKELIHOODS[cfg.likelihood].binary_data:
+                    where, fix = "{0, 1}", "binarise them (--binarize dynamic or threshold) or use a likelihood for grey levels (--likelihood continuous-bernoulli)"
+                else:
+                    where, fix = (f"[{base.lower_bound:g}, {base.upper_bound:g}]" if hasattr(base, "lower_bound") else str(base)), "for real-valued data use --likelihood gaussian"
+                raise ValueError(f"data {cfg.data!r} has values in [{lo:.3g}, {hi:.3g}] that lie outside {where}, the support of the {cfg.likelihood} likelihood; {fix}")
+
     def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
         return datasets.binarize(x, self.binarize_mode(cfg))
 
