@@ -61,7 +61,9 @@ from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.parts.priors import PRIORS
 from pyrovae.recipes.diffusion import NETS as DIFFUSION_NETS
 from pyrovae.recipes.diffusion import DiffusionRecipe
+from pyrovae.recipes.hvae import HVAERecipe
 from pyrovae.recipes.vae import VAERecipe
+from pyrovae.hvae import ENCODERS as HVAE_ENCODERS
 from pyrovae.vae import NETS as VAE_NETS
 
 AUTO = "auto"
@@ -210,6 +212,23 @@ class VAEConfig(TrainConfig):
 
 
 @dataclass
+class HVAEConfig(TrainConfig):
+    """``pyrovae train hvae``: a hierarchical VAE (L layers of latents) by SVI, top-down by default"""
+
+    model: str = override("model", "hvae")
+    binarize: str = option("dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE)
+    z_dims: list[int] = option([100, 50], "latent sizes z_1 (next to the data) .. z_L (the top)", ge=1)
+    hidden: list[int] = option([200, 100], "hidden width of each layer's networks (one per layer, or one for all)", ge=1)
+    depth: int = option(2, "hidden layers of that width in each layer's networks", ge=1)
+    encoder: str = option("top-down", "q(z|x): top-down (Ladder VAE, every KL exact) or bottom-up (IWAE paper)", choices=HVAE_ENCODERS)
+    elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
+    kl_warmup: int = option(0, "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)", ge=0)
+    prior: str = option("normal", "prior p(z_L) of the top layer (vamp needs the top-down encoder)", choices=PRIORS)
+    likelihood: str = option("bernoulli", "p(x|z_1); only bernoulli binarises the data", choices=LIKELIHOODS)
+    iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
+
+
+@dataclass
 class DiffusionConfig(TrainConfig):
     """``pyrovae train diffusion``: a diffusion chain. Its defaults give
     digit-like samples and about 2 bits/dim on mnist5k in minutes on 2 CPU
@@ -250,6 +269,7 @@ class Model(NamedTuple):
 MODELS = {
     "vae": Model(VAEConfig, VAERecipe()),
     "diffusion": Model(DiffusionConfig, DiffusionRecipe()),
+    "hvae": Model(HVAEConfig, HVAERecipe()),
 }
 
 

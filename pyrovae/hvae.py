@@ -54,7 +54,7 @@ from pyrovae.nets import MLP, check_sizes
 from pyrovae.parts.encoders import MIN_SCALE, DiagonalNormalEncoder
 from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood
 from pyrovae.parts.priors import PRIORS, StandardNormalPrior, VampPrior
-from pyrovae.vae import VAE
+from pyrovae.vae import VAE, check_event
 
 ENCODERS = ("top-down", "bottom-up")
 
@@ -143,9 +143,9 @@ class HVAE(nn.Module):
         """p(z_L) prod_l p_theta(z_{l-1}|z_l) p_theta(x|z_1): sample sites ``"z_L"`` ..
         ``"z_1"``, observed site ``"x"``."""
         pyro.module("hvae", self)
-        self.check_data(x)
+        x = self.check_data(x)
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample(f"z_{self.L}", self.prior())
+            z = pyro.sample(f"z_{self.L}", check_event(self.prior(), "prior", self.z_dims[-1]))
             for l in range(self.L, 1, -1):
                 z = pyro.sample(f"z_{l - 1}", self.p_step(z, l))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
@@ -154,10 +154,10 @@ class HVAE(nn.Module):
     def guide(self, x: torch.Tensor) -> None:
         """q(z_1..z_L | x) in the order ``encoder_order`` names."""
         pyro.module("hvae", self)
-        self.check_data(x)
+        x = self.check_data(x)
         with pyro.plate("data", x.shape[0]):
             if self.encoder_order == "bottom-up":
-                z = pyro.sample("z_1", self.encoder(x))
+                z = pyro.sample("z_1", check_event(self.encoder(x), "encoder", self.z_dims[0]))
                 for l in range(2, self.L + 1):
                     z = pyro.sample(f"z_{l}", dist.Normal(*normal_params(self.up[l - 2](z), self.z_dims[l - 1])).to_event(1))
                 return
@@ -240,6 +240,17 @@ def _layer_hidden(hidden, L: int) -> list:
     return layers
 
 
+def check_prior(prior, encoder: str, L: int) -> None:
+    """The VampPrior p(z_L) = (1/K) sum_k q(z_L | u_k) needs q(z_L | x) in closed
+    form: the top-down pass gives it, the bottom-up encoder (L > 1) only as an
+    integral over z_1..z_{L-1}. A ``ValueError`` saying so for that pair."""
+    if prior == "vamp" and encoder == "bottom-up" and L > 1:
+        raise ValueError(
+            "prior 'vamp' needs q(z_L | x), which the bottom-up encoder gives only as an integral over "
+            "z_1..z_{L-1}; use encoder='top-down' (its deterministic pass gives q(z_L | x) directly) or another prior"
+        )
+
+
 def build_hvae(
     x_dim: int,
     z_dims=(100, 50),
@@ -269,11 +280,7 @@ def build_hvae(
     check_sizes(x_dim=x_dim, **{f"z_dims[{i}]": z for i, z in enumerate(z_dims)})
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {', '.join(ENCODERS)}")
-    if prior == "vamp" and encoder == "bottom-up" and len(z_dims) > 1:
-        raise ValueError(
-            "prior 'vamp' needs q(z_L | x), which the bottom-up encoder gives only as an integral over "
-            "z_1..z_{L-1}; use encoder='top-down' (its deterministic pass gives q(z_L | x) directly) or another prior"
-        )
+    check_prior(prior, encoder, len(z_dims))
     layers = _layer_hidden(hidden, len(z_dims))
     # Construction order as build_vae's (decoder first), so that L = 1 draws the same initial weights.
     decoder = MLP(z_dims[0], tuple(reversed(layers[0])), x_dim, activation)

@@ -201,3 +201,37 @@ def test_wrong_data_shape_is_a_clear_error():
 def test_hvae_constructor_checks_its_networks():
     with pytest.raises(ValueError, match="2 layers need 1 up and step networks"):
         HVAE(torch.nn.Identity(), [], [], torch.nn.Identity(), 10, (4, 3))
+
+
+# ---------------------------------------------------------------------------
+# pyrovae train | evaluate | sample hvae.
+
+
+def test_cli_trains_evaluates_and_samples_an_hvae_with_the_vaes_report_and_each_layers(tmp_path, capsys):
+    import json
+
+    from pyrovae.cli import main
+
+    out = tmp_path / "run"
+    tiny = ["--data", "digits", "--train-size", "64", "--test-size", "32", "--epochs", "2", "--z-dims", "4", "2", "--hidden", "8", "--depth", "1", "--test-particles", "2", "--quiet"]
+    assert main(["train", "hvae", *tiny, "--kl-warmup", "1", "--iwae-k", "3", "--out", str(out)]) == 0
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"test_elbo", "test_recon", "test_kl", "test_kl_1", "test_kl_2", "test_kl_top", "test_kl_layers", "test_active_1", "test_active_2", "test_iwae"} <= set(header)
+    capsys.readouterr()
+    assert main(["evaluate", "hvae", str(out), "--iwae-k", "3"]) == 0
+    hvae_report = json.loads(capsys.readouterr().out)
+    assert main(["train", "vae", *tiny[:8], "--z-dim", "2", "--hidden", "8", "--quiet", "--iwae-k", "3", "--out", str(tmp_path / "vae")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "vae", str(tmp_path / "vae")]) == 0
+    vae_report = json.loads(capsys.readouterr().out)
+    assert set(vae_report) <= set(hvae_report)
+    assert hvae_report["test_elbo"] == pytest.approx(hvae_report["test_recon"] - hvae_report["test_kl_top"] - hvae_report["test_kl_layers"])
+    assert main(["sample", "hvae", str(out), "--n", "5"]) == 0
+    assert (out / "samples-0.npy").exists()
+
+
+def test_cli_refuses_the_vamp_prior_with_the_bottom_up_encoder(tmp_path, capsys):
+    from pyrovae.cli import main
+
+    assert main(["train", "hvae", "--data", "digits", "--encoder", "bottom-up", "--prior", "vamp", "--epochs", "1", "--out", str(tmp_path / "r")]) == 1
+    assert "needs q(z_L | x)" in capsys.readouterr().err
