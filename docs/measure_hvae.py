@@ -1,7 +1,7 @@
 """The measurement behind docs/hvae.md: VAE vs hierarchical VAE on mnist5k under
 one stopping rule.
 
-    nice -n 10 python docs/measure_hvae.py vae hvae-top-down hvae-bottom-up --seeds 0 --max-epochs 40 --every 4 --patience 12 --iwae-k 1000 --iwae-n 200 --log hvae-quality.jsonl
+    nice -n 10 python docs/measure_hvae.py vae vae-deep hvae-bottom-up --seeds 0 1 2 --max-epochs 40 --every 4 --patience 12 --iwae-k 1000 --iwae-n 200 --log hvae-quality.jsonl
 
 Each variant trains with the CLI defaults (Adam 1e-3, batch 128, analytic-KL
 ELBO, dynamic binarisation) on the first 3,500 training images; the last 500
@@ -30,9 +30,14 @@ from pyrovae.vae import build_vae
 
 VARIANTS = {
     "vae": lambda: build_vae(784),
-    "vae-deep": lambda: build_vae(784, 50, (200, 200, 100, 100)),
-    "hvae-top-down": lambda: build_hvae(784, encoder="top-down"),
-    "hvae-bottom-up": lambda: build_hvae(784, encoder="bottom-up"),
+    # the 1-layer control with the default HVAE's deterministic depth: x -> 400 -> 200 -> z
+    "vae-deep": lambda: build_vae(784, 50, (400, 200)),
+    # the default HVAE: the VAE with a layer on top, x -> 400 -> z_1 (50) -> 200 -> z_2 (20)
+    "hvae-bottom-up": lambda: build_hvae(784, (50, 20), (400, 200), encoder="bottom-up"),
+    "hvae-top-down": lambda: build_hvae(784, (50, 20), (400, 200), encoder="top-down"),
+    # the IWAE paper's 2-layer shape: z (100, 50), deterministic layers 200, 200 and 100, 100
+    "iwae-shape-bottom-up": lambda: build_hvae(784, (100, 50), ((200, 200), (100, 100)), encoder="bottom-up"),
+    "iwae-shape-top-down": lambda: build_hvae(784, (100, 50), ((200, 200), (100, 100)), encoder="top-down"),
 }
 
 

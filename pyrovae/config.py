@@ -213,14 +213,15 @@ class VAEConfig(TrainConfig):
 
 @dataclass
 class HVAEConfig(TrainConfig):
-    """``pyrovae train hvae``: a hierarchical VAE (L layers of latents) by SVI, top-down by default"""
+    """``pyrovae train hvae``: a hierarchical VAE (L layers of latents) by SVI; by default the VAE with a
+    second latent layer on top, bottom-up: the best shape measured here"""
 
     model: str = override("model", "hvae")
     binarize: str = option("dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE)
-    z_dims: list[int] = option([100, 50], "latent sizes z_1 (next to the data) .. z_L (the top)", ge=1)
-    hidden: list[int] = option([200, 100], "hidden width of each layer's networks (one per layer, or one for all)", ge=1)
-    depth: int = option(2, "hidden layers of that width in each layer's networks", ge=1)
-    encoder: str = option("top-down", "q(z|x): top-down (Ladder VAE, every KL exact) or bottom-up (IWAE paper)", choices=HVAE_ENCODERS)
+    z_dims: list[int] = option([50, 20], "latent sizes z_1 (next to the data) .. z_L (the top)", ge=1)
+    hidden: list[int] = option([400, 200], "hidden width of each layer's networks (one per layer, or one for all)", ge=1)
+    depth: int = option(1, "hidden layers of that width in each layer's networks", ge=1)
+    encoder: str = option("bottom-up", "q(z|x): bottom-up (IWAE paper; Monte Carlo KL below the top) or top-down (Ladder VAE, every KL exact)", choices=HVAE_ENCODERS)
     elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
     kl_warmup: int = option(0, "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)", ge=0)
     prior: str = option("normal", "prior p(z_L) of the top layer (vamp needs the top-down encoder)", choices=PRIORS)
