@@ -28,6 +28,7 @@ from pyrovae.diffusion.denoisers import TimeMLP
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.recipes.diffusion import to_chain_space
 from pyrovae.infer.diffusion_elbo import DiffusionELBO
+from pyrovae.infer.losses import SimpleLoss
 
 
 def timed(fn, repeats):
@@ -65,8 +66,8 @@ def main():
         opt.step()
 
     svis = {
-        name: SVI(chain.model, chain.guide_posterior, Adam({"lr": 1e-4}), DiffusionELBO(objective=obj))
-        for name, obj in (("DiffusionELBO (bound)", "elbo"), ("DiffusionELBO (L_simple)", "simple"))
+        name: SVI(chain.model, chain.guide_posterior, Adam({"lr": 1e-4}), loss=obj.loss, loss_and_grads=obj.loss_and_grads)
+        for name, obj in (("DiffusionELBO (bound)", DiffusionELBO()), ("SimpleLoss (L_simple)", SimpleLoss()))
     }
     literal = SVI(chain.model, chain.guide_posterior, Adam({"lr": 1e-4}), Trace_ELBO())
     steps = {"plain PyTorch DDPM step": plain_step, **{k: (lambda v=v: v.step(x)) for k, v in svis.items()}}

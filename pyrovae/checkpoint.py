@@ -1,20 +1,34 @@
 """Checkpoints: everything a run needs to continue exactly where it stopped.
 
-A checkpoint is one file, ``checkpoint.pt`` in the run folder, holding only
-plain tensors, numbers, strings, lists and dicts, so that
+This module owns the format: :func:`assemble` builds the dict the trainer
+saves, :func:`load_checkpoint` reads one (converting older formats),
+:func:`restore` puts it back into a model, optimiser, scheduler, averaged
+model and time sampler, and :func:`load` rebuilds a trained model without
+its data. A checkpoint is one file, ``checkpoint.pt`` in the run folder,
+holding only plain tensors, numbers, strings, lists and dicts, so that
 ``torch.load(path, weights_only=True)`` reads it without unpickling code:
 
-    format      CHECKPOINT_FORMAT
-    config      the run's TrainConfig as a dict
-    epoch, step the last finished epoch and optimiser step
-    model       the model's state_dict (parameters and buffers)
-    ema         the EMA weights (a state_dict) or None
-    optim       the Pyro optimiser's get_state(): per parameter name, the torch
-                optimiser's and the lr scheduler's state dicts
-    rng         one entry per process: Python, NumPy, torch and CUDA generator states
-    metrics     the metrics.csv rows so far
-    seconds     training time so far
-    skipped     training steps skipped for a NaN/inf loss (``--nan-policy skip``)
+    format        CHECKPOINT_FORMAT (2)
+    config        the run's config as a dict (pyrovae.config; ``model`` names its class)
+    epoch, step   the last finished epoch and optimiser step
+    model         the model's state_dict (parameters and buffers)
+    ema           the averaged model's weights (a state_dict with the model's keys) or None
+    ema_updates   how many updates the average has had (AveragedModel.n_averaged) or None
+    optimizer     the torch optimiser's state_dict (one optimiser over all parameters)
+    scheduler     the LambdaLR's state_dict
+    time_sampler  the objective's time sampler's state_dict, or None (no sampler, or none with state)
+    rng           one entry per process: Python, NumPy, torch and CUDA generator states
+    metrics       the metrics.csv rows so far
+    seconds       training time so far
+    skipped       training steps skipped for a NaN/inf loss (``--nan-policy skip``)
+    data          the data's DataSpec as a dict (name, image_shape, values), so
+                  the model is rebuilt without the data (absent before it was saved)
+
+Format 1 (pyrovae 0.1: Pyro's per-parameter optimisers) is converted on read:
+its ``optim`` (per param-store name ``"vae$$$encoder.0.weight"``, a torch
+optimiser and a scheduler over that one tensor) becomes one optimiser state
+over the model's parameters in their order, in :func:`restore`, where the
+model is at hand.
 
 It is written atomically (:func:`atomic_torch_save`), so a kill during a save
 leaves the previous checkpoint in place.
@@ -31,7 +45,8 @@ import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 # Our temporaries end in ".pyrovae-tmp-<pid>": no user's file is mistaken for one.
 TMP_SUFFIX = ".pyrovae-tmp-"
 _TMP_NAME = re.compile(r"^\..+" + re.escape(TMP_SUFFIX) + r"(\d+)$")
@@ -123,10 +138,92 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
         raise ValueError(f"cannot read checkpoint {path!r}: not a pyrovae checkpoint ({_load_failure(err)})") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path!r} is not a pyrovae checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
+        raise ValueError(f"{path!r} is not a pyrovae checkpoint of format {' or '.join(map(str, READABLE_FORMATS))} (found {found!r})")
+    return convert(ckpt)
+
+
+def convert(ckpt: dict) -> dict:
+    """A checkpoint dict of any readable format in the current one. Format 1's
+    per-parameter optimiser states stay under ``legacy_optim`` until
+    :func:`restore` maps them onto the model's parameters."""
+    if ckpt["format"] == CHECKPOINT_FORMAT:
+        return ckpt
+    ckpt = dict(ckpt)
+    ckpt.update(
+        format=CHECKPOINT_FORMAT,
+        legacy_optim=ckpt.pop("optim"),
+        optimizer=None,
+        scheduler=None,
+        # the old EMA was updated after every optimiser step
+        ema_updates=ckpt["step"] if ckpt.get("ema") is not None else None,
+        time_sampler=None,
+        skipped=ckpt.get("skipped", 0),  # absent before --nan-policy
+    )
     return ckpt
+
+
+def assemble(cfg, epoch: int, step: int, model, optimizer, scheduler, averaged, objective, rngs: list, metrics: list, seconds: float, skipped: int, data: dict) -> dict:
+    """The checkpoint dict of a run after ``epoch`` (the format in the module docstring)."""
+    sampler = getattr(objective, "time_sampler", None)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict(),
+        "epoch": epoch,
+        "step": step,
+        "model": dict(model.state_dict()),
+        "ema": dict(averaged.module.state_dict()) if averaged is not None else None,
+        "ema_updates": int(averaged.n_averaged) if averaged is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "time_sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
+        "rng": rngs,
+        "metrics": metrics,
+        "seconds": seconds,
+        "skipped": skipped,
+        "data": data,
+    }
+
+
+def restore(ckpt: dict, source: str, model, optimizer, scheduler, averaged=None, objective=None) -> None:
+    """Put a checkpoint's training state back: the model's weights, the
+    optimiser's and the scheduler's state, the averaged model and the
+    objective's time sampler (each where the run has one)."""
+    load_model_state(model, ckpt["model"], source)
+    if ckpt.get("legacy_optim") is not None:
+        optimizer_state, scheduler_state = legacy_optimizer_state(ckpt["legacy_optim"], model, optimizer, scheduler)
+    else:
+        optimizer_state, scheduler_state = ckpt["optimizer"], ckpt["scheduler"]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    if averaged is not None:
+        if ckpt["ema"] is None:
+            raise ValueError(f"checkpoint {source!r} holds no averaged weights, but the run keeps an EMA")
+        load_model_state(averaged.module, ckpt["ema"], source)
+        averaged.n_averaged.fill_(ckpt["ema_updates"])
+    sampler = getattr(objective, "time_sampler", None)
+    if ckpt.get("time_sampler") is not None and hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(ckpt["time_sampler"])
+
+
+def legacy_optimizer_state(optim: dict, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """Format 1's per-parameter Pyro optimiser states as one torch optimiser's
+    and one scheduler's state: parameter i of ``model.named_parameters()``
+    takes the moments saved under ``"<prefix>$$$<its name>"`` (a parameter
+    without one, never stepped, starts fresh), the learning rate and the
+    schedule's position come from any one of them (all stepped alike)."""
+    by_name = {key.split("$$$", 1)[1]: value for key, value in optim.items()}
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    state = optimizer.state_dict()
+    first = next(iter(by_name.values()))
+    state["state"] = {i: by_name[name]["optimizer"]["state"][0] for i, name in enumerate(names) if name in by_name and by_name[name]["optimizer"]["state"]}
+    for key in ("lr", "initial_lr"):
+        if key in first["optimizer"]["param_groups"][0]:
+            state["param_groups"][0][key] = first["optimizer"]["param_groups"][0][key]
+    sched = scheduler.state_dict()
+    sched.update({k: v for k, v in first["scheduler"].items() if k in ("last_epoch", "_step_count", "_last_lr", "base_lrs")})
+    return state, sched
 
 
 def _load_failure(err: Exception) -> str:
@@ -168,9 +265,8 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     if model is not None and model != cfg.model:
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
     recipe = MODELS[cfg.model].recipe
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir)
-    net = recipe.build(cfg, ds)
-    state = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]
+    net = recipe.build(cfg, datasets.run_spec(ckpt, cfg))
+    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     load_model_state(net, state, path)
     return net.to(resolve_device(device)).eval(), cfg
 

@@ -139,22 +139,24 @@ def add_run_parsers(commands) -> None:
             p.add_argument("--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)")
         if chain:
             p = evaluate.add_parser(model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG])
-            add_load_args(p)
+            add_load_args(p, evaluate=True)
             p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
             p.add_argument("--steps", type=positive_int, default=None, help="bound of the chain respaced to K steps (default: all T)")
             p.add_argument("--chunk-size", type=positive_int, default=512, help="(t, example) pairs per network call (default: 512)")
         else:
             p = evaluate.add_parser(model, help=f"test ELBO (and IWAE-k log-likelihood) of a trained {model}", parents=[DEBUG_FLAG])
-            add_load_args(p)
+            add_load_args(p, evaluate=True)
             p.add_argument("--test-particles", type=positive_int, default=None, help="particles for the test ELBO (default: the run's)")
             p.add_argument("--iwae-k", type=non_negative_int, default=None, help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)")
 
 
-def add_load_args(p: argparse.ArgumentParser) -> None:
+def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
+    if evaluate:
+        p.add_argument("--data", default=None, metavar="NAME|PATH", help="evaluate on this data set's test split (default: the run's); its examples must have the run's shape")
 
 
 def add_bench_parser(commands) -> None:
@@ -233,11 +235,12 @@ def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from pyrovae import plots
-    from pyrovae.checkpoint import checkpoint_path, load
+    from pyrovae.checkpoint import checkpoint_path, load, load_checkpoint
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir)
+    # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
+    ds = datasets.run_spec(load_checkpoint(args.run), cfg)
     steps = getattr(args, "steps", None)
     if steps is not None and steps > model.T:
         raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
@@ -268,7 +271,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if ds.is_image:
         plots.save_image_grid(out, shown, ds.image_shape, min(8, len(shown)), title)
     else:
-        x_test = ds.x_test[:1000]
+        x_test = datasets.load_from_config(cfg).x_test[:1000]
         plots.save_scatter(out, torch.cat([x_test, shown]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(shown))]))
     note = f" (the first {len(shown)} of {n})" if len(shown) < n else ""
     print(f"wrote {n} samples to {array_path} and drew{note} them in {out}")
@@ -280,13 +283,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     import pyro
 
-    from pyrovae.checkpoint import load
+    from pyrovae.checkpoint import load, load_checkpoint
     from pyrovae.config import MODELS
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
     recipe = MODELS[cfg.model].recipe
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size)
+    source = args.data or cfg.data
+    ds = datasets.load_from_config(dataclasses.replace(cfg, data=source)).subset(cfg.train_size, cfg.test_size)
+    datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {source!r}")
     x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
     if hasattr(model, "T"):
         from pyrovae.recipes.diffusion import evaluate_bound
@@ -296,7 +301,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
         result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
-    shown = {k: v for k, v in result.items() if k != "terms_nats"}
+    shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))
     return 0
 

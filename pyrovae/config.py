@@ -53,7 +53,8 @@ from pyrovae import data as datasets
 from pyrovae.device import resolve_device
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES
 from pyrovae.diffusion.schedule import SCHEDULES
-from pyrovae.infer.diffusion_elbo import OBJECTIVES, TIME_SAMPLERS
+from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS
+from pyrovae.infer.losses import OBJECTIVES
 from pyrovae.infer.elbos import ELBOS
 from pyrovae.optim import LR_SCHEDULES, OPTIMIZERS
 from pyrovae.parts.encoders import GUIDES
@@ -109,8 +110,12 @@ class TrainConfig(metaclass=_ByModel):
     model's config (a subclass with its own fields and defaults)."""
 
     model: str = option("vae", "the model to train (the subcommand of `pyrovae train`)", cli=False)
-    data: str = option("mnist5k", "dataset", choices=datasets.DATASETS)
+    data: str = option("mnist5k", f"a data set ({', '.join(datasets.DATASETS)}) or a path: a folder of images, a .npy/.npz array, a folder of IDX files (docs/data.md)")
     data_dir: str | None = option(None, "folder with the dataset's files (fashion-mnist IDX files)")
+    image_size: int | None = option(None, "image folders: resize every image to H x H", ge=1)
+    layout: str = option("auto", "arrays: axis order (auto: the rule in docs/data.md)", choices=datasets.LAYOUTS)
+    test_fraction: float = option(datasets.DEFAULT_TEST_FRACTION, "share of a path source held out for test by a seeded split, when it has no split of its own", gt=0, lt=1)
+    num_workers: int = option(0, "DataLoader worker processes reading the training batches", ge=0)
     train_size: int | None = option(None, "use only the first N training examples", ge=1)
     test_size: int | None = option(None, "use only the first N test examples", ge=1)
     epochs: int = option(300, "passes over the training set", ge=1)
@@ -148,6 +153,7 @@ class TrainConfig(metaclass=_ByModel):
             raise ValueError(f"model {self.model!r} does not match its config class {type(self).__name__}; build configs with TrainConfig(model=...) or one of {', '.join(c.__name__ for c, _ in MODELS.values())}")
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
+        datasets.check_source(self.data)
         MODELS[self.model].recipe.check(resolve(self))
         resolve_device(self.device)
         return self

@@ -1,13 +1,24 @@
-"""Multi-process training on ``torch.distributed`` (what ``torchrun`` launches).
+"""Multi-process training on torch's ``DistributedDataParallel`` (what ``torchrun`` launches).
 
-The trainer takes the all-reduce route (as Horovod's optimiser does in Pyro's
-``examples/svi_horovod.py``): every process computes the ELBO's gradients on
-its own shard of the global batch, the gradients are summed over processes,
-and every process takes the same optimiser step. The ELBO of a plate is a sum
-over its examples, so the summed gradient is exactly the gradient of the
-global batch's ELBO, and parameters that start equal (:func:`broadcast_module`)
-stay equal. This needs no wrapper module around the model and guide, so the
-parameters stay the ones in Pyro's param store.
+The trainer wraps its loss module (:class:`pyrovae.train.LossModule`, whose
+``forward`` is the objective's loss of a batch) in DDP, the pattern of Pyro's
+``examples/svi_lightning.py``: every process computes the loss of its own
+shard of the global batch, DDP's bucketed all-reduce overlaps with the
+backward pass, and every process takes the same optimiser step. DDP copies
+rank 0's parameters and buffers to the others when it wraps the module, and
+*averages* the gradients; since the ELBO of a plate is a sum over its
+examples, :func:`pyrovae.train.train_step` scales the backward pass by the
+number of processes W, so that W processes take exactly the step one
+process takes on the global batch.
+
+Launch, one node (CPU: gloo; CUDA: NCCL, one GPU per process)::
+
+    torchrun --nproc_per_node=2 -m pyrovae train vae --batch-size 128
+
+Several nodes: torchrun's usual flags on each node, e.g.
+``torchrun --nnodes=2 --node_rank=R --nproc_per_node=4
+--master_addr=HOST0 --master_port=29500 -m pyrovae train ...``.
+``--batch-size`` is the global batch (a multiple of the number of processes).
 
 A single process (no ``WORLD_SIZE`` in the environment, or 1) needs no
 ``torch.distributed`` at all: every function here is then a no-op.
@@ -52,32 +63,33 @@ def shutdown(started: bool) -> None:
         dist.destroy_process_group()
 
 
-def broadcast_module(module: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every process."""
-    if world_size() > 1:
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)
-
-
-def all_reduce_grads(params: list, loss: float) -> float:
-    """Sum the gradients of ``params`` (same order on every process) and the
-    loss over processes, in place; return the summed loss.
-
-    A parameter some process did not use counts as a zero gradient there.
-    """
+def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in ``DistributedDataParallel`` when there are several
+    processes (on CUDA with this process's device), else ``module`` itself."""
     if world_size() == 1:
-        return loss
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-    # float64 so that the summed loss of a large batch keeps its digits
-    total = torch.tensor([loss], dtype=torch.float64, device=flat.device)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over processes (a new tensor; ``tensor`` itself with one process)."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.clone()
     dist.all_reduce(total)
-    return total.item()
+    return total
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` concatenated along the first dimension, in
+    rank order (the same shape on every process); ``tensor`` with one process."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def all_gather(obj) -> list:

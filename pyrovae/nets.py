@@ -29,15 +29,6 @@ class MLP(nn.Sequential):
         self.in_dim, self.out_dim = in_dim, out_dim
 
 
-def xavier_init_(module: nn.Module) -> nn.Module:
-    """Glorot-uniform weights and zero biases for every ``nn.Linear`` (in place)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-    return module
-
-
 # Convolutional encoder/decoder pair for image VAEs (``--net conv``).
 
 

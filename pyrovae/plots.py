@@ -2,55 +2,80 @@
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from PIL import Image
 
 
-def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "") -> None:
-    """One line per named curve against ``x``, saved as PNG."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, y in curves.items():
-        ax.plot(x, y, marker="o" if len(x) < 30 else None, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ylabel: str | Mapping[str, str], title: str = "") -> None:
+    """One line per named curve against ``x``, saved as PNG. ``ylabel`` is the
+    unit of every curve, or a mapping from each curve to its unit: curves of
+    one unit share an axis, each unit has its own (stacked, sharing ``x``)."""
+    units = {name: ylabel for name in curves} if isinstance(ylabel, str) else dict(ylabel)
+    groups = {}
+    for name in curves:
+        groups.setdefault(units[name], []).append(name)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1 + 3 * len(groups)), sharex=True, squeeze=False)
+    for ax, (unit, names) in zip(axes[:, 0], groups.items()):
+        for name in names:
+            ax.plot(x, curves[name], marker="o" if len(x) < 30 else None, label=name)
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[-1, 0].set_xlabel(xlabel)
     if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        axes[0, 0].set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def image_grid(images: torch.Tensor, image_shape: Sequence[int], ncol: int | None = None) -> torch.Tensor:
-    """Tile ``(n, prod(image_shape))`` images into one ``(H*rows, W*cols)`` array."""
+    """Tile ``(n, prod(image_shape))`` images, ``image_shape`` = (C, H, W), into
+    one array with a 1-pixel white border: ``(rows, cols, 3)`` for C = 3 (RGB),
+    ``(rows, cols)`` for C = 1, and for any other C each image's channels side
+    by side as grey panels, ``(rows, cols * C)``-wide."""
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}")
     c, h, w = image_shape
-    if c != 1:
-        raise ValueError(f"image_grid draws single-channel images, got image_shape {tuple(image_shape)}")
     n = images.shape[0]
+    imgs = images.detach().float().cpu().reshape(n, c, h, w)
+    if c == 3:
+        imgs = imgs.permute(0, 2, 3, 1)  # (n, H, W, 3)
+    else:
+        imgs = imgs.permute(0, 2, 1, 3).reshape(n, h, c * w)  # channels as panels
+    w = imgs.shape[2]
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
-    grid = torch.ones(nrow * (h + 1) + 1, ncol * (w + 1) + 1)
-    for i, img in enumerate(images.detach().float().cpu().reshape(n, h, w)):
+    grid = torch.ones(nrow * (h + 1) + 1, ncol * (w + 1) + 1, *imgs.shape[3:])
+    for i, img in enumerate(imgs):
         r, k = divmod(i, ncol)
         grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = img
     return grid
 
 
 def save_image_grid(path: str, images: torch.Tensor, image_shape: Sequence[int], ncol: int | None = None, title: str = "") -> None:
-    """Save a grid of grey images with values in [0, 1] as PNG."""
+    """Save a grid of images with values in [0, 1] as an RGB PNG (no alpha):
+    colour for C = 3, grey (dark ink on white, as the digits) otherwise."""
     grid = image_grid(images.clamp(0, 1), image_shape, ncol)
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 28 * 0.9 + 0.2, grid.shape[0] / 28 * 0.9 + 0.4))
-    ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    if grid.ndim == 3:
+        ax.imshow(grid.numpy(), interpolation="nearest")
+    else:
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    # Agg writes RGBA; a figure has no transparency to keep.
+    Image.open(buffer).convert("RGB").save(path)
 
 
 def save_scatter(path: str, points: torch.Tensor, title: str = "", labels: torch.Tensor | None = None) -> None:
@@ -66,15 +91,19 @@ def save_scatter(path: str, points: torch.Tensor, title: str = "", labels: torch
     plt.close(fig)
 
 
-def plot_bound_terms(path: str, prior: float, terms: Sequence[float], title: str = "") -> None:
-    """A diffusion bound's terms across time on a log scale: ``terms[t-1]`` = L_{t-1}
-    (t = 1 is the decoder's -log p(x_0|x_1)), and L_T as a horizontal line."""
+def plot_layer_kl(path: str, kl: Sequence[float], recon: float | None = None, title: str = "", layer: str = "layer l") -> None:
+    """Per-layer KL of a hierarchical bound on a log scale, the same figure for
+    every model: ``kl[l-1]`` = KL at layer l for l = 1..L, the last one the top
+    (``kl_top``); for the HVAE kl_1..kl_L, for the diffusion chain L_1..L_{T-1}
+    then L_T. ``recon`` (E_q log p(x | layer 1)), when given, is a horizontal line."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    t = range(1, len(terms) + 1)
-    ax.plot(t, terms, marker="o" if len(terms) < 30 else None, label="L_{t-1}: KL at t >= 2, -log p(x_0|x_1) at t = 1")
-    ax.axhline(prior, color="k", ls="--", label=f"L_T = KL(q(x_T|x_0) || N(0, I)) = {prior:.3g}")
+    layers = range(1, len(kl) + 1)
+    ax.plot(layers, kl, marker="o" if len(kl) < 30 else None, label="KL per layer")
+    ax.plot([len(kl)], [kl[-1]], "s", color="C3", label=f"top: kl_top = {kl[-1]:.3g}")
+    if recon is not None:
+        ax.axhline(-recon, color="k", ls="--", label=f"-recon = {-recon:.3g}")
     ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("t")
+    ax.set_xlabel(layer)
     ax.set_ylabel("nats per example")
     if title:
         ax.set_title(title)

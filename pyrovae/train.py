@@ -1,111 +1,112 @@
-"""The training loop: a config dataclass and a plain, visible SVI loop.
+"""The training loop: the plain torch loop of examples/svi_torch.py, shared by every model.
 
 ``train(TrainConfig(model="vae", ...))`` is what ``pyrovae train vae`` runs:
-load data, build the model, then per epoch one pass of SVI steps over the
-training set, the test ELBO every ``eval_every`` epochs, and a checkpoint;
+load data, build the model, then per epoch one pass of optimiser steps over
+the training set, the test ELBO every ``eval_every`` epochs, and a checkpoint;
 at the end the figures. The run folder holds::
 
     config.json  metrics.csv  model.pt  checkpoint.pt
     loss.png  samples.png  reconstructions.png
 
-One SVI step (:func:`svi_step`) is Pyro's ``SVI.step`` written out, so that
-the loop can sum gradients over processes and clip their global norm between
-the ELBO's ``loss_and_grads`` and the ``pyro.optim`` step. The same loop runs
-under ``torchrun --nproc_per_node=N -m pyrovae train ...`` (see
+One step (:func:`train_step`) is about twenty lines of torch: the
+objective's ``differentiable_loss`` of the batch through :class:`LossModule`
+(the model module wrapped so that its ``forward`` is the loss, as the
+optimiser and ``DistributedDataParallel`` need), ``backward``,
+``clip_grad_norm_`` (its norm is logged in metrics.csv as ``grad_norm``), a
+check that nothing is NaN or inf, one torch optimiser step over all of the
+model's parameters, one ``LambdaLR`` step, the EMA update
+(``torch.optim.swa_utils.AveragedModel``). The same loop runs under
+``torchrun --nproc_per_node=N -m pyrovae train ...`` (see
 :mod:`pyrovae.distributed`); rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
 
 import pyro
-import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer.util import zero_grads
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from pyrovae import checkpoint
 from pyrovae import data as datasets
-from pyrovae import distributed, plots, runs
+from pyrovae import distributed, params, plots, runs
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
+from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
 from pyrovae.device import resolve_device
-from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, data_kind, resolve
-from pyrovae.optim import OPTIMIZERS, lr_factor
-
+from pyrovae.infer.bound import metric_unit
+from pyrovae.optim import OPTIMIZERS, make_optimizer, make_scheduler  # noqa: F401 (OPTIMIZERS: pyrovae.lightning)
 
 RECIPES = {name: m.recipe for name, m in MODELS.items()}
+__all__ = ["TrainConfig", "TrainResult", "LossModule", "train", "train_step", "make_averaged_model"]
 
 
 @dataclass
 class TrainResult:
-    model: torch.nn.Module
-    config: TrainConfig
+    model: torch.nn.Module  # the trained weights
+    config: TrainConfig  # as resolved for the data (pyrovae.config.resolve)
     metrics: list  # one row per evaluation; empty on ranks other than 0
     out_dir: str
+    ema_model: torch.nn.Module | None = None  # the averaged weights (cfg.ema_decay), evaluated and sampled with
 
 
-class EMA:
-    """Exponential moving average of a module's floating-point state:
+class LossModule(torch.nn.Module):
+    """The objective's loss of a batch as a module over the model's parameters:
+    ``forward(batch) = objective.differentiable_loss(model.model, model.guide, batch)``
+    (-ELBO summed over the batch, or the objective's loss).
 
-        theta_ema <- d_k theta_ema + (1 - d_k) theta,   d_k = min(decay, (1 + k) / (10 + k))
-
-    after optimiser step k. The ramp (1 + k) / (10 + k) lets the average
-    forget the random initial weights in short runs (as TensorFlow's
-    ``ExponentialMovingAverage(num_updates=k)`` does). Integer buffers are copied.
+    ``ELBO(model.model, model.guide)`` would give Pyro's ``ELBOModule``, which
+    has no parameters (bound methods are not submodules); holding the model
+    module itself gives the optimiser and ``DistributedDataParallel`` its
+    parameters. Model and guide run without registering in the param store
+    (:func:`pyrovae.params.unregistered`): the gradients go to the modules'
+    own parameters directly.
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    def __init__(self, model: torch.nn.Module, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        with params.unregistered():
+            return self.objective.differentiable_loss(self.model.model, self.model.guide, batch)
+
+
+def ema_multi_avg_fn(decay: float):
+    """The ``multi_avg_fn`` of :func:`make_averaged_model`: at the k-th update
+    (k >= 2; the first copies the weights)
+
+        theta_ema <- d_k theta_ema + (1 - d_k) theta,   d_k = min(decay, (1 + k) / (10 + k)),
+
+    the ramp letting the average forget the first weights in short runs (as
+    TensorFlow's ``ExponentialMovingAverage(num_updates=k)`` does)."""
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in module.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v, 1 - d)
-            else:
-                self.shadow[k].copy_(v)
+    def update(averaged: list, current: list, n_averaged: torch.Tensor) -> None:
+        k = int(n_averaged) + 1
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + k) / (10 + k)))
 
-    @contextlib.contextmanager
-    def applied(self, module: torch.nn.Module):
-        """Inside the block ``module`` holds the EMA weights (copied in place,
-        so Pyro's param store sees them too); afterwards its own again."""
-        own = {k: v.clone() for k, v in module.state_dict().items()}
-        module.load_state_dict(self.shadow)
-        try:
-            yield module
-        finally:
-            module.load_state_dict(own)
+    return update
 
 
-def make_optim(cfg: TrainConfig, steps_per_epoch: int) -> pyro.optim.PyroLRScheduler:
-    """``cfg.optimizer`` under Pyro's ``LambdaLR`` wrapper, stepped once per
-    optimiser step: lr_k = lr * warmup(k) * schedule(k), with warmup(k) =
-    min(1, (k + 1) / warmup_steps), and schedule(k) = 1 (constant),
-    (1 + cos(pi k / K)) / 2 over the run's K steps (cosine), or
-    lr_gamma ** (k / steps_per_epoch) (exponential)."""
-
-    def lr_lambda(k: int) -> float:
-        return lr_factor(k, steps_per_epoch, cfg.epochs, cfg.lr_schedule, cfg.warmup_steps, cfg.lr_gamma)
-
-    return pyro.optim.LambdaLR({"optimizer": OPTIMIZERS[cfg.optimizer], "optim_args": {"lr": cfg.lr}, "lr_lambda": lr_lambda})
-
-
-def current_lr(optim: pyro.optim.PyroLRScheduler) -> float:
-    schedulers = list(optim.optim_objs.values())
-    return schedulers[0].get_last_lr()[0] if schedulers else float("nan")
+def make_averaged_model(model: torch.nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s parameters (buffers follow
+    the model), updated by ``update_parameters(model)`` after each optimiser
+    step; ``None`` without a decay. Its ``.module`` is a model of its own,
+    evaluated and sampled with: no weights are swapped in and out of the live model."""
+    if decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(decay))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,41 +131,44 @@ def nonfinite_terms(model, batch: torch.Tensor) -> list[str]:
     return bad
 
 
-def svi_step(objective, model, optim, batch: torch.Tensor, grad_clip: float | None = None, precision: str = "fp32") -> float:
-    """One SVI step on the global batch; returns its loss (-ELBO, summed over examples).
+def train_step(loss_fn, parameters: list, optimizer: torch.optim.Optimizer, batch: torch.Tensor, grad_clip: float | None = None, precision: str = "fp32") -> tuple[float, float]:
+    """One optimiser step on the global batch; returns its loss (summed over
+    the global batch's examples) and the global gradient norm before clipping.
 
-    As ``pyro.infer.SVI.step``: the objective's ``loss_and_grads`` on this
-    process's shard of the batch, recording which params the model and guide
-    touch; then the gradients summed over processes, the global gradient norm
-    clipped to ``grad_clip``, the ``pyro.optim`` step, and zeroed gradients.
-    A NaN or inf in the loss or any gradient (or, under validation, in a
-    distribution's parameters) raises :class:`NonFiniteLossError`
-    instead of the optimiser step (the check is after the reduction, so every
-    process decides alike).
+    ``loss_fn(batch)`` is this process's loss (a :class:`LossModule`, or it
+    wrapped in ``DistributedDataParallel``). DDP *averages* gradients over the
+    W processes while the loss is a sum over examples, so the backward pass
+    takes W times the local loss: the averaged gradient is then the gradient
+    of the global batch's loss, and W processes take the step one process
+    takes on the global batch. A NaN or inf in the loss or the gradient norm
+    (or, under validation, in a distribution's parameters) raises
+    :class:`NonFiniteLossError` instead of the optimiser step; both are
+    reduced over processes first, so every process decides alike.
     """
-    use_bf16 = precision == "bf16"
-    with poutine.trace(param_only=True) as param_capture, torch.autocast(batch.device.type, torch.bfloat16, enabled=use_bf16):
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(batch.device.type, torch.bfloat16, enabled=precision == "bf16"):
         try:
-            loss = objective.loss_and_grads(model.model, model.guide, batch)
+            loss = loss_fn(batch)
         except ValueError as err:
             # Under validation a NaN/inf from the networks surfaces as a distribution's
             # invalid parameter (torch's argument check) before any loss exists.
             if not str(err).startswith("Expected parameter"):
                 raise
             raise NonFiniteLossError(str(err).splitlines()[0]) from err
-    # Sorted by name: every process must reduce the gradients in the same order.
-    sites = sorted(param_capture.trace.nodes.items())
-    params = [site["value"].unconstrained() for _, site in sites]
-    loss = distributed.all_reduce_grads(params, float(loss))
-    grads = [p.grad for p in params if p.grad is not None]
-    if not (math.isfinite(loss) and (not grads or torch.stack([g.isfinite().all() for g in grads]).all())):
-        zero_grads(set(params))
-        raise NonFiniteLossError(f"the loss is {loss}" if not math.isfinite(loss) else f"the loss is {loss:.6g} but a gradient is NaN or inf")
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optim(params)
-    zero_grads(set(params))
-    return loss
+    world = distributed.world_size()
+    (loss * world if world > 1 else loss).backward()
+    if grad_clip is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip, foreach=True)
+    # One sync for both numbers; float64 so that a large batch's summed loss keeps its digits.
+    both = distributed.all_reduce_sum(torch.stack([loss.detach().double(), norm.double() / world])).tolist()
+    loss_value, norm_value = both
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the loss is {loss_value:.6g} but a gradient is NaN or inf")
+    optimizer.step()
+    return loss_value, norm_value
 
 
 def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tuple[DataLoader, DistributedSampler]:
@@ -175,9 +179,13 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({world})")
-    ds = TensorDataset(x, y)
+    ds = datasets.example_dataset(x, y)
     sampler = DistributedSampler(ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=cfg.seed)
-    return DataLoader(ds, sampler=BatchSampler(sampler, cfg.batch_size // world, drop_last=False), batch_size=None), sampler
+    batches = BatchSampler(sampler, cfg.batch_size // world, drop_last=False)
+    # Its own generator: the base seed a DataLoader draws per iterator would otherwise
+    # come from the global stream, and how often it draws depends on num_workers.
+    loader = DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -185,14 +193,17 @@ def run_dir(cfg: TrainConfig) -> str:
     ``runs/<model>-<data>-<timestamp>``."""
     if cfg.out is None and cfg.resume is not None:
         return os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
-    return cfg.out or os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg.out or os.path.join("runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
     """All rows so far, rewritten atomically after each evaluation (floats as
-    ``repr``, so reading them back gives the same numbers)."""
+    ``repr``, so reading them back gives the same numbers; a column a row
+    lacks is left empty)."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    # Every column any row has, in order of appearance: rows of a resumed older run lack the newer ones.
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(path, lambda f: f.write(text.getvalue().encode()))
@@ -205,8 +216,8 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     if cfg.resume is None:
         return None
     ckpt = checkpoint.load_checkpoint(cfg.resume)
-    saved = dataclasses.asdict(resolve(TrainConfig.from_dict(ckpt["config"])))
-    mismatches = checkpoint.config_mismatches(saved, dataclasses.asdict(cfg), ignore=RESUMABLE_FIELDS)
+    saved = resolve(TrainConfig.from_dict(ckpt["config"])).to_dict()
+    mismatches = checkpoint.config_mismatches(saved, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
     if mismatches:
         raise ValueError(f"cannot resume from {cfg.resume!r}: its config does not match the requested one: " + "; ".join(mismatches))
     if cfg.epochs <= ckpt["epoch"]:
@@ -226,15 +237,14 @@ def tensorboard_writer():
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train the model ``cfg.model`` names by SVI; write the run's files; return it.
+    """Train the model ``cfg.model`` names; write the run's files; return it.
 
     The config's ``"auto"`` fields are resolved for the data first
     (:func:`pyrovae.config.resolve`): ``TrainResult.config`` and ``config.json``
-    hold the values used.
-
-    The loop is the same for every model: a *recipe* (``RECIPES[cfg.model]``)
-    says how to build the model/guide pair and its objective, how to prepare a
-    batch, what to evaluate and which figures to draw.
+    hold the values used. The loop is the same for every model: a *recipe*
+    (``MODELS[cfg.model].recipe``) says how to build the model/guide pair and
+    its objective, how to prepare a batch, what to evaluate and which figures
+    to draw.
     """
     cfg = resolve(cfg).check()
     recipe = RECIPES[cfg.model]
@@ -258,24 +268,26 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     pyro.enable_validation(cfg.validate)
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
 
-    ds = datasets.load_dataset(cfg.data, cfg.data_dir).subset(cfg.train_size, cfg.test_size).to(device)
+    ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
     if hasattr(recipe, "check_data"):
-        recipe.check_data(cfg, ds.x_train)
+        # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
+        recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
-    distributed.broadcast_module(model)
     objective = recipe.objective(cfg)
-    optim = make_optim(cfg, len(loader))
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    # DDP copies rank 0's weights to every process when it wraps the module.
+    loss_fn = distributed.wrap(LossModule(model, objective), device)
+    if cfg.compile:
+        loss_fn = torch.compile(loss_fn)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, parameters, cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    averaged = make_averaged_model(model, cfg.ema_decay)
     metrics, epoch0, step, seconds, skipped = [], 0, 0, 0.0, 0
     if ckpt is not None:
-        checkpoint.load_model_state(model, ckpt["model"], cfg.resume)
-        optim.set_state(ckpt["optim"])
-        if ema is not None:
-            ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
-        metrics, epoch0, step, seconds = ckpt["metrics"], ckpt["epoch"], ckpt["step"], ckpt["seconds"]
-        skipped = ckpt.get("skipped", 0)  # absent in checkpoints from before --nan-policy
+        checkpoint.restore(ckpt, cfg.resume, model, optimizer, scheduler, averaged, objective)
+        metrics, epoch0, step, seconds, skipped = ckpt["metrics"], ckpt["epoch"], ckpt["step"], ckpt["seconds"], ckpt["skipped"]
         checkpoint.set_rng_state(ckpt["rng"][distributed.rank()])
     else:
         # Equal initial weights on every rank, different sampling noise.
@@ -286,7 +298,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         run.start()
         atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
     writer = summary_writer(out) if summary_writer is not None else None
-    with_ema = (lambda: ema.applied(model)) if ema is not None else contextlib.nullcontext
+    eval_model = averaged.module if averaged is not None else model
 
     # disable=None: no bars when stderr is not a terminal (logs get the per-epoch lines only).
     epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet or None)
@@ -297,33 +309,44 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
             recipe.on_epoch_start(cfg, epoch, objective)
         sampler.set_epoch(epoch)
         model.train()
-        total = 0.0
+        total, norms, done = 0.0, 0.0, 0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet or None)
-        for i, (xb, _) in enumerate(steps, start=1):
-            batch = recipe.prepare_batch(cfg, xb)
+        for xb, _ in steps:
+            batch = recipe.prepare_batch(cfg, xb.to(device))  # lazy rows arrive on the CPU
             try:
-                loss = svi_step(objective, model, optim, batch, cfg.grad_clip, cfg.precision)
+                loss, norm = train_step(loss_fn, parameters, optimizer, batch, cfg.grad_clip, cfg.precision)
             except NonFiniteLossError as err:
                 if cfg.nan_policy == "skip":
                     skipped += 1
                     log(f"step {step + 1} (epoch {epoch}) skipped: {err}")
                     continue
                 raise nonfinite_stop(err, model, batch, step + 1, epoch, out) from err
-            optim.step()  # the lr schedule
+            scheduler.step()
             step += 1
-            if ema is not None:
-                ema.update(model, step)
-            total += loss
-            steps.set_postfix(loss=f"{total / (i * cfg.batch_size):.2f}", lr=f"{current_lr(optim):.2e}")  # running -ELBO per example
+            if averaged is not None:
+                averaged.update_parameters(model)
+            total, norms, done = total + loss, norms + norm, done + 1
+            if not quiet:  # running -ELBO per example
+                steps.set_postfix(loss=f"{total / (done * cfg.batch_size):.2f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if run.stop_requested():  # Ctrl-C: the last epoch's checkpoint stays the one to resume
                 raise run.interrupted(cfg.model, step, epoch)
         seconds += time.perf_counter() - t0
 
         if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            model.eval()
-            with with_ema():
-                test = recipe.evaluate(cfg, model, x_test)
-            row = {"epoch": epoch, "step": step, "train_elbo": -total / len(ds.x_train), **test, "lr": current_lr(optim), "seconds": seconds, "skipped_steps": skipped}
+            eval_model.eval()
+            test = recipe.evaluate(cfg, eval_model, x_test)
+            # a bound's column is *_elbo (-loss); a loss that is not one keeps its own name and sign
+            name = getattr(objective, "train_metric", "train_elbo")
+            row = {
+                "epoch": epoch,
+                "step": step,
+                name: (-total if name.endswith("_elbo") else total) / len(ds.x_train),
+                **test,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": norms / done if done else math.nan,
+                "seconds": seconds,
+                "skipped_steps": skipped,
+            }
             metrics.append(row)
             write_metrics_csv(os.path.join(out, "metrics.csv"), metrics)
             if writer is not None:
@@ -334,28 +357,16 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         # Every rank's generator state, so that a resumed run continues each stream.
         rngs = distributed.all_gather(checkpoint.rng_state())
         if is_main:
-            state = {
-                "format": checkpoint.CHECKPOINT_FORMAT,
-                "config": dataclasses.asdict(cfg),
-                "epoch": epoch,
-                "step": step,
-                "model": dict(model.state_dict()),
-                "ema": ema.shadow if ema is not None else None,
-                "optim": optim.get_state(),
-                "rng": rngs,
-                "metrics": metrics,
-                "seconds": seconds,
-                "skipped": skipped,
-            }
+            state = checkpoint.assemble(cfg, epoch, step, model, optimizer, scheduler, averaged, objective, rngs, metrics, seconds, skipped, ds.spec.to_dict())
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
 
     if writer is not None:
         writer.close()
     if is_main:
         atomic_torch_save(dict(model.state_dict()), os.path.join(out, "model.pt"))
-        write_figures(out, cfg, recipe, model, ds, x_test, metrics, with_ema)
+        write_figures(out, cfg, recipe, eval_model, ds, x_test, metrics)
     distributed.barrier()
-    return TrainResult(model, cfg, metrics, out)
+    return TrainResult(model, cfg, metrics, out, averaged.module if averaged is not None else None)
 
 
 def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int, out: str) -> NonFiniteLossError:
@@ -370,11 +381,10 @@ def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int,
     )
 
 
-def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics: list, with_ema) -> None:
-    """The ELBO curves (every metric but epoch, step, lr and seconds) and the
-    recipe's figures, drawn with the EMA weights when there are any."""
-    curves = {k: [m[k] for m in metrics] for k in metrics[0] if k not in ("epoch", "step", "lr", "seconds", "skipped_steps")}
-    plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", recipe.elbo_unit, f"{cfg.model} on {ds.name}")
+def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics: list) -> None:
+    """The ELBO curves (every metric but epoch, step, lr, grad_norm and seconds)
+    and the recipe's figures, drawn with ``model`` (the EMA weights when there are any)."""
+    curves = {k: [m[k] for m in metrics] for k in metrics[0] if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps")}
+    plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", {k: metric_unit(k) for k in curves}, f"{cfg.model} on {ds.name}")
     model.eval()
-    with with_ema():
-        recipe.write_figures(out, cfg, model, ds, x_test)
+    recipe.write_figures(out, cfg, model, ds, x_test)

@@ -23,6 +23,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyrovae import params
 from pyrovae.data import check_finite
 
 from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes
@@ -53,7 +54,8 @@ class VAE(nn.Module):
         check the data against it.
     :param z_dim: size of the latent.
 
-    The VAE registers itself with ``pyro.module("vae", self)`` in both the model
+    The VAE registers itself with ``pyro.module`` under a name of its own
+    (:func:`pyrovae.params.module`) in both the model
     and the guide, so every parameter of the four parts, the prior's included,
     is in Pyro's param store and trained by SVI.
     """
@@ -108,7 +110,7 @@ class VAE(nn.Module):
 
     def model(self, x: torch.Tensor) -> torch.Tensor:
         """p(z) p_theta(x|z): sample site ``"z"``, observed site ``"x"``."""
-        pyro.module("vae", self)
+        params.module(self, "vae")  # a name of its own in the param store
         x = self.check_data(x)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", check_event(self.prior(), "prior", self.z_dim))
@@ -117,7 +119,7 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor) -> torch.Tensor:
         """q_phi(z|x): sample site ``"z"``."""
-        pyro.module("vae", self)
+        params.module(self, "vae")  # a name of its own in the param store
         x = self.check_data(x)
         with pyro.plate("data", x.shape[0]):
             return pyro.sample("z", check_event(self.encoder(x), "encoder", self.z_dim))

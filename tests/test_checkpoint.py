@@ -32,13 +32,15 @@ def run_dir(tmp_path_factory):
 
 def test_checkpoint_reads_with_weights_only_and_holds_the_full_state(run_dir):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"format", "config", "epoch", "step", "model", "ema", "optim", "rng", "metrics", "seconds", "skipped"}
+    assert set(ckpt) == {"format", "config", "epoch", "step", "model", "ema", "ema_updates", "optimizer", "scheduler", "time_sampler", "rng", "metrics", "seconds", "skipped", "data"}
     assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
     assert TrainConfig.from_dict(ckpt["config"]).ema_decay == 0.9
-    assert set(ckpt["ema"]) == set(ckpt["model"])
-    # one optimiser (and lr scheduler) state per Pyro parameter of the VAE
+    assert set(ckpt["ema"]) == set(ckpt["model"]) and ckpt["ema_updates"] == 6
+    # one optimiser over every parameter of the VAE, one scheduler
     model, _ = pyrovae.load(str(run_dir))
-    assert set(ckpt["optim"]) == {f"vae$$${name}" for name, _ in model.named_parameters()}
+    assert len(ckpt["optimizer"]["param_groups"]) == 1
+    assert len(ckpt["optimizer"]["state"]) == len(list(model.parameters()))
+    assert ckpt["scheduler"]["last_epoch"] == 6
     assert all({"python", "numpy", "torch", "cuda"} <= set(r) for r in ckpt["rng"])
     assert [m["epoch"] for m in ckpt["metrics"]] == [1, 2]
 
@@ -89,11 +91,10 @@ def test_two_epochs_then_resume_two_equals_four_epochs_bit_for_bit(run_dir, tmp_
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
-    for name, state in a["optim"].items():
-        for slot, moment in state["optimizer"]["state"][0].items():
-            other = b["optim"][name]["optimizer"]["state"][0][slot]
-            assert torch.equal(torch.as_tensor(moment), torch.as_tensor(other)), (name, slot)
-        assert state["scheduler"]["_last_lr"] == b["optim"][name]["scheduler"]["_last_lr"]
+    for i, state in a["optimizer"]["state"].items():
+        for slot, moment in state.items():
+            assert torch.equal(torch.as_tensor(moment), torch.as_tensor(b["optimizer"]["state"][i][slot])), (i, slot)
+    assert a["scheduler"] == b["scheduler"] and a["ema_updates"] == b["ema_updates"]
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
     assert read_rows_without_timing(straight / "metrics.csv") == read_rows_without_timing(resumed / "metrics.csv")
     assert len(read_rows_without_timing(resumed / "metrics.csv")) == 4
@@ -173,3 +174,74 @@ def test_sample_and_evaluate_commands_take_a_run_folder(run_dir, tmp_path, capsy
     pyro.set_rng_seed(5)
     assert reported["test_elbo"] == recipe.evaluate(cfg, model, x_test)["test_elbo"]
     assert reported["test_size"] == 32
+
+
+FORMAT1 = os.path.join(os.path.dirname(__file__), "data", "format1-vae")  # written by pyrovae 0.1 (Pyro's per-parameter optimisers)
+
+
+def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(tmp_path, capsys):
+    old = torch.load(os.path.join(FORMAT1, "checkpoint.pt"), weights_only=True)
+    assert old["format"] == 1
+    model, cfg = pyrovae.load(FORMAT1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, old["ema"][k]), k
+    assert main(["evaluate", "vae", FORMAT1]) == 0 and "test_elbo" in capsys.readouterr().out
+
+    # restore() maps each parameter's saved moments onto the one optimiser
+    from pyrovae.optim import make_optimizer, make_scheduler
+    from pyrovae.train import make_averaged_model
+
+    net = RECIPES["vae"].build(cfg, pyrovae.data.load_dataset("digits"))
+    optimizer = make_optimizer(cfg.optimizer, net.parameters(), cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg, 2)
+    averaged = make_averaged_model(net, cfg.ema_decay)
+    checkpoint.restore(load_checkpoint(FORMAT1), FORMAT1, net, optimizer, scheduler, averaged)
+    for i, (name, p) in enumerate(net.named_parameters()):
+        saved = old["optim"][f"vae$$${name}"]["optimizer"]["state"][0]
+        assert torch.equal(optimizer.state[p]["exp_avg"], saved["exp_avg"]), name
+    assert scheduler.last_epoch == old["step"] and optimizer.param_groups[0]["lr"] == old["optim"][f"vae$$${name}"]["optimizer"]["param_groups"][0]["lr"]
+    assert int(averaged.n_averaged) == old["step"]
+
+    run = tmp_path / "old"
+    run.mkdir()
+    for name in ("checkpoint.pt", "config.json"):
+        (run / name).write_bytes(open(os.path.join(FORMAT1, name), "rb").read())
+    assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
+
+
+DIFFUSION_TINY = ["--data", "moons", "--train-size", "64", "--test-size", "16", "--batch-size", "16", "--T", "4", "--hidden", "8", "--quiet", "--eval-every", "1", "--sample-steps", "2"]
+# The diffusion run's state: the importance sampler's history (p(t) leaves uniform in
+# epoch 2: 4 steps of 16 draws give every t its 10 values), bf16 autocast, EMA, schedules.
+DIFFUSION_FULL = ["--time-sampler", "importance", "--precision", "bf16", "--ema-decay", "0.9", "--lr-schedule", "exponential", "--lr-gamma", "0.7", "--warmup-steps", "3", "--grad-clip", "20"]  # cosine depends on --epochs
+
+
+def test_diffusion_two_epochs_then_resume_equals_four_epochs_bit_for_bit_with_the_sampler_state(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "diffusion", *DIFFUSION_TINY, *DIFFUSION_FULL, "--epochs", "4", "--out", str(straight)]) == 0
+    assert main(["train", "diffusion", *DIFFUSION_TINY, *DIFFUSION_FULL, "--epochs", "2", "--out", str(resumed)]) == 0
+    half = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert half["time_sampler"]["count"].min() >= 10  # the importance p(t) is in use from here on
+    assert main(["train", "diffusion", "--resume", str(resumed), "--epochs", "4", "--quiet"]) == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for k in ("squares", "count"):
+        assert torch.equal(a["time_sampler"][k], b["time_sampler"][k]), k
+    assert a["scheduler"] == b["scheduler"]
+    assert read_rows_without_timing(straight / "metrics.csv") == read_rows_without_timing(resumed / "metrics.csv")
+
+
+def test_a_resumed_importance_sampler_draws_what_the_saved_one_would(tmp_path):
+    """Without its saved history a resumed run would restart p(t) at uniform."""
+    from pyrovae.infer.diffusion_elbo import ImportanceTimeSampler
+
+    sampler = ImportanceTimeSampler(history=2)
+    sampler.start(3, torch.device("cpu"))
+    sampler.update(torch.tensor([1, 1, 2, 2, 3, 3]), torch.tensor([1.0, 1.0, 2.0, 2.0, 8.0, 8.0]))
+    again = ImportanceTimeSampler(history=2)
+    again.load_state_dict(sampler.state_dict())
+    assert torch.equal(again.probs(3, "cpu"), sampler.probs(3, "cpu"))
+    assert not torch.allclose(again.probs(3, "cpu"), torch.full((3,), 1 / 3, dtype=torch.float64))

@@ -146,3 +146,154 @@ def test_loader_rejects_bad_batch_size_and_empty_data():
         data.make_loader(torch.zeros(3, 2), batch_size=0)
     with pytest.raises(ValueError, match="empty"):
         data.make_loader(torch.zeros(0, 2))
+
+
+# ---- sources through the command line ------------------------------------
+
+from pyrovae.cli import main  # noqa: E402
+
+TINY_VAE = ["--z-dim", "2", "--hidden", "8", "--epochs", "1", "--batch-size", "8", "--test-particles", "1", "--quiet"]
+
+
+def write_pngs(folder, n, shape=(6, 6, 3), seed=0):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(os.path.join(folder, f"{i:02d}.png"))
+
+
+def mixed_sizes(p):
+    write_pngs(p / "src", 2)
+    write_pngs(p / "src" / ".." / "src", 1, shape=(7, 6, 3), seed=1)
+    os.replace(p / "src" / "00.png", p / "src" / "big.png")
+
+
+CLI_BAD_SOURCES = [
+    ("empty folder", lambda p: (p / "src").mkdir(), "src", "no image files"),
+    ("corrupt image", lambda p: (write_pngs(p / "src", 2), (p / "src" / "x.png").write_bytes(b"garbage")), "src", "x.png: cannot read image"),
+    ("mixed sizes", mixed_sizes, "src", "differ in size"),
+    ("float outside [0, 1]", lambda p: np.save(p / "src.npy", np.linspace(-1, 2, 48, dtype=np.float32).reshape(3, 4, 4)), "src.npy", r"found \[-1, 2\]"),
+    ("NaN", lambda p: np.save(p / "src.npy", np.full((3, 4, 4), np.nan, np.float32)), "src.npy", "NaN"),
+    ("1-D array", lambda p: np.save(p / "src.npy", np.zeros(5, np.uint8)), "src.npy", r"got shape \(5,\)"),
+    ("unknown name", lambda p: None, "cifar10", "not one of mnist5k"),
+]
+
+
+@pytest.mark.parametrize("case,make,source,message", CLI_BAD_SOURCES, ids=[c[0] for c in CLI_BAD_SOURCES])
+def test_bad_source_is_one_line_exit_1_and_no_run_folder(tmp_path, monkeypatch, capsys, case, make, source, message):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--data", source, "--out", str(out), *TINY_VAE]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pyrovae: error:") and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_run_trained_on_a_folder_samples_without_it_and_evaluates_on_a_copy(tmp_path, capsys):
+    import json
+    import shutil
+
+    import pyrovae
+
+    write_pngs(tmp_path / "imgs", 20)
+    run = str(tmp_path / "run")
+    assert main(["train", "vae", "--data", str(tmp_path / "imgs"), "--net", "conv", "--likelihood", "discretized-logistic", "--out", run, *TINY_VAE]) == 0
+    shutil.copytree(tmp_path / "imgs", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "imgs")
+    model, cfg = pyrovae.load(run)
+    assert model.sample(2).shape == (2, 3 * 6 * 6)
+    assert main(["sample", "vae", run, "--n", "4", "--device", "cpu"]) == 0
+    assert os.path.exists(os.path.join(run, "samples-0.png"))
+    with pytest.raises(FileNotFoundError):
+        data.load_from_config(cfg)  # the data really is gone
+    capsys.readouterr()
+    assert main(["evaluate", "vae", run, "--data", str(tmp_path / "copy"), "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_size"] == 2 and np.isfinite(result["test_elbo"])
+    write_pngs(tmp_path / "grey", 4, shape=(6, 6))
+    assert main(["evaluate", "vae", run, "--data", str(tmp_path / "grey"), "--device", "cpu"]) == 1
+    assert "shape (1, 6, 6)" in capsys.readouterr().err
+
+
+def test_checkpoint_without_a_data_spec_still_loads(tmp_path):
+    import pyrovae
+    from pyrovae import checkpoint
+
+    run = str(tmp_path / "run")
+    assert main(["train", "vae", "--data", "digits", "--train-size", "16", "--test-size", "8", "--out", run, *TINY_VAE]) == 0
+    ckpt = torch.load(os.path.join(run, checkpoint.CHECKPOINT), weights_only=True)
+    assert ckpt["data"] == {"name": "digits", "image_shape": [1, 8, 8], "values": "unit"}
+    del ckpt["data"]  # as written before the spec was saved
+    torch.save(ckpt, os.path.join(run, checkpoint.CHECKPOINT))
+    model, _ = pyrovae.load(run)
+    assert model.sample(3).shape == (3, 64)
+
+
+def test_lazy_rows_train_exactly_as_the_whole_tensor(tmp_path, monkeypatch):
+    """The same batches from a memory-mapped .npy read by a worker process as
+    from one tensor: the same weights after an epoch."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 4, 4), dtype=np.uint8))
+    states = []
+    for lazy_bytes, workers in ((data.EAGER_BYTES, "0"), (0, "1")):
+        monkeypatch.setattr(data, "EAGER_BYTES", lazy_bytes)
+        run = str(tmp_path / f"run{workers}")
+        assert main(["train", "vae", "--data", str(tmp_path / "x.npy"), "--num-workers", workers, "--out", run, *TINY_VAE]) == 0
+        states.append(torch.load(os.path.join(run, "model.pt"), weights_only=True))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+# ---- colour --------------------------------------------------------------
+
+
+def assert_colour_png(path):
+    from PIL import Image
+
+    img = Image.open(path)
+    assert img.mode == "RGB"
+    a = np.asarray(img).astype(int)
+    assert (np.abs(a[..., 0] - a[..., 1]) > 30).mean() > 0.01  # real colour, not grey in RGB
+
+
+def test_conv_vae_trains_on_photo_patches_and_draws_colour(tmp_path):
+    import csv
+    import math
+
+    run = str(tmp_path / "run")
+    args = ["--data", "photo-patches", "--train-size", "64", "--test-size", "16", "--net", "conv", "--likelihood", "discretized-logistic", "--iwae-k", "2"]
+    assert main(["train", "vae", *args, "--out", run, *TINY_VAE]) == 0
+    assert_colour_png(os.path.join(run, "reconstructions.png"))
+    with open(os.path.join(run, "metrics.csv")) as f:
+        row = next(csv.DictReader(f))
+    # bits/dim count all 3 x 32 x 32 dimensions
+    assert float(row["test_iwae_bpd"]) == pytest.approx(-float(row["test_iwae"]) / (3 * 32 * 32 * math.log(2)))
+
+
+def test_diffusion_trains_on_photo_patches_and_draws_colour(tmp_path):
+    import csv
+    import math
+
+    run = str(tmp_path / "run")
+    args = ["--data", "photo-patches", "--train-size", "32", "--test-size", "8", "--channels", "4", "--T", "10", "--sample-steps", "3", "--epochs", "1", "--batch-size", "16", "--quiet"]
+    assert main(["train", "diffusion", *args, "--out", run]) == 0
+    assert_colour_png(os.path.join(run, "samples.png"))
+    with open(os.path.join(run, "metrics.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert float(row["test_bpd"]) == pytest.approx(-float(row["test_elbo"]) / (3 * 32 * 32 * math.log(2)))
+
+
+def test_image_grid_draws_rgb_grey_and_other_channel_counts():
+    from pyrovae import plots
+
+    x = torch.rand(5, 3 * 4 * 2)
+    rgb = plots.image_grid(x, (3, 4, 2), ncol=5)
+    assert rgb.shape == (1 * 5 + 1, 5 * 3 + 1, 3)
+    assert torch.equal(rgb[1:5, 1:3], x[0].reshape(3, 4, 2).permute(1, 2, 0))
+    assert plots.image_grid(x[:, :8], (1, 4, 2), ncol=5).shape == (6, 16)
+    panels = plots.image_grid(x[:, :16], (2, 4, 2), ncol=5)  # two grey panels per image
+    assert panels.shape == (6, 5 * 5 + 1) and torch.equal(panels[1:5, 3:5], x[0, :16].reshape(2, 4, 2)[1])

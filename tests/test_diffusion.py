@@ -10,9 +10,9 @@ from pyro.optim import Adam
 from pyrovae import data as datasets
 from pyrovae.diffusion.chain import DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
-from pyrovae.diffusion.distributions import DiscretisedGaussian, quantise
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.infer.diffusion_elbo import DiffusionELBO
+from pyrovae.infer.losses import HybridLoss, SimpleLoss, make_objective
 
 BETAS = [0.1, 0.25, 0.4, 0.6]  # T = 4, alpha_bar_T ~ 0.2: every term matters
 
@@ -75,7 +75,7 @@ def test_trace_elbo_full_bound_and_diffusion_elbo_agree_in_loss_and_gradient(par
         if time_sampler == "importance":  # fill the per-t history so p(t) is no longer uniform
             for _ in range(3):
                 elbo.loss_and_grads(chain.model, chain.guide_posterior, x0)
-            assert not torch.allclose(elbo.time_probs(4, "cpu"), torch.full((4,), 0.25, dtype=torch.float64))
+            assert not torch.allclose(elbo.time_sampler.probs(4, "cpu"), torch.full((4,), 0.25, dtype=torch.float64))
         return lambda: elbo.loss_and_grads(chain.model, chain.guide_posterior, x0)
 
     estimators = {
@@ -115,22 +115,10 @@ def test_trace_mean_field_elbo_with_guide_posterior_is_the_seeds_kl_form():
         TraceMeanField_ELBO().loss(chain.model, chain.guide_forward, x0)
 
 
-def test_discretised_gaussian_is_a_pmf_over_the_256_bins():
-    bins = torch.arange(256, dtype=torch.float64) / 127.5 - 1
-    for loc, scale in ((0.3, 0.01), (0.999, 1e-3), (-3.0, 0.5), (0.0, 5.0), (0.5, 1e-6)):
-        d = DiscretisedGaussian(torch.full((256,), loc, dtype=torch.float64), torch.full((256,), scale, dtype=torch.float64))
-        assert d.log_prob(bins).exp().sum().item() == pytest.approx(1.0, abs=1e-9)
-    d = DiscretisedGaussian(torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64))
-    x = quantise(torch.tensor(0.25, dtype=torch.float64))
-    normal = torch.distributions.Normal(torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64))
-    mass = normal.cdf(x + 1 / 255) - normal.cdf(x - 1 / 255)
-    assert d.log_prob(x).item() == pytest.approx(mass.log().item(), rel=1e-10)
-    assert set(quantise(d.sample((1000,))).tolist()) <= set(bins.tolist())
-
-
 def train_chain(chain, x, steps, lr, batch_size, objective="elbo"):
     pyro.clear_param_store()
-    svi = SVI(chain.model, chain.guide_posterior, Adam({"lr": lr}), DiffusionELBO(objective=objective))
+    objective = make_objective(objective)
+    svi = SVI(chain.model, chain.guide_posterior, Adam({"lr": lr}), loss=objective.loss, loss_and_grads=objective.loss_and_grads)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         svi.step(x[torch.randint(0, len(x), (batch_size,), generator=g)])
@@ -213,9 +201,13 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(TypeError, match="chain.model"):
         DiffusionELBO().loss(lambda x: None, chain.guide_posterior, torch.zeros(2, 4))
     with pytest.raises(ValueError, match="hybrid"):
-        DiffusionELBO(objective="hybrid").loss(chain.model, chain.guide_posterior, torch.zeros(2, 4))
+        HybridLoss().loss(chain.model, chain.guide_posterior, torch.zeros(2, 4))
     with pytest.raises(ValueError, match="objective"):
-        DiffusionELBO(objective="mse")
+        make_objective("mse")
+    with pytest.raises(ValueError, match="importance"):
+        make_objective("simple", time_sampler="importance")
+    with pytest.raises(ValueError, match="num_particles"):
+        DiffusionELBO(num_particles=0)
 
 
 def test_cli_trains_samples_and_evaluates_a_diffusion_run(tmp_path):
@@ -227,14 +219,21 @@ def test_cli_trains_samples_and_evaluates_a_diffusion_run(tmp_path):
     for name in ("config.json", "metrics.csv", "model.pt", "loss.png", "samples.png", "terms.png"):
         assert (run / name).exists(), name
     assert main(["sample", "diffusion", str(run), "--steps", "3", "--n", "4"]) == 0
-    assert (run / "samples-3.png").exists()
+    assert (run / "samples-0.png").exists() and (run / "samples-0.npy").exists()
     assert main(["evaluate", "diffusion", str(run), "--n", "4"]) == 0
     import json
 
     result = json.loads((run / "evaluate-10.json").read_text())
-    assert result["n"] == 4 and len(result["terms_nats"]) == 10
-    # the file's bits/dim is its nats over D ln 2 (D = 64 pixels)
-    assert result["bits_per_dim"] == pytest.approx(result["nats"] / (64 * math.log(2)))
+    # the bound's vocabulary, and the per-t KLs L_1..L_9 of t = 2..10
+    assert result["n"] == 4 and len(result["test_kl_t"]) == 9
+    assert result["test_kl_layers"] == pytest.approx(sum(result["test_kl_t"]))
+    assert result["test_elbo"] == pytest.approx(result["test_recon"] - result["test_kl_top"] - result["test_kl_layers"])
+    # bits/dim is -ELBO over D ln 2 (D = 64 pixels)
+    assert result["test_bpd"] == pytest.approx(-result["test_elbo"] / (64 * math.log(2)))
+    # the image run trains the hybrid loss: its column says so, bounds keep *_elbo
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train_loss_hybrid" in header and "train_elbo" not in header
+    assert {"test_recon", "test_kl_top", "test_kl_layers", "test_elbo", "test_bpd"} <= set(header)
     assert main(["evaluate", "diffusion", str(tmp_path / "missing")]) == 1
 
 
@@ -258,3 +257,74 @@ def test_model_and_guides_have_one_site_per_step_named_after_the_variable(T):
     assert names(chain.guide_posterior) == [f"x_{t}" for t in range(T, 0, -1)]
     assert names(chain.guide_forward) == [f"x_{t}" for t in range(1, T + 1)]
     assert chain.full_bound(x0)["terms"].shape == (3, T)
+
+
+def test_hybrid_loss_adds_lambda_times_the_bound_term_in_bits_per_dim():
+    # improved-diffusion's units (RESCALED_MSE): L_hybrid = L_simple + lambda L_vlb
+    # with L_vlb in bits per dimension, so a published lambda means the same here
+    chain, x0 = small_chain(variance="learned", dtype=torch.float64), two_d_data(dtype=torch.float64)
+    lam, values = 0.25, {}
+    for name, objective in (("simple", SimpleLoss(2)), ("hybrid", HybridLoss(2, hybrid_weight=lam)), ("elbo", DiffusionELBO(2))):
+        pyro.set_rng_seed(3)  # the same t and x_t for all three
+        values[name] = objective.loss(chain.model, chain.guide_posterior, x0)
+    vlb_nats = values["elbo"] - chain.prior_kl(x0).sum().item()  # the estimate of sum_t L_{t-1}, summed over the batch
+    assert values["hybrid"] - values["simple"] == pytest.approx(lam * vlb_nats / (chain.x_dim * math.log(2)), rel=1e-10)
+
+
+def test_objectives_name_their_training_column():
+    assert DiffusionELBO().train_metric == "train_elbo"
+    assert SimpleLoss().train_metric == "train_loss_simple" and HybridLoss().train_metric == "train_loss_hybrid"
+    assert not isinstance(SimpleLoss(), pyro.infer.ELBO)  # a loss, not a bound
+
+
+def test_importance_time_sampler_state_round_trips_and_continues_the_same_draws():
+    chain, x0 = small_chain(), two_d_data()
+    elbo = DiffusionELBO(num_particles=8, time_sampler="importance")
+    assert elbo.time_sampler.state_dict() == {"squares": None, "count": None}
+    for _ in range(3):
+        elbo.loss_and_grads(chain.model, chain.guide_posterior, x0)
+    state = elbo.time_sampler.state_dict()
+    resumed = DiffusionELBO(num_particles=8, time_sampler="importance")
+    resumed.time_sampler.load_state_dict(state)
+    p = elbo.time_sampler.probs(chain.T, "cpu")
+    assert torch.equal(resumed.time_sampler.probs(chain.T, "cpu"), p)
+    assert not torch.allclose(p, torch.full_like(p, 1 / chain.T))  # not the uniform restart
+    for objective in (elbo, resumed):
+        pyro.set_rng_seed(4)
+        objective.loss_and_grads(chain.model, chain.guide_posterior, x0)
+    assert all(torch.equal(a, b) for a, b in zip(elbo.time_sampler.state_dict().values(), resumed.time_sampler.state_dict().values()))
+    with pytest.raises(ValueError, match="squares"):
+        resumed.time_sampler.load_state_dict({})
+
+
+class OracleDenoiser(torch.nn.Module):
+    """The exact eps prediction for data that are the point c: eps = (x_t -
+    sqrt(alpha_bar_t) c) / sqrt(1 - alpha_bar_t), reading t off the network's
+    time scale 0..1000 of the *original* chain."""
+
+    def __init__(self, schedule, c):
+        super().__init__()
+        self.schedule, self.c, self.out_mult = schedule, c, 1
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, tau):
+        t = (tau * self.schedule.T / 1000).round().long()
+        ab = self.schedule.alphas_cumprod[t - 1].to(x.dtype)[:, None]
+        return (x - ab.sqrt() * self.c) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_respaced_chain_ends_at_T_tells_the_network_original_times_and_samples_exactly(steps):
+    schedule = NoiseSchedule.from_name("linear", 50)
+    c = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    chain = DiffusionChain(OracleDenoiser(schedule, c), schedule, 2).to(torch.float64)
+    short = chain.respaced(steps)
+    assert short.schedule.timesteps[-1] == 50 and short.T == steps
+    # q(x_{tau_k}|x_0) is the original's at every kept time, the last included
+    torch.testing.assert_close(short.schedule.alphas_cumprod, schedule.alphas_cumprod[short.schedule.timesteps - 1])
+    # x0_hat = c at the first step: the network was told the original time T
+    x = torch.randn(5, 2, dtype=torch.float64)
+    out = short.p_mean_variance(x, steps)
+    torch.testing.assert_close(out["x0_hat"], c.expand(5, 2))
+    # one step (sample --steps 1): x_T ~ N(0, I), then the decoder's mean is c exactly
+    torch.testing.assert_close(chain.sample(5, steps=steps, clip_x0=False), c.expand(5, 2))

@@ -6,21 +6,29 @@ faults (a NaN loss, SIGKILL during a save, a full disk, a crafted pickle) get
 one test each. docs/reliability.md lists the same cases.
 """
 
+import gzip
+import json
 import multiprocessing
 import os
 import random
+import re
 import signal
+import socket
 import time
 
 import pytest
 import torch
 
-from pyrovae import checkpoint, data
+import pyro
+import pyro.distributions as dist
+
+from pyrovae import checkpoint, data, runs
 from pyrovae.checkpoint import load_checkpoint
 from pyrovae.cli import main
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.config import TrainConfig
 from pyrovae.train import train
+from pyrovae.infer.diffusion_elbo import DiffusionELBO
 from pyrovae.vae import build_vae
 
 TINY = ["--data", "digits", "--train-size", "48", "--test-size", "16", "--batch-size", "16", "--z-dim", "2", "--hidden", "8", "--quiet"]
@@ -80,6 +88,33 @@ def resume_changed(tmp_path):
     return tiny_config(tmp_path / "r", epochs=3, z_dim=3, resume=str(tmp_path / "r"))
 
 
+class WrongEventSize(torch.nn.Module):
+    """An encoder (or prior) whose distributions have 3 latent dimensions, not the VAE's 2."""
+
+    def forward(self, x=None):
+        return dist.Normal(torch.zeros(3 if x is None else (len(x), 3)), 1.0).to_event(1)
+
+
+def elbo_loss(vae, x):
+    return pyro.infer.Trace_ELBO().loss(vae.model, vae.guide, x)
+
+
+def finished_run(tmp_path, name="run", **changes):
+    out = tmp_path / name
+    train(tiny_config(out, epochs=1, **changes))
+    return out
+
+
+def locked_by(folder, host, pid):
+    os.makedirs(folder, exist_ok=True)
+    (folder / runs.LOCK).write_text(json.dumps({"host": host, "pid": pid}))
+    return folder
+
+
+def gzip_bytes(raw):
+    return gzip.compress(raw)
+
+
 # (case, call(tmp_path), error type, words the message must contain)
 BAD_INPUTS = [
     # data
@@ -123,6 +158,26 @@ BAD_INPUTS = [
     ("file: IDX with a wrong magic number", lambda p: data.read_idx(write(p / "m-idx1-ubyte", idx_bytes(magic=b"PK\x03\x04"))), ValueError, ["not an IDX file", "magic", "504b0304"]),
     ("file: output folder not writable", lambda p: train(unwritable_out(p)), ValueError, ["output folder", "not writable", "a-file"]),
     ("file: --resume on a folder with no checkpoint", lambda p: train(tiny_config(p, resume=str(p))), FileNotFoundError, ["no checkpoint", "checkpoint.pt"]),
+    # issue 17: the cases a new user tried
+    ("file: empty checkpoint", lambda p: load_checkpoint(write(p / "e.pt", b"")), ValueError, ["cannot read checkpoint", "e.pt", "empty (0 bytes)", "not a pyrovae checkpoint"]),
+    ("file: garbage checkpoint", lambda p: load_checkpoint(write(p / "g.pt", b"\x80\x02garbage")), ValueError, ["g.pt", "not a pyrovae checkpoint", "Unsupported operand"]),
+    ("file: a text file as checkpoint", lambda p: load_checkpoint(write(p / "t.pt", b"hello world, no pickle")), ValueError, ["t.pt", "not a pyrovae checkpoint"]),
+    ("file: gzip IDX that is not gzip", lambda p: data.read_idx(write(p / "x-idx1-ubyte.gz", idx_bytes())), ValueError, ["x-idx1-ubyte.gz", "not a readable gzip file", "BadGzipFile"]),
+    ("file: truncated gzip IDX", lambda p: data.read_idx(write(p / "y-idx1-ubyte.gz", gzip_bytes(idx_bytes())[:12])), ValueError, ["y-idx1-ubyte.gz", "not a readable gzip file", "EOFError"]),
+    ("model: encoder with the wrong event size", lambda p: elbo_loss(build_vae(64, 2, (8,), guide=WrongEventSize()), torch.rand(4, 64).round()), ValueError, ["encoder", "event shape (z_dim,) = (2,)", "(3,)"]),
+    ("model: prior with the wrong event size", lambda p: elbo_loss(build_vae(64, 2, (8,), prior=WrongEventSize()), torch.rand(4, 64).round()), ValueError, ["prior", "event shape (z_dim,) = (2,)", "(3,)"]),
+    ("model: z_dim = 2.5 (Python API)", lambda p: build_vae(64, 2.5), ValueError, ["z_dim", "integer >= 1", "2.5"]),
+    ("model: z_dim = 2.5 (TrainConfig)", lambda p: train(tiny_config(p, z_dim=2.5)), ValueError, ["z_dim", "integer >= 1", "2.5"]),
+    ("model: DiffusionELBO(num_particles=0)", lambda p: DiffusionELBO(num_particles=0), ValueError, ["num_particles", "integer >= 1", "0"]),
+    ("data: moons for a Bernoulli VAE", lambda p: train(tiny_config(p, data="moons")), ValueError, ["'moons'", "bernoulli", "[0, 1]", "--likelihood gaussian"]),
+    ("data: moons for a continuous-Bernoulli VAE", lambda p: train(tiny_config(p, data="moons", likelihood="continuous-bernoulli")), ValueError, ["'moons'", "outside [0, 1]", "continuous-bernoulli", "--likelihood gaussian"]),
+    ("data: moons for a discretised VAE", lambda p: train(tiny_config(p, data="moons", likelihood="discretized-logistic")), ValueError, ["'moons'", "outside [0, 1]", "discretized-logistic"]),
+    ("data: grey levels, --binarize none, Bernoulli", lambda p: train(tiny_config(p, binarize="none")), ValueError, ["'digits'", "outside {0, 1}", "bernoulli", "--binarize dynamic"]),
+    ("run folder: holds a run", lambda p: train(tiny_config(finished_run(p))), runs.RunFolderError, ["already holds a run", "--resume", "--overwrite"]),
+    ("run folder: locked by a live process", lambda p: train(tiny_config(locked_by(p / "r", socket.gethostname(), os.getppid()))), runs.RunFolderError, ["in use by process", str(os.getppid()), runs.LOCK]),
+    ("run folder: locked on another host", lambda p: train(tiny_config(locked_by(p / "r", "elsewhere.example", 1))), runs.RunFolderError, ["host 'elsewhere.example'", "delete the lock file"]),
+    ("run folder: --resume into another run's folder", lambda p: train(tiny_config(finished_run(p, "b"), epochs=2, resume=str(finished_run(p, "a")))), runs.RunFolderError, ["already holds a run"]),
+    ("config: --tensorboard without the package", lambda p: train(tiny_config(p / "tb", tensorboard=True)), ValueError, ["tensorboard package"]),
 ]
 
 
@@ -144,6 +199,30 @@ BAD_FLAGS = [
     ["train", "diffusion", "--schedule", "quad"],
     ["train", "vae", "--nan-policy", "ignore"],
     ["sample", "diffusion", "run", "--steps", "0"],
+    # issue 17 and more: every bound in the configs is a usage error
+    ["train", "vae", "--ema-decay", "1"],
+    ["train", "diffusion", "--ema-decay", "1.5"],
+    ["train", "vae", "--lr", "inf"],
+    ["train", "vae", "--lr", "nan"],
+    ["train", "vae", "--grad-clip", "0"],
+    ["train", "vae", "--lr-gamma", "2"],
+    ["train", "vae", "--warmup-steps", "-1"],
+    ["train", "vae", "--z-dim", "2.5"],
+    ["train", "vae", "--hidden", "8", "0"],
+    ["train", "vae", "--train-size", "0"],
+    ["train", "vae", "--kl-warmup", "-2"],
+    ["train", "vae", "--iwae-k", "-1"],
+    ["train", "vae", "--test-particles", "0"],
+    ["train", "vae", "--eval-every", "0"],
+    ["train", "vae", "--likelihood", "poisson"],
+    ["train", "diffusion", "--T", "2.5"],
+    ["train", "diffusion", "--channels", "0"],
+    ["train", "diffusion", "--objective", "vlb"],
+    ["train", "diffusion", "--variance", "fixed"],
+    ["train", "diffusion", "--z-dim", "2"],
+    ["sample", "vae", "run", "--n", "0"],
+    ["sample", "vae", "run", "--chunk-size", "0"],
+    ["evaluate", "diffusion", "run", "--n", "0"],
 ]
 
 
@@ -152,7 +231,8 @@ def test_bad_flag_value_gives_usage_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "usage:" in err and argv[-2] in err
+    flag = [a for a in argv if a.startswith("--")][-1]
+    assert exc.value.code == 2 and "usage:" in err and flag in err
 
 
 CLI_ERRORS = [
@@ -161,15 +241,24 @@ CLI_ERRORS = [
     (["train", "vae", *TINY, "--epochs", "1", "--resume", "{tmp}"], "no checkpoint"),
     (["train", "vae", *TINY, "--epochs", "1", "--out", "{tmp}/a-file/run"], "not writable"),
     (["train", "vae", *TINY, "--epochs", "1", "--data", "fashion-mnist", "--data-dir", "{tmp}"], "not found"),
+    (["sample", "vae", "{tmp}/a-file"], "not a pyrovae checkpoint"),
+    (["train", "vae", *TINY, "--data", "moons", "--out", "{tmp}/m"], "--likelihood gaussian"),
+    (["train", "vae", *TINY, "--tensorboard", "--out", "{tmp}/tb"], "tensorboard package"),
+    (["train", "diffusion", "--resume", "{tmp}/vae-run"], "is a 'vae' run"),
+    (["train", "vae", *TINY, "--out", "{tmp}/vae-run"], "already holds a run"),
+    (["train", "vae", *TINY, "--resume", "{tmp}/vae-run"], "epochs must be > 1"),
 ]
 
 
 @pytest.mark.parametrize("argv, words", CLI_ERRORS, ids=[" ".join(a[:2]) + " " + w for a, w in CLI_ERRORS])
 def test_cli_runtime_error_is_one_line_and_exit_1(argv, words, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
+    if "{tmp}/vae-run" in argv:
+        finished_run(tmp_path, "vae-run")
     code = main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("pyrovae: error:") and words in err and "Traceback" not in err
+    assert err.count("\n") == 1, err
 
 
 def test_cli_keeps_validation_on_unless_no_validate(tmp_path, capsys):
@@ -349,3 +438,129 @@ def test_crafted_pickle_runs_code_under_plain_pickle_but_not_through_load_checkp
     # The file is a real exploit: plain unpickling runs the command.
     torch.load(evil, weights_only=False)
     assert marker.exists()
+
+
+# ---- run folders (issue 17 items 1-3) ----
+
+
+def folder_bytes(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = multiprocessing.get_context("fork").Process(target=int)
+    child.start()
+    child.join()
+    return child.pid
+
+
+def test_a_run_folder_holding_a_run_is_refused_and_left_byte_for_byte(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = folder_bytes(out)
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--seed", "5", "--out", str(out)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert folder_bytes(out) == before and runs.LOCK not in os.listdir(out)
+
+
+def test_overwrite_replaces_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "vae", *TINY, "--epochs", "2", "--out", str(out)]) == 0
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--seed", "5", "--overwrite", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["epoch"] == 1 and ckpt["config"]["seed"] == 5 and json.loads((out / "config.json").read_text())["seed"] == 5
+
+
+def test_a_run_that_fails_its_checks_writes_nothing_and_removes_the_lock(tmp_path, capsys):
+    """Even with --overwrite, the old run stays as it was until every check has passed."""
+    out = tmp_path / "run"
+    assert main(["train", "vae", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = folder_bytes(out)
+    argv = ["train", "vae", *TINY, "--epochs", "1", "--z-dim", "7", "--overwrite", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(out)]
+    assert main(argv) == 1 and "not found" in capsys.readouterr().err
+    assert folder_bytes(out) == before and runs.LOCK not in os.listdir(out)
+    # A folder the failed run created itself is removed again.
+    assert main(["train", "vae", *TINY, "--data", "moons", "--out", str(tmp_path / "new")]) == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_only_our_own_temporaries_are_removed(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    users = [".tmp-notes.txt", ".tmp-", "draft.pyrovae-tmp", ".x.pyrovae-tmp-12ab"]
+    for name in users:
+        (out / name).write_text("the user's")
+    ours = f".checkpoint.pt.k3j2{checkpoint.TMP_SUFFIX}{dead_pid()}"
+    (out / ours).write_bytes(b"half a checkpoint")
+    train(tiny_config(out, epochs=1))
+    left = set(os.listdir(out))
+    assert set(users) <= left and ours not in left
+
+
+def test_a_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    out = locked_by(tmp_path / "run", socket.gethostname(), dead_pid())
+    train(tiny_config(out, epochs=1))
+    assert load_checkpoint(str(out))["epoch"] == 1 and runs.LOCK not in os.listdir(out)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
+    """Two runs on one --out: the second is refused while the first trains,
+    and the first keeps the folder."""
+    out = tmp_path / "run"
+    child = multiprocessing.get_context("fork").Process(target=_train_forever, args=(str(out),))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / checkpoint.CHECKPOINT).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(runs.RunFolderError, match=f"in use by process {child.pid}"):
+            train(tiny_config(out, epochs=1, overwrite=True))
+        assert child.is_alive()
+        assert json.loads((out / runs.LOCK).read_text())["pid"] == child.pid
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+
+
+def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    with runs.open_run(str(tmp_path / "r0")):
+        assert (tmp_path / "r0" / runs.LOCK).exists()
+    monkeypatch.setattr(runs.distributed, "rank", lambda: 1)
+    with runs.open_run(str(tmp_path / "r1")):
+        assert not (tmp_path / "r1").exists()
+
+
+# ---- Ctrl-C (issue 17 item 12) ----
+
+
+def ctrl_c_on_step(monkeypatch, step, recipe=None):
+    """Press Ctrl-C (a real SIGINT to this process) while the given 1-based step's batch is prepared."""
+    from pyrovae.recipes.vae import VAERecipe
+
+    recipe = recipe or VAERecipe
+    prepare, calls = recipe.prepare_batch, {"n": 0}
+
+    def pressed(self, cfg, x):
+        calls["n"] += 1
+        if calls["n"] == step:
+            signal.raise_signal(signal.SIGINT)
+        return prepare(self, cfg, x)
+
+    monkeypatch.setattr(recipe, "prepare_batch", pressed)
+    return calls
+
+
+def test_ctrl_c_stops_after_the_step_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    calls = ctrl_c_on_step(monkeypatch, 5)  # 3 steps per epoch: step 5 is in epoch 2
+    out = str(tmp_path / "run")
+    assert main(["train", "vae", *TINY, "--epochs", "3", "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert calls["n"] == 5 and "Traceback" not in err and err.count("\n") == 1
+    assert "interrupted after step 5 (epoch 2)" in err and f"pyrovae train vae --resume {out}" in err
+    assert load_checkpoint(out)["epoch"] == 1 and runs.LOCK not in os.listdir(out)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.undo()
+    # Without --epochs the resumed run continues to its own epoch count.
+    assert main(["train", "vae", "--quiet", "--resume", out]) == 0
+    assert load_checkpoint(out)["epoch"] == 3

@@ -24,7 +24,7 @@ from pyrovae.parts import GUIDES, LIKELIHOODS, PRIORS, FlowPrior, MixtureOfGauss
 from pyrovae.vae import build_vae
 from pyrovae.parts.encoders import DiagonalNormalEncoder, FullNormalEncoder, IAFEncoder, LowRankNormalEncoder
 from pyrovae.parts.kl import has_closed_form_kl
-from pyrovae.parts.likelihoods import Discretized
+from pyrovae.parts.likelihoods import Discretised
 
 # The analytic-KL ELBO (issue 4) joins this list; TraceMeanField_ELBO stands in
 # for it: it uses kl_divergence where registered and falls back to Monte Carlo.
@@ -262,7 +262,7 @@ LEVELS = torch.arange(256, dtype=torch.float64) / 255
 @pytest.mark.parametrize("cdf", ["logistic", "normal"])
 @pytest.mark.parametrize("loc,scale", [(0.0, 0.3), (-1.4, 0.002), (0.37, 2.0), (0.99, 0.0005)])
 def test_discretized_pixel_probabilities_sum_to_one(cdf, loc, scale):
-    d = Discretized(torch.full((256,), loc, dtype=torch.float64), torch.full((256,), scale, dtype=torch.float64), cdf)
+    d = Discretised(torch.full((256,), loc, dtype=torch.float64), torch.full((256,), scale, dtype=torch.float64), cdf)
     log_p = d.log_prob(LEVELS)
     assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
     assert d.mean[0].item() == pytest.approx((log_p.exp() * LEVELS).sum().item(), abs=1e-9)
@@ -274,7 +274,7 @@ def test_discretized_log_prob_keeps_its_gradient_far_in_the_tails(cdf):
     # directly rounds to 0 (or 1 - 1) in float32
     loc = torch.tensor([0.0, 0.0], requires_grad=True)
     x = torch.tensor([50 / 255, 250 / 255])
-    log_p = Discretized(loc, torch.tensor(0.01), cdf).log_prob(x)
+    log_p = Discretised(loc, torch.tensor(0.01), cdf).log_prob(x)
     log_p.sum().backward()
     assert torch.isfinite(log_p).all() and (log_p < -50).all()
     assert loc.grad[0] < 0 < loc.grad[1]

@@ -106,3 +106,33 @@ def test_buffers_follow_the_module_and_cast_to_the_data_dtype():
     assert s.q_sample(x, torch.tensor([1, 2, 5])).dtype == torch.float32
     d = s.q_xt_given_x0(x, torch.tensor([1, 2, 5]))
     assert d.batch_shape == (3,) and d.event_shape == (2,)
+
+
+def test_tiny_betas_keep_one_minus_alpha_bar_and_a_finite_bound_in_float32():
+    # 1 - alpha_bar is formed in float64 before the cast: 1 - float32(1 - 4e-12) would be 0
+    from pyrovae.diffusion.chain import DiffusionChain
+    from pyrovae.diffusion.denoisers import TimeMLP
+
+    s = NoiseSchedule(torch.full((4,), 1e-12, dtype=torch.float64))
+    assert s.one_minus_alphas_cumprod[-1].item() == pytest.approx(4e-12, rel=1e-9)
+    x0 = torch.tensor([[0.5, -0.25]])
+    mean, var = s.q_mean_variance(x0, 4)
+    assert var.dtype == torch.float32 and var[0, 0].item() == pytest.approx(4e-12, rel=1e-6)
+    torch.manual_seed(0)
+    chain = DiffusionChain(TimeMLP(2, (8,)), s, 2)
+    with torch.no_grad():
+        bound = chain.full_bound(x0)
+    assert torch.isfinite(bound["total"]).all() and torch.isfinite(bound["prior"]).all()
+    # L_T = KL(N(sqrt(ab) x0, 1 - ab) || N(0, 1)) = 0.5 sum(ab x0^2 + (1 - ab) - 1 - log(1 - ab)), in float64
+    ab, v = 1 - 4e-12, 4e-12
+    expected = 0.5 * sum(ab * xi**2 + v - 1 - math.log(v) for xi in (0.5, -0.25))
+    assert bound["prior"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_respacing_to_one_step_keeps_the_last_time():
+    s = NoiseSchedule(linear_betas(1000))
+    r = s.respace(1)
+    assert r.timesteps.tolist() == [1000] and r.original_T == 1000
+    assert r.alphas_cumprod[0].item() == pytest.approx(s.alphas_cumprod[-1].item(), rel=1e-12)
+    with pytest.raises(ValueError, match="together"):
+        NoiseSchedule(linear_betas(3), timesteps=[1, 5, 9])

@@ -15,7 +15,8 @@ from pyro.infer import SVI
 from pyrovae import train as training
 from pyrovae.cli import main
 from pyrovae.infer import make_elbo
-from pyrovae.train import EMA, TrainConfig, current_lr, make_optim, svi_step
+from pyrovae.optim import make_optimizer, make_scheduler
+from pyrovae.train import LossModule, TrainConfig, make_averaged_model, train_step
 from pyrovae.vae import build_vae
 
 TINY = ["--data", "digits", "--train-size", "48", "--test-size", "32", "--batch-size", "16", "--z-dim", "3", "--hidden", "8", "--quiet"]
@@ -40,6 +41,7 @@ def test_cli_train_writes_config_checkpoint_and_metrics_with_lr_and_seconds(tmp_
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert [int(r["step"]) for r in rows] == [3, 6]  # 48 examples / 16 per batch
     assert float(rows[-1]["lr"]) == pytest.approx(1e-3)
+    assert all(0 < float(r["grad_norm"]) < math.inf for r in rows)
     assert 0 < float(rows[0]["seconds"]) <= float(rows[1]["seconds"])
     saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     assert (saved.epochs, saved.z_dim, saved.data) == (2, 3, "digits")
@@ -50,52 +52,109 @@ def test_eval_every_evaluates_on_its_epochs_and_after_the_last(tmp_path):
     assert [m["epoch"] for m in result.metrics] == [2, 4, 5]
 
 
-def test_svi_step_equals_pyro_svi_step():
-    """The written-out step is SVI.step when there is one process and no clipping."""
+def test_train_step_takes_the_step_pyro_svi_takes():
+    """The torch loop (differentiable_loss, one torch Adam over the model's
+    parameters) is SVI.step with pyro.optim.Adam (one Adam per tensor), up to
+    the rounding of the multi-tensor kernels."""
     x = torch.bernoulli(torch.rand(8, 6, generator=torch.Generator().manual_seed(0)))
     params = []
     for step in ("pyro", "ours"):
-        pyro.clear_param_store()
         pyro.set_rng_seed(1)
         vae = build_vae(6, 2, (5,))
-        optim = pyro.optim.Adam({"lr": 0.01})
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.01}), make_elbo("trace"))
+        loss_fn = LossModule(vae, make_elbo("trace"))
+        optimizer = make_optimizer("adam", vae.parameters(), 0.01)
         for _ in range(3):
             if step == "pyro":
-                SVI(vae.model, vae.guide, optim, make_elbo("trace")).step(x)
+                svi.step(x)
             else:
-                svi_step(make_elbo("trace"), vae, optim, x)
+                train_step(loss_fn, list(vae.parameters()), optimizer, x)
         params.append(dict(vae.state_dict()))
     for k in params[0]:
-        assert torch.equal(params[0][k], params[1][k]), k
+        torch.testing.assert_close(params[0][k], params[1][k], rtol=1e-5, atol=1e-7)
 
 
-def test_grad_clip_bounds_the_global_gradient_norm():
+class Recorder(torch.optim.SGD):
+    """An optimiser that records the global gradient norm it is stepped with."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.norms = []
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+
+def test_grad_clip_bounds_the_global_gradient_norm_and_the_step_returns_it_unclipped():
     x = torch.bernoulli(torch.rand(32, 6, generator=torch.Generator().manual_seed(0)))
-    norms = {}
-
-    def record(params):  # stands in for the pyro.optim step, sees the clipped gradients
-        norms[clip] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
-
+    seen, returned = {}, {}
     for clip in (None, 0.5):
-        pyro.clear_param_store()
         pyro.set_rng_seed(0)
         vae = build_vae(6, 2, (5,))
-        svi_step(make_elbo("trace"), vae, record, x, grad_clip=clip)
-    assert norms[None] > 0.5  # so that clipping had something to do
-    assert norms[0.5] == pytest.approx(0.5, rel=1e-5)
+        optimizer = Recorder(vae.parameters())
+        returned[clip] = train_step(LossModule(vae, make_elbo("trace")), list(vae.parameters()), optimizer, x, grad_clip=clip)[1]
+        seen[clip] = optimizer.norms[0]
+    assert seen[None] > 0.5  # so that clipping had something to do
+    assert seen[0.5] == pytest.approx(0.5, rel=1e-5)
+    assert returned[0.5] == pytest.approx(seen[None], rel=1e-6) == returned[None]
+
+
+def test_a_nonfinite_loss_raises_before_the_step_and_leaves_no_gradients():
+    vae = build_vae(6, 2, (5,))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    optimizer = make_optimizer("adam", vae.parameters(), 0.1)
+    x = torch.full((4, 6), float("nan"))
+    with pytest.raises(training.NonFiniteLossError), pyro.validation_enabled(False):
+        train_step(LossModule(vae, make_elbo("trace")), list(vae.parameters()), optimizer, x)
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
+    assert all(p.grad is None for p in vae.parameters())
+
+
+def test_loss_module_holds_the_model_parameters():
+    """Pyro's ELBOModule(vae.model, vae.guide) has none: bound methods are not submodules."""
+    vae = build_vae(6, 2, (5,))
+    assert len(list(make_elbo("trace")(vae.model, vae.guide).parameters())) == 0
+    assert list(LossModule(vae, make_elbo("trace")).parameters()) == list(vae.parameters())
+
+
+def test_readme_svi_loop_trains_two_models_in_one_session_without_clearing_the_store():
+    """Each model registers under a name of its own in Pyro's param store."""
+    g = torch.Generator().manual_seed(5)
+    prototypes = (torch.rand(2, 20, generator=g) < 0.5).float()
+    x = prototypes[torch.randint(2, (64,), generator=g)]  # two patterns: learnable, ~14 -> ~1 nats
+    falls = []
+    for _ in range(2):
+        vae = build_vae(20, 2, (16,))
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), loss=pyro.infer.Trace_ELBO())
+        before = {k: v.clone() for k, v in vae.named_parameters()}
+        losses = [svi.step(x) for _ in range(100)]
+        assert [k for k, v in vae.named_parameters() if torch.equal(before[k], v)] == []  # its own tensors trained
+        falls.append(sum(losses[:10]) / sum(losses[-10:]))
+    # a model stepping another model's tensors stays at its initial loss (ratio ~1)
+    assert falls[0] > 2 and falls[1] > 2
+
+
+def test_param_store_names_are_per_instance_and_never_shared_by_a_copy():
+    import copy
+
+    from pyrovae.params import pyro_name
+
+    a, b = build_vae(6, 2, (5,)), build_vae(6, 2, (5,))
+    names = {pyro_name(a, "vae"), pyro_name(b, "vae"), pyro_name(copy.deepcopy(a), "vae")}
+    assert len(names) == 3 and pyro_name(a, "vae") == pyro_name(a, "vae")
 
 
 def scheduled_lrs(cfg: TrainConfig, steps_per_epoch: int, n: int) -> list:
     """The learning rate of each of the first n steps."""
-    pyro.clear_param_store()
-    p = pyro.param("w", torch.zeros(1))
-    optim = make_optim(cfg, steps_per_epoch)
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = make_optimizer("adam", [p], cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     lrs = []
     for _ in range(n):
-        p.grad = torch.zeros_like(p)
-        optim([p.unconstrained()])
-        lrs.append(current_lr(optim))
-        optim.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
     return lrs
 
 
@@ -111,22 +170,18 @@ def test_exponential_schedule_multiplies_lr_by_gamma_each_epoch():
     assert lrs[0] == pytest.approx(0.1) and lrs[4] == pytest.approx(0.05) and lrs[8] == pytest.approx(0.025)
 
 
-def test_ema_follows_its_recursion_and_applied_restores_the_weights():
+def test_averaged_model_follows_the_ema_recursion_and_leaves_the_model_alone():
     module = torch.nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        module.weight.fill_(0.0)
-    ema = EMA(module, decay=0.9)
-    expected = 0.0
+    averaged = make_averaged_model(module, decay=0.9)
+    expected = None
     for k, w in enumerate([1.0, 2.0, 4.0, 8.0, 16.0], start=1):
         with torch.no_grad():
             module.weight.fill_(w)
-        ema.update(module, k)
+        averaged.update_parameters(module)
         d = min(0.9, (1 + k) / (10 + k))
-        expected = d * expected + (1 - d) * w
-    assert ema.shadow["weight"].item() == pytest.approx(expected, rel=1e-6)
-    with ema.applied(module):
-        assert module.weight.item() == pytest.approx(expected, rel=1e-6)
-    assert module.weight.item() == 16.0
+        expected = w if k == 1 else d * expected + (1 - d) * w  # the first update copies
+    assert averaged.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert module.weight.item() == 16.0 and averaged.module is not module
 
 
 def test_evaluation_uses_the_ema_weights(tmp_path, monkeypatch):

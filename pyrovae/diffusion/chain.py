@@ -20,11 +20,16 @@ so that SVI with stock ``Trace_ELBO`` maximises
 
 The t = 1 term is split off because q(x_0 | x_1, x_0) is a point mass
 (beta_tilde_1 = 0): there is no KL at t = 1, only the decoder's log-likelihood
-of the observed x_0 given x_1 ~ q(x_1|x_0). For images the decoder is a
-Gaussian discretised to the 256 pixel bins of [-1, 1], a probability mass
-function, so the ELBO bounds the discrete data's log-probability and
-``bits/dim = -ELBO / (D ln 2)``; for continuous data (2-D toys) it is a
-Gaussian density and the bound is in nats.
+of the observed x_0 given x_1 ~ q(x_1|x_0). The chain is the hierarchical VAE
+built from the shared parts with a fixed encoder: p(x_T) is the
+:class:`~pyrovae.parts.priors.StandardNormalPrior` module and p_theta(x_0|x_1)
+a likelihood from :data:`~pyrovae.parts.likelihoods.LIKELIHOODS` whose scale
+is the chain's sigma_1. For images the decoder is
+:class:`~pyrovae.parts.likelihoods.Discretised` on the 256 pixel bins of
+[-1, 1] (the chain's data range), a probability mass function, so the ELBO
+bounds the discrete data's log-probability and converts to bits/dim
+(:func:`pyrovae.infer.bound.bits_per_dim`); for continuous data (2-D toys) it
+is a Gaussian density and the bound is in nats.
 
 Shapes: data ``x0`` are flat, ``(B, D)``; latents x_t have the same shape; the
 batch lives in ``pyro.plate("data", B)`` and every site has event shape ``(D,)``.
@@ -32,21 +37,40 @@ batch lives in ``pyro.plate("data", B)`` and every site has event shape ``(D,)``
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyrovae import params
 from pyrovae.data import check_finite
-from pyrovae.diffusion.distributions import DiscretisedGaussian
 from pyrovae.diffusion.schedule import NoiseSchedule
+from pyrovae.infer.bound import bits_per_dim
+from pyrovae.parts.likelihoods import LIKELIHOODS, MODEL_SCALE
+from pyrovae.parts.priors import StandardNormalPrior
 
 PARAMETERIZATIONS = ("eps", "x0", "mean")
 VARIANCES = ("beta_tilde", "beta", "learned")
-DECODERS = ("discretised", "gaussian")
+DECODERS = ("discretised", "discretised-gaussian", "discretised-logistic", "gaussian")
+DATA_RANGE = (-1.0, 1.0)
+"""The chain's images: 8-bit pixels scaled to [-1, 1], as DDPM does."""
+
+
+def normal_kl(mean_diff: torch.Tensor, log_var_q: torch.Tensor, log_var_p: torch.Tensor, event_size: int) -> torch.Tensor:
+    """KL(N(m_q, diag exp(log_var_q)) || N(m_p, diag exp(log_var_p))), summed over the event:
+
+        0.5 sum_d [log_var_p - log_var_q + exp(log_var_q - log_var_p) - 1 + (m_q - m_p)^2 exp(-log_var_p)]
+
+    ``mean_diff`` = m_q - m_p of shape ``batch_shape + (D,)``; each log-variance
+    ``batch_shape + (D,)``, or ``batch_shape + (1,)`` for one variance shared by
+    the ``event_size`` = D elements (computed once, not D times). Returns ``batch_shape``.
+    """
+    var_part = 0.5 * (-1.0 + log_var_p - log_var_q + torch.exp(log_var_q - log_var_p))
+    var_sum = var_part.sum(-1) * (event_size / var_part.shape[-1])
+    sq, inv_var = mean_diff.square(), torch.exp(-log_var_p)
+    mean_sum = sq.sum(-1) * inv_var.squeeze(-1) if inv_var.shape[-1] == 1 else (sq * inv_var).sum(-1)
+    return var_sum + 0.5 * mean_sum
 
 
 class DiffusionChain(nn.Module):
@@ -56,8 +80,11 @@ class DiffusionChain(nn.Module):
         :mod:`pyrovae.diffusion.denoisers`), ``k = 2`` when ``variance="learned"``.
     :param schedule: the :class:`NoiseSchedule` (beta_1..beta_T).
     :param x_dim: D, the size of one flattened example.
-    :param decoder: ``"discretised"`` (images scaled to [-1, 1], 256 bins) or
-        ``"gaussian"`` (continuous data) for p_theta(x_0|x_1).
+    :param decoder: the likelihood p_theta(x_0|x_1), a name in
+        :data:`~pyrovae.parts.likelihoods.LIKELIHOODS` that takes a scale:
+        ``"discretised"`` (= ``"discretised-gaussian"``, images scaled to
+        [-1, 1], 256 bins; DDPM's), ``"discretised-logistic"`` or ``"gaussian"``
+        (continuous data). Its scale is sigma_1.
     :param parameterization: what the network predicts: ``"eps"`` (default; the
         noise, mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)),
         ``"x0"`` (mu = mu_tilde_t(x_t, x0_hat)) or ``"mean"`` (mu directly).
@@ -81,6 +108,15 @@ class DiffusionChain(nn.Module):
             raise ValueError(f"variance={variance!r} needs a net with out_mult={want}, got out_mult={net.out_mult}")
         self.net, self.schedule, self.x_dim = net, schedule, x_dim
         self.decoder, self.parameterization, self.variance = decoder, parameterization, variance
+        self.prior = StandardNormalPrior(x_dim)
+        likelihood = LIKELIHOODS[decoder]
+        self.likelihood = likelihood(x_dim, scale=MODEL_SCALE, **({"data_range": DATA_RANGE} if likelihood.discrete else {}))
+
+    @property
+    def discrete(self) -> bool:
+        """Whether p_theta(x_0|x_1) is a probability mass function (images), so that
+        the bound converts to bits/dim."""
+        return self.likelihood.discrete
 
     @property
     def T(self) -> int:
@@ -98,7 +134,7 @@ class DiffusionChain(nn.Module):
         x0 = x0.to(next(self.parameters()).dtype)
         if is_validation_enabled():
             check_finite(x0, "x0")
-        if self.decoder == "discretised" and is_validation_enabled() and (x0.min() < -1 or x0.max() > 1):
+        if self.discrete and is_validation_enabled() and (x0.min() < -1 or x0.max() > 1):
             raise ValueError(f"x0 must be scaled to [-1, 1] for the discretised decoder, got values in [{x0.min():.3g}, {x0.max():.3g}]")
         return x0
 
@@ -108,10 +144,11 @@ class DiffusionChain(nn.Module):
         """The denoiser at (x_t, t): ``(prediction, v)``, each ``x_t``'s shape;
         ``v`` is ``None`` unless the variance is learned. Any batch shape: leading
         dimensions are flattened into one network call. The network is told the
-        original time tau_t (respaced chains) rescaled to 0..1000."""
+        original time tau_t (respaced chains) rescaled by the original chain's
+        T to 0..1000, so a respaced chain asks the network what it was trained on."""
         batch_shape = x_t.shape[:-1]
         t = torch.as_tensor(t, device=x_t.device).expand(batch_shape)
-        tau = self.schedule.timesteps[t - 1].to(x_t.dtype) * (1000.0 / float(self.schedule.timesteps[-1]))
+        tau = self.schedule.timesteps[t - 1].to(x_t.dtype) * (1000.0 / self.schedule.original_T)
         out = self.net(x_t.reshape(-1, self.x_dim), tau.reshape(-1)).reshape(*batch_shape, -1)
         if self.variance == "learned":
             pred, v = out.chunk(2, dim=-1)
@@ -160,21 +197,11 @@ class DiffusionChain(nn.Module):
         out = self.p_mean_variance(x_t, t, clip_x0=clip_x0)
         return dist.Normal(out["mean"], (0.5 * out["log_variance"]).exp()).to_event(1)
 
-    def _decoder_dist(self, mean: torch.Tensor, log_variance: torch.Tensor) -> dist.Distribution:
-        scale = (0.5 * log_variance).exp()
-        base = DiscretisedGaussian(mean, scale) if self.decoder == "discretised" else dist.Normal(mean, scale)
-        return base.to_event(1)
-
     def p_decoder(self, x_1: torch.Tensor, clip_x0: bool = False) -> dist.Distribution:
-        """p_theta(x_0 | x_1): the t = 1 step's Gaussian, discretised to 256 bins
-        for images (``decoder="discretised"``)."""
+        """p_theta(x_0 | x_1): the likelihood at the t = 1 step's mean with scale
+        sigma_1 (for images, discretised to the 256 bins of [-1, 1])."""
         out = self.p_mean_variance(x_1, 1, clip_x0=clip_x0)
-        return self._decoder_dist(out["mean"], out["log_variance"])
-
-    @staticmethod
-    def p_prior(x0: torch.Tensor) -> dist.Distribution:
-        """p(x_T) = N(0, I), shaped like ``x0``."""
-        return dist.Normal(torch.zeros_like(x0), torch.ones_like(x0)).to_event(1)
+        return self.likelihood(out["mean"], (0.5 * out["log_variance"]).exp())
 
     # --- the literal chain as Pyro programs --------------------------------------
 
@@ -182,10 +209,10 @@ class DiffusionChain(nn.Module):
         """p(x_T) prod_{t=T..2} p_theta(x_{t-1}|x_t) p_theta(x_0|x_1): sample sites
         ``"x_T"``, ..., ``"x_1"``, observed site ``"x_0"``. One site per step, so
         tracing it costs O(T)."""
-        pyro.module("diffusion", self)
+        params.module(self, "diffusion")  # a name of its own in the param store
         x0 = self.check_data(x0)
         with pyro.plate("data", x0.shape[0]):
-            x = pyro.sample(f"x_{self.T}", self.p_prior(x0))
+            x = pyro.sample(f"x_{self.T}", self.prior())
             for t in range(self.T, 1, -1):
                 x = pyro.sample(f"x_{t - 1}", self.p_step(x, t))
             pyro.sample("x_0", self.p_decoder(x), obs=x0)
@@ -226,9 +253,16 @@ class DiffusionChain(nn.Module):
     # --- the bound's terms in closed form ------------------------------------------
 
     def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
-        """L_T = KL(q(x_T|x_0) || N(0, I)), shape ``x0.shape[:-1]`` (no parameters)."""
+        """L_T = KL(q(x_T|x_0) || p(x_T)) in closed form, with p(x_T) the prior
+        module (N(0, I)), shape ``x0.shape[:-1]`` (no parameters)."""
+        p = self.prior()
         mean, var = self.schedule.q_mean_variance(x0, self.T)
-        return 0.5 * (var + mean.square() - 1 - var.log()).sum(-1)
+        return normal_kl(mean - p.base_dist.loc, var.log(), 2 * p.base_dist.scale.log(), self.x_dim)
+
+    def decoder_nll(self, x0: torch.Tensor, mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+        """L_0 = -log p_theta(x_0|x_1) given the t = 1 step's mean and log sigma_1^2
+        (each ``x0``'s shape), shape ``x0.shape[:-1]``."""
+        return -self.likelihood(mean, (0.5 * log_variance).exp()).log_prob(x0)
 
     def vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None = None) -> torch.Tensor:
         """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D:
@@ -247,20 +281,15 @@ class DiffusionChain(nn.Module):
         x0 = x0.expand_as(x_t)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[:-1])
         pred, x0_hat, log_var = self._x0_hat_log_variance(x_t, t, output, clip_x0=False)
-        q_log_var = s.extract(s.posterior_log_variance_clipped, t, x_t)
-        var_part = 0.5 * (-1.0 + log_var - q_log_var + torch.exp(q_log_var - log_var))
-        sq = (x0 - x0_hat).square()
-        inv_var = torch.exp(-log_var)
-        mean_part = (sq.sum(-1) * inv_var.squeeze(-1)) if inv_var.shape[-1] == 1 else (sq * inv_var).sum(-1)
-        kl = var_part.sum(-1) * (self.x_dim / var_part.shape[-1]) + 0.5 * s.extract(s.posterior_mean_coef1, t, x_t).squeeze(-1).square() * mean_part
+        mean_diff = s.extract(s.posterior_mean_coef1, t, x_t) * (x0 - x0_hat)
+        kl = normal_kl(mean_diff, s.extract(s.posterior_log_variance_clipped, t, x_t), log_var, self.x_dim)
         is_decoder = t == 1
         if not is_decoder.any():  # most batches: no decoder term, skip its CDFs
             return kl
         # at t = 1 the term is the decoder's -log p(x_0|x_1), on those entries only
         x_1, t_1 = x_t[is_decoder], t[is_decoder]
         mean = pred[is_decoder] if self.parameterization == "mean" else s.q_posterior_mean_variance(x_1, x0_hat[is_decoder], t_1)[0]
-        nll = -self._decoder_dist(mean, log_var.expand_as(x_t)[is_decoder]).log_prob(x0[is_decoder])
-        return kl.index_put((is_decoder,), nll)
+        return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var.expand_as(x_t)[is_decoder]))
 
     def full_bound(self, x0: torch.Tensor, chunk_size: int = 512) -> dict:
         """-ELBO(x0) with every term, x_t ~ q(x_t|x_0) drawn independently for each
@@ -269,7 +298,10 @@ class DiffusionChain(nn.Module):
 
         Returns a dict of tensors: ``prior`` (B,) = L_T, ``terms`` (B, T) with
         ``terms[:, t-1]`` = L_{t-1} (column 0 is the decoder's -log p(x_0|x_1)),
-        ``total`` (B,) = -ELBO in nats, ``bits_per_dim`` (B,) = total / (D ln 2).
+        ``total`` (B,) = -ELBO in nats, ``bits_per_dim`` (B,) = total / (D ln 2)
+        (:func:`~pyrovae.infer.bound.bits_per_dim`). In the bound's vocabulary
+        (:mod:`pyrovae.infer.bound`): ``kl_top`` = prior, ``recon`` = -terms[:, 0],
+        ``kl_layers`` = terms[:, 1:].sum(-1).
         Differentiable; wrap in ``torch.no_grad()`` to evaluate.
         """
         x0 = self.check_data(x0)
@@ -286,7 +318,7 @@ class DiffusionChain(nn.Module):
         terms = torch.cat(chunks, 0).T
         prior = self.prior_kl(x0)
         total = prior + terms.sum(-1)
-        return {"prior": prior, "terms": terms, "total": total, "bits_per_dim": total / (self.x_dim * math.log(2))}
+        return {"prior": prior, "terms": terms, "total": total, "bits_per_dim": bits_per_dim(total, self.x_dim)}
 
     # --- sampling -------------------------------------------------------------------
 
@@ -309,7 +341,7 @@ class DiffusionChain(nn.Module):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         chain = self if steps is None or steps == self.T else self.respaced(steps)
-        clip_x0 = self.decoder == "discretised" if clip_x0 is None else clip_x0
+        clip_x0 = self.discrete if clip_x0 is None else clip_x0
         ref = self.schedule.betas
         x = torch.randn(n, self.x_dim, device=ref.device, dtype=next(self.net.parameters()).dtype)
         for t in range(chain.T, 1, -1):

@@ -17,7 +17,9 @@ Times are 1-based as in the papers: ``t`` is an integer tensor with values in
 ``1..T`` whose shape is the batch shape of ``x`` (or broadcasts to it); data
 ``x`` have shape ``batch_shape + (D,)`` and every distribution returned has
 event shape ``(D,)``. Tables are stored in float64 (as improved-diffusion
-does) and cast to ``x``'s dtype when read.
+does) and cast to ``x``'s dtype when read; 1 - alpha_bar_t is its own table,
+formed in float64 as -expm1(sum_{s<=t} log1p(-beta_s)) before any cast, so
+that betas as small as 1e-12 keep a finite bound in float32.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ class NoiseSchedule(nn.Module):
     :param betas: 1-D tensor (or sequence) of T >= 1 values in the open interval (0, 1).
     :param timesteps: for a respaced schedule (:meth:`respace`), the original time
         each step stands for (what the denoiser is told); default ``1..T``.
+    :param original_T: the number of steps of the schedule ``timesteps`` index
+        (the denoiser's time scale); required with ``timesteps``, else T.
     """
 
-    def __init__(self, betas, timesteps=None):
+    def __init__(self, betas, timesteps=None, original_T: int | None = None):
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if betas.dim() != 1 or betas.numel() < 1:
@@ -77,13 +81,22 @@ class NoiseSchedule(nn.Module):
             bad = betas[(betas <= 0) | (betas >= 1)]
             raise ValueError(f"betas must lie in the open interval (0, 1), got values {bad.tolist()[:5]}")
         T = betas.numel()
+        if (timesteps is None) != (original_T is None):
+            raise ValueError(f"timesteps and original_T must be given together (a respaced schedule), got timesteps={timesteps!r}, original_T={original_T!r}")
         timesteps = torch.arange(1, T + 1) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.long)
         if timesteps.shape != (T,):
             raise ValueError(f"timesteps must have shape ({T},) like betas, got {tuple(timesteps.shape)}")
+        self.original_T = T if original_T is None else int(original_T)
+        if timesteps.min() < 1 or timesteps.max() > self.original_T:
+            raise ValueError(f"timesteps must lie in 1..original_T = {self.original_T}, got {timesteps.tolist()[:10]}")
         alphas = 1 - betas
-        alphas_cumprod = torch.cumprod(alphas, 0)
+        log_alphas_cumprod = torch.cumsum(torch.log1p(-betas), 0)
+        alphas_cumprod = log_alphas_cumprod.exp()
+        # 1 - alpha_bar without cancellation: 1 - (1 - 1e-12) would keep 4 digits
+        one_minus_alphas_cumprod = -torch.expm1(log_alphas_cumprod)
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        one_minus_alphas_cumprod_prev = torch.cat([alphas_cumprod.new_zeros(1), one_minus_alphas_cumprod[:-1]])
+        posterior_variance = betas * one_minus_alphas_cumprod_prev / one_minus_alphas_cumprod
         # beta_tilde_1 = 0 (x_0 is known given x_0); its log is clipped to
         # beta_tilde_2 so that a learned or "small" variance at t = 1 stays finite.
         clip_to = posterior_variance[1] if T > 1 else betas[0]
@@ -93,15 +106,16 @@ class NoiseSchedule(nn.Module):
             "alphas": alphas,
             "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
+            "one_minus_alphas_cumprod": one_minus_alphas_cumprod,
             "sqrt_alphas": alphas.sqrt(),
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            "sqrt_one_minus_alphas_cumprod": one_minus_alphas_cumprod.sqrt(),
             "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (one_minus_alphas_cumprod / alphas_cumprod).sqrt(),
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": torch.cat([clip_to.reshape(1), posterior_variance[1:]]).log(),
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
-            "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / one_minus_alphas_cumprod,
+            "posterior_mean_coef2": one_minus_alphas_cumprod_prev * alphas.sqrt() / one_minus_alphas_cumprod,
         }
         for name, value in tables.items():
             self.register_buffer(name, value)
@@ -147,7 +161,7 @@ class NoiseSchedule(nn.Module):
     def q_mean_variance(self, x0: torch.Tensor, t):
         """Mean sqrt(alpha_bar_t) x_0 and variance 1 - alpha_bar_t of q(x_t | x_0)."""
         mean = self.extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = (1 - self.extract(self.alphas_cumprod, t, x0)).expand_as(mean)
+        variance = self.extract(self.one_minus_alphas_cumprod, t, x0).expand_as(mean)
         return mean, variance
 
     def q_xt_given_x0(self, x0: torch.Tensor, t) -> dist.Distribution:
@@ -183,14 +197,19 @@ class NoiseSchedule(nn.Module):
 
     def respace(self, steps: int) -> "NoiseSchedule":
         """A schedule on ``steps`` evenly spaced times tau_1 < ... < tau_K = T of this
-        one with recomputed betas, beta_k = 1 - alpha_bar_{tau_k} / alpha_bar_{tau_{k-1}}
-        (improved DDPM's respacing, capped at 0.999 like the originals), so
-        q(x_{tau_k} | x_0) is unchanged wherever no cap applies. Its
-        ``timesteps`` buffer holds the tau_k the denoiser is told."""
+        one (always ending at T, so that x_{tau_K} ~ N(0, I) is the right start;
+        one step is tau_1 = T) with recomputed betas,
+        beta_k = 1 - alpha_bar_{tau_k} / alpha_bar_{tau_{k-1}} (improved DDPM's
+        respacing), so that q(x_{tau_k} | x_0) is that of the original chain.
+        Its ``timesteps`` buffer holds the original tau_k the denoiser is told,
+        and ``original_T`` the original chain's T (the denoiser's time scale)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.T:
             raise ValueError(f"steps must be an integer in 1..{self.T}, got {steps!r}")
-        idx = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long().unique()
-        alphas_cumprod = self.alphas_cumprod.detach().cpu()[idx]
-        prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-        respaced = NoiseSchedule((1 - alphas_cumprod / prev).clamp(max=MAX_BETA), self.timesteps.cpu()[idx])
+        first = 0 if steps > 1 else self.T - 1
+        idx = torch.linspace(first, self.T - 1, steps, dtype=torch.float64).round().long().unique()
+        log_ab = torch.cumsum(torch.log1p(-self.betas.detach().cpu()), 0)[idx]
+        log_ratio = log_ab - torch.cat([log_ab.new_zeros(1), log_ab[:-1]])
+        # beta_k < 1 exactly, unless alpha_bar's ratio underflows double precision
+        betas = (-torch.expm1(log_ratio)).clamp(max=torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)))
+        respaced = NoiseSchedule(betas, self.timesteps.cpu()[idx], self.original_T)
         return respaced.to(self.betas.device)

@@ -1,17 +1,188 @@
-"""A time-subsampled, unbiased ELBO for the diffusion chain, at a cost independent of T."""
+"""A time-subsampled, unbiased ELBO for the diffusion chain, at a cost independent of T.
+
+Also the pieces every objective on the chain shares (:mod:`pyrovae.infer.losses`
+builds the losses that are not bounds from them): the time samplers and the
+draw of (t, x_t) per example and particle.
+"""
 
 from __future__ import annotations
 
-import pyro
 import torch
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
-OBJECTIVES = ("elbo", "simple", "hybrid")
+from pyrovae import distributed, params
+
 TIME_SAMPLERS = ("uniform", "importance")
 
 
-class DiffusionELBO(ELBO):
+class UniformTimeSampler:
+    """p(t) = 1/T for t = 1..T."""
+
+    name = "uniform"
+
+    def probs(self, T: int, device) -> torch.Tensor:
+        """p(t) for t = 1..T, shape ``(T,)``, float64."""
+        return torch.full((T,), 1.0 / T, device=device, dtype=torch.float64)
+
+    def update(self, t: torch.Tensor, terms: torch.Tensor) -> None:
+        """Record the bound's terms seen at times ``t`` (nothing to record here)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"a uniform time sampler has no state, got keys {sorted(state)}")
+
+
+class ImportanceTimeSampler(UniformTimeSampler):
+    """Improved DDPM's importance sampling of t: p(t) proportional to
+    sqrt(E[L_{t-1}^2]), estimated from the last ``history`` values seen per t;
+    uniform until every t has ``history`` values, then mixed with
+    ``uniform_mix`` (0.1%) of the uniform p(t) so that no t is starved.
+
+    Its history is state (:meth:`state_dict`), saved with a checkpoint so that
+    a resumed run draws the same times as the run it continues.
+    """
+
+    name = "importance"
+
+    def __init__(self, history: int = 10, uniform_mix: float = 1e-3):
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        if not 0 < uniform_mix <= 1:
+            raise ValueError(f"uniform_mix must be in (0, 1], got {uniform_mix}")
+        self.history, self.uniform_mix = history, uniform_mix
+        self._squares: torch.Tensor | None = None  # (T, history): the last squared terms per t
+        self._count: torch.Tensor | None = None  # (T,): terms seen per t
+
+    def probs(self, T: int, device) -> torch.Tensor:
+        uniform = super().probs(T, device)
+        if self._count is None or (self._count < self.history).any():
+            return uniform
+        if self._squares.shape[0] != T:
+            raise ValueError(f"this sampler's history is for T = {self._squares.shape[0]}, not T = {T}")
+        p = self._squares.mean(-1).sqrt().to(device)
+        return (1 - self.uniform_mix) * p / p.sum() + self.uniform_mix * uniform
+
+    def update(self, t: torch.Tensor, terms: torch.Tensor) -> None:
+        if self._squares is None:
+            raise RuntimeError("update() before start(T, device): the sampler does not know T yet")
+        for ti, li in zip(t.reshape(-1).tolist(), terms.detach().reshape(-1).tolist()):
+            self._squares[ti - 1] = torch.roll(self._squares[ti - 1], -1)
+            self._squares[ti - 1, -1] = li**2
+            self._count[ti - 1] += 1
+
+    def start(self, T: int, device) -> None:
+        """An empty history for T steps (on the first draw)."""
+        if self._squares is None:
+            self._squares = torch.zeros(T, self.history, device=device, dtype=torch.float64)
+            self._count = torch.zeros(T, dtype=torch.long, device=device)
+
+    def state_dict(self) -> dict:
+        """The history (``None`` before the first draw), copied to the CPU."""
+        if self._squares is None:
+            return {"squares": None, "count": None}
+        return {"squares": self._squares.detach().cpu().clone(), "count": self._count.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"squares", "count"}:
+            raise ValueError(f"an importance time sampler's state has keys 'squares' and 'count', got {sorted(state)}")
+        squares, count = state["squares"], state["count"]
+        if squares is not None and (squares.dim() != 2 or squares.shape[1] != self.history or count.shape != squares.shape[:1]):
+            raise ValueError(f"squares must have shape (T, {self.history}) and count (T,), got {tuple(squares.shape)} and {tuple(count.shape)}")
+        self._squares = None if squares is None else squares.clone().to(torch.float64)
+        self._count = None if count is None else count.clone().to(torch.long)
+
+
+def make_time_sampler(time_sampler) -> UniformTimeSampler:
+    """A sampler object from its name in :data:`TIME_SAMPLERS` (or the object itself)."""
+    if isinstance(time_sampler, UniformTimeSampler):
+        return time_sampler
+    if time_sampler == "uniform":
+        return UniformTimeSampler()
+    if time_sampler == "importance":
+        return ImportanceTimeSampler()
+    raise ValueError(f"unknown time_sampler {time_sampler!r}; expected one of {', '.join(TIME_SAMPLERS)}")
+
+
+class ChainObjective:
+    """What every objective on a :class:`~pyrovae.diffusion.chain.DiffusionChain`
+    shares: it checks that ``model``/``guide`` are the chain's, draws per example
+    and particle t ~ p(t) (``time_sampler``) and x_t ~ q(x_t|x_0), and wraps
+    its per-batch work, :meth:`_loss_and_terms`, in Pyro's ``loss`` /
+    ``loss_and_grads`` / ``differentiable_loss`` interface.
+
+    ``train_metric`` names its training value in metrics.csv: ``train_elbo``
+    for a bound (the loop writes -loss), ``train_loss_<name>`` for a loss that
+    is not one (the loop writes the loss).
+    """
+
+    train_metric: str
+
+    def __init__(self, num_particles: int = 1, time_sampler="uniform"):
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+        self.num_particles = num_particles
+        self.time_sampler = make_time_sampler(time_sampler)
+
+    def _chain(self, model, guide):
+        from pyrovae.diffusion.chain import DiffusionChain
+
+        name = type(self).__name__
+        chain = getattr(model, "__self__", None)
+        if not isinstance(chain, DiffusionChain) or model.__func__ is not DiffusionChain.model:
+            raise TypeError(f"{name} needs model=chain.model of a DiffusionChain, got {model!r}")
+        if getattr(guide, "__self__", None) is not chain:
+            raise TypeError(f"{name} needs guide to be a guide of the same chain, got {guide!r}")
+        return chain
+
+    def _draw(self, chain, x0: torch.Tensor) -> dict:
+        """``k = num_particles`` draws per example: times ``t`` (k, B), their
+        importance weights 1/p(t), the noise and x_t = sqrt(alpha_bar_t) x_0 +
+        sqrt(1 - alpha_bar_t) noise (k, B, D), and x_0 expanded to (k, B, D)."""
+        params.module(chain, "diffusion")  # a name of its own in the param store
+        x0 = chain.check_data(x0)
+        T, k, B = chain.T, self.num_particles, x0.shape[0]
+        if isinstance(self.time_sampler, ImportanceTimeSampler):
+            self.time_sampler.start(T, x0.device)
+        p = self.time_sampler.probs(T, x0.device)
+        t = torch.multinomial(p, k * B, replacement=True).reshape(k, B) + 1
+        x0_k = x0.expand(k, B, chain.x_dim)
+        noise = torch.randn_like(x0_k)
+        return {"x0": x0, "x0_k": x0_k, "t": t, "weight": 1.0 / p[t - 1].to(x0.dtype), "noise": noise, "x_t": chain.schedule.q_sample(x0_k, t, noise)}
+
+    def _loss_and_terms(self, chain, x0: torch.Tensor):
+        """The differentiable loss summed over the batch, the times drawn and
+        their bound terms (``None`` when the objective has none)."""
+        raise NotImplementedError
+
+    def differentiable_loss(self, model, guide, x0: torch.Tensor) -> torch.Tensor:
+        """The loss; with gradients on (a training step, as the trainer takes
+        it), the bound's terms also update the time sampler, with every
+        process's draws under torchrun so that all ranks keep the same p(t)."""
+        loss, t, terms = self._loss_and_terms(self._chain(model, guide), x0)
+        if terms is not None and torch.is_grad_enabled():
+            self.time_sampler.update(distributed.all_gather_cat(t), distributed.all_gather_cat(terms.detach()))
+        return loss
+
+    def loss(self, model, guide, x0: torch.Tensor) -> float:
+        """The objective's value on ``x0``, summed over the batch."""
+        with torch.no_grad():
+            loss = self.differentiable_loss(model, guide, x0).item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, x0: torch.Tensor) -> float:
+        loss = self.differentiable_loss(model, guide, x0)
+        loss.backward()
+        loss = loss.item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+
+class DiffusionELBO(ChainObjective, ELBO):
     """-ELBO of a :class:`~pyrovae.diffusion.chain.DiffusionChain`, estimated
     without tracing the chain.
 
@@ -27,10 +198,11 @@ class DiffusionELBO(ELBO):
 
         L_T + (1/k) sum_{j=1..k} L_{t_j - 1}(x_0, x_{t_j}) / p(t_j)
 
-    with k = ``num_particles``; p(t) = 1/T (``time_sampler="uniform"``), or
-    p(t) proportional to sqrt(E[L_{t-1}^2]) from the last 10 values seen per t
-    (``"importance"``, improved DDPM; uniform until every t has 10 values, and
-    mixed with 0.1% uniform). The cost is k network calls per example whatever T.
+    with k = ``num_particles``; p(t) from ``time_sampler``: uniform
+    (:class:`UniformTimeSampler`) or importance-sampled from the terms seen
+    (:class:`ImportanceTimeSampler`, improved DDPM), kept as
+    ``self.time_sampler`` with its own ``state_dict``. The cost is k network
+    calls per example whatever T.
 
     Any ELBO that traces the literal chain (``Trace_ELBO``, ``TraceMeanField_ELBO``)
     costs O(T), so this class is an ELBO subclass that knows the chain's
@@ -40,108 +212,43 @@ class DiffusionELBO(ELBO):
     schedule, so the guide is never run). Drop-in for ``SVI(chain.model,
     chain.guide_posterior, optim, DiffusionELBO())``.
 
-    ``objective="simple"`` is Ho et al.'s L_simple = E_{t,eps} mean_D (target -
-    prediction)^2 (target eps, x_0 or mu_tilde by the chain's parameterization):
-    a *reweighted* objective that trains good samplers but is **not** the ELBO
-    and not a bound on anything; its value is not comparable with the ELBO.
-    ``objective="hybrid"`` is improved DDPM's L_simple + lambda L_vlb for learned
-    variances: lambda (``hybrid_weight``, 1e-3) times the estimate of
-    sum_t L_{t-1} per dimension with the mean's prediction detached, so the
-    bound term trains only sigma_t. Neither is the ELBO.
-
+    The losses that train diffusion models but are not bounds (Ho et al.'s
+    L_simple, improved DDPM's hybrid) are :mod:`pyrovae.infer.losses`.
     Losses are summed over the batch, as Pyro's ELBOs sum over a plate.
     """
 
-    def __init__(self, num_particles: int = 1, objective: str = "elbo", time_sampler: str = "uniform", hybrid_weight: float = 1e-3):
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
-        super().__init__(num_particles=num_particles)
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
-        if time_sampler not in TIME_SAMPLERS:
-            raise ValueError(f"unknown time_sampler {time_sampler!r}; expected one of {', '.join(TIME_SAMPLERS)}")
-        self.objective, self.time_sampler, self.hybrid_weight = objective, time_sampler, hybrid_weight
-        self._history: torch.Tensor | None = None  # (T, 10) last squared terms per t
-        self._count: torch.Tensor | None = None
+    train_metric = "train_elbo"
 
-    def _chain(self, model, guide):
-        from pyrovae.diffusion.chain import DiffusionChain
-
-        chain = getattr(model, "__self__", None)
-        if not isinstance(chain, DiffusionChain) or model.__func__ is not DiffusionChain.model:
-            raise TypeError(f"DiffusionELBO needs model=chain.model of a DiffusionChain, got {model!r}")
-        if getattr(guide, "__self__", None) is not chain:
-            raise TypeError(f"DiffusionELBO needs guide to be a guide of the same chain, got {guide!r}")
-        if self.objective == "hybrid" and chain.variance != "learned":
-            raise ValueError(f"objective='hybrid' trains learned variances; the chain has variance={chain.variance!r}")
-        if self.objective == "simple" and self.time_sampler == "importance":
-            raise ValueError("time_sampler='importance' weights the bound's terms; objective='simple' has none")
-        return chain
+    def __init__(self, num_particles: int = 1, time_sampler="uniform"):
+        ChainObjective.__init__(self, num_particles, time_sampler)
+        ELBO.__init__(self, num_particles=num_particles)
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("DiffusionELBO never traces the chain: that is what makes it O(1) in T")
 
-    def time_probs(self, T: int, device) -> torch.Tensor:
-        """p(t) for t = 1..T, shape ``(T,)``."""
-        uniform = torch.full((T,), 1.0 / T, device=device, dtype=torch.float64)
-        if self.time_sampler == "uniform" or self._count is None or (self._count < self._history.shape[1]).any():
-            return uniform
-        p = self._history.mean(-1).sqrt()
-        return 0.999 * p / p.sum() + 0.001 * uniform
-
-    def _update_history(self, t: torch.Tensor, terms: torch.Tensor) -> None:
-        for ti, li in zip(t.reshape(-1).tolist(), terms.detach().reshape(-1).tolist()):
-            self._history[ti - 1] = torch.roll(self._history[ti - 1], -1)
-            self._history[ti - 1, -1] = li**2
-            self._count[ti - 1] += 1
-
     def _loss_and_terms(self, chain, x0: torch.Tensor):
-        """The differentiable loss, the times drawn ``(k, B)`` and their bound terms
-        (``None`` for L_simple)."""
-        pyro.module("diffusion", chain)
+        d = self._draw(chain, x0)
+        terms = chain.vb_terms(d["x0_k"], d["x_t"], d["t"])
+        return chain.prior_kl(d["x0"]).sum() + (d["weight"] * terms).sum() / self.num_particles, d["t"], terms
+
+    @torch.no_grad()
+    def terms(self, model, guide, x0: torch.Tensor) -> dict:
+        """The bound's named terms (:mod:`pyrovae.infer.bound`) summed over the
+        batch, in nats: ``recon`` = E_q[log p_theta(x_0|x_1)] and ``kl_layers``
+        = sum_{t=2..T} E_q[L_{t-1}], each estimated from ``num_particles``
+        draws per example (x_1 ~ q(x_1|x_0) for ``recon``; t uniform on 2..T
+        for ``kl_layers``: stratified, so the rare decoder term is never left
+        to chance), and ``kl_top`` = L_T in closed form. Unbiased for the ELBO:
+        ``recon - kl_top - kl_layers``."""
+        chain = self._chain(model, guide)
+        params.module(chain, "diffusion")  # a name of its own in the param store
         x0 = chain.check_data(x0)
         T, k, B = chain.T, self.num_particles, x0.shape[0]
-        if self.time_sampler == "importance" and self._history is None:
-            self._history = torch.zeros(T, 10, device=x0.device, dtype=torch.float64)
-            self._count = torch.zeros(T, dtype=torch.long, device=x0.device)
-        p = self.time_probs(T, x0.device)
-        t = torch.multinomial(p, k * B, replacement=True).reshape(k, B) + 1
-        weight = 1.0 / p[t - 1].to(x0.dtype)
         x0_k = x0.expand(k, B, chain.x_dim)
-        noise = torch.randn_like(x0_k)
-        x_t = chain.schedule.q_sample(x0_k, t, noise)
-        output = chain.model_output(x_t, t)
-        if self.objective == "elbo":
-            terms = chain.vb_terms(x0_k, x_t, t, output=output)
-            return chain.prior_kl(x0).sum() + (weight * terms).sum() / k, t, terms
-        pred = output[0]
-        if chain.parameterization == "eps":
-            target = noise
-        elif chain.parameterization == "x0":
-            target = x0_k
-        else:
-            target = chain.schedule.q_posterior_mean_variance(x_t, x0_k, t)[0]
-        loss = ((target - pred) ** 2).mean(-1).sum() / k
-        if self.objective == "simple":
-            return loss, t, None
-        terms = chain.vb_terms(x0_k, x_t, t, output=(pred.detach(), output[1]))
-        return loss + self.hybrid_weight * (weight * terms).sum() / (k * chain.x_dim), t, terms
-
-    def differentiable_loss(self, model, guide, x0: torch.Tensor) -> torch.Tensor:
-        return self._loss_and_terms(self._chain(model, guide), x0)[0]
-
-    def loss(self, model, guide, x0: torch.Tensor) -> float:
-        """The estimate of -ELBO (or of L_simple / L_hybrid), summed over the batch."""
-        with torch.no_grad():
-            loss = self.differentiable_loss(model, guide, x0).item()
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def loss_and_grads(self, model, guide, x0: torch.Tensor) -> float:
-        loss, t, terms = self._loss_and_terms(self._chain(model, guide), x0)
-        loss.backward()
-        if self.time_sampler == "importance":
-            self._update_history(t, terms)
-        loss = loss.item()
-        warn_if_nan(loss, "loss")
-        return loss
+        ones = torch.ones(k, B, dtype=torch.long, device=x0.device)
+        recon = -chain.vb_terms(x0_k, chain.schedule.q_sample(x0_k, ones), ones).sum() / k
+        kl_layers = torch.zeros((), dtype=x0.dtype, device=x0.device)
+        if T > 1:
+            t = torch.randint(2, T + 1, (k, B), device=x0.device)
+            kl_layers = (T - 1) * chain.vb_terms(x0_k, chain.schedule.q_sample(x0_k, t), t).sum() / k
+        return {"recon": recon.item(), "kl_top": chain.prior_kl(x0).sum().item(), "kl_layers": kl_layers.item()}

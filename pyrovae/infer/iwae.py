@@ -23,6 +23,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
+from pyrovae.infer.bound import bits_per_dim
+
 PARTICLES = "iwae_particles"
 
 
@@ -84,4 +86,4 @@ def evaluate_iwae(model, guide, x: torch.Tensor, num_samples: int, batch_size: i
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     total = sum(iwae_log_likelihood(model, guide, x[i : i + batch_size], num_samples, chunk_size).sum().item() for i in range(0, len(x), batch_size))
     mean = total / len(x)
-    return {"iwae": mean, "iwae_bpd": -mean / (x.shape[-1] * math.log(2))}
+    return {"iwae": mean, "iwae_bpd": bits_per_dim(-mean, x.shape[-1])}

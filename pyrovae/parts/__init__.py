@@ -13,8 +13,8 @@ from pyrovae.parts.likelihoods import (
     LIKELIHOODS,
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
-    DiscretizedGaussianLikelihood,
-    DiscretizedLogisticLikelihood,
+    DiscretisedGaussianLikelihood,
+    DiscretisedLogisticLikelihood,
     GaussianLikelihood,
 )
 from pyrovae.parts.priors import PRIORS, FlowPrior, MixtureOfGaussiansPrior, StandardNormalPrior, VampPrior
@@ -34,6 +34,6 @@ __all__ = [
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
     "GaussianLikelihood",
-    "DiscretizedLogisticLikelihood",
-    "DiscretizedGaussianLikelihood",
+    "DiscretisedLogisticLikelihood",
+    "DiscretisedGaussianLikelihood",
 ]

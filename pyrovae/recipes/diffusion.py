@@ -5,17 +5,18 @@ how ``pyrovae sample|evaluate diffusion`` load a finished run."""
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
 
 from pyrovae import data as datasets
 from pyrovae import plots
-from pyrovae.diffusion.chain import DECODERS, PARAMETERIZATIONS, VARIANCES, DiffusionChain
+from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES, DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.schedule import SCHEDULES, NoiseSchedule
-from pyrovae.infer.diffusion_elbo import OBJECTIVES, TIME_SAMPLERS, DiffusionELBO
+from pyrovae.infer.bound import bound_terms, prefixed
+from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS, DiffusionELBO
+from pyrovae.infer.losses import OBJECTIVES, make_objective
 
 NETS = ("auto", "mlp", "unet")
 CONTINUOUS_DATA = ("moons",)  # every other dataset is 8-bit images
@@ -35,8 +36,6 @@ def from_chain_space(x0: torch.Tensor) -> torch.Tensor:
 
 
 class DiffusionRecipe:
-    elbo_unit = "ELBO (nats per example)"
-
     def check(self, cfg) -> None:
         """Raise ``ValueError`` for diffusion settings that cannot work."""
         if isinstance(cfg.T, bool) or not isinstance(cfg.T, int) or cfg.T < 1:
@@ -62,11 +61,15 @@ class DiffusionRecipe:
             denoiser = UNet(ds.image_shape, cfg.channels, out_mult=out_mult)
         else:
             denoiser = TimeMLP(ds.x_dim, cfg.hidden, out_mult=out_mult)
-        decoder = DECODERS[0] if ds.is_image else DECODERS[1]
+        decoder = "discretised-gaussian" if ds.is_image else "gaussian"
         return DiffusionChain(denoiser, NoiseSchedule.from_name(cfg.schedule, cfg.T), ds.x_dim, decoder, cfg.parameterization, cfg.variance)
 
-    def objective(self, cfg) -> DiffusionELBO:
-        return DiffusionELBO(objective=cfg.objective, time_sampler=cfg.time_sampler)
+    def objective(self, cfg):
+        """The bound (:class:`DiffusionELBO`) or a loss that is not one
+        (:mod:`pyrovae.infer.losses`); its ``train_metric`` names the training
+        column, and its ``time_sampler`` (with a ``state_dict``) is the state
+        a checkpoint keeps."""
+        return make_objective(cfg.objective, time_sampler=cfg.time_sampler)
 
     def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
         return x if cfg.data in CONTINUOUS_DATA else to_chain_space(x)
@@ -76,24 +79,26 @@ class DiffusionRecipe:
 
     @torch.no_grad()
     def evaluate(self, cfg, chain: DiffusionChain, x_test: torch.Tensor, batch_size: int = 500) -> dict:
-        """The test ELBO in nats per example (and bits/dim for images), estimated
-        without bias by :class:`DiffusionELBO` with ``cfg.test_particles`` draws of
-        t per example: cheap enough for every epoch whatever T. The exact full-T
-        bound is ``pyrovae evaluate diffusion``."""
+        """The bound's named terms (:mod:`pyrovae.infer.bound`) per test example,
+        in nats: ``test_recon``, ``test_kl_top``, ``test_kl_layers`` (the sum of
+        the per-t KLs), ``test_elbo`` and, for images, ``test_bpd``; estimated
+        without bias by :meth:`DiffusionELBO.terms` with ``cfg.test_particles``
+        draws per example: cheap enough for every epoch whatever T. The exact
+        full-T bound, term by term, is ``pyrovae evaluate diffusion``."""
         elbo = DiffusionELBO(num_particles=cfg.test_particles)
-        total = 0.0
+        sums = {"recon": 0.0, "kl_top": 0.0, "kl_layers": 0.0}
         for i in range(0, len(x_test), batch_size):
-            total -= elbo.loss(chain.model, chain.guide_posterior, x_test[i : i + batch_size])
-        row = {"test_elbo": total / len(x_test)}
-        if chain.decoder == "discretised":
-            row["test_bpd"] = -row["test_elbo"] / (chain.x_dim * math.log(2))
-        return row
+            for name, value in elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size]).items():
+                sums[name] += value
+        n = len(x_test)
+        terms = bound_terms(sums["recon"] / n, sums["kl_top"] / n, sums["kl_layers"] / n, chain.x_dim if chain.discrete else None)
+        return prefixed(terms, "test")
 
     def write_figures(self, out: str, cfg, chain: DiffusionChain, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         write_samples(os.path.join(out, "samples.png"), chain, ds, min(cfg.sample_steps, chain.T), x_test)
         with torch.no_grad():
             bound = chain.full_bound(x_test[:TERMS_EXAMPLES])
-        plots.plot_bound_terms(os.path.join(out, "terms.png"), bound["prior"].mean().item(), bound["terms"].mean(0).tolist(), f"bound terms, {min(len(x_test), TERMS_EXAMPLES)} test examples")
+        plot_terms(os.path.join(out, "terms.png"), bound["prior"].mean().item(), bound["terms"].mean(0).tolist(), f"bound terms, {min(len(x_test), TERMS_EXAMPLES)} test examples")
 
 
 def write_samples(path: str, chain: DiffusionChain, ds: datasets.Dataset, steps: int, x_test: torch.Tensor, n: int | None = None) -> None:
@@ -109,28 +114,32 @@ def write_samples(path: str, chain: DiffusionChain, ds: datasets.Dataset, steps:
         plots.save_scatter(path, torch.cat([x_test, points]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(points))]))
 
 
+def plot_terms(path: str, kl_top: float, terms: list, title: str) -> None:
+    """The chain's per-layer KLs with :func:`pyrovae.plots.plot_layer_kl`:
+    layer l = t - 1 holds L_{t-1} = KL at x_{t-1} for l = 1..T-1, the top
+    layer T holds L_T; the decoder term -L_0 is ``recon``."""
+    plots.plot_layer_kl(path, terms[1:] + [kl_top], recon=-terms[0], title=title, layer="t - 1 (latent x_{t-1}; T: x_T)")
+
+
 def evaluate_bound(chain: DiffusionChain, x0: torch.Tensor, steps: int | None, chunk_size: int, run_dir: str) -> dict:
     """The full bound of ``chain`` (respaced to ``steps`` when given) on ``x0``,
-    batched over t: per-example means of the total, bits/dim, the prior term
-    KL(q(x_T|x_0) || p(x_T)), the decoder term and each t's term; written to
-    ``run_dir/evaluate-<steps>.json`` and drawn in ``evaluate-<steps>.png``."""
+    batched over t, per-example means in the bound's vocabulary
+    (:mod:`pyrovae.infer.bound`): ``test_recon`` (the decoder term at t = 1),
+    ``test_kl_top`` (L_T), ``test_kl_layers`` (sum of the per-t KLs),
+    ``test_elbo``, ``test_bpd`` (images), and ``test_kl_t``, the list of
+    L_{t-1} for t = 2..T; written to ``run_dir/evaluate-<steps>.json`` and
+    drawn in ``evaluate-<steps>.png``."""
     steps = steps or chain.T
     if steps > chain.T:
         raise ValueError(f"steps must be <= T = {chain.T}, got {steps}")
     with torch.no_grad():
         bound = (chain.respaced(steps) if steps != chain.T else chain).full_bound(x0, chunk_size)
-    result = {
-        "n": len(x0),
-        "steps": steps,
-        "nats": bound["total"].mean().item(),
-        "bits_per_dim": bound["bits_per_dim"].mean().item(),
-        "prior_nats": bound["prior"].mean().item(),
-        "decoder_nats": bound["terms"][:, 0].mean().item(),
-        "terms_nats": bound["terms"].mean(0).tolist(),
-    }
+    per_t = bound["terms"].mean(0).tolist()
+    terms = bound_terms(-per_t[0], bound["prior"].mean().item(), bound["terms"][:, 1:].sum(-1).mean().item(), chain.x_dim if chain.discrete else None)
+    result = {"n": len(x0), "steps": steps, **prefixed(terms, "test"), "test_kl_t": per_t[1:]}
     name = f"evaluate-{steps}"
     folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
     with open(os.path.join(folder, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
-    plots.plot_bound_terms(os.path.join(folder, name + ".png"), result["prior_nats"], result["terms_nats"], f"bound terms, {len(x0)} test examples, {steps} steps")
+    plot_terms(os.path.join(folder, name + ".png"), result["test_kl_top"], per_t, f"bound terms, {len(x0)} test examples, {steps} steps")
     return result

@@ -10,6 +10,7 @@ import torch
 from pyrovae import data as datasets
 from pyrovae import plots
 from pyrovae.infer import TraceAnalyticKL_ELBO, evaluate_iwae, make_elbo
+from pyrovae.infer.bound import bound_terms, prefixed
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.vae import NETS, VAE, build_vae
@@ -17,8 +18,6 @@ from pyrovae.parts.priors import PRIORS
 
 
 class VAERecipe:
-    elbo_unit = "ELBO (nats per image)"
-
     def check(self, cfg) -> None:
         """Raise ``ValueError`` for VAE settings that cannot work."""
         if cfg.z_dim < 1:
@@ -89,9 +88,12 @@ class VAERecipe:
 
     @torch.no_grad()
     def evaluate(self, cfg, vae: VAE, x_test: torch.Tensor, batch_size: int = 500) -> dict:
-        """Test ELBO in nats per image and its two terms, ``test_recon`` =
-        E_q[log p(x|z)] and ``test_kl`` = KL(q(z|x) || p(z)), each image's
-        averaged over ``cfg.test_particles`` draws of z (vectorised); with
+        """The bound's named terms (:mod:`pyrovae.infer.bound`) per test image, in
+        nats: ``test_recon`` = E_q[log p(x|z)], ``test_kl_top`` = KL(q(z|x) || p(z))
+        (z is the VAE's top and only layer), ``test_elbo`` and, for a likelihood
+        that is a probability mass function (Bernoulli, discretised),
+        ``test_bpd``; each image's averaged over ``cfg.test_particles`` draws of
+        z (vectorised); with
         ``cfg.iwae_k > 0`` also the IWAE-k estimate of log p(x) (``test_iwae``
         in nats per image, ``test_iwae_bpd`` in bits per dimension). Whatever
         ELBO trains the model, these use the analytic-KL estimator: the same
@@ -104,7 +106,7 @@ class VAERecipe:
             recon += terms.pop("x")
             kl -= sum(terms.values())
         n = len(x_test)
-        metrics = {"test_elbo": (recon - kl) / n, "test_recon": recon / n, "test_kl": kl / n}
+        metrics = prefixed(bound_terms(recon / n, kl / n, dim=vae.x_dim if getattr(vae.likelihood, "discrete", False) else None), "test")
         if cfg.iwae_k > 0:
             iwae = evaluate_iwae(vae.model, vae.guide, x_test, cfg.iwae_k)
             metrics.update(test_iwae=iwae["iwae"], test_iwae_bpd=iwae["iwae_bpd"])
