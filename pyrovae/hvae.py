@@ -50,6 +50,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
+from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.nets import MLP, check_sizes
 from pyrovae.parts.encoders import MIN_SCALE, DiagonalNormalEncoder
 from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood
@@ -318,10 +319,11 @@ def latent_sites(model) -> list:
 
 @torch.no_grad()
 def bound_terms(hvae: HVAE | VAE, x: torch.Tensor, num_particles: int = 10, batch_size: int = 500) -> dict:
-    """The ELBO's named terms, per example in nats, averaged over ``x``:
-    ``recon``, ``kl_1`` .. ``kl_L``, ``kl_top`` (= kl_L), ``kl_layers``
-    (= kl_1 + .. + kl_{L-1}), ``kl`` (all of them) and ``elbo`` = recon - kl_top -
-    kl_layers, each from ``num_particles`` vectorised draws of the analytic-KL
+    """The ELBO's named terms (:mod:`pyrovae.infer.bound`), per example in nats,
+    averaged over ``x``: ``recon``, ``kl_top`` (= kl_L), ``kl_layers``
+    (= kl_1 + .. + kl_{L-1}, for L > 1), ``elbo`` = recon - kl_top - kl_layers,
+    ``bpd`` for a likelihood that is a probability mass function, and
+    ``kl_1`` .. ``kl_L``, each from ``num_particles`` vectorised draws of the analytic-KL
     ELBO (closed form where exact, Monte Carlo elsewhere); ``closed_form`` lists
     the layers that took the closed form. A :class:`~pyrovae.vae.VAE` is read as
     the 1-layer hierarchy (its ``z`` is z_1 = the top)."""
@@ -333,12 +335,10 @@ def bound_terms(hvae: HVAE | VAE, x: torch.Tensor, num_particles: int = 10, batc
             sums[name] = sums.get(name, 0.0) + value
     sites = latent_sites(hvae)
     n, L = len(x), len(sites)
-    out = {"recon": sums["x"] / n}
-    out.update({f"kl_{l}": -sums[site] / n for l, site in enumerate(sites, start=1)})
-    out["kl_top"] = out[f"kl_{L}"]
-    out["kl_layers"] = sum(out[f"kl_{l}"] for l in range(1, L))
-    out["kl"] = out["kl_top"] + out["kl_layers"]
-    out["elbo"] = out["recon"] - out["kl"]
+    kls = {f"kl_{l}": -sums[site] / n for l, site in enumerate(sites, start=1)}
+    dim = hvae.x_dim if getattr(hvae.likelihood, "discrete", False) else None
+    below_top = sum(kls[f"kl_{l}"] for l in range(1, L)) if L > 1 else None
+    out = {**named_terms(sums["x"] / n, kls[f"kl_{L}"], below_top, dim), **kls}
     out["closed_form"] = [l for l, site in enumerate(sites, start=1) if site in terms.closed_form]
     return out
 

@@ -216,7 +216,7 @@ def test_cli_trains_evaluates_and_samples_an_hvae_with_the_vaes_report_and_each_
     tiny = ["--data", "digits", "--train-size", "64", "--test-size", "32", "--epochs", "2", "--z-dims", "4", "2", "--hidden", "8", "--depth", "1", "--test-particles", "2", "--quiet"]
     assert main(["train", "hvae", *tiny, "--kl-warmup", "1", "--iwae-k", "3", "--out", str(out)]) == 0
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"test_elbo", "test_recon", "test_kl", "test_kl_1", "test_kl_2", "test_kl_top", "test_kl_layers", "test_active_1", "test_active_2", "test_iwae"} <= set(header)
+    assert {"test_elbo", "test_recon", "test_bpd", "test_kl_1", "test_kl_2", "test_kl_top", "test_kl_layers", "test_active_1", "test_active_2", "test_iwae"} <= set(header)
     capsys.readouterr()
     assert main(["evaluate", "hvae", str(out), "--iwae-k", "3"]) == 0
     hvae_report = json.loads(capsys.readouterr().out)

@@ -33,12 +33,12 @@ class HVAERecipe(VAERecipe):
 
     @torch.no_grad()
     def evaluate(self, cfg, hvae: HVAE, x_test: torch.Tensor, batch_size: int = 500) -> dict:
-        """The VAE's report (``test_elbo``, ``test_recon``, ``test_kl`` = all
-        the KLs, IWAE-k with ``cfg.iwae_k > 0``) and the hierarchy's, per image
-        in nats: ``test_kl_1`` .. ``test_kl_L`` (layer L is the top), ``test_kl_top``
-        (= kl_L), ``test_kl_layers`` (= kl_1 + .. + kl_{L-1}, so that elbo = recon -
-        kl_top - kl_layers) and ``test_active_1`` .. ``test_active_L``, the active
-        units per layer (:func:`~pyrovae.hvae.active_units`)."""
+        """The VAE's report (``test_recon``, ``test_kl_top`` = kl_L, ``test_elbo``,
+        ``test_bpd``, IWAE-k with ``cfg.iwae_k > 0``) and the hierarchy's, per
+        image in nats: ``test_kl_layers`` (= kl_1 + .. + kl_{L-1}, so that elbo =
+        recon - kl_top - kl_layers), ``test_kl_1`` .. ``test_kl_L`` (layer L is
+        the top) and ``test_active_1`` .. ``test_active_L``, the active units
+        per layer (:func:`~pyrovae.hvae.active_units`)."""
         terms = bound_terms(hvae, x_test, cfg.test_particles, batch_size)
         terms.pop("closed_form")
         metrics = {f"test_{name}": value for name, value in terms.items()}
