@@ -235,3 +235,22 @@ def test_cli_refuses_the_vamp_prior_with_the_bottom_up_encoder(tmp_path, capsys)
 
     assert main(["train", "hvae", "--data", "digits", "--encoder", "bottom-up", "--prior", "vamp", "--epochs", "1", "--out", str(tmp_path / "r")]) == 1
     assert "needs q(z_L | x)" in capsys.readouterr().err
+
+
+def test_kl_warmup_raises_the_hvaes_kl_weight_linearly(monkeypatch, tmp_path):
+    from pyrovae import train as training
+    from pyrovae.config import TrainConfig
+    from pyrovae.recipes.hvae import HVAERecipe
+
+    seen = []
+    original = HVAERecipe.on_epoch_start
+
+    def record(self, cfg, epoch, objective):
+        original(self, cfg, epoch, objective)
+        seen.append(objective.kl_scale)
+
+    monkeypatch.setattr(HVAERecipe, "on_epoch_start", record)
+    cfg = TrainConfig(model="hvae", data="digits", train_size=16, test_size=8, epochs=4, z_dims=[3, 2], hidden=[4], kl_warmup=2,
+                      test_particles=1, quiet=True, out=str(tmp_path))
+    training.train(cfg)
+    assert seen == pytest.approx([0.0, 0.5, 1.0, 1.0])
