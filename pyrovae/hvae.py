@@ -96,7 +96,7 @@ class HVAE(nn.Module):
     ``prior.*``, ``likelihood.*``), so a VAE's state dict loads into it.
     """
 
-    def __init__(self, encoder: nn.Module, up, steps, decoder: nn.Module, x_dim: int, z_dims, prior=None, likelihood=None, encoder_order: str = "top-down"):
+    def __init__(self, encoder: nn.Module, up, steps, decoder: nn.Module, x_dim: int, z_dims, prior=None, likelihood=None, encoder_order: str = "bottom-up"):
         super().__init__()
         z_dims = tuple(int(z) for z in z_dims)
         if not z_dims:

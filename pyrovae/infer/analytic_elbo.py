@@ -250,8 +250,9 @@ class TraceAnalyticKL_ELBO(ELBO):
                 reason = "the model conditions each on a site that the guide samples after it, from it"
         self._monte_carlo_sites[key] = frozenset(biased)
         if biased:
+            in_guide_order = sorted(biased, key=_latent_order(guide_trace, model_trace).index)
             warnings.warn(
-                f"TraceAnalyticKL_ELBO: the closed-form KL would be biased at sites {sorted(biased)} ({reason}); "
+                f"TraceAnalyticKL_ELBO: the closed-form KL would be biased at sites {in_guide_order} ({reason}); "
                 "using the Monte Carlo term log p - log q there and the closed form elsewhere. Sampling the "
                 "guide in the model's order (a top-down encoder) makes every KL exact",
                 stacklevel=4,
