@@ -10,7 +10,7 @@ loggers and precision::
     import lightning
     from pyrovae import data
     from pyrovae.lightning import PyroLightningModule
-    from pyrovae.train import TrainConfig
+    from pyrovae.config import TrainConfig
 
     ds = data.load_dataset("mnist5k")
     module = PyroLightningModule.from_config(TrainConfig(model="vae"), ds)
@@ -65,10 +65,11 @@ class PyroLightningModule(lightning.LightningModule):
     def from_config(cls, cfg, data) -> "PyroLightningModule":
         """The model, objective, batch preparation and learning rate that
         ``pyrovae train`` would use for ``cfg`` on ``data`` (a Dataset or DataSpec)."""
-        from pyrovae.train import OPTIMIZERS, RECIPES
+        from pyrovae.config import MODELS, resolve
+        from pyrovae.optim import OPTIMIZERS
 
-        cfg.check()
-        recipe = RECIPES[cfg.model]
+        cfg = resolve(cfg.check())
+        recipe = MODELS[cfg.model].recipe
         # A partial, not a lambda: ddp_spawn pickles the module.
         return cls(recipe.build(cfg, data), recipe.objective(cfg), cfg.lr, OPTIMIZERS[cfg.optimizer], functools.partial(recipe.prepare_batch, cfg))
 

@@ -18,7 +18,7 @@ import torch
 from pyrovae import data
 from pyrovae.infer import make_elbo
 from pyrovae.lightning import PyroLightningModule
-from pyrovae.train import TrainConfig
+from pyrovae.config import TrainConfig
 from test_distributed import fixed_noise_vae, global_batch
 
 

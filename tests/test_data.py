@@ -202,7 +202,7 @@ def test_run_trained_on_a_folder_samples_without_it_and_evaluates_on_a_copy(tmp_
 
     write_pngs(tmp_path / "imgs", 20)
     run = str(tmp_path / "run")
-    assert main(["train", "vae", "--data", str(tmp_path / "imgs"), "--net", "conv", "--likelihood", "discretized-logistic", "--out", run, *TINY_VAE]) == 0
+    assert main(["train", "vae", "--data", str(tmp_path / "imgs"), "--net", "conv", "--likelihood", "discretised-logistic", "--out", run, *TINY_VAE]) == 0
     shutil.copytree(tmp_path / "imgs", tmp_path / "copy")
     shutil.rmtree(tmp_path / "imgs")
     model, cfg = pyrovae.load(run)
@@ -265,7 +265,7 @@ def test_conv_vae_trains_on_photo_patches_and_draws_colour(tmp_path):
     import math
 
     run = str(tmp_path / "run")
-    args = ["--data", "photo-patches", "--train-size", "64", "--test-size", "16", "--net", "conv", "--likelihood", "discretized-logistic", "--iwae-k", "2"]
+    args = ["--data", "photo-patches", "--train-size", "64", "--test-size", "16", "--net", "conv", "--likelihood", "discretised-logistic", "--iwae-k", "2"]
     assert main(["train", "vae", *args, "--out", run, *TINY_VAE]) == 0
     assert_colour_png(os.path.join(run, "reconstructions.png"))
     with open(os.path.join(run, "metrics.csv")) as f:

@@ -171,7 +171,7 @@ BAD_INPUTS = [
     ("model: DiffusionELBO(num_particles=0)", lambda p: DiffusionELBO(num_particles=0), ValueError, ["num_particles", "integer >= 1", "0"]),
     ("data: moons for a Bernoulli VAE", lambda p: train(tiny_config(p, data="moons")), ValueError, ["'moons'", "bernoulli", "[0, 1]", "--likelihood gaussian"]),
     ("data: moons for a continuous-Bernoulli VAE", lambda p: train(tiny_config(p, data="moons", likelihood="continuous-bernoulli")), ValueError, ["'moons'", "outside [0, 1]", "continuous-bernoulli", "--likelihood gaussian"]),
-    ("data: moons for a discretised VAE", lambda p: train(tiny_config(p, data="moons", likelihood="discretized-logistic")), ValueError, ["'moons'", "outside [0, 1]", "discretized-logistic"]),
+    ("data: moons for a discretised VAE", lambda p: train(tiny_config(p, data="moons", likelihood="discretised-logistic")), ValueError, ["'moons'", "outside [0, 1]", "discretised-logistic"]),
     ("data: grey levels, --binarize none, Bernoulli", lambda p: train(tiny_config(p, binarize="none")), ValueError, ["'digits'", "outside {0, 1}", "bernoulli", "--binarize dynamic"]),
     ("run folder: holds a run", lambda p: train(tiny_config(finished_run(p))), runs.RunFolderError, ["already holds a run", "--resume", "--overwrite"]),
     ("run folder: locked by a live process", lambda p: train(tiny_config(locked_by(p / "r", socket.gethostname(), os.getppid()))), runs.RunFolderError, ["in use by process", str(os.getppid()), runs.LOCK]),

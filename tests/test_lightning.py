@@ -60,3 +60,19 @@ def test_module_rejects_what_is_not_a_model_or_an_objective():
         PyroLightningModule(torch.nn.Linear(2, 2), make_elbo("trace"))
     with pytest.raises(TypeError, match="differentiable_loss"):
         PyroLightningModule(fixed_noise_vae(), object())
+
+
+def test_from_config_trains_a_colour_diffusion_chain_in_one_process():
+    import lightning
+
+    from pyrovae import data
+    from pyrovae.config import TrainConfig
+    from pyrovae.lightning import PyroLightningModule
+
+    ds = data.load_dataset("photo-patches").subset(32, 8)
+    module = PyroLightningModule.from_config(TrainConfig(model="diffusion", data="photo-patches", T=10, channels=4), ds)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data.make_loader(ds.x_train, ds.y_train, batch_size=16))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())

@@ -99,7 +99,7 @@ def test_likelihood_with_a_model_scale_owns_no_parameters_and_needs_the_scale():
 
 
 def test_old_spellings_name_the_same_likelihoods():
-    assert LIKELIHOODS["discretized-logistic"] is LIKELIHOODS["discretised-logistic"]
+    assert LIKELIHOODS["discretised-logistic"] is LIKELIHOODS["discretised-logistic"]
     assert "discretized-gaussian" in LIKELIHOODS and LIKELIHOODS["discretised"] is DiscretisedGaussianLikelihood
     assert "discretized-gaussian" not in list(LIKELIHOODS)  # --help lists one spelling
     with pytest.raises(ValueError, match="data_range"):

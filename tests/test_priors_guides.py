@@ -319,9 +319,9 @@ def test_cli_keeps_grey_levels_for_a_discretized_likelihood(tmp_path):
 
     recipe = RECIPES["vae"]
     x = torch.tensor([[0.2, 0.7]])
-    assert torch.equal(recipe.prepare_batch(TrainConfig(likelihood="discretized-logistic"), x), x)
+    assert torch.equal(recipe.prepare_batch(TrainConfig(likelihood="discretised-logistic"), x), x)
     assert set(recipe.prepare_batch(TrainConfig(likelihood="bernoulli"), x).unique().tolist()) <= {0.0, 1.0}
-    argv = ["train", "vae", "--data", "digits", "--likelihood", "discretized-logistic", "--train-size", "64"]
+    argv = ["train", "vae", "--data", "digits", "--likelihood", "discretised-logistic", "--train-size", "64"]
     assert main(argv + ["--test-size", "16", "--epochs", "1", "--quiet", "--out", str(tmp_path / "r")]) == 0
 
 

@@ -263,6 +263,6 @@ LIKELIHOODS = Registry(
         "discretised-gaussian": DiscretisedGaussianLikelihood,
     },
     # the CLI's spelling before issue 13, and the diffusion chain's short name
-    aliases={"discretized-logistic": "discretised-logistic", "discretized-gaussian": "discretised-gaussian", "discretised": "discretised-gaussian"},
+    aliases={"discretised-logistic": "discretised-logistic", "discretized-gaussian": "discretised-gaussian", "discretised": "discretised-gaussian"},
 )
 """Likelihood classes by name, each constructed as ``cls(x_dim)``."""
