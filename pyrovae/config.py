@@ -63,9 +63,11 @@ from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.parts.priors import PRIORS
 from pyrovae.recipes.diffusion import NETS as DIFFUSION_NETS
 from pyrovae.recipes.diffusion import DiffusionRecipe
+from pyrovae.recipes.hvae import HVAERecipe
 from pyrovae.recipes.vae import VAERecipe
 from pyrovae.recipes.vdm import NETS as VDM_NETS
 from pyrovae.recipes.vdm import VDMRecipe
+from pyrovae.hvae import ENCODERS as HVAE_ENCODERS
 from pyrovae.vae import NETS as VAE_NETS
 
 AUTO = "auto"
@@ -220,6 +222,24 @@ class VAEConfig(TrainConfig):
 
 
 @dataclass
+class HVAEConfig(TrainConfig):
+    """``pyrovae train hvae``: a hierarchical VAE (L layers of latents) by SVI; by default the VAE with a
+    second latent layer on top, bottom-up: the best shape measured here"""
+
+    model: str = override("model", "hvae")
+    binarize: str = option("dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE)
+    z_dims: list[int] = option([50, 20], "latent sizes z_1 (next to the data) .. z_L (the top)", ge=1)
+    hidden: list[int] = option([400, 200], "hidden width of each layer's networks (one per layer, or one for all)", ge=1)
+    depth: int = option(1, "hidden layers of that width in each layer's networks", ge=1)
+    encoder: str = option("bottom-up", "q(z|x): bottom-up (IWAE paper; Monte Carlo KL below the top) or top-down (Ladder VAE, every KL exact)", choices=HVAE_ENCODERS)
+    elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
+    kl_warmup: int = option(0, "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)", ge=0)
+    prior: str = option("normal", "prior p(z_L) of the top layer (vamp needs the top-down encoder)", choices=PRIORS)
+    likelihood: str = option("bernoulli", "p(x|z_1); only bernoulli binarises the data", choices=LIKELIHOODS)
+    iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
+
+
+@dataclass
 class DiffusionConfig(TrainConfig):
     """``pyrovae train diffusion``: a diffusion chain. Its defaults give
     digit-like samples and about 2 bits/dim on mnist5k in minutes on 2 CPU
@@ -254,8 +274,8 @@ class DiffusionConfig(TrainConfig):
 
 @dataclass
 class VDMConfig(TrainConfig):
-    """``pyrovae train vdm``: a variational diffusion model (continuous time,
-    learned noise schedule; docs/vdm.md), for 8-bit images, with the diffusion
+    """``pyrovae train vdm``: a variational diffusion model, continuous time with a
+    learned noise schedule (see docs/vdm), for 8-bit images, with the diffusion
     chain's optimiser settings and EMA weights for evaluation."""
 
     model: str = override("model", "vdm")
@@ -282,6 +302,7 @@ class Model(NamedTuple):
 
 MODELS = {
     "vae": Model(VAEConfig, VAERecipe()),
+    "hvae": Model(HVAEConfig, HVAERecipe()),
     "diffusion": Model(DiffusionConfig, DiffusionRecipe()),
     "vdm": Model(VDMConfig, VDMRecipe()),
 }

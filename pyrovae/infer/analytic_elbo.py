@@ -1,4 +1,4 @@
-"""The ELBO with closed-form KL terms wherever they exist.
+"""The ELBO with closed-form KL terms wherever they are exact.
 
 For a model p(x, z) and a guide q(z|x) the ELBO is
 
@@ -11,6 +11,8 @@ When ``torch.distributions.kl_divergence(q(z_i|.), p(z_i|.))`` is registered
     ELBO(x) = E_q[log p(x|z)] - sum_i E_q[KL(q(z_i|.) || p(z_i|.))],
 
 which for the VAE is the seed's E_q[log p_theta(x|z)] - KL(q_phi(z|x) || p(z)).
+The substitution is exact only under a dependency condition (see
+:class:`TraceAnalyticKL_ELBO`); where it fails the Monte Carlo term is kept.
 """
 
 from __future__ import annotations
@@ -19,52 +21,70 @@ import warnings
 
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.inspect import get_dependencies
-from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
 
 
+class Terms(dict):
+    """``{site name: float}``, the ELBO estimate split by site, with
+    ``closed_form``: the latent sites whose term was the exact -KL (every other
+    latent site's term is the Monte Carlo log p - log q)."""
+
+    def __init__(self, values: dict, closed_form: tuple):
+        super().__init__(values)
+        self.closed_form = closed_form
+
+
 class TraceAnalyticKL_ELBO(ELBO):
     r"""An ELBO estimator that uses analytic KL divergences where they are
-    registered and Monte Carlo everywhere else; no restriction to mean-field
-    guides or to Normal distributions.
+    registered and exact, and Monte Carlo everywhere else; a drop-in for
+    ``Trace_ELBO`` on any model/guide pair it accepts, with the same expectation
+    of the loss and of the gradient.
 
     Per particle z ~ q it sums, over the sample sites of the model and guide:
 
     - an observed site x: log p(x | z) (Monte Carlo, as in ``Trace_ELBO``);
-    - a latent site z_i in both: ``-KL(q(z_i|.) || p(z_i|.))`` when
-      ``kl_divergence(guide_fn, model_fn)`` is registered, the two sites have the
-      same batch shape and the same scale and mask; otherwise the Monte Carlo
-      term ``log p(z_i|.) - log q(z_i|.)`` at the sampled z_i;
+    - a latent site z_i in both programs: ``-KL(q(z_i|.) || p(z_i|.))`` when the
+      guide site is reparameterised, ``kl_divergence(guide_fn, model_fn)`` is
+      registered, the two sites have the same shapes, scale and mask, and the
+      dependency condition below holds; otherwise the Monte Carlo term
+      ``log p(z_i|.) - log q(z_i|.)`` at the sampled z_i;
     - an auxiliary guide-only site: ``-log q``.
 
     Every term is scaled and masked exactly as ``Trace_ELBO`` scales and masks
     a log-density (``pyro.plate(..., subsample_size=...)``, ``poutine.scale``,
-    ``poutine.mask``), so the estimate has the same expectation as
-    ``Trace_ELBO``'s and often, though not always, a lower variance: at a guide
-    equal to the exact posterior ``Trace_ELBO``'s estimate is the constant
-    log p(x) while the KL form still samples E_q log p(x|z).
+    ``poutine.mask``, ``Distribution.mask``).
 
-    **When the substitution is unbiased.** Replacing
+    **Discrete (non-reparameterised) guide sites** get ``Trace_ELBO``'s
+    score-function surrogate: log q(z_i) times the detached log-weight r (the
+    sum of every site's term above, the closed-form ones included, weighted as
+    the loss weights them), summed per index along z_i's own plates
+    (``r.sum_to(site["cond_indep_stack"])``), so each subsampled data point's
+    discrete latent is credited with its own terms only. Replacing a term of
+    r by its conditional expectation (a KL) keeps the gradient unbiased and
+    usually lowers its variance.
+
+    **When the closed form is exact.** Replacing
     E_q[log p(z_i|pa_p) - log q(z_i|pa_q)] by -E_q[KL(q(z_i|pa_q) || p(z_i|pa_p))]
     integrates z_i out conditionally on pa_p and pa_q; that is exact only when
-    q(z_i | pa_p, pa_q) = q(z_i | pa_q), i.e. when no parent of z_i in the model
-    is a descendant of z_i in the guide. It always holds when the model and
-    guide sample their shared latents in the same order (then every model
-    parent of z_i is sampled before z_i in the guide). With
-    ``pyro.enable_validation()`` this class checks that order for every site
-    where it uses the closed form; if the order differs it works out the
-    dependencies of both programs (``pyro.infer.inspect.get_dependencies``),
-    raises ``ValueError`` if the condition fails and stays silent if it holds;
-    if the dependencies cannot be worked out it warns.
-
-    Guide sites must be reparameterised (``has_rsample``): the gradient of
-    E_q[log p(x|z)] reaches the guide through z. For discrete latents use
-    ``Trace_ELBO`` or ``TraceGraph_ELBO``.
+    q(z_i | pa_p, pa_q) = q(z_i | pa_q), i.e. when no model parent of z_i is a
+    descendant of z_i in the guide. It always holds when model and guide sample
+    their shared latents in the same order. Once per (model, guide) pair this
+    class looks for sites that have a site sampled before them in the model but
+    after them in the guide; only there can the condition fail. For those it
+    works out the dependencies of both programs
+    (``pyro.infer.inspect.get_dependencies``) and uses Monte Carlo at every
+    site where the condition fails, or at every such site if the dependencies
+    cannot be worked out; it warns once, naming them. The decision is cached
+    and does not depend on ``pyro.enable_validation``: the estimate is
+    unbiased whether validation is on or off. (A bottom-up hierarchical
+    encoder, or the diffusion chain's ``guide_forward``, is the typical case:
+    the model's parent z_{l+1} of z_l is drawn after z_l and from it.)
 
     :param float kl_scale: beta >= 0, the weight of the latent terms (KL or
         their Monte Carlo stand-ins); the objective is
@@ -75,14 +95,15 @@ class TraceAnalyticKL_ELBO(ELBO):
         ``max_plate_nesting``, ``retain_graph`` as for :class:`pyro.infer.ELBO`.
 
     References: Kingma & Welling (2014), Auto-Encoding Variational Bayes,
-    appendix B; Pyro's ``TraceMeanField_ELBO`` for the dependency condition.
+    appendix B; Pyro's ``TraceMeanField_ELBO`` for the dependency condition and
+    ``Trace_ELBO`` for the score-function surrogate.
     """
 
     def __init__(self, kl_scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.kl_scale = kl_scale
-        # (model, guide) pairs whose dependency structure has been checked.
-        self._checked_pairs: set = set()
+        # (model, guide) -> the sites where the closed form would be biased.
+        self._monte_carlo_sites: dict = {}
 
     @property
     def kl_scale(self) -> float:
@@ -104,57 +125,83 @@ class TraceAnalyticKL_ELBO(ELBO):
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
         return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
-    def _particle_terms(self, model_trace, guide_trace):
-        """The ELBO of one particle as ``(observed, latent, analytic)``: dicts
-        site name -> scalar tensor (log-likelihoods; minus KLs or their Monte
-        Carlo estimates) and the list of sites that used a closed-form KL."""
-        observed, latent, analytic = {}, {}, []
+    def _particle_terms(self, model_trace, guide_trace, monte_carlo: frozenset):
+        """One particle: ``(observed, latent, closed_form, score)``. ``observed``
+        and ``latent`` map site name -> (plates, per-index tensor): the scaled,
+        masked log-likelihood, and -KL or its Monte Carlo stand-in; ``closed_form``
+        lists the sites that took the KL; ``score`` lists the guide sites that
+        need the score-function surrogate. Their log q is detached in the
+        terms: its gradient comes from the surrogate instead, as in ``Trace_ELBO``."""
+        observed, latent, closed_form, score = {}, {}, [], []
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
                 continue
+            plates = site["cond_indep_stack"]
             if site["is_observed"]:
-                observed[name] = _log_prob_sum(site)
+                observed[name] = (plates, _log_prob(site))
                 continue
             guide_site = guide_trace.nodes.get(name)
             if guide_site is None:
                 # A model latent without a guide site is sampled from its prior,
                 # as in Trace_ELBO (check_model_guide_match warns about it).
-                latent[name] = _log_prob_sum(site)
+                latent[name] = (plates, _log_prob(site))
                 continue
-            if not guide_site["fn"].has_rsample:
-                raise ValueError(
-                    f"guide site {name!r} must be reparameterised (has_rsample) for TraceAnalyticKL_ELBO, "
-                    f"got {type(guide_site['fn']).__name__}; use Trace_ELBO or TraceGraph_ELBO for it"
-                )
-            kl = _scaled_kl(guide_site, site)
-            if kl is None:
-                latent[name] = _log_prob_sum(site) - _log_prob_sum(guide_site)
-            else:
-                latent[name] = -kl
-                analytic.append(name)
+            reparameterised = guide_site["fn"].has_rsample
+            kl = _scaled_kl(guide_site, site) if reparameterised and name not in monte_carlo else None
+            if kl is not None:
+                latent[name] = (plates, -kl)
+                closed_form.append(name)
+                continue
+            log_q = _log_prob(guide_site)
+            if not reparameterised:
+                score.append(guide_site)
+                log_q = log_q.detach()
+            latent[name] = (plates, _log_prob(site) - log_q)
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and name not in model_trace.nodes:
-                latent[name] = -_log_prob_sum(site)
-        return observed, latent, analytic
+                log_q = _log_prob(site)
+                if not site["fn"].has_rsample:
+                    score.append(site)
+                    log_q = log_q.detach()
+                latent[name] = (site["cond_indep_stack"], -log_q)
+        return observed, latent, closed_form, score
+
+    def _surrogate(self, observed: dict, latent: dict, score: list):
+        """sum over the score sites of (r summed to the site's plates) * log q,
+        r the detached per-index log-weight of the objective: zero value, the
+        score-function gradient (``Trace_ELBO``'s ``log_r.sum_to(...)``)."""
+        if not score:
+            return 0.0
+        log_r = MultiFrameTensor(*observed.values())
+        log_r.add(*((plates, self.kl_scale * value) for plates, value in latent.values()))
+        surrogate = 0.0
+        for site in score:
+            # the unscaled log q, as Trace_ELBO's score_function term: r carries the scale
+            log_q = site["fn"].log_prob(site["value"])
+            weighted = (log_r.sum_to(site["cond_indep_stack"]).detach() * log_q).sum()
+            surrogate = surrogate + weighted - weighted.detach()
+        return surrogate
 
     def _terms(self, model, guide, args, kwargs):
-        """Per-site terms averaged over ``num_particles``: ``(observed, latent)``."""
-        observed, latent = {}, {}
-        for i, (model_trace, guide_trace) in enumerate(self._get_traces(model, guide, args, kwargs)):
-            obs_i, lat_i, analytic = self._particle_terms(model_trace, guide_trace)
-            if i == 0 and is_validation_enabled():
-                self._check_dependencies(model, guide, args, kwargs, model_trace, guide_trace, analytic)
+        """Per-site scalar terms averaged over ``num_particles``:
+        ``(observed, latent, closed_form, surrogate)``, ``surrogate`` a zero-valued
+        tensor carrying the score-function gradients."""
+        observed, latent, surrogate, closed_form = {}, {}, 0.0, ()
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
+            obs_i, lat_i, closed_form, score = self._particle_terms(model_trace, guide_trace, monte_carlo)
+            surrogate = surrogate + self._surrogate(obs_i, lat_i, score) / self.num_particles
             for total, terms in ((observed, obs_i), (latent, lat_i)):
-                for name, value in terms.items():
-                    total[name] = total.get(name, 0.0) + value / self.num_particles
-        return observed, latent
+                for name, (_, value) in terms.items():
+                    total[name] = total.get(name, 0.0) + value.sum() / self.num_particles
+        return observed, latent, tuple(closed_form), surrogate
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """-(sum of log-likelihood terms + kl_scale * sum of latent terms), a
-        differentiable tensor: the surrogate and the loss are the same number
-        because every guide site is reparameterised."""
-        observed, latent = self._terms(model, guide, args, kwargs)
-        return -(sum(observed.values()) + self.kl_scale * sum(latent.values()))
+        differentiable tensor whose gradient is unbiased (through the samples of
+        reparameterised sites, the score function at the others)."""
+        observed, latent, _, surrogate = self._terms(model, guide, args, kwargs)
+        return -(sum(observed.values()) + self.kl_scale * sum(latent.values()) + surrogate)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The loss (minus the ELBO when kl_scale is 1) as a float, no gradients."""
@@ -170,47 +217,52 @@ class TraceAnalyticKL_ELBO(ELBO):
             loss.backward(retain_graph=self.retain_graph)
         return warn_if_nan(torch_item(loss), "loss")
 
-    def terms(self, model, guide, *args, **kwargs) -> dict:
-        """The ELBO estimate split by site: ``{site name: float}`` with the
-        expected log-likelihood estimate for each observed site and -KL (or its
-        Monte Carlo estimate log p - log q) for each latent site, each averaged
-        over ``num_particles``. The values sum to the ELBO estimate, whatever
-        ``kl_scale`` is; the loss is ``-(sum observed + kl_scale * sum latent)``."""
+    def terms(self, model, guide, *args, **kwargs) -> Terms:
+        """The ELBO estimate split by site: a :class:`Terms` dict ``{site name:
+        float}`` with the expected log-likelihood estimate for each observed
+        site and -KL (or its Monte Carlo estimate log p - log q) for each latent
+        site, each averaged over ``num_particles``, and ``.closed_form``, the
+        sites that took the exact KL. The values sum to the ELBO estimate,
+        whatever ``kl_scale`` is; the loss is ``-(sum observed + kl_scale * sum latent)``."""
         with torch.no_grad():
-            observed, latent = self._terms(model, guide, args, kwargs)
-        return {name: torch_item(value) for name, value in {**observed, **latent}.items()}
+            observed, latent, closed_form, _ = self._terms(model, guide, args, kwargs)
+        return Terms({name: torch_item(value) for name, value in {**observed, **latent}.items()}, closed_form)
 
-    def _check_dependencies(self, model, guide, args, kwargs, model_trace, guide_trace, analytic) -> None:
-        """Raise ``ValueError`` if a closed-form KL site has a model parent
-        that the guide samples after it (see the class docstring)."""
-        suspects = _out_of_order(model_trace, guide_trace, analytic)
-        if not suspects or (model, guide) in self._checked_pairs:
-            return
-        try:
-            model_parents = get_dependencies(model, args, kwargs)["prior_dependencies"]
-            guide_parents = get_dependencies(guide, args, kwargs)["prior_dependencies"]
-        except Exception as err:  # provenance tracking cannot follow every program
+    def _biased_sites(self, model, guide, args, kwargs, model_trace, guide_trace) -> frozenset:
+        """The sites where the closed-form KL would be biased (a model parent
+        that the guide samples after the site and from it), worked out on the
+        first call for this (model, guide) pair and cached; warns once if any."""
+        key = (model, guide)
+        if key in self._monte_carlo_sites:
+            return self._monte_carlo_sites[key]
+        suspects = _out_of_order(model_trace, guide_trace)
+        biased, reason = suspects, None
+        if suspects:
+            try:
+                # an extra run of each program: outer handlers (a replay, say) must not steer it
+                with poutine.block():
+                    model_parents = get_dependencies(model, args, kwargs)["prior_dependencies"]
+                    guide_parents = get_dependencies(guide, args, kwargs)["prior_dependencies"]
+            except Exception as err:  # provenance tracking cannot follow every program
+                reason = f"their dependencies could not be worked out ({type(err).__name__}: {err})"
+            else:
+                biased = [name for name in suspects if _descendants(guide_parents, name) & (set(model_parents.get(name, {})) - {name})]
+                reason = "the model conditions each on a site that the guide samples after it, from it"
+        self._monte_carlo_sites[key] = frozenset(biased)
+        if biased:
+            in_guide_order = sorted(biased, key=_latent_order(guide_trace, model_trace).index)
             warnings.warn(
-                f"TraceAnalyticKL_ELBO could not verify its dependency condition ({err}); model parents of "
-                f"{suspects} are sampled after them in the guide, so the closed-form KL may be biased there"
+                f"TraceAnalyticKL_ELBO: the closed-form KL would be biased at sites {in_guide_order} ({reason}); "
+                "using the Monte Carlo term log p - log q there and the closed form elsewhere. Sampling the "
+                "guide in the model's order (a top-down encoder) makes every KL exact",
+                stacklevel=4,
             )
-            return
-        for name in suspects:
-            parents = set(model_parents.get(name, {})) - {name}
-            later = _descendants(guide_parents, name) & parents
-            if later:
-                raise ValueError(
-                    f"site {name!r}: its model distribution depends on {sorted(later)}, which the guide samples "
-                    f"after {name!r} and from it, so KL(q || p) at {name!r} is not an unbiased stand-in for "
-                    "log p - log q; sample the sites in the same order in model and guide or use Trace_ELBO"
-                )
-        self._checked_pairs.add((model, guide))
+        return self._monte_carlo_sites[key]
 
 
-def _log_prob_sum(site) -> torch.Tensor:
-    """The site's log-density at its value, scaled and masked as Trace_ELBO
-    does, summed to a scalar."""
-    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]).sum()
+def _log_prob(site) -> torch.Tensor:
+    """The site's log-density at its value, scaled and masked as Trace_ELBO does."""
+    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
 
 
 def _same(a, b) -> bool:
@@ -224,7 +276,7 @@ def _same(a, b) -> bool:
 
 
 def _scaled_kl(guide_site, model_site):
-    """The scaled, masked KL(q || p) summed to a scalar, or None when it is not
+    """The scaled, masked KL(q || p) with q's batch shape, or None when it is not
     registered or the sites differ in shape, scale or mask (then only the Monte
     Carlo term reproduces Trace_ELBO's expectation)."""
     q, p = guide_site["fn"], model_site["fn"]
@@ -236,24 +288,23 @@ def _scaled_kl(guide_site, model_site):
         kl = kl_divergence(q, p)
     except NotImplementedError:
         return None
-    return scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).expand(q.batch_shape).sum()
+    value = guide_site["value"]
+    if is_identically_zero(kl):
+        # Pyro's KL of two distributions masked with False is the float 0.0
+        return value.new_zeros(q.batch_shape)
+    return scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).expand(q.batch_shape)
 
 
 def _latent_order(trace, other) -> list:
     return [name for name, site in trace.nodes.items() if site["type"] == "sample" and name in other.nodes and not site["is_observed"]]
 
 
-def _out_of_order(model_trace, guide_trace, analytic) -> list:
-    """Closed-form sites z with a site sampled before z in the model but after z
-    in the guide: only there can the dependency condition fail."""
+def _out_of_order(model_trace, guide_trace) -> list:
+    """Shared latent sites z with a site sampled before z in the model but after
+    z in the guide: only there can the dependency condition fail."""
     model_order = _latent_order(model_trace, guide_trace)
     guide_position = {name: i for i, name in enumerate(_latent_order(guide_trace, model_trace))}
-    suspects = []
-    for name in analytic:
-        before = model_order[: model_order.index(name)]
-        if any(guide_position[other] > guide_position[name] for other in before):
-            suspects.append(name)
-    return suspects
+    return [name for i, name in enumerate(model_order) if any(guide_position[other] > guide_position[name] for other in model_order[:i])]
 
 
 def _descendants(parents: dict, name: str) -> set:
