@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from pyro.infer import ELBO
-from pyro.util import warn_if_nan
 
 from pyrovae import distributed, params
+from pyrovae.infer.objective import DifferentiableLossMixin
 
 TIME_SAMPLERS = ("uniform", "importance")
 
@@ -107,7 +107,7 @@ def make_time_sampler(time_sampler) -> UniformTimeSampler:
     raise ValueError(f"unknown time_sampler {time_sampler!r}; expected one of {', '.join(TIME_SAMPLERS)}")
 
 
-class ChainObjective:
+class ChainObjective(DifferentiableLossMixin):
     """What every objective on a :class:`~pyrovae.diffusion.chain.DiffusionChain`
     shares: it checks that ``model``/``guide`` are the chain's, draws per example
     and particle t ~ p(t) (``time_sampler``) and x_t ~ q(x_t|x_0), and wraps
@@ -167,19 +167,6 @@ class ChainObjective:
             self.time_sampler.update(distributed.all_gather_cat(t), distributed.all_gather_cat(terms.detach()))
         return loss
 
-    def loss(self, model, guide, x0: torch.Tensor) -> float:
-        """The objective's value on ``x0``, summed over the batch."""
-        with torch.no_grad():
-            loss = self.differentiable_loss(model, guide, x0).item()
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def loss_and_grads(self, model, guide, x0: torch.Tensor) -> float:
-        loss = self.differentiable_loss(model, guide, x0)
-        loss.backward()
-        loss = loss.item()
-        warn_if_nan(loss, "loss")
-        return loss
 
 
 class DiffusionELBO(ChainObjective, ELBO):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 from pyro.infer import ELBO
-from pyro.util import warn_if_nan
 
 from pyrovae import params
+from pyrovae.infer.objective import DifferentiableLossMixin
 
 TERMS = ("recon", "kl_top", "kl_layers")
 
 
-class VDMELBO(ELBO):
+class VDMELBO(DifferentiableLossMixin, ELBO):
     """-ELBO of a :class:`~pyrovae.diffusion.vdm.VDM`, estimated without tracing
     a chain (Kingma et al. 2021, eqs. 11-17):
 
@@ -116,16 +116,3 @@ class VDMELBO(ELBO):
         loss = -terms["elbo"].sum()
         return loss if terms["surrogate"] is None else loss + terms["surrogate"]
 
-    def loss(self, model, guide, x: torch.Tensor) -> float:
-        """The estimate of -ELBO, summed over the batch."""
-        with torch.no_grad():
-            loss = self.differentiable_loss(model, guide, x).item()
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def loss_and_grads(self, model, guide, x: torch.Tensor) -> float:
-        loss = self.differentiable_loss(model, guide, x)
-        loss.backward()
-        loss = loss.item()
-        warn_if_nan(loss, "loss")
-        return loss
