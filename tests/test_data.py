@@ -260,13 +260,20 @@ def assert_colour_png(path):
     assert (np.abs(a[..., 0] - a[..., 1]) > 30).mean() > 0.01  # real colour, not grey in RGB
 
 
-def test_conv_vae_trains_on_photo_patches_and_draws_colour(tmp_path):
+LATENT_COLOUR_ARGS = {
+    "vae": ["--net", "conv", *TINY_VAE],
+    "hvae": ["--z-dims", "3", "2", "--hidden", "8", "--epochs", "1", "--batch-size", "8", "--test-particles", "1", "--quiet"],
+}
+
+
+@pytest.mark.parametrize("model", sorted(LATENT_COLOUR_ARGS))
+def test_latent_variable_models_train_on_photo_patches_and_draw_colour(tmp_path, model):
     import csv
     import math
 
     run = str(tmp_path / "run")
-    args = ["--data", "photo-patches", "--train-size", "64", "--test-size", "16", "--net", "conv", "--likelihood", "discretised-logistic", "--iwae-k", "2"]
-    assert main(["train", "vae", *args, "--out", run, *TINY_VAE]) == 0
+    args = ["--data", "photo-patches", "--train-size", "64", "--test-size", "16", "--likelihood", "discretised-logistic", "--iwae-k", "2"]
+    assert main(["train", model, *args, "--out", run, *LATENT_COLOUR_ARGS[model]]) == 0
     assert_colour_png(os.path.join(run, "reconstructions.png"))
     with open(os.path.join(run, "metrics.csv")) as f:
         row = next(csv.DictReader(f))
@@ -274,13 +281,17 @@ def test_conv_vae_trains_on_photo_patches_and_draws_colour(tmp_path):
     assert float(row["test_iwae_bpd"]) == pytest.approx(-float(row["test_iwae"]) / (3 * 32 * 32 * math.log(2)))
 
 
-def test_diffusion_trains_on_photo_patches_and_draws_colour(tmp_path):
+DIFFUSION_COLOUR_ARGS = {"diffusion": ["--T", "10"], "vdm": ["--time", "continuous"]}
+
+
+@pytest.mark.parametrize("model", sorted(DIFFUSION_COLOUR_ARGS))
+def test_diffusion_models_train_on_photo_patches_and_draw_colour(tmp_path, model):
     import csv
     import math
 
     run = str(tmp_path / "run")
-    args = ["--data", "photo-patches", "--train-size", "32", "--test-size", "8", "--channels", "4", "--T", "10", "--sample-steps", "3", "--epochs", "1", "--batch-size", "16", "--quiet"]
-    assert main(["train", "diffusion", *args, "--out", run]) == 0
+    args = ["--data", "photo-patches", "--train-size", "32", "--test-size", "8", "--channels", "4", "--sample-steps", "3", "--epochs", "1", "--batch-size", "16", "--quiet"]
+    assert main(["train", model, *args, *DIFFUSION_COLOUR_ARGS[model], "--out", run]) == 0
     assert_colour_png(os.path.join(run, "samples.png"))
     with open(os.path.join(run, "metrics.csv")) as f:
         row = next(csv.DictReader(f))
