@@ -18,8 +18,8 @@ loggers and precision::
     lightning.Trainer(max_epochs=10, strategy="ddp", devices=2).fit(module, loader)
 
 The loss of a step is -ELBO summed over the process's examples, as in
-:func:`pyrovae.train.svi_step`, whose gradient is summed over processes:
-the gradient of -ELBO of the global batch. DDP *averages* gradients over
+:func:`pyrovae.train.train_step`, where the gradient over processes is that
+of -ELBO of the global batch. DDP *averages* gradients over
 its W processes, so each process's loss is multiplied by W; one SGD step
 then moves the weights exactly as the project's own loop does on the same
 global batch (tests/test_lightning.py checks this over gloo).
