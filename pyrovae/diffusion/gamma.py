@@ -68,7 +68,8 @@ class GammaSchedule(nn.Module):
         return [p for name, p in self.named_parameters() if name not in ("gamma_min", "log_width")]
 
     def shape(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The schedule's interior, rising from 0 at t = 0 to 1 at t = 1: each schedule class says how."""
+        raise NotImplementedError(f"{type(self).__name__} must define shape(t), rising from 0 at t = 0 to 1 at t = 1")
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """gamma(t), ``t``'s shape."""

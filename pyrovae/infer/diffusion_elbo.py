@@ -155,8 +155,8 @@ class ChainObjective(DifferentiableLossMixin):
 
     def _loss_and_terms(self, chain, x0: torch.Tensor):
         """The differentiable loss summed over the batch, the times drawn and
-        their bound terms (``None`` when the objective has none)."""
-        raise NotImplementedError
+        their bound terms (``None`` when the objective has none): each objective says how."""
+        raise NotImplementedError(f"{type(self).__name__} must define _loss_and_terms(chain, x0)")
 
     def differentiable_loss(self, model, guide, x0: torch.Tensor) -> torch.Tensor:
         """The loss; with gradients on (a training step, as the trainer takes
