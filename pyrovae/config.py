@@ -240,19 +240,27 @@ class HVAEConfig(TrainConfig):
 
 
 @dataclass
-class DiffusionConfig(TrainConfig):
-    """``pyrovae train diffusion``: a diffusion chain. Its defaults give
-    digit-like samples and about 2 bits/dim on mnist5k in minutes on 2 CPU
-    cores (docs/diffusion.md), with EMA weights for evaluation; ``objective``,
-    ``variance`` and ``net`` follow the data (:meth:`data_defaults`)."""
+class _DiffusionTraining(TrainConfig):
+    """The optimiser settings the diffusion chain and VDM share: small batches, a
+    lower learning rate, EMA weights for evaluation and a one-draw-per-image
+    (unbiased) per-epoch test bound."""
 
-    model: str = override("model", "diffusion")
     epochs: int = override("epochs", 20)
     batch_size: int = override("batch_size", 64)
     lr: float = override("lr", 5e-4)
     ema_decay: float | None = override("ema_decay", 0.995)
     eval_every: int = override("eval_every", 5)
     test_particles: int = override("test_particles", 1, help="draws of t per test example for the per-epoch (unbiased) test ELBO")
+
+
+@dataclass
+class DiffusionConfig(_DiffusionTraining):
+    """``pyrovae train diffusion``: a diffusion chain. Its defaults give
+    digit-like samples and about 2 bits/dim on mnist5k in minutes on 2 CPU
+    cores (docs/diffusion.md), with EMA weights for evaluation; ``objective``,
+    ``variance`` and ``net`` follow the data (:meth:`data_defaults`)."""
+
+    model: str = override("model", "diffusion")
     T: int = option(1000, "number of diffusion steps", ge=1)
     schedule: str = option("linear", "noise schedule beta_t", choices=SCHEDULES)
     net: str = option(AUTO, "denoiser (auto: unet for images, mlp for 2-D data)", choices=DIFFUSION_NETS)
@@ -273,18 +281,13 @@ class DiffusionConfig(TrainConfig):
 
 
 @dataclass
-class VDMConfig(TrainConfig):
+class VDMConfig(_DiffusionTraining):
     """``pyrovae train vdm``: a variational diffusion model, continuous time with a
     learned noise schedule (see docs/vdm), for 8-bit images, with the diffusion
     chain's optimiser settings and EMA weights for evaluation."""
 
     model: str = override("model", "vdm")
     epochs: int = override("epochs", 50)
-    batch_size: int = override("batch_size", 64)
-    lr: float = override("lr", 5e-4)
-    ema_decay: float | None = override("ema_decay", 0.995)
-    eval_every: int = override("eval_every", 5)
-    test_particles: int = override("test_particles", 1, help="draws of t per test example for the per-epoch (unbiased) test ELBO")
     schedule: str = option("learned-linear", "noise schedule gamma(t): fixed linear, linear with learned end points, or VDM's monotone network", choices=GAMMA_SCHEDULES)
     time: str = option("continuous", "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)")
     fourier: bool = option(False, "Fourier features sin, cos(2^n 2 pi z_t), n = 6, 7, as extra denoiser inputs")
