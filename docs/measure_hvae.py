@@ -81,6 +81,7 @@ def run(variant: str, seed: int, args, fixed_epochs: int | None = None, max_epoc
     pyro.set_rng_seed(seed)
     x_train, x_held, x_test = split(args.data, fixed_epochs is not None)
     build, warmup = VARIANTS[variant]
+    warmup = warmup if args.kl_warmup is None else args.kl_warmup
     model = build()
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
     elbo = TraceAnalyticKL_ELBO()
@@ -143,22 +144,98 @@ def time_epochs(variants, n: int, data: str) -> None:
     print(json.dumps({"seconds_per_epoch": {v: sorted(s)[len(s) // 2] for v, s in seconds.items()}, "all": seconds, "train_images": len(x_train)}))
 
 
+def plot(log: str, out: str) -> None:
+    """The held-out ELBO and the per-layer KL against the epoch, seed 0 of each
+    early-stopped variant in ``log``, a dot at the kept (best) epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log)]
+    rows = [r for r in rows if r["seed"] == 0 and r.get("curve") and r.get("rule") == "early-stopping"]
+    fig, (ax_elbo, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, r in enumerate(rows):
+        colour = f"C{i}"
+        epochs = [c["epoch"] for c in r["curve"]]
+        ax_elbo.plot(epochs, [c["elbo"] for c in r["curve"]], color=colour, label=r["variant"])
+        ax_elbo.plot([r["best_epoch"]], [r["held_out_elbo"]], "o", color=colour)
+        layers = sorted(k for k in r["curve"][0] if k.startswith("kl_"))
+        for k, style in zip(layers, ("-", "--", ":")):
+            ax_kl.plot(epochs, [c[k] for c in r["curve"]], style, color=colour, label=f"{r['variant']} {k}")
+    lo = min(c["elbo"] for r in rows for c in r["curve"][len(r["curve"]) // 10 :])
+    ax_elbo.set(xlabel="epoch", ylabel="held-out ELBO (nats / image)", ylim=(lo - 2, None), title="held-out ELBO (500 images); dot: kept weights")
+    ax_kl.set(xlabel="epoch", ylabel="KL (nats / image)", title="per-layer KL on the held-out images (kl_1 solid, kl_2 dashed)")
+    ax_elbo.legend(fontsize=7)
+    ax_kl.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def mean_sd(values) -> str:
+    values = list(values)
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def table(log: str, base: str = "vae", paired: str = "hvae-bottom-up") -> None:
+    """Markdown tables of ``log``: one row per (variant, rule, cap), mean ± sd over
+    its seeds, then ``paired`` minus ``base`` by seed."""
+    rows = [json.loads(line) for line in open(log)]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r.get("rule"), r.get("max_epochs")), []).append(r)
+    iwae = next(k for k in rows[0] if k.startswith("test_iwae_"))
+    print(f"| model | rule (cap) | seeds | epochs run / best | test ELBO ({rows[0]['test_n']}) | {iwae} (first {rows[0]['iwae_n']}) | train ELBO (first 500) | kl_1 / kl_2 | active units | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (variant, rule, cap), rs in groups.items():
+        kls = " / ".join(f"{sum(r.get(f'test_kl_{l}', 0) for r in rs) / len(rs):.1f}" for l in (1, 2) if f"test_kl_{l}" in rs[0])
+        units = " / ".join(f"{sum(r['active_units'][str(l)] for r in rs) / len(rs):.0f}" for l in (1, 2) if str(l) in rs[0]["active_units"])
+        epochs = ", ".join(f"{r['epochs_run']}/{r['best_epoch']}" for r in rs)
+        print(f"| {variant} | {rule} ({cap}) | {','.join(str(r['seed']) for r in rs)} | {epochs} | "
+              f"{mean_sd(r['test_elbo'] for r in rs)} | {mean_sd(r[iwae] for r in rs)} | {mean_sd(r['train_elbo_first_500'] for r in rs)} | {kls} | {units} | "
+              f"{mean_sd(r['train_seconds'] for r in rs)} |")
+    by_seed = {(r["variant"], r["seed"]): r for r in rows if r.get("rule") == "early-stopping"}
+    seeds = sorted(s for v, s in by_seed if v == paired and (base, s) in by_seed)
+    if seeds:
+        print(f"\n| seed | {paired} - {base}: test ELBO | {iwae} |\n|---|---|---|")
+        diffs = [(by_seed[paired, s]["test_elbo"] - by_seed[base, s]["test_elbo"], by_seed[paired, s][iwae] - by_seed[base, s][iwae]) for s in seeds]
+        for s, (d_elbo, d_iwae) in zip(seeds, diffs):
+            print(f"| {s} | {d_elbo:+.2f} | {d_iwae:+.2f} |")
+        print(f"| mean ± sd | {mean_sd(d for d, _ in diffs)} | {mean_sd(d for _, d in diffs)} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("variants", nargs="+", choices=tuple(VARIANTS))
+    p.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)}")
     p.add_argument("--data", default="mnist5k", choices=("mnist5k", "fashion-mnist"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, nargs="+", help="train exactly this many epochs on the whole training set (one per variant, or one for all); no early stopping")
     p.add_argument("--iwae-k", type=int, default=1000)
     p.add_argument("--iwae-n", type=int, default=1000, help="IWAE on the first N test images")
     p.add_argument("--test-n", type=int, default=0, help="test ELBO on the first N test images (0: all)")
+    p.add_argument("--kl-warmup", type=int, help="KL warm-up epochs for every variant named (default: each variant's own, 50 for *-warmup, else 0)")
     p.add_argument("--max-epochs", type=int, nargs="+", default=[300], help="the cap (one per variant, or one for all)")
     p.add_argument("--patience", type=int, default=20, help="0: no early stop, train to the cap and keep the best held-out weights")
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--time-epochs", type=int, default=0, help="only time this many epochs per variant, interleaved, and print seconds per epoch")
     p.add_argument("--log", default="hvae-quality.jsonl")
+    p.add_argument("--plot", help="draw the curves of --log into this PNG and exit")
+    p.add_argument("--table", action="store_true", help="print the markdown tables of --log and exit")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.plot:
+        plot(args.log, args.plot)
+        return
+    if args.table:
+        table(args.log)
+        return
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        p.error(f"name variants from {', '.join(VARIANTS)}; got {args.variants}")
     if args.time_epochs:
         time_epochs(args.variants, args.time_epochs, args.data)
         return
