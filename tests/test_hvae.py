@@ -254,3 +254,40 @@ def test_kl_warmup_raises_the_hvaes_kl_weight_linearly(monkeypatch, tmp_path):
                       test_particles=1, quiet=True, out=str(tmp_path))
     training.train(cfg)
     assert seen == pytest.approx([0.0, 0.5, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("encoder", ["top-down", "bottom-up"])
+def test_the_kl_weight_scales_every_layers_kl_of_the_hvae(encoder):
+    # What --kl-warmup sets each epoch: the loss is -(recon + beta * (the latent terms of every layer)),
+    # closed-form (top-down) or Monte Carlo (bottom-up's z_1), on the same draws.
+    hvae, x = small_hvae(encoder), binary_data()
+    elbo = TraceAnalyticKL_ELBO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for beta in (0.0, 0.3, 1.0):
+            pyro.set_rng_seed(11)
+            terms = elbo.terms(hvae.model, hvae.guide, x)
+            elbo.kl_scale = beta
+            pyro.set_rng_seed(11)
+            loss = elbo.differentiable_loss(hvae.model, hvae.guide, x).item()
+            elbo.kl_scale = 1.0
+            assert set(terms) == {"x", "z_1", "z_2"}
+            assert terms["z_1"] < 0 and terms["z_2"] < 0
+            assert loss == pytest.approx(-(terms["x"] + beta * (terms["z_1"] + terms["z_2"])), rel=1e-5)
+
+
+def test_cli_kl_warmup_ramps_the_hvaes_kl_weight(monkeypatch, tmp_path):
+    from pyrovae.cli import main
+    from pyrovae.recipes.hvae import HVAERecipe
+
+    seen = []
+    original = HVAERecipe.on_epoch_start
+
+    def record(self, cfg, epoch, objective):
+        original(self, cfg, epoch, objective)
+        seen.append(objective.kl_scale)
+
+    monkeypatch.setattr(HVAERecipe, "on_epoch_start", record)
+    tiny = ["--data", "digits", "--train-size", "16", "--test-size", "8", "--z-dims", "3", "2", "--hidden", "4", "--test-particles", "1", "--quiet"]
+    assert main(["train", "hvae", *tiny, "--encoder", "top-down", "--epochs", "5", "--kl-warmup", "4", "--out", str(tmp_path / "r")]) == 0
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
