@@ -17,6 +17,7 @@ The substitution is exact only under a dependency condition (see
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pyro.poutine as poutine
@@ -25,6 +26,7 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.inspect import get_dependencies
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
@@ -119,8 +121,8 @@ class TraceAnalyticKL_ELBO(ELBO):
         """One guide trace and the model replayed against it. Unlike
         ``Trace_ELBO`` no log-densities are computed here: the terms compute
         only the ones they need."""
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        guide_trace = _run_traced(guide, args, kwargs)
+        model_trace = _run_traced(model, args, kwargs, replay=guide_trace)
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
         # get_trace returned copies of their own: the plates' subsample sites are
@@ -270,6 +272,21 @@ class TraceAnalyticKL_ELBO(ELBO):
                 stacklevel=4,
             )
         return self._monte_carlo_sites[key]
+
+
+def _run_traced(fn, args, kwargs, replay=None):
+    """The trace of one run of ``fn`` (replayed against ``replay``), as
+    ``poutine.trace(poutine.replay(fn, trace=replay)).get_trace(*args, **kwargs)``
+    records its sample sites, without the handler objects, the ``_INPUT`` and
+    ``_RETURN`` nodes and the copy that ``get_trace`` makes of a trace no one
+    else holds. An error names the shapes of the sites so far, as Pyro's does."""
+    messenger = TraceMessenger()
+    with messenger, poutine.replay(trace=replay) if replay is not None else contextlib.nullcontext():
+        try:
+            fn(*args, **kwargs)
+        except (ValueError, RuntimeError) as err:
+            raise type(err)(f"{err}\n{messenger.trace.format_shapes()}").with_traceback(err.__traceback__) from err
+    return messenger.trace
 
 
 def _total(values):
