@@ -90,7 +90,7 @@ class Sizes:
     train_data: str = "mnist5k"
     train_size: int | None = None
     train_epochs: int = 2
-    train_repeats: int = 3
+    train_repeats: int = 5
     # ddp: 2 processes against 1; steps per timed call (a call's figure is ms per step)
     ddp_processes: int = 2
     ddp_vae_batch: int = 128
