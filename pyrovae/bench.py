@@ -50,7 +50,7 @@ from pyrovae.infer import TraceAnalyticKL_ELBO
 from pyrovae.parts.encoders import MIN_SCALE
 from pyrovae.vae import VAE, build_vae
 
-WORKLOADS = ("vae", "diffusion", "bound", "sample", "train")
+WORKLOADS = ("vae", "diffusion", "bound", "sample", "train", "ddp")
 FLOOR = "torch (floor)"
 # the trainer's step (pyrovae.train.train_step: LossModule, one torch optimiser, clip norm, finite check)
 TRAINER = "pyrovae trainer step"
@@ -58,6 +58,8 @@ TRAINER = "pyrovae trainer step"
 SVI_ONE_ADAM = "SVI + pyrovae.optim.Adam"
 RUN_NO_VALIDATE = "pyrovae train vae --no-validate"
 RUN_VALIDATE = "pyrovae train vae (validation on)"
+DDP = "2 processes, DDP (gloo), 1 thread each"
+DDP_NO_SYNC = "2 processes, no gradient all-reduce (no_sync)"
 
 
 @dataclass
@@ -88,7 +90,14 @@ class Sizes:
     train_data: str = "mnist5k"
     train_size: int | None = None
     train_epochs: int = 2
-    train_repeats: int = 3
+    train_repeats: int = 5
+    # ddp: 2 processes against 1; steps per timed call (a call's figure is ms per step)
+    ddp_processes: int = 2
+    ddp_vae_batch: int = 128
+    ddp_vae_steps: int = 20
+    ddp_unet_batch: int = 32
+    ddp_unet_T: int = 1000
+    ddp_unet_steps: int = 1
 
 
 FULL = Sizes()
@@ -116,6 +125,10 @@ SMOKE = Sizes(
     train_size=32,
     train_epochs=1,
     train_repeats=2,
+    ddp_vae_batch=8,
+    ddp_vae_steps=2,
+    ddp_unet_batch=4,
+    ddp_unet_T=10,
 )
 
 
@@ -282,6 +295,7 @@ class TorchDDPM:
         s = chain.schedule
         dtype = next(chain.net.parameters()).dtype
         self.net, self.T, self.x_dim = chain.net, s.T, chain.x_dim
+        self.likelihood = chain.likelihood
         names = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_log_variance_clipped")
         self.tables = {name: getattr(s, name).to(dtype) for name in names}
         self.tau = (s.timesteps * (1000.0 / float(s.timesteps[-1]))).to(dtype)
@@ -323,7 +337,10 @@ class TorchDDPM:
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         """x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z for t = T..2 with
-        x0_hat clipped to [-1, 1]; the decoder's mean at t = 1, clipped."""
+        x0_hat clipped to [-1, 1]; then the decoder's mean given x_1, from the
+        chain's own likelihood at mu_theta(x_1, 1) and sigma_1 (the chain's
+        return value: for the discretised decoder an expectation over 256 bins
+        per pixel, not the clipped mu a hand-written DDPM returns)."""
         f = self.floats
         ref = self.tau
         x = torch.randn(n, self.x_dim, device=ref.device, dtype=ref.dtype)
@@ -332,8 +349,10 @@ class TorchDDPM:
             x0_hat = (f["sqrt_recip_alphas_cumprod"][i] * x - f["sqrt_recipm1_alphas_cumprod"][i] * eps).clamp(-1.0, 1.0)
             x = f["posterior_mean_coef1"][i] * x0_hat + f["posterior_mean_coef2"][i] * x
             if i > 0:
-                x = x + math.exp(0.5 * f["posterior_log_variance_clipped"][i]) * torch.randn_like(x)
-        return x.clamp(-1.0, 1.0)
+                x = x.add(torch.randn_like(x), alpha=math.exp(0.5 * f["posterior_log_variance_clipped"][i]))
+        # what the chain returns: the decoder's mean given x_1 (for the discretised
+        # decoder the expectation over its 256 bins, not the clipped mu)
+        return self.likelihood(x, torch.full_like(x, math.exp(0.5 * f["posterior_log_variance_clipped"][0]))).mean
 
 
 def _discretised_log_lik(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -507,7 +526,178 @@ def train_cases(sizes: Sizes, device: torch.device):
     yield Case("train", name, variants, {RUN_NO_VALIDATE: 1.15}, {"data": sizes.train_data, "epochs": sizes.train_epochs}, repeats=sizes.train_repeats)
 
 
-CASES = {"vae": vae_cases, "diffusion": diffusion_cases, "bound": bound_cases, "sample": sample_cases, "train": train_cases}
+# --- ddp: two processes against one --------------------------------------------------------
+
+
+def _ddp_model(sizes: Sizes, name: str):
+    """``(model, objective, global batch)`` of a ddp case, built the same way
+    (same seed) in every process: the default VAE or the U-Net diffusion chain."""
+    from pyrovae.infer.diffusion_elbo import DiffusionELBO
+
+    torch.manual_seed(0)
+    if name == "vae":
+        x_dim = math.prod(sizes.image_shape)
+        model = build_vae(x_dim, sizes.vae_z_dim, sizes.vae_hidden)
+        return model, TraceAnalyticKL_ELBO(max_plate_nesting=1), torch.bernoulli(torch.full((sizes.ddp_vae_batch, x_dim), 0.3))
+    chain = _chain(sizes, "unet", sizes.ddp_unet_T, torch.device("cpu"))
+    return chain, DiffusionELBO(), _images(sizes.ddp_unet_batch, sizes, torch.device("cpu"))
+
+
+def _ddp_worker(rank: int, world: int, port: int, sizes: Sizes, conn) -> None:
+    """One process of the group (one torch thread): the trainer's step
+    (:func:`pyrovae.train.train_step`) on its shard of a case's global batch,
+    the loss module in ``DistributedDataParallel``. Answers each
+    ``(name, steps, sync)`` on ``conn`` with the ms per step between two
+    barriers (``sync=False``: the gradients' all-reduce skipped with DDP's
+    ``no_sync``, the compute alone); builds each case's model on first use."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from pyrovae.optim import make_optimizer
+    from pyrovae.train import LossModule, train_step
+
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    built = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        pyro.set_rng_seed(rank)
+        conn.send("ready")
+        while True:
+            command = conn.recv()
+            if command is None:
+                break
+            name, steps, sync = command
+            if name not in built:
+                model, objective, batch = _ddp_model(sizes, name)
+                loss_fn = torch.nn.parallel.DistributedDataParallel(LossModule(model, objective))
+                parameters = list(model.parameters())
+                built[name] = (loss_fn, parameters, make_optimizer("adam", parameters, 1e-4), batch[rank::world])
+            loss_fn, parameters, optimizer, shard = built[name]
+            with contextlib.nullcontext() if sync else loss_fn.no_sync():
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    train_step(loss_fn, parameters, optimizer, shard)
+                dist.barrier()
+            conn.send(1000.0 * (time.perf_counter() - start) / steps)
+    except BaseException as err:  # the parent waits on conn: tell it
+        conn.send(err)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ProcessGroup:
+    """``world`` worker processes (:func:`_ddp_worker`, started with ``spawn``)
+    kept alive across the cases and their repeats; :meth:`steps` times
+    ``steps`` steps of a case on all of them and returns rank 0's ms per step
+    as :class:`Timed`."""
+
+    def __init__(self, sizes: Sizes, world: int):
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for rank in range(world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_ddp_worker, args=(rank, world, port, sizes, child), daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        for reply in self._replies():
+            if reply != "ready":
+                raise RuntimeError(f"a ddp worker did not start: {reply!r}")
+
+    def _replies(self) -> list:
+        replies = [conn.recv() for conn in self.conns]
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                self.close()
+                raise RuntimeError(f"a ddp worker failed: {type(reply).__name__}: {reply}") from reply
+        return replies
+
+    def steps(self, name: str, steps: int, sync: bool = True) -> Timed:
+        for conn in self.conns:
+            conn.send((name, steps, sync))
+        return Timed(self._replies()[0])
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def _one_process_steps(sizes: Sizes, name: str) -> Callable:
+    """The floor of a ddp case: the same trainer step in this process (one
+    thread, the run's), no process group, on the whole global batch."""
+    model, objective, batch = _ddp_model(sizes, name)
+    step = trainer_step(model, objective)
+    steps = sizes.ddp_vae_steps if name == "vae" else sizes.ddp_unet_steps
+
+    def call() -> Timed:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        return Timed(1000.0 * (time.perf_counter() - start) / steps)
+
+    return call
+
+
+def ddp_cases(sizes: Sizes, device: torch.device):
+    """The trainer's step on ``sizes.ddp_processes`` gloo processes (one torch
+    thread each, DDP around the loss module) against one process with one
+    thread, on the same global batch: the default VAE and the U-Net diffusion
+    step. Also the processes without the gradients' all-reduce (DDP's
+    ``no_sync``): the difference is what the communication costs. CPU only."""
+    if device.type != "cpu":
+        return
+    group = ProcessGroup(sizes, sizes.ddp_processes)
+    try:
+        for name in ("vae", "unet"):
+            batch = sizes.ddp_vae_batch if name == "vae" else sizes.ddp_unet_batch
+            steps = sizes.ddp_vae_steps if name == "vae" else sizes.ddp_unet_steps
+            variants = {FLOOR: _one_process_steps(sizes, name), DDP: _bind(group.steps, name, steps, True), DDP_NO_SYNC: _bind(group.steps, name, steps, False)}
+            label = "vae" if name == "vae" else f"unet T={sizes.ddp_unet_T}"
+            params = {"model": name, "batch": batch, "processes": sizes.ddp_processes}
+            yield Case("ddp", f"{label} batch {batch}", variants, {}, params, repeats=sizes.slow_repeats if name == "unet" else None)
+    finally:
+        group.close()
+
+
+def ddp_checks(results: list) -> list:
+    """Per ddp case: samples per second with 2 processes and with 1, the speed-up
+    (the limit is the number of processes, on as many free cores), and the ms a
+    step spends in the gradients' all-reduce (DDP's step less no_sync's)."""
+    checks = []
+    for case in dict.fromkeys(r.case for r in results if r.workload == "ddp"):
+        rows = {r.variant: r for r in results if r.workload == "ddp" and r.case == case}
+        one, two, alone = rows[FLOOR], rows[DDP], rows[DDP_NO_SYNC]
+        batch, world = one.params["batch"], one.params["processes"]
+        checks.append({
+            "check": f"ddp {case}: samples/s {world} processes {1000 * batch / two.ms:.0f} vs 1 process {1000 * batch / one.ms:.0f}; "
+            f"speed-up {one.ms / two.ms:.2f} (limit {world}); all-reduce {two.ms - alone.ms:.2f} ms of a {two.ms:.2f} ms step",
+            "ratio": one.ms / two.ms,
+            "limit": world,
+            "samples_per_s": {"1": 1000 * batch / one.ms, str(world): 1000 * batch / two.ms},
+            "allreduce_ms": two.ms - alone.ms,
+        })
+    return checks
+
+
+CASES = {"vae": vae_cases, "diffusion": diffusion_cases, "bound": bound_cases, "sample": sample_cases, "train": train_cases, "ddp": ddp_cases}
 
 
 # --- running and reporting --------------------------------------------------------------
@@ -526,7 +716,17 @@ def header(device: torch.device, sizes: Sizes) -> dict:
         "slow_repeats": sizes.slow_repeats,
         "train_repeats": sizes.train_repeats,
         "pyro_validation": False,
+        "cpus": os.cpu_count(),
+        "load_average": _load_average(),
     }
+
+
+def _load_average() -> list | None:
+    """The machine's 1, 5 and 15 minute load averages (``None`` where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def t_checks(results: list) -> list:
@@ -560,7 +760,8 @@ def run_case(case: Case, sizes: Sizes, device: torch.device) -> list:
 
 def format_header(head: dict) -> str:
     return "\n".join([
-        f"pyrovae bench: device {head['device']}, torch threads {head['threads']}, torch {head['torch']}, pyro {head['pyro']}",
+        f"pyrovae bench: device {head['device']}, torch threads {head['threads']}, torch {head['torch']}, pyro {head['pyro']}; "
+        f"{head['cpus']} CPUs, load average {head['load_average']}",
         f"median of {head['repeats']} interleaved repeats after {head['warmup']} warm-up calls "
         f"({head['slow_repeats']} after 1 for the U-Net, the full-T bound and ancestral sampling; {head['train_repeats']} after 1 for whole runs); Pyro validation off",
         "",
@@ -621,7 +822,12 @@ def run(workloads=WORKLOADS, device: str = "cpu", smoke: bool = False, repeats: 
     checks = t_checks(results)
     if checks:
         log(format_checks(checks))
-    report = {"header": head, "results": [r.__dict__ for r in results], "checks": checks}
+    ddp = ddp_checks(results)
+    for c in ddp:
+        log(c["check"])
+    head["load_average_end"] = _load_average()
+    log(f"load average (1, 5, 15 min) at the start {head['load_average']}, at the end {head['load_average_end']}")
+    report = {"header": head, "results": [r.__dict__ for r in results], "checks": checks, "ddp": ddp}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

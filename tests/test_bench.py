@@ -26,6 +26,7 @@ VARIANTS = {
     },
     "diffusion": {bench.FLOOR, "pyrovae DiffusionELBO", bench.TRAINER},
     "train": {bench.FLOOR, bench.RUN_NO_VALIDATE, bench.RUN_VALIDATE},
+    "ddp": {bench.FLOOR, bench.DDP, bench.DDP_NO_SYNC},
     "bound": {
         bench.FLOOR,
         "pyrovae full_bound (batched over t)",
@@ -159,3 +160,30 @@ def test_diffusion_floor_computes_the_chains_bound_terms():
         x_t = chain.schedule.q_sample(x0, t, noise)
         ours = chain.prior_kl(x0).sum() + chain.T * chain.vb_terms(x0, x_t, t).sum()
     assert floor.item() == pytest.approx(ours.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("steps", [None, 4])
+def test_sampling_floor_draws_the_chains_samples(steps):
+    """Same seed, same draws: the floor's loop returns what ``chain.sample`` returns
+    (the decoder's mean given x_1), so the sample rows compare equal work."""
+    chain = bench._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
+    floor = bench.TorchDDPM(chain if steps is None else chain.respaced(steps))
+    torch.manual_seed(5)
+    ours = chain.sample(3, steps)
+    torch.manual_seed(5)
+    torch.testing.assert_close(floor.sample(3), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_reports_samples_per_second_and_the_all_reduce_for_both_models(smoke):
+    """Two gloo processes against one: both cases, each with samples/s for 1 and
+    2 processes, the speed-up and the all-reduce's ms, in the JSON and the table;
+    the load average in the header."""
+    _, table, report = smoke
+    cases = {r["case"] for r in report["results"] if r["workload"] == "ddp"}
+    assert {c.split()[0] for c in cases} == {"vae", "unet"}
+    assert len(report["ddp"]) == 2
+    for check in report["ddp"]:
+        assert check["limit"] == 2 and math.isfinite(check["allreduce_ms"]) and check["check"] in table
+        assert set(check["samples_per_s"]) == {"1", "2"} and all(v > 0 for v in check["samples_per_s"].values())
+        assert check["ratio"] == pytest.approx(check["samples_per_s"]["2"] / check["samples_per_s"]["1"])
+    assert len(report["header"]["load_average"]) == 3 and "load average" in table

@@ -37,6 +37,8 @@ batch lives in ``pyro.plate("data", B)`` and every site has event shape ``(D,)``
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -141,6 +143,45 @@ class DiffusionChain(nn.Module):
         upgraded.update({k: v for k, v in own.items() if k.startswith("prior.") and k not in state})
         return upgraded
 
+    def tables(self, dtype: torch.dtype) -> dict:
+        """The schedule's tables in ``dtype`` on the schedule's device, cast once
+        and cached, plus the products the hot paths use: ``log_betas``,
+        ``kl_noise_coef`` = coef1_t sqrt(1/alpha_bar_t - 1) (mu_tilde_t(x_t, x_0) -
+        mu_theta(x_t, t) per unit of eps_theta - eps, eps prediction) and ``tau``,
+        the time the network is told (see :meth:`model_output`).
+
+        The schedule stores float64 and :meth:`NoiseSchedule.extract` casts the
+        entries it reads on every call (a slice, a copy and a cast per table per
+        step); here each table is cast once. The cache is rebuilt when the
+        schedule's buffers change (``.to()``, ``load_state_dict``)."""
+        s = self.schedule
+        key = (dtype, s.betas.device, s.betas.data_ptr(), s.betas._version, s.timesteps.data_ptr(), s.timesteps._version)
+        cached = self.__dict__.get("_tables_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            found = {name: buf.to(dtype) for name, buf in s.named_buffers() if buf.is_floating_point()}
+            found["log_betas"] = s.betas.log().to(dtype)
+            found["kl_noise_coef"] = (s.posterior_mean_coef1 * s.sqrt_recipm1_alphas_cumprod).to(dtype)
+            found["tau"] = s.timesteps.to(dtype) * (1000.0 / s.original_T)
+        self.__dict__["_tables_cache"] = (key, found)
+        return found
+
+    def _time_index(self, t: torch.Tensor) -> torch.Tensor:
+        """``t - 1`` for indexing the tables, with :meth:`NoiseSchedule.extract`'s
+        checks (the range only under ``pyro.enable_validation``: it reads t back)."""
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must be an integer tensor of times in 1..{self.T}, got dtype {t.dtype}")
+        if is_validation_enabled() and t.numel() and (t.min() < 1 or t.max() > self.T):
+            raise ValueError(f"t must lie in 1..{self.T}, got values from {int(t.min())} to {int(t.max())}")
+        return t - 1
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise
+        (:meth:`NoiseSchedule.q_sample`) from the cached tables, in two passes."""
+        tab, i = self.tables(x0.dtype), self._time_index(torch.as_tensor(t, device=x0.device))
+        return torch.addcmul(tab["sqrt_alphas_cumprod"][i].unsqueeze(-1) * x0, tab["sqrt_one_minus_alphas_cumprod"][i].unsqueeze(-1), noise)
+
     def check_data(self, x0: torch.Tensor) -> torch.Tensor:
         """Raise a clear error for data this chain cannot score; return ``x0``
         in the denoiser's floating dtype (float64 or half-precision data are cast)."""
@@ -167,7 +208,7 @@ class DiffusionChain(nn.Module):
         T to 0..1000, so a respaced chain asks the network what it was trained on."""
         batch_shape = x_t.shape[:-1]
         t = torch.as_tensor(t, device=x_t.device).expand(batch_shape)
-        tau = self.schedule.timesteps[t - 1].to(x_t.dtype) * (1000.0 / self.schedule.original_T)
+        tau = self.tables(x_t.dtype)["tau"][t - 1]
         out = self.net(x_t.reshape(-1, self.x_dim), tau.reshape(-1)).reshape(*batch_shape, -1)
         if self.variance == "learned":
             pred, v = out.chunk(2, dim=-1)
@@ -283,7 +324,7 @@ class DiffusionChain(nn.Module):
         (each ``x0``'s shape), shape ``x0.shape[:-1]``."""
         return -self.likelihood(mean, (0.5 * log_variance).exp()).log_prob(x0)
 
-    def vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None = None) -> torch.Tensor:
+    def vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D:
 
             L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))   for t >= 2
@@ -295,10 +336,47 @@ class DiffusionChain(nn.Module):
         posterior mean at x_0 and at x0_hat, so mu_tilde - mu_theta =
         coef1_t (x_0 - x0_hat) and, for a fixed variance, the KL costs a few
         operations per element beyond the network.
+
+        :param noise: the eps that drew x_t = sqrt(alpha_bar_t) x_0 +
+            sqrt(1 - alpha_bar_t) eps, if known. With eps prediction the KL is
+            then formed from it: x_0 - x0_hat = sqrt(1/alpha_bar_t - 1)
+            (eps_theta - eps) exactly, so the mean part is
+            (coef1_t^2 (1/alpha_bar_t - 1) / (2 sigma_t^2)) |eps_theta - eps|^2,
+            two passes over the values instead of six (x0_hat is formed only
+            where t = 1, for the decoder). The same number up to rounding.
         """
-        s = self.schedule
         x0 = x0.expand_as(x_t)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[:-1])
+        if noise is None or self.parameterization != "eps":
+            return self._vb_terms(x0, x_t, t, output)
+        tab, i = self.tables(x_t.dtype), self._time_index(t)
+        pred, v = self.model_output(x_t, t) if output is None else output
+        min_log = tab["posterior_log_variance_clipped"][i].unsqueeze(-1)
+        if self.variance == "learned":
+            frac = (v + 1) / 2
+            log_var = frac * tab["log_betas"][i].unsqueeze(-1) + (1 - frac) * min_log
+        else:
+            log_var = tab["log_betas"][i].unsqueeze(-1) if self.variance == "beta" else min_log
+        diff = pred - noise
+        coef = tab["kl_noise_coef"][i]
+        if log_var.shape[-1] == 1:
+            # KL = D/2 (log sigma^2 - log beta_tilde + beta_tilde/sigma^2 - 1) + coef^2 |diff|^2 / (2 sigma^2)
+            var_part = 0.5 * (-1.0 + log_var - min_log + torch.exp(min_log - log_var)).squeeze(-1)
+            kl = self.x_dim * var_part + (0.5 * coef.square() * torch.exp(-log_var.squeeze(-1))) * torch.linalg.vecdot(diff, diff)
+        else:
+            kl = normal_kl(coef.unsqueeze(-1) * diff, min_log, log_var, self.x_dim)
+        is_decoder = t == 1
+        if not is_decoder.any():  # most batches: no decoder term, skip its CDFs
+            return kl
+        # at t = 1 the term is the decoder's -log p(x_0|x_1), on those entries only
+        x_1, i_1, pred_1 = x_t[is_decoder], i[is_decoder], pred[is_decoder]
+        x0_hat = tab["sqrt_recip_alphas_cumprod"][i_1].unsqueeze(-1) * x_1 - tab["sqrt_recipm1_alphas_cumprod"][i_1].unsqueeze(-1) * pred_1
+        mean = tab["posterior_mean_coef1"][i_1].unsqueeze(-1) * x0_hat + tab["posterior_mean_coef2"][i_1].unsqueeze(-1) * x_1
+        return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var.expand_as(x_t)[is_decoder]))
+
+    def _vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None) -> torch.Tensor:
+        """:meth:`vb_terms` through x0_hat (any parameterisation; x_t need not come from a known noise)."""
+        s = self.schedule
         pred, x0_hat, log_var = self._x0_hat_log_variance(x_t, t, output, clip_x0=False)
         mean_diff = s.extract(s.posterior_mean_coef1, t, x_t) * (x0 - x0_hat)
         kl = normal_kl(mean_diff, s.extract(s.posterior_log_variance_clipped, t, x_t), log_var, self.x_dim)
@@ -333,7 +411,8 @@ class DiffusionChain(nn.Module):
             ts = torch.arange(start, min(start + per_call, self.T + 1), device=x0.device)
             t = ts[:, None].expand(len(ts), B)
             x0_t = x0.expand(len(ts), B, self.x_dim)
-            chunks.append(self.vb_terms(x0_t, self.schedule.q_sample(x0_t, t), t))
+            noise = torch.randn_like(x0_t)
+            chunks.append(self.vb_terms(x0_t, self.q_sample(x0_t, t, noise), t, noise=noise))
         terms = torch.cat(chunks, 0).T
         prior = self.prior_kl(x0)
         total = prior + terms.sum(-1)
@@ -362,10 +441,30 @@ class DiffusionChain(nn.Module):
         chain = self if steps is None or steps == self.T else self.respaced(steps)
         clip_x0 = self.discrete if clip_x0 is None else clip_x0
         ref = self.schedule.betas
-        x = torch.randn(n, self.x_dim, device=ref.device, dtype=next(self.net.parameters()).dtype)
-        for t in range(chain.T, 1, -1):
-            # a draw from p_step(x, t): mean + sigma_t z, without building the
-            # Normal at every step (its construction cost ~5% of an MLP step)
-            out = chain.p_mean_variance(x, t, clip_x0=clip_x0)
-            x = out["mean"] + (0.5 * out["log_variance"]).exp() * torch.randn_like(out["mean"])
+        dtype = next(self.net.parameters()).dtype
+        x = torch.randn(n, self.x_dim, device=ref.device, dtype=dtype)
+        # Every step's numbers read once, as Python numbers in the network's dtype
+        # (what p_mean_variance computes per step from the float64 tables: a
+        # slice, a cast and a copy per table), so the loop is the network call
+        # and a few passes over x.
+        tab = {name: values.tolist() for name, values in chain.tables(dtype).items()}
+        learned, parameterization = chain.variance == "learned", chain.parameterization
+        for i in range(chain.T - 1, 0, -1):  # t = i + 1 = T..2
+            out = self.net(x, torch.full((n,), tab["tau"][i], device=ref.device, dtype=dtype))
+            pred, v = out.chunk(2, dim=-1) if learned else (out, None)
+            c1, c2 = tab["posterior_mean_coef1"][i], tab["posterior_mean_coef2"][i]
+            if parameterization == "mean":
+                mean = pred
+            else:
+                x0_hat = tab["sqrt_recip_alphas_cumprod"][i] * x - tab["sqrt_recipm1_alphas_cumprod"][i] * pred if parameterization == "eps" else pred
+                if clip_x0:
+                    x0_hat = x0_hat.clamp(-1.0, 1.0)
+                mean = c1 * x0_hat + c2 * x
+            if learned:
+                frac = (v + 1) / 2
+                sigma = (0.5 * (frac * tab["log_betas"][i] + (1 - frac) * tab["posterior_log_variance_clipped"][i])).exp()
+            else:
+                sigma = math.exp(0.5 * tab["log_betas" if chain.variance == "beta" else "posterior_log_variance_clipped"][i])
+            # a draw from p_step(x, t): mean + sigma_t z, without building the Normal
+            x = torch.addcmul(mean, torch.randn_like(mean), sigma) if learned else mean.add(torch.randn_like(mean), alpha=sigma)
         return chain.p_decoder(x, clip_x0=clip_x0).mean

@@ -17,6 +17,7 @@ The substitution is exact only under a dependency condition (see
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pyro.poutine as poutine
@@ -25,7 +26,8 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.inspect import get_dependencies
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
 
@@ -119,11 +121,13 @@ class TraceAnalyticKL_ELBO(ELBO):
         """One guide trace and the model replayed against it. Unlike
         ``Trace_ELBO`` no log-densities are computed here: the terms compute
         only the ones they need."""
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        guide_trace = _run_traced(guide, args, kwargs)
+        model_trace = _run_traced(model, args, kwargs, replay=guide_trace)
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+        # get_trace returned copies of their own: the plates' subsample sites are
+        # removed in place (prune_subsample_sites would copy each trace again)
+        return _prune_subsample_sites(model_trace), _prune_subsample_sites(guide_trace)
 
     def _particle_terms(self, model_trace, guide_trace, monte_carlo: frozenset):
         """One particle: ``(observed, latent, closed_form, score)``. ``observed``
@@ -187,13 +191,17 @@ class TraceAnalyticKL_ELBO(ELBO):
         ``(observed, latent, closed_form, surrogate)``, ``surrogate`` a zero-valued
         tensor carrying the score-function gradients."""
         observed, latent, surrogate, closed_form = {}, {}, 0.0, ()
+        k = self.num_particles
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
             obs_i, lat_i, closed_form, score = self._particle_terms(model_trace, guide_trace, monte_carlo)
-            surrogate = surrogate + self._surrogate(obs_i, lat_i, score) / self.num_particles
+            if score:
+                surrogate = surrogate + self._surrogate(obs_i, lat_i, score) / k
             for total, terms in ((observed, obs_i), (latent, lat_i)):
                 for name, (_, value) in terms.items():
-                    total[name] = total.get(name, 0.0) + value.sum() / self.num_particles
+                    # one particle (the usual step): the sum alone, no division by 1 nor addition to 0
+                    term = value.sum() if k == 1 else value.sum() / k
+                    total[name] = total[name] + term if name in total else term
         return observed, latent, tuple(closed_form), surrogate
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
@@ -201,7 +209,13 @@ class TraceAnalyticKL_ELBO(ELBO):
         differentiable tensor whose gradient is unbiased (through the samples of
         reparameterised sites, the score function at the others)."""
         observed, latent, _, surrogate = self._terms(model, guide, args, kwargs)
-        return -(sum(observed.values()) + self.kl_scale * sum(latent.values()) + surrogate)
+        log_lik, kl_part = _total(observed.values()), _total(latent.values())
+        if self.kl_scale != 1.0:
+            kl_part = self.kl_scale * kl_part
+        total = log_lik + kl_part
+        if not (isinstance(surrogate, float) and surrogate == 0.0):
+            total = total + surrogate
+        return -total
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The loss (minus the ELBO when kl_scale is 1) as a float, no gradients."""
@@ -258,6 +272,37 @@ class TraceAnalyticKL_ELBO(ELBO):
                 stacklevel=4,
             )
         return self._monte_carlo_sites[key]
+
+
+def _run_traced(fn, args, kwargs, replay=None):
+    """The trace of one run of ``fn`` (replayed against ``replay``), as
+    ``poutine.trace(poutine.replay(fn, trace=replay)).get_trace(*args, **kwargs)``
+    records its sample sites, without the handler objects, the ``_INPUT`` and
+    ``_RETURN`` nodes and the copy that ``get_trace`` makes of a trace no one
+    else holds. An error names the shapes of the sites so far, as Pyro's does."""
+    messenger = TraceMessenger()
+    with messenger, poutine.replay(trace=replay) if replay is not None else contextlib.nullcontext():
+        try:
+            fn(*args, **kwargs)
+        except (ValueError, RuntimeError) as err:
+            raise type(err)(f"{err}\n{messenger.trace.format_shapes()}").with_traceback(err.__traceback__) from err
+    return messenger.trace
+
+
+def _total(values):
+    """``sum(values)`` without the leading ``0 +`` (one tensor op fewer per call); 0.0 when empty."""
+    total = 0.0
+    for i, value in enumerate(values):
+        total = value if i == 0 else total + value
+    return total
+
+
+def _prune_subsample_sites(trace):
+    """``trace`` without its plates' subsample sites, removed in place
+    (:func:`pyro.poutine.util.prune_subsample_sites` on a trace of our own)."""
+    for name in [name for name, site in trace.nodes.items() if site_is_subsample(site)]:
+        trace.remove_node(name)
+    return trace
 
 
 def _log_prob(site) -> torch.Tensor:

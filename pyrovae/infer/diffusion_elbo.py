@@ -151,7 +151,7 @@ class ChainObjective(DifferentiableLossMixin):
         t = torch.multinomial(p, k * B, replacement=True).reshape(k, B) + 1
         x0_k = x0.expand(k, B, chain.x_dim)
         noise = torch.randn_like(x0_k)
-        return {"x0": x0, "x0_k": x0_k, "t": t, "weight": 1.0 / p[t - 1].to(x0.dtype), "noise": noise, "x_t": chain.schedule.q_sample(x0_k, t, noise)}
+        return {"x0": x0, "x0_k": x0_k, "t": t, "weight": 1.0 / p[t - 1].to(x0.dtype), "noise": noise, "x_t": chain.q_sample(x0_k, t, noise)}
 
     def _loss_and_terms(self, chain, x0: torch.Tensor):
         """The differentiable loss summed over the batch, the times drawn and
@@ -215,7 +215,7 @@ class DiffusionELBO(ChainObjective, ELBO):
 
     def _loss_and_terms(self, chain, x0: torch.Tensor):
         d = self._draw(chain, x0)
-        terms = chain.vb_terms(d["x0_k"], d["x_t"], d["t"])
+        terms = chain.vb_terms(d["x0_k"], d["x_t"], d["t"], noise=d["noise"])
         return chain.prior_kl(d["x0"]).sum() + (d["weight"] * terms).sum() / self.num_particles, d["t"], terms
 
     @torch.no_grad()
@@ -233,9 +233,11 @@ class DiffusionELBO(ChainObjective, ELBO):
         T, k, B = chain.T, self.num_particles, x0.shape[0]
         x0_k = x0.expand(k, B, chain.x_dim)
         ones = torch.ones(k, B, dtype=torch.long, device=x0.device)
-        recon = -chain.vb_terms(x0_k, chain.schedule.q_sample(x0_k, ones), ones).sum() / k
+        noise = torch.randn_like(x0_k)
+        recon = -chain.vb_terms(x0_k, chain.q_sample(x0_k, ones, noise), ones, noise=noise).sum() / k
         kl_layers = torch.zeros((), dtype=x0.dtype, device=x0.device)
         if T > 1:
             t = torch.randint(2, T + 1, (k, B), device=x0.device)
-            kl_layers = (T - 1) * chain.vb_terms(x0_k, chain.schedule.q_sample(x0_k, t), t).sum() / k
+            noise = torch.randn_like(x0_k)
+            kl_layers = (T - 1) * chain.vb_terms(x0_k, chain.q_sample(x0_k, t, noise), t, noise=noise).sum() / k
         return {"recon": recon.item(), "kl_top": chain.prior_kl(x0).sum().item(), "kl_layers": kl_layers.item()}
