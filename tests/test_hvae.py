@@ -237,9 +237,9 @@ def test_cli_refuses_the_vamp_prior_with_the_bottom_up_encoder(tmp_path, capsys)
     assert "needs q(z_L | x)" in capsys.readouterr().err
 
 
-def test_kl_warmup_raises_the_hvaes_kl_weight_linearly(monkeypatch, tmp_path):
-    from pyrovae import train as training
-    from pyrovae.config import TrainConfig
+@pytest.fixture
+def kl_weights_seen(monkeypatch):
+    """The KL weight the HVAE recipe sets at the start of each epoch, in order."""
     from pyrovae.recipes.hvae import HVAERecipe
 
     seen = []
@@ -250,10 +250,17 @@ def test_kl_warmup_raises_the_hvaes_kl_weight_linearly(monkeypatch, tmp_path):
         seen.append(objective.kl_scale)
 
     monkeypatch.setattr(HVAERecipe, "on_epoch_start", record)
+    return seen
+
+
+def test_kl_warmup_raises_the_hvaes_kl_weight_linearly(kl_weights_seen, tmp_path):
+    from pyrovae import train as training
+    from pyrovae.config import TrainConfig
+
     cfg = TrainConfig(model="hvae", data="digits", train_size=16, test_size=8, epochs=4, z_dims=[3, 2], hidden=[4], kl_warmup=2,
                       test_particles=1, quiet=True, out=str(tmp_path))
     training.train(cfg)
-    assert seen == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    assert kl_weights_seen == pytest.approx([0.0, 0.5, 1.0, 1.0])
 
 
 @pytest.mark.parametrize("encoder", ["top-down", "bottom-up"])
@@ -276,18 +283,8 @@ def test_the_kl_weight_scales_every_layers_kl_of_the_hvae(encoder):
             assert loss == pytest.approx(-(terms["x"] + beta * (terms["z_1"] + terms["z_2"])), rel=1e-5)
 
 
-def test_cli_kl_warmup_ramps_the_hvaes_kl_weight(monkeypatch, tmp_path):
+def test_cli_kl_warmup_ramps_the_hvaes_kl_weight(kl_weights_seen, tmp_path):
     from pyrovae.cli import main
-    from pyrovae.recipes.hvae import HVAERecipe
-
-    seen = []
-    original = HVAERecipe.on_epoch_start
-
-    def record(self, cfg, epoch, objective):
-        original(self, cfg, epoch, objective)
-        seen.append(objective.kl_scale)
-
-    monkeypatch.setattr(HVAERecipe, "on_epoch_start", record)
     tiny = ["--data", "digits", "--train-size", "16", "--test-size", "8", "--z-dims", "3", "2", "--hidden", "4", "--test-particles", "1", "--quiet"]
     assert main(["train", "hvae", *tiny, "--encoder", "top-down", "--epochs", "5", "--kl-warmup", "4", "--out", str(tmp_path / "r")]) == 0
-    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert kl_weights_seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
