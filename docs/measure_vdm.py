@@ -104,7 +104,7 @@ def figure(vdm_run: str, diffusion_run: str, out: str, extra: list[str]) -> None
         chain_eval = sorted(glob.glob(os.path.join(run, "evaluate-*.json")))
         if run == vdm_run and os.path.exists(vdm_eval):
             e = json.load(open(vdm_eval))
-            ax.errorbar([final], [e["bits_per_dim"]], yerr=[2 * e["bits_per_dim_se"]], fmt="*", ms=12, color=color, label=f"VDM full bound, 100 test images: {e['bits_per_dim']:.3f} +- {e['bits_per_dim_se']:.3f}")
+            ax.errorbar([final], [e["test_bpd"]], yerr=[2 * e["test_bpd_se"]], fmt="*", ms=12, color=color, label=f"VDM full bound, 100 test images: {e['test_bpd']:.3f} +- {e['test_bpd_se']:.3f}")
         elif run == diffusion_run and chain_eval:
             e = json.load(open(chain_eval[-1]))
             ax.plot([final], [e["test_bpd"]], "*", ms=12, color=color, label=f"chain full T = 1000 bound, 100 test images: {e['test_bpd']:.3f}")

@@ -96,24 +96,27 @@ def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500) ->
 
 @torch.no_grad()
 def evaluate_bound(vdm: VDM, x: torch.Tensor, replicates: int, draws: int, run_dir: str, batch_size: int = 500) -> dict:
-    """-ELBO on ``x``, bits/dim and nats per example, with the standard error of
-    the mean over ``replicates`` independent estimates (each: ``draws``
-    antithetic draws of t per example and one z_0 per example; the draws
-    inside one replicate are dependent, so the spread across replicates is
-    the honest one). Written to ``run_dir/evaluate.json``."""
+    """The bound on ``x`` in the vocabulary every model uses
+    (:mod:`pyrovae.infer.bound`), per-example means: ``test_recon`` (E log p(x |
+    z_0)), ``test_kl_top`` (KL(q(z_1|x) || N(0, I))), ``test_kl_layers`` (the
+    diffusion term L_inf, or L_T), ``test_elbo`` and ``test_bpd``, averaged
+    over ``replicates`` independent estimates (each: ``draws`` antithetic draws
+    of t per example and one z_0 per example), and ``test_bpd_se``, the
+    standard error of ``test_bpd`` from the spread across replicates (the
+    draws inside one replicate are dependent, so that spread is the honest
+    one). Written to ``run_dir/evaluate.json``."""
     if replicates < 2:
         raise ValueError(f"replicates must be >= 2 for a standard error, got {replicates}")
     reps = [bound_terms(vdm, x, draws, batch_size) for _ in range(replicates)]
     bpd = torch.stack([bits_per_dim(-r["elbo"].mean(), vdm.x_dim) for r in reps])
+    means = {k: torch.stack([r[k].mean() for r in reps]).mean().item() for k in TERMS}
     result = {
         "n": len(x),
         "time": "continuous" if vdm.T is None else vdm.T,
         "replicates": replicates,
         "draws": draws,
-        "bits_per_dim": bpd.mean().item(),
-        "bits_per_dim_se": (bpd.std() / math.sqrt(replicates)).item(),
-        "nats": -torch.stack([r["elbo"].mean() for r in reps]).mean().item(),
-        **{f"{k}_nats": torch.stack([r[k].mean() for r in reps]).mean().item() for k in TERMS},
+        **prefixed(named_terms(means["recon"], means["kl_top"], means["kl_layers"], vdm.x_dim), "test"),
+        "test_bpd_se": (bpd.std() / math.sqrt(replicates)).item(),
         **schedule_ends(vdm),
     }
     folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
