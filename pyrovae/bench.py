@@ -56,8 +56,13 @@ FLOOR = "torch (floor)"
 TRAINER = "pyrovae trainer step"
 # stock SVI with pyrovae's one multi-tensor optimiser in pyro.optim's place
 SVI_ONE_ADAM = "SVI + pyrovae.optim.Adam"
+# the compiled path (pyrovae.compiled): the loss captured once per batch shape, compiled by inductor / replayed as is
+TRAINER_COMPILED = "pyrovae trainer step --compile"
+TRAINER_CAPTURED = "pyrovae trainer step, captured graph, no inductor"
+FLOOR_COMPILED = "torch floor, loss torch.compile'd"
 RUN_NO_VALIDATE = "pyrovae train vae --no-validate"
 RUN_VALIDATE = "pyrovae train vae (validation on)"
+RUN_COMPILED = "pyrovae train vae --no-validate --compile"
 DDP = "2 processes, DDP (gloo), 1 thread each"
 DDP_NO_SYNC = "2 processes, no gradient all-reduce (no_sync)"
 
@@ -196,33 +201,44 @@ def time_variants(variants: dict, repeats: int, warmup: int, device: torch.devic
 # --- vae -----------------------------------------------------------------------------
 
 
-def vae_torch_step(vae: VAE, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
-    """The floor: one Adam step on -ELBO(x) summed over the batch, written in
-    plain torch with the VAE's own networks,
+def vae_torch_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
+    """The floor's loss: -ELBO(x) summed over the batch, written in plain torch
+    with the VAE's own networks,
 
         z = mu + sigma * eps,   -ELBO = -sum_d log Bernoulli(x_d; logits_d(z)) + KL(N(mu, sigma^2) || N(0, I)),
 
     the same estimator ``TraceAnalyticKL_ELBO`` computes (the encoder's MLP is
     called directly: its split and softplus are repeated here)."""
-    optimizer.zero_grad(set_to_none=True)
     loc, raw_scale = vae.encoder.net(x).split(vae.z_dim, dim=-1)
     scale = F.softplus(raw_scale) + MIN_SCALE
     z = loc + scale * torch.randn_like(loc)
     log_lik = -F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
     kl = 0.5 * (loc**2 + scale**2 - 1).sum() - scale.log().sum()
-    loss = kl - log_lik
+    return kl - log_lik
+
+
+def vae_torch_step(vae: VAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, loss_fn: Callable = vae_torch_loss) -> float:
+    """The floor: one Adam step on :func:`vae_torch_loss` (or ``loss_fn``, the
+    same loss compiled)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(vae, x)
     loss.backward()
     optimizer.step()
     return loss.item()
 
 
-def trainer_step(model, objective) -> Callable:
+def trainer_step(model, objective, compile: str | None = None) -> Callable:
     """The trainer's step (:func:`pyrovae.train.train_step`) on ``model`` and
-    ``objective``, with its own optimiser (:func:`pyrovae.optim.make_optimizer`)."""
+    ``objective``, with its own optimiser (:func:`pyrovae.optim.make_optimizer`);
+    ``compile="inductor"`` is ``--compile`` (:func:`pyrovae.compiled.compile_loss`),
+    ``compile="graph"`` the captured graph replayed without inductor."""
+    from pyrovae.compiled import compile_loss
     from pyrovae.optim import make_optimizer
     from pyrovae.train import LossModule, train_step
 
     loss_fn = LossModule(model, objective)
+    if compile is not None:
+        loss_fn = compile_loss(loss_fn, backend=None if compile == "graph" else compile)
     parameters = list(model.parameters())
     optimizer = make_optimizer("adam", parameters, 1e-3)
     return lambda x: train_step(loss_fn, parameters, optimizer, x)
@@ -259,8 +275,11 @@ def vae_cases(sizes: Sizes, device: torch.device):
             variants[name] = _bind(svi.step, x)
         variants[SVI_ONE_ADAM] = _bind(SVI(vae.model, vae.guide, OneAdam({"lr": 1e-3}), loss=TraceAnalyticKL_ELBO(max_plate_nesting=1)).step, x)
         variants[TRAINER] = _bind(trainer_step(vae, TraceAnalyticKL_ELBO(max_plate_nesting=1)), x)
+        variants[TRAINER_CAPTURED] = _bind(trainer_step(vae, TraceAnalyticKL_ELBO(max_plate_nesting=1), "graph"), x)
+        variants[TRAINER_COMPILED] = _bind(trainer_step(vae, TraceAnalyticKL_ELBO(max_plate_nesting=1), "inductor"), x)
+        variants[FLOOR_COMPILED] = _bind(vae_torch_step, vae, fast_adam(vae, 1e-3), x, torch.compile(vae_torch_loss))
         # the issue's targets are at batch 128; batch 16 (per-step overhead dominates) is reported
-        targets = {TRAINER: 1.10, SVI_ONE_ADAM: 1.15} if batch >= 128 else {}
+        targets = {TRAINER: 1.10, SVI_ONE_ADAM: 1.15, TRAINER_COMPILED: 1.00} if batch >= 128 else {}
         yield Case("vae", f"batch {batch}", variants, targets, {"batch": batch})
 
 
@@ -469,11 +488,11 @@ def sample_cases(sizes: Sizes, device: torch.device):
 # --- train: whole runs ------------------------------------------------------------------
 
 
-def _run_config(sizes: Sizes, validate: bool):
+def _run_config(sizes: Sizes, validate: bool, compile: bool = False):
     from pyrovae.config import VAEConfig
 
     hidden, z_dim = list(sizes.vae_hidden), sizes.vae_z_dim
-    return VAEConfig(data=sizes.train_data, train_size=sizes.train_size, epochs=sizes.train_epochs, hidden=hidden, z_dim=z_dim, validate=validate, quiet=True, eval_every=sizes.train_epochs)
+    return VAEConfig(data=sizes.train_data, train_size=sizes.train_size, epochs=sizes.train_epochs, hidden=hidden, z_dim=z_dim, validate=validate, compile=compile, quiet=True, eval_every=sizes.train_epochs)
 
 
 def pyrovae_run(cfg) -> Timed:
@@ -518,10 +537,12 @@ def torch_run(cfg) -> Timed:
 
 def train_cases(sizes: Sizes, device: torch.device):
     """A whole default ``pyrovae train vae`` run (``sizes.train_epochs`` epochs of
-    ``sizes.train_data``) with ``--no-validate`` and with validation on, against
-    the plain torch loop; CPU only (the run picks its device from its config)."""
-    fast, checked = _run_config(sizes, False), _run_config(sizes, True)
-    variants = {FLOOR: _bind(torch_run, fast), RUN_NO_VALIDATE: _bind(pyrovae_run, fast), RUN_VALIDATE: _bind(pyrovae_run, checked)}
+    ``sizes.train_data``) with ``--no-validate``, with validation on and with
+    ``--compile`` (its training seconds include the captures and compiles,
+    one per batch shape), against the plain torch loop; CPU only (the run
+    picks its device from its config)."""
+    fast, checked, compiled = _run_config(sizes, False), _run_config(sizes, True), _run_config(sizes, False, compile=True)
+    variants = {FLOOR: _bind(torch_run, fast), RUN_NO_VALIDATE: _bind(pyrovae_run, fast), RUN_VALIDATE: _bind(pyrovae_run, checked), RUN_COMPILED: _bind(pyrovae_run, compiled)}
     name = f"vae {sizes.train_data} {sizes.train_epochs} epochs"
     yield Case("train", name, variants, {RUN_NO_VALIDATE: 1.15}, {"data": sizes.train_data, "epochs": sizes.train_epochs}, repeats=sizes.train_repeats)
 
@@ -745,6 +766,19 @@ def t_checks(results: list) -> list:
     return checks
 
 
+def compiled_checks(results: list) -> list:
+    """Per vae case: the compiled trainer step against the floor compiled the
+    same way (``torch.compile`` of its loss), reported beside its target
+    against the eager floor."""
+    checks = []
+    for case in dict.fromkeys(r.case for r in results if r.workload == "vae"):
+        rows = {r.variant: r for r in results if r.workload == "vae" and r.case == case}
+        if TRAINER_COMPILED in rows and FLOOR_COMPILED in rows:
+            ratio = rows[TRAINER_COMPILED].ms / rows[FLOOR_COMPILED].ms
+            checks.append({"check": f"vae {case}: {TRAINER_COMPILED} / {FLOOR_COMPILED}: {ratio:.2f}", "ratio": ratio})
+    return checks
+
+
 def run_case(case: Case, sizes: Sizes, device: torch.device) -> list:
     # a slow case's calls take seconds: one warm-up call is enough there
     warmup = 1 if case.repeats else sizes.warmup
@@ -822,12 +856,13 @@ def run(workloads=WORKLOADS, device: str = "cpu", smoke: bool = False, repeats: 
     checks = t_checks(results)
     if checks:
         log(format_checks(checks))
+    compiled = compiled_checks(results)
     ddp = ddp_checks(results)
-    for c in ddp:
+    for c in compiled + ddp:
         log(c["check"])
     head["load_average_end"] = _load_average()
     log(f"load average (1, 5, 15 min) at the start {head['load_average']}, at the end {head['load_average_end']}")
-    report = {"header": head, "results": [r.__dict__ for r in results], "checks": checks, "ddp": ddp}
+    report = {"header": head, "results": [r.__dict__ for r in results], "checks": checks, "compiled": compiled, "ddp": ddp}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

@@ -42,6 +42,7 @@ from pyrovae import checkpoint
 from pyrovae import data as datasets
 from pyrovae import distributed, params, plots, runs
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
+from pyrovae.compiled import compile_loss
 from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
 from pyrovae.device import resolve_device
 from pyrovae.infer.bound import metric_unit
@@ -81,17 +82,6 @@ class LossModule(torch.nn.Module):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         with params.unregistered():
             return self.objective.differentiable_loss(self.model.model, self.model.guide, batch)
-
-
-def compile_loss(loss_fn: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
-    """``torch.compile(loss_fn)``: the loss (model, guide, ELBO) captured into
-    graphs once its structure is known, with the same value as the eager loss
-    on the same draws. Pyro's tracing makes graph breaks (each sample site's
-    messenger stack is Python), so the win depends on the model: measured
-    on a shared 2-core CPU for the default VAE at batch 128 it was *slower*
-    than eager (docs/performance.md), hence off by default (``compile=False``,
-    ``--compile``)."""
-    return torch.compile(loss_fn, backend=backend)
 
 
 def ema_multi_avg_fn(decay: float):
@@ -305,10 +295,11 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
     objective = recipe.objective(cfg)
-    # DDP copies rank 0's weights to every process when it wraps the module.
-    loss_fn = distributed.wrap(LossModule(model, objective), device)
+    loss_fn = LossModule(model, objective)
     if cfg.compile:
         loss_fn = compile_loss(loss_fn)
+    # DDP copies rank 0's weights to every process when it wraps the module.
+    loss_fn = distributed.wrap(loss_fn, device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, parameters, cfg.lr)
     scheduler = make_scheduler(optimizer, cfg, len(loader))

@@ -23,9 +23,12 @@ VARIANTS = {
         "JitTraceMeanField_ELBO",
         bench.SVI_ONE_ADAM,
         bench.TRAINER,
+        bench.TRAINER_CAPTURED,
+        bench.TRAINER_COMPILED,
+        bench.FLOOR_COMPILED,
     },
     "diffusion": {bench.FLOOR, "pyrovae DiffusionELBO", bench.TRAINER},
-    "train": {bench.FLOOR, bench.RUN_NO_VALIDATE, bench.RUN_VALIDATE},
+    "train": {bench.FLOOR, bench.RUN_NO_VALIDATE, bench.RUN_VALIDATE, bench.RUN_COMPILED},
     "ddp": {bench.FLOOR, bench.DDP, bench.DDP_NO_SYNC},
     "bound": {
         bench.FLOOR,
@@ -147,6 +150,15 @@ def test_targets_are_marked_met_or_missed_in_the_table(smoke):
     for r in targeted:
         word = "met" if r["ratio"] <= r["target"] else "MISSED"
         assert any(r["variant"] in line and f"<= {r['target']:.2f}  {word}" in line for line in table.splitlines()), r
+
+
+def test_the_compiled_step_is_reported_against_the_compiled_floor(smoke):
+    _, table, report = smoke
+    vae_cases = {r["case"] for r in report["results"] if r["workload"] == "vae"}
+    assert len(report["compiled"]) == len(vae_cases) >= 1
+    for check in report["compiled"]:
+        assert math.isfinite(check["ratio"]) and check["ratio"] > 0
+        assert check["check"] in table
 
 
 def test_diffusion_floor_computes_the_chains_bound_terms():

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import random
 
 import numpy as np
@@ -176,16 +177,22 @@ def test_sample_and_evaluate_commands_take_a_run_folder(run_dir, tmp_path, capsy
     assert reported["test_size"] == 32
 
 
-FORMAT1 = os.path.join(os.path.dirname(__file__), "data", "format1-vae")  # written by pyrovae 0.1 (Pyro's per-parameter optimisers)
+FORMAT1_VAE = os.path.join(os.path.dirname(__file__), "data", "format1-vae")  # written by pyrovae 0.1 (Pyro's per-parameter optimisers)
+
+
+def fixture_copy(folder: str, tmp_path) -> str:
+    """A copy of a committed run folder: ``evaluate`` writes its report into the folder it reads."""
+    return str(shutil.copytree(folder, tmp_path / os.path.basename(folder)))
 
 
 def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(tmp_path, capsys):
-    old = torch.load(os.path.join(FORMAT1, "checkpoint.pt"), weights_only=True)
+    fixture = fixture_copy(FORMAT1_VAE, tmp_path)
+    old = torch.load(os.path.join(fixture, "checkpoint.pt"), weights_only=True)
     assert old["format"] == 1
-    model, cfg = pyrovae.load(FORMAT1)
+    model, cfg = pyrovae.load(fixture)
     for k, v in model.state_dict().items():
         assert torch.equal(v, old["ema"][k]), k
-    assert main(["evaluate", "vae", FORMAT1]) == 0 and "test_elbo" in capsys.readouterr().out
+    assert main(["evaluate", "vae", fixture]) == 0 and "test_elbo" in capsys.readouterr().out
 
     # restore() maps each parameter's saved moments onto the one optimiser
     from pyrovae.optim import make_optimizer, make_scheduler
@@ -195,7 +202,7 @@ def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(
     optimizer = make_optimizer(cfg.optimizer, net.parameters(), cfg.lr)
     scheduler = make_scheduler(optimizer, cfg, 2)
     averaged = make_averaged_model(net, cfg.ema_decay)
-    checkpoint.restore(load_checkpoint(FORMAT1), FORMAT1, net, optimizer, scheduler, averaged)
+    checkpoint.restore(load_checkpoint(fixture), fixture, net, optimizer, scheduler, averaged)
     for i, (name, p) in enumerate(net.named_parameters()):
         saved = old["optim"][f"vae$$${name}"]["optimizer"]["state"][0]
         assert torch.equal(optimizer.state[p]["exp_avg"], saved["exp_avg"]), name
@@ -205,28 +212,29 @@ def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(
     run = tmp_path / "old"
     run.mkdir()
     for name in ("checkpoint.pt", "config.json"):
-        (run / name).write_bytes(open(os.path.join(FORMAT1, name), "rb").read())
+        (run / name).write_bytes(open(os.path.join(fixture, name), "rb").read())
     assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
 
 
-FORMAT1_DIFFUSION = os.path.join(os.path.dirname(__file__), "data", "format1-diffusion")  # pyrovae 0.1: a chain without a prior module, fewer schedule tables
+FORMAT1_DIFFUSION_RUN = os.path.join(os.path.dirname(__file__), "data", "format1-diffusion")  # pyrovae 0.1: a chain without a prior module, fewer schedule tables
 
 
 def test_a_format1_diffusion_checkpoint_loads_samples_evaluates_and_resumes(tmp_path, capsys):
-    old = torch.load(os.path.join(FORMAT1_DIFFUSION, "checkpoint.pt"), weights_only=True)
+    fixture = fixture_copy(FORMAT1_DIFFUSION_RUN, tmp_path)
+    old = torch.load(os.path.join(fixture, "checkpoint.pt"), weights_only=True)
     assert old["format"] == 1 and "prior.loc" not in old["model"]
-    chain, _ = pyrovae.load(FORMAT1_DIFFUSION)
+    chain, _ = pyrovae.load(fixture)
     for k, v in old["ema"].items():
         if not k.startswith("schedule."):
             assert torch.equal(chain.state_dict()[k], v), k
     # the tables are recomputed from the saved betas, so they are the schedule's own
     assert torch.allclose(chain.schedule.alphas_cumprod, old["ema"]["schedule.alphas_cumprod"], rtol=1e-12)
-    assert main(["evaluate", "diffusion", FORMAT1_DIFFUSION, "--n", "8"]) == 0 and "test_elbo" in capsys.readouterr().out
+    assert main(["evaluate", "diffusion", fixture, "--n", "8"]) == 0 and "test_elbo" in capsys.readouterr().out
     run = tmp_path / "run"
     run.mkdir()
     for name in ("checkpoint.pt", "config.json"):
-        (run / name).write_bytes(open(os.path.join(FORMAT1_DIFFUSION, name), "rb").read())
+        (run / name).write_bytes(open(os.path.join(fixture, name), "rb").read())
     assert main(["train", "diffusion", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
 

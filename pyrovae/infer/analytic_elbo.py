@@ -101,6 +101,10 @@ class TraceAnalyticKL_ELBO(ELBO):
     ``Trace_ELBO`` for the score-function surrogate.
     """
 
+    # its loss is a function of the parameters, the batch and the random draws
+    # alone, split linearly in kl_scale (loss_parts): pyrovae.compiled may capture it
+    capturable = True
+
     def __init__(self, kl_scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.kl_scale = kl_scale
@@ -170,33 +174,40 @@ class TraceAnalyticKL_ELBO(ELBO):
                 latent[name] = (site["cond_indep_stack"], -log_q)
         return observed, latent, closed_form, score
 
-    def _surrogate(self, observed: dict, latent: dict, score: list):
-        """sum over the score sites of (r summed to the site's plates) * log q,
-        r the detached per-index log-weight of the objective: zero value, the
-        score-function gradient (``Trace_ELBO``'s ``log_r.sum_to(...)``)."""
+    def _surrogate(self, observed: dict, latent: dict, score: list) -> tuple:
+        """The score-function surrogate split as ``(s_obs, s_lat)``, the whole
+        being ``s_obs + kl_scale * s_lat``: sum over the score sites of
+        (r summed to the site's plates) * log q, r the detached per-index
+        log-weight of the objective (``Trace_ELBO``'s ``log_r.sum_to(...)``),
+        with r's observed and latent parts apart. Zero value, the
+        score-function gradient; ``(0.0, 0.0)`` without score sites."""
         if not score:
-            return 0.0
-        log_r = MultiFrameTensor(*observed.values())
-        log_r.add(*((plates, self.kl_scale * value) for plates, value in latent.values()))
-        surrogate = 0.0
-        for site in score:
-            # the unscaled log q, as Trace_ELBO's score_function term: r carries the scale
-            log_q = site["fn"].log_prob(site["value"])
-            weighted = (log_r.sum_to(site["cond_indep_stack"]).detach() * log_q).sum()
-            surrogate = surrogate + weighted - weighted.detach()
-        return surrogate
+            return 0.0, 0.0
+        parts = []
+        for terms in (observed, latent):
+            log_r = MultiFrameTensor(*terms.values())
+            part = 0.0
+            for site in score:
+                # the unscaled log q, as Trace_ELBO's score_function term: r carries the scale
+                r = log_r.sum_to(site["cond_indep_stack"])
+                if torch.is_tensor(r):
+                    weighted = (r.detach() * site["fn"].log_prob(site["value"])).sum()
+                    part = part + weighted - weighted.detach()
+            parts.append(part)
+        return tuple(parts)
 
     def _terms(self, model, guide, args, kwargs):
         """Per-site scalar terms averaged over ``num_particles``:
-        ``(observed, latent, closed_form, surrogate)``, ``surrogate`` a zero-valued
-        tensor carrying the score-function gradients."""
-        observed, latent, surrogate, closed_form = {}, {}, 0.0, ()
+        ``(observed, latent, closed_form, surrogate)``, ``surrogate`` the pair
+        ``(s_obs, s_lat)`` of zero-valued tensors carrying the score-function
+        gradients (:meth:`_surrogate`)."""
+        observed, latent, surrogate, closed_form = {}, {}, (0.0, 0.0), ()
         k = self.num_particles
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
             obs_i, lat_i, closed_form, score = self._particle_terms(model_trace, guide_trace, monte_carlo)
             if score:
-                surrogate = surrogate + self._surrogate(obs_i, lat_i, score) / k
+                surrogate = tuple(total + part / k for total, part in zip(surrogate, self._surrogate(obs_i, lat_i, score)))
             for total, terms in ((observed, obs_i), (latent, lat_i)):
                 for name, (_, value) in terms.items():
                     # one particle (the usual step): the sum alone, no division by 1 nor addition to 0
@@ -204,18 +215,32 @@ class TraceAnalyticKL_ELBO(ELBO):
                     total[name] = total[name] + term if name in total else term
         return observed, latent, tuple(closed_form), surrogate
 
+    def loss_parts(self, model, guide, *args, **kwargs) -> tuple:
+        """``(a, b)`` with loss = -(a + kl_scale * b): ``a`` the log-likelihood
+        terms, ``b`` the latent terms (-KL or its Monte Carlo stand-in), each
+        with its share of the score-function surrogate (zero-valued, it
+        carries the gradient). The loss is linear in ``kl_scale``, so a
+        captured loss (:mod:`pyrovae.compiled`) records these two sums once,
+        and a KL warm-up that changes ``kl_scale`` every epoch needs no new
+        capture; :meth:`loss_from_parts` combines them."""
+        observed, latent, _, (s_obs, s_lat) = self._terms(model, guide, args, kwargs)
+        a, b = _total(observed.values()), _total(latent.values())
+        if not (isinstance(s_obs, float) and s_obs == 0.0):
+            a = a + s_obs
+        if not (isinstance(s_lat, float) and s_lat == 0.0):
+            b = b + s_lat
+        return a, b
+
+    def loss_from_parts(self, parts: tuple) -> torch.Tensor:
+        """-(a + kl_scale * b) for ``parts = (a, b)`` from :meth:`loss_parts`."""
+        a, b = parts
+        return -(a + b) if self.kl_scale == 1.0 else -(a + self.kl_scale * b)
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """-(sum of log-likelihood terms + kl_scale * sum of latent terms), a
         differentiable tensor whose gradient is unbiased (through the samples of
         reparameterised sites, the score function at the others)."""
-        observed, latent, _, surrogate = self._terms(model, guide, args, kwargs)
-        log_lik, kl_part = _total(observed.values()), _total(latent.values())
-        if self.kl_scale != 1.0:
-            kl_part = self.kl_scale * kl_part
-        total = log_lik + kl_part
-        if not (isinstance(surrogate, float) and surrogate == 0.0):
-            total = total + surrogate
-        return -total
+        return self.loss_from_parts(self.loss_parts(model, guide, *args, **kwargs))
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The loss (minus the ELBO when kl_scale is 1) as a float, no gradients."""

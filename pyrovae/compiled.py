@@ -1,0 +1,182 @@
+"""The compiled path: the loss captured once per batch shape and replayed with no Python tracing.
+
+Every call of a Pyro ELBO runs the model and the guide as Python: the
+messenger stack at each sample site, the distributions' construction, the
+traces and the ELBO's bookkeeping around a few dozen tensor operations. For a
+small model that Python costs as much as the arithmetic. Once the structure of
+model and guide is known it does not change from step to step, so
+:class:`CompiledLoss` records it once:
+
+- **capture** (:func:`torch.export.export`, non-strict): the loss of a batch
+  (model, guide and ELBO together) runs once on fake tensors and every tensor
+  operation it performs is recorded in a graph, the random draws included
+  (``normal_`` is an operation like any other, so each replay draws afresh
+  from torch's generator). Parameters and buffers are the graph's inputs,
+  read from the live modules at each call: an optimiser step or
+  ``load_state_dict`` is seen at once. One graph per batch shape, dtype,
+  device and train/eval mode (fp32: under ``torch.autocast`` the loss runs
+  eagerly), as Pyro's ``JitTrace_ELBO`` keeps one trace
+  per input shape; with the same seed a replay returns the eager loss bit
+  for bit.
+- **compile** (``backend="inductor"``, the default): the captured graph,
+  which holds no Python, goes to ``torch.compile`` whole (``fullgraph``),
+  which fuses its elementwise operations and those of its backward pass.
+  ``backend=None`` replays the graph operation by operation.
+
+What a graph cannot hold, and so what the capture requires:
+
+- **No Python control flow on tensor values.** A model that branches on its
+  data (``if x.sum() > 0``) fails to capture (the fake tensors have no values)
+  and the loss stays eager, with a warning naming the reason. Pyro's
+  validation reads values too: the first batch of each shape is therefore
+  run eagerly, under validation when it is on (its errors surface as they
+  would without ``compile``), and the graph is captured without it.
+- **No state written while the loss runs.** The objective's own settings
+  that change between steps stay outside the graph: an objective may split
+  its loss into parts (``loss_parts`` / ``loss_from_parts``, as
+  :class:`~pyrovae.infer.TraceAnalyticKL_ELBO` does, so that a KL warm-up
+  changing ``kl_scale`` every epoch reuses the graph). Objectives that keep
+  state between steps or branch on values (the diffusion chain's, whose time
+  sampler learns from each step and which scores the decoder only where
+  t = 1) are not captured: for them :func:`compile_loss` falls back to
+  ``torch.compile`` of the eager loss, which handles both with graph breaks.
+
+An objective declares that it can be captured with ``capturable = True``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import torch
+from torch import nn
+
+from pyrovae import params
+
+def capturable(objective) -> bool:
+    """Whether ``objective``'s loss may be captured into a graph (it says so)."""
+    return bool(getattr(objective, "capturable", False))
+
+
+class CompiledLoss(nn.Module):
+    """``loss_module(batch)`` captured into one graph per batch shape and
+    replayed (see the module's docstring): the same loss, with the Python
+    tracing of model and guide done once instead of every step.
+
+    :param loss_module: a :class:`pyrovae.train.LossModule` (``.model``,
+        ``.objective``; ``forward(batch)`` the loss) whose objective is
+        :func:`capturable`.
+    :param backend: ``torch.compile``'s backend for the graph: ``"inductor"``
+        (fused kernels, a compile of seconds per batch shape), another of its
+        backends, or ``None`` (the graph replayed operation by operation: no
+        compile time).
+    """
+
+    def __init__(self, loss_module: nn.Module, backend: str | None = "inductor"):
+        super().__init__()
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a torch.compile backend's name or None, got {backend!r}")
+        if not capturable(loss_module.objective):
+            raise TypeError(f"{type(loss_module.objective).__name__} does not declare itself capturable (capturable = True); use torch.compile(loss_module) instead")
+        self.loss_module = loss_module
+        self.backend = backend
+        self._graphs: dict = {}
+        self.failed: str | None = None  # why capture failed (the loss then stays eager)
+        self._warned_autocast = False
+
+    @property
+    def graphs(self) -> int:
+        """How many graphs have been captured (one per batch shape, dtype, device, mode)."""
+        return len(self._graphs)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        objective = self.loss_module.objective
+        if self.failed is not None:
+            return self.loss_module(batch)
+        if torch.is_autocast_enabled(batch.device.type):
+            # autocast decides its casts per operation as the Python runs: a replayed graph
+            # does not reproduce the eager loss, so mixed precision stays eager
+            if not self._warned_autocast:
+                self._warned_autocast = True
+                warnings.warn("CompiledLoss: under torch.autocast (precision bf16) the loss runs eagerly, not captured", stacklevel=2)
+            return self.loss_module(batch)
+        key = (tuple(batch.shape), batch.dtype, batch.device, self.loss_module.training)
+        replay = self._graphs.get(key)
+        if replay is None:
+            # The first batch of a shape takes the eager loss (under validation, when it is on:
+            # its errors surface as without compile; the objective's caches see real values),
+            # then the graph is captured for the next.
+            loss = self.loss_module(batch)
+            self._capture(batch, key)
+            return loss
+        parts = replay(batch)
+        return objective.loss_from_parts(parts) if hasattr(objective, "loss_from_parts") else parts[0]
+
+    def _capture(self, batch: torch.Tensor, key: tuple) -> None:
+        """Capture the graph for ``key``; on failure warn once and stay eager."""
+        target = _Parts(self.loss_module)
+        devices = [batch.device] if batch.device.type == "cuda" else []
+        try:
+            # (the capture draws from fake generators: forked so that no real stream can move)
+            with torch.random.fork_rng(devices), pyro.validation_enabled(False), warnings.catch_warnings():
+                # export's notes about its own internals are not the user's business
+                warnings.simplefilter("ignore", FutureWarning)
+                program = torch.export.export(target, (batch,), strict=False)
+            self._graphs[key] = _Replay(program, target, self.backend)
+        except Exception as err:  # what export cannot follow: value-dependent Python, unsupported ops
+            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            warnings.warn(f"CompiledLoss: the loss could not be captured into a graph ({self.failed}); it runs eagerly", stacklevel=3)
+
+
+class _Parts(nn.Module):
+    """The capture's target: the objective's loss parts (``loss_parts``, or
+    the loss itself as one part) as a tuple of tensors."""
+
+    def __init__(self, loss_module: nn.Module):
+        super().__init__()
+        self.loss_module = loss_module
+
+    def forward(self, batch: torch.Tensor) -> tuple:
+        lm = self.loss_module
+        if hasattr(lm.objective, "loss_parts"):
+            with params.unregistered():
+                parts = lm.objective.loss_parts(lm.model.model, lm.model.guide, batch)
+        else:
+            parts = (lm(batch),)
+        return tuple(torch.as_tensor(p, dtype=batch.dtype, device=batch.device) for p in parts)
+
+
+class _Replay:
+    """One captured graph, called with the live parameters and buffers (read
+    at each call from the modules: the same tensors the optimiser steps) and
+    the batch."""
+
+    def __init__(self, program, target: nn.Module, backend: str | None):
+        signature = program.graph_signature
+        if signature.buffers_to_mutate or getattr(signature, "user_inputs_to_mutate", None):
+            raise TypeError("the loss writes to a buffer or its input: a captured graph cannot replay that")
+        tensors = {**dict(target.named_parameters()), **dict(target.named_buffers()), **program.constants}
+        inputs = [None if spec.kind.name == "USER_INPUT" else tensors[spec.target] for spec in signature.input_specs]
+        if inputs.count(None) != 1:
+            raise TypeError(f"expected the batch as the graph's one user input, got {inputs.count(None)}")
+        # the same tensor objects the optimiser steps: each replay reads their current values
+        at = inputs.index(None)
+        self.before, self.after = inputs[:at], inputs[at + 1 :]
+        graph = program.graph_module
+        self.graph = torch.compile(graph, backend=backend, fullgraph=True, dynamic=False) if backend else graph
+
+    def __call__(self, batch: torch.Tensor) -> tuple:
+        return self.graph(*self.before, batch, *self.after)
+
+
+def compile_loss(loss_module: nn.Module, backend: str | None = "inductor") -> nn.Module:
+    """The compiled path for a :class:`pyrovae.train.LossModule`: a
+    :class:`CompiledLoss` when its objective is capturable (the VAE's and the
+    hierarchical VAE's ELBO), else ``torch.compile(loss_module)`` (the
+    diffusion chain's and VDM's objectives: plain torch that dynamo follows,
+    value-dependent branches and the time sampler's state included), with
+    ``backend`` ``None`` meaning dynamo's ``"eager"`` backend there."""
+    if capturable(loss_module.objective):
+        return CompiledLoss(loss_module, backend)
+    return torch.compile(loss_module, backend=backend or "eager")

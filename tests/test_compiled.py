@@ -1,0 +1,201 @@
+"""The compiled path (pyrovae.compiled): the loss captured once per batch shape
+and replayed equals the eager loss, follows the parameters and kl_scale, and
+stays eager, saying why, where a graph cannot hold the program."""
+
+import csv
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyrovae.cli import main
+from pyrovae.compiled import CompiledLoss, compile_loss
+from pyrovae.hvae import build_hvae
+from pyrovae.infer import TraceAnalyticKL_ELBO
+from pyrovae.infer.diffusion_elbo import DiffusionELBO
+from pyrovae.train import LossModule
+from pyrovae.vae import build_vae
+
+
+def binary(n: int, d: int, seed: int = 3) -> torch.Tensor:
+    return (torch.rand(n, d, generator=torch.Generator().manual_seed(seed)) < 0.4).float()
+
+
+def warm(captured: CompiledLoss, x: torch.Tensor) -> CompiledLoss:
+    """The first call of a shape is eager and captures its graph: later calls replay it."""
+    captured(x)
+    return captured
+
+
+def loss_and_grads(fn, module, x, seed: int = 4):
+    torch.manual_seed(seed)
+    loss = fn(x)
+    loss.backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+MODELS = {
+    "vae": lambda: build_vae(12, 3, (7,)),
+    # a bottom-up encoder: one layer's KL is Monte Carlo, the other closed form
+    "hvae bottom-up": lambda: build_hvae(12, (4, 2), [(6,), (5,)], encoder="bottom-up"),
+    "hvae top-down": lambda: build_hvae(12, (4, 2), [(6,), (5,)], encoder="top-down"),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_replayed_graph_gives_the_eager_loss_and_gradients_bit_for_bit(name):
+    model = MODELS[name]()
+    x = binary(9, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the bottom-up encoder's Monte Carlo notice
+        eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
+        captured = warm(CompiledLoss(eager, backend=None), x)
+        want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
+    assert captured.graphs == 1 and captured.failed is None
+    assert torch.equal(want[0], got[0])
+    for a, b in zip(want[1], got[1]):
+        assert torch.equal(a, b)
+
+
+def test_inductor_compiled_graph_matches_the_eager_loss_with_torchs_random_draws(monkeypatch):
+    # inductor draws from its own generator unless told to use torch's
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    model = build_vae(12, 3, (7,))
+    x = binary(9, 12)
+    eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
+    compiled = warm(CompiledLoss(eager, backend="inductor"), x)
+    want, got = loss_and_grads(eager, model, x), loss_and_grads(compiled, model, x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-4)
+    for a, b in zip(want[1], got[1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_the_replay_reads_the_parameters_after_each_optimiser_step():
+    model = build_vae(12, 3, (7,))
+    x = binary(9, 12)
+    eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
+    captured = warm(CompiledLoss(eager, backend=None), x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        optimizer.zero_grad()
+        torch.manual_seed(step)
+        captured(x).backward()
+        optimizer.step()
+        want, got = loss_and_grads(eager, model, x, seed=10 + step), loss_and_grads(captured, model, x, seed=10 + step)
+        assert torch.equal(want[0], got[0])
+    assert captured.graphs == 1
+
+
+def test_a_kl_warmup_reuses_the_graph_and_weights_the_kl_as_eager_does():
+    model = build_vae(12, 3, (7,))
+    x = binary(9, 12)
+    elbo = TraceAnalyticKL_ELBO(max_plate_nesting=1)
+    eager = LossModule(model, elbo)
+    captured = warm(CompiledLoss(eager, backend=None), x)
+    for beta in (0.0, 0.25, 1.0):
+        elbo.kl_scale = beta
+        want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
+        assert torch.equal(want[0], got[0]), beta
+        for a, b in zip(want[1], got[1]):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert captured.graphs == 1
+
+
+def test_each_new_batch_shape_and_mode_gets_its_own_graph():
+    model = build_vae(12, 3, (7,))
+    captured = CompiledLoss(LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1)), backend=None)
+    for n in (8, 5, 8):
+        captured(binary(n, 12))
+    assert captured.graphs == 2
+    captured.eval()
+    with torch.no_grad():
+        captured(binary(8, 12))
+    assert captured.graphs == 3
+
+
+class Branching(torch.nn.Module):
+    """A model whose Python branches on its data's values: no graph can hold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.zeros(3))
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(self.loc, 1.0).to_event(1))
+            scale = 2.0 if x.sum() > 0 else 1.0
+            pyro.sample("x", dist.Normal(z, scale).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x, 1.0).to_event(1))
+
+
+def test_a_program_that_branches_on_values_runs_eagerly_and_says_why():
+    model = Branching()
+    x = torch.randn(4, 3)
+    eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
+    captured = CompiledLoss(eager, backend=None)
+    with pytest.warns(UserWarning, match="could not be captured"):
+        captured(x)
+    assert captured.failed and captured.graphs == 0
+    torch.manual_seed(0)
+    want = eager(x)
+    torch.manual_seed(0)
+    assert torch.equal(captured(x), want)
+
+
+def test_the_first_batch_is_validated_eagerly_as_without_compile():
+    model = build_vae(12, 3, (7,))
+    captured = CompiledLoss(LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1)), backend=None)
+    grey = torch.full((4, 12), 0.5)
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="binary"):
+        captured(grey)
+
+
+def test_mixed_precision_runs_eagerly_with_a_warning():
+    model = build_vae(12, 3, (7,))
+    eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
+    captured = CompiledLoss(eager, backend=None)
+    x = binary(4, 12)
+    with torch.autocast("cpu", torch.bfloat16), pytest.warns(UserWarning, match="autocast"):
+        torch.manual_seed(0)
+        got = captured(x)
+        torch.manual_seed(0)
+        want = eager(x)
+    assert torch.equal(got, want) and captured.graphs == 0
+
+
+def test_objectives_that_keep_state_are_compiled_by_dynamo_not_captured():
+    from pyrovae.diffusion.chain import DiffusionChain
+    from pyrovae.diffusion.denoisers import TimeMLP
+    from pyrovae.diffusion.schedule import NoiseSchedule
+
+    chain = DiffusionChain(TimeMLP(4, (8,)), NoiseSchedule.from_name("linear", 10), 4)
+    compiled = compile_loss(LossModule(chain, DiffusionELBO(time_sampler="importance")), backend=None)
+    assert not isinstance(compiled, CompiledLoss)
+    with pytest.raises(TypeError, match="capturable"):
+        CompiledLoss(LossModule(chain, DiffusionELBO()))
+
+
+def test_train_vae_with_compile_runs_the_captured_loss_and_learns(tmp_path, monkeypatch):
+    seen = []
+    replay = CompiledLoss.forward
+
+    def spy(self, batch):
+        seen.append(self)
+        return replay(self, batch)
+
+    monkeypatch.setattr(CompiledLoss, "forward", spy)
+    out = tmp_path / "run"
+    argv = ["train", "vae", "--data", "digits", "--train-size", "64", "--test-size", "32", "--batch-size", "32", "--z-dim", "3", "--hidden", "8", "--quiet", "--no-validate", "--epochs", "3", "--compile", "--out", str(out)]
+    assert main(argv) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    elbos = [float(r["train_elbo"]) for r in rows]
+    assert seen and seen[0].failed is None and seen[0].graphs == 1
+    assert elbos[-1] > elbos[0]
