@@ -26,7 +26,7 @@ from torch import nn
 from pyrovae import params
 from pyrovae.data import check_finite
 
-from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes
+from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes, first_parameter
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood
 from pyrovae.parts.priors import PRIORS, StandardNormalPrior
@@ -79,7 +79,7 @@ class VAE(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return first_parameter(self).device
 
     def check_data(self, x: torch.Tensor) -> torch.Tensor:
         """Raise a clear error for data this model cannot score; return ``x``
@@ -95,9 +95,10 @@ class VAE(nn.Module):
             raise ValueError("x is empty (batch size 0)")
         if not x.is_floating_point():
             raise TypeError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype}")
-        if x.device != self.device:
-            raise ValueError(f"x is on {x.device} but the model is on {self.device}; move one with .to()")
-        x = x.to(next(self.parameters()).dtype)
+        reference = first_parameter(self)
+        if x.device != reference.device:
+            raise ValueError(f"x is on {x.device} but the model is on {reference.device}; move one with .to()")
+        x = x.to(reference.dtype)
         if is_validation_enabled():
             check_finite(x, "x")
             if getattr(self.likelihood, "binary_data", False) and not ((x == 0) | (x == 1)).all():

@@ -49,6 +49,7 @@ from pyrovae import params
 from pyrovae.data import check_finite
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.infer.bound import bits_per_dim
+from pyrovae.nets import first_parameter
 from pyrovae.parts.likelihoods import LIKELIHOODS, MODEL_SCALE
 from pyrovae.parts.priors import StandardNormalPrior
 
@@ -191,7 +192,7 @@ class DiffusionChain(nn.Module):
             raise ValueError(f"x0 must have shape (batch >= 1, {self.x_dim}), got {tuple(x0.shape)}")
         if x0.device != self.schedule.betas.device:
             raise ValueError(f"x0 is on {x0.device} but the chain is on {self.schedule.betas.device}; move one with .to()")
-        x0 = x0.to(next(self.parameters()).dtype)
+        x0 = x0.to(first_parameter(self).dtype)
         if is_validation_enabled():
             check_finite(x0, "x0")
         if self.discrete and is_validation_enabled() and (x0.min() < -1 or x0.max() > 1):

@@ -127,6 +127,7 @@ class ChainObjective(DifferentiableLossMixin):
         self.num_particles = num_particles
         self.time_sampler = make_time_sampler(time_sampler)
 
+    @torch.compiler.disable  # a check on Python objects: under torch.compile it runs as it is
     def _chain(self, model, guide):
         from pyrovae.diffusion.chain import DiffusionChain
 
