@@ -98,7 +98,8 @@ class VAE(nn.Module):
         reference = first_parameter(self)
         if x.device != reference.device:
             raise ValueError(f"x is on {x.device} but the model is on {reference.device}; move one with .to()")
-        x = x.to(reference.dtype)
+        if x.dtype != reference.dtype:
+            x = x.to(reference.dtype)
         if is_validation_enabled():
             check_finite(x, "x")
             if getattr(self.likelihood, "binary_data", False) and not ((x == 0) | (x == 1)).all():

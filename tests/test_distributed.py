@@ -9,6 +9,7 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 
+from pyrovae.compiled import CompiledLoss
 from pyrovae.infer import make_elbo
 from pyrovae import distributed
 from pyrovae.train import LossModule, TrainConfig, train, train_step
@@ -65,6 +66,19 @@ def one_step(vae, x):
     return loss, {k: v.detach().clone() for k, v in vae.state_dict().items()}
 
 
+def compiled_steps(vae, x, compile: bool, steps: int = 2):
+    """``steps`` SGD steps of the trainer on the analytic-KL ELBO, its loss
+    captured into a graph (pyrovae.compiled: the first step captures, the
+    next replay) when ``compile``, inside DDP with several processes."""
+    loss_module = LossModule(vae, make_elbo("analytic"))
+    if compile:
+        loss_module = CompiledLoss(loss_module, backend=None)
+    loss_fn = distributed.wrap(loss_module, torch.device("cpu"))
+    optimizer = torch.optim.SGD(vae.parameters(), lr=0.05)
+    losses = [train_step(loss_fn, list(vae.parameters()), optimizer, x)[0] for _ in range(steps)]
+    return losses, {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+
 def worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -72,9 +86,10 @@ def worker(rank, port, out):
     try:
         # rank r takes examples r, r+2, ... of the global batch, as the trainer's sampler does
         loss, params = one_step(fixed_noise_vae(), global_batch()[rank::WORLD])
+        compiled = compiled_steps(fixed_noise_vae(), global_batch()[rank::WORLD], compile=True)
         cfg = TrainConfig(data="digits", train_size=48, test_size=32, batch_size=16, z_dim=3, hidden=[8], epochs=1, quiet=True, out=os.path.join(out, "run"))
         result = train(cfg)
-        torch.save({"loss": loss, "step": params, "trained": result.model.state_dict(), "rows": len(result.metrics)}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save({"loss": loss, "step": params, "compiled": compiled, "trained": result.model.state_dict(), "rows": len(result.metrics)}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -98,6 +113,16 @@ def test_two_process_step_equals_one_process_step_on_the_global_batch(ranks):
     assert r0["loss"] == pytest.approx(loss, rel=1e-6) and r1["loss"] == r0["loss"]
     for k, v in params.items():
         torch.testing.assert_close(r0["step"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_around_the_captured_loss_takes_the_single_process_eager_steps(ranks):
+    _, (r0, r1) = ranks
+    losses, params = compiled_steps(fixed_noise_vae(), global_batch(), compile=False)
+    for rank in (r0, r1):
+        got_losses, got_params = rank["compiled"]
+        assert got_losses == pytest.approx(losses, rel=1e-6)
+        for k, v in params.items():
+            torch.testing.assert_close(got_params[k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_ranks_hold_identical_parameters_after_training(ranks):

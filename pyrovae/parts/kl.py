@@ -1,6 +1,8 @@
 """Closed-form KL divergences that torch does not register.
 
-Importing this module registers KL(q || p) for a low-rank or full-covariance
+Importing this module registers KL(q || p) for a Normal q against the
+standard normal p (:class:`~pyrovae.parts.priors.StandardNormal`, the default
+prior's) and for a low-rank or full-covariance
 multivariate Normal guide q against a diagonal Normal prior
 p = ``Normal(loc, scale).to_event(1)``, so that an ELBO which asks
 ``kl_divergence`` (``TraceMeanField_ELBO``, the analytic-KL ELBO) uses the
@@ -14,6 +16,8 @@ import math
 
 import torch
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, register_kl
+
+from pyrovae.parts.priors import StandardNormal
 
 
 def kl_gaussian_diagonal_normal(q, p: Independent) -> torch.Tensor:
@@ -32,6 +36,12 @@ def kl_gaussian_diagonal_normal(q, p: Independent) -> torch.Tensor:
 
 register_kl(LowRankMultivariateNormal, Independent)(kl_gaussian_diagonal_normal)
 register_kl(MultivariateNormal, Independent)(kl_gaussian_diagonal_normal)
+
+
+@register_kl(Normal, StandardNormal)
+def kl_normal_standard_normal(q: Normal, p: StandardNormal) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - 1) / 2 - log sigma, elementwise."""
+    return 0.5 * (q.loc.square() + q.scale.square() - 1) - q.scale.log()
 
 
 def has_closed_form_kl(q, p) -> bool:

@@ -19,7 +19,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from torch import nn
-from torch.nn.functional import logsigmoid, softplus
+from torch.nn.functional import binary_cross_entropy_with_logits, logsigmoid, softplus
 
 from pyrovae.parts.encoders import MIN_SCALE
 
@@ -39,12 +39,37 @@ class _LogitsLikelihood(nn.Module):
         return self.family(logits=logits).to_event(1)
 
 
+class IndependentBernoulli(dist.Independent):
+    """prod_d Bernoulli(x_d; sigmoid(logits_d)) over the rightmost dimension:
+    ``Bernoulli(logits=logits).to_event(1)`` (construct it as
+    ``IndependentBernoulli(dist.Bernoulli(logits=logits), 1)``) whose
+    :meth:`log_prob` negates the sum over pixels instead of each pixel,
+
+        log p(x) = -sum_d BCE(logits_d, x_d),   BCE(l, x) = softplus(l) - x l,
+
+    the same numbers bit for bit (negation is exact) with one pass fewer over
+    the B x D pixels in the forward pass and one in the backward pass: in a
+    small VAE's step that pass costs as much as a few hundred operations' overhead."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        base = self.base_dist
+        if base._validate_args:
+            base._validate_sample(value)
+        logits = base.logits
+        if logits.shape != value.shape:
+            logits, value = torch.broadcast_tensors(logits, value)
+        return -binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+
+
 class BernoulliLikelihood(_LogitsLikelihood):
     """p_theta(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)); data must be binary."""
 
     family = dist.Bernoulli
     binary_data = True
     discrete = True
+
+    def forward(self, logits: torch.Tensor) -> dist.Distribution:
+        return IndependentBernoulli(dist.Bernoulli(logits=logits), 1)
 
 
 class ContinuousBernoulliLikelihood(_LogitsLikelihood):

@@ -21,8 +21,20 @@ from torch.nn.functional import softplus
 from pyrovae.parts.encoders import MIN_SCALE
 
 
+class StandardNormal(dist.Normal):
+    """N(0, 1) elementwise: a ``Normal`` whose loc is 0 and scale 1 (the caller
+    passes those tensors, on its device and dtype). It is a class of its own
+    for its closed-form KL from a Normal q (:mod:`pyrovae.parts.kl`),
+
+        KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - 1) / 2 - log sigma,
+
+    which skips the general formula's divisions by p's scale and subtraction
+    of p's loc: fewer passes over the batch in every VAE step."""
+
+
 class StandardNormalPrior(nn.Module):
-    """p(z) = N(z; 0, I). Its loc and scale are buffers, so ``.to(device)`` moves them."""
+    """p(z) = N(z; 0, I). Its loc and scale are buffers (zeros and ones), so
+    ``.to(device)`` moves them; they are constants, not parameters."""
 
     def __init__(self, z_dim: int):
         super().__init__()
@@ -33,7 +45,7 @@ class StandardNormalPrior(nn.Module):
         self.register_buffer("scale", torch.ones(z_dim))
 
     def forward(self) -> dist.Distribution:
-        return dist.Normal(self.loc, self.scale).to_event(1)
+        return StandardNormal(self.loc, self.scale).to_event(1)
 
 
 class Mixture(dist.TorchDistribution):
