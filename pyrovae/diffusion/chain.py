@@ -51,7 +51,7 @@ from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.infer.bound import bits_per_dim
 from pyrovae.nets import first_parameter
 from pyrovae.parts.likelihoods import LIKELIHOODS, MODEL_SCALE
-from pyrovae.parts.priors import StandardNormalPrior
+from pyrovae.parts.priors import StandardNormal, StandardNormalPrior
 
 PARAMETERIZATIONS = ("eps", "x0", "mean")
 VARIANCES = ("beta_tilde", "beta", "learned")
@@ -148,8 +148,10 @@ class DiffusionChain(nn.Module):
         """The schedule's tables in ``dtype`` on the schedule's device, cast once
         and cached, plus the products the hot paths use: ``log_betas``,
         ``kl_noise_coef`` = coef1_t sqrt(1/alpha_bar_t - 1) (mu_tilde_t(x_t, x_0) -
-        mu_theta(x_t, t) per unit of eps_theta - eps, eps prediction) and ``tau``,
-        the time the network is told (see :meth:`model_output`).
+        mu_theta(x_t, t) per unit of eps_theta - eps, eps prediction), ``tau``,
+        the time the network is told (see :meth:`model_output`), and the two
+        numbers of L_T against N(0, I) (see :meth:`prior_kl`): ``alpha_bar_T``
+        and ``prior_kl_offset`` = -alpha_bar_T - log(1 - alpha_bar_T), 0-dim.
 
         The schedule stores float64 and :meth:`NoiseSchedule.extract` casts the
         entries it reads on every call (a slice, a copy and a cast per table per
@@ -165,6 +167,9 @@ class DiffusionChain(nn.Module):
             found["log_betas"] = s.betas.log().to(dtype)
             found["kl_noise_coef"] = (s.posterior_mean_coef1 * s.sqrt_recipm1_alphas_cumprod).to(dtype)
             found["tau"] = s.timesteps.to(dtype) * (1000.0 / s.original_T)
+            a = s.alphas_cumprod[-1]
+            found["alpha_bar_T"] = a.to(dtype)
+            found["prior_kl_offset"] = (-a - torch.log1p(-a)).to(dtype)
         self.__dict__["_tables_cache"] = (key, found)
         return found
 
@@ -315,8 +320,16 @@ class DiffusionChain(nn.Module):
 
     def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T|x_0) || p(x_T)) in closed form, with p(x_T) the prior
-        module (N(0, I)), shape ``x0.shape[:-1]`` (no parameters)."""
+        module (N(0, I)), shape ``x0.shape[:-1]`` (no parameters). Against the
+        standard normal, with a = alpha_bar_T,
+
+            L_T = (a |x_0|^2 - D (a + log(1 - a))) / 2,
+
+        one pass over x_0 (the per-pixel variance 1 - a is one number)."""
         p = self.prior()
+        if isinstance(p.base_dist, StandardNormal):
+            tab = self.tables(x0.dtype)
+            return 0.5 * (tab["alpha_bar_T"] * torch.linalg.vecdot(x0, x0) + self.x_dim * tab["prior_kl_offset"])
         mean, var = self.schedule.q_mean_variance(x0, self.T)
         return normal_kl(mean - p.base_dist.loc, var.log(), 2 * p.base_dist.scale.log(), self.x_dim)
 
@@ -360,7 +373,10 @@ class DiffusionChain(nn.Module):
             log_var = tab["log_betas"][i].unsqueeze(-1) if self.variance == "beta" else min_log
         diff = pred - noise
         coef = tab["kl_noise_coef"][i]
-        if log_var.shape[-1] == 1:
+        if log_var is min_log:
+            # sigma_t^2 = beta_tilde_t: the variances agree, KL = coef^2 |diff|^2 / (2 beta_tilde_t)
+            kl = (0.5 * coef.square() * torch.exp(-min_log.squeeze(-1))) * torch.linalg.vecdot(diff, diff)
+        elif log_var.shape[-1] == 1:
             # KL = D/2 (log sigma^2 - log beta_tilde + beta_tilde/sigma^2 - 1) + coef^2 |diff|^2 / (2 sigma^2)
             var_part = 0.5 * (-1.0 + log_var - min_log + torch.exp(min_log - log_var)).squeeze(-1)
             kl = self.x_dim * var_part + (0.5 * coef.square() * torch.exp(-log_var.squeeze(-1))) * torch.linalg.vecdot(diff, diff)

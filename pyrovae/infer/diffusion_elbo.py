@@ -22,8 +22,13 @@ class UniformTimeSampler:
     name = "uniform"
 
     def probs(self, T: int, device) -> torch.Tensor:
-        """p(t) for t = 1..T, shape ``(T,)``, float64."""
-        return torch.full((T,), 1.0 / T, device=device, dtype=torch.float64)
+        """p(t) for t = 1..T, shape ``(T,)``, float64 (made once per T and device:
+        callers must not write into it)."""
+        cache = self.__dict__.setdefault("_uniform", {})
+        key = (T, torch.device(device))
+        if key not in cache:
+            cache[key] = torch.full((T,), 1.0 / T, device=device, dtype=torch.float64)
+        return cache[key]
 
     def update(self, t: torch.Tensor, terms: torch.Tensor) -> None:
         """Record the bound's terms seen at times ``t`` (nothing to record here)."""
@@ -217,7 +222,9 @@ class DiffusionELBO(ChainObjective, ELBO):
     def _loss_and_terms(self, chain, x0: torch.Tensor):
         d = self._draw(chain, x0)
         terms = chain.vb_terms(d["x0_k"], d["x_t"], d["t"], noise=d["noise"])
-        return chain.prior_kl(d["x0"]).sum() + (d["weight"] * terms).sum() / self.num_particles, d["t"], terms
+        k = self.num_particles
+        weighted = (d["weight"] * terms).sum()
+        return chain.prior_kl(d["x0"]).sum() + (weighted if k == 1 else weighted / k), d["t"], terms
 
     @torch.no_grad()
     def terms(self, model, guide, x0: torch.Tensor) -> dict:
