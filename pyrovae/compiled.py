@@ -75,8 +75,8 @@ class CompiledLoss(nn.Module):
 
     def __init__(self, loss_module: nn.Module, backend: str | None = "inductor"):
         super().__init__()
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a torch.compile backend's name or None, got {backend!r}")
+        if backend is not None and not (isinstance(backend, str) or callable(backend)):
+            raise TypeError(f"backend must be a torch.compile backend (a name or a callable) or None, got {backend!r}")
         if not capturable(loss_module.objective):
             raise TypeError(f"{type(loss_module.objective).__name__} does not declare itself capturable (capturable = True); use torch.compile(loss_module) instead")
         self.loss_module = loss_module
@@ -117,12 +117,22 @@ class CompiledLoss(nn.Module):
         """Capture the graph for ``key``; on failure warn once and stay eager."""
         target = _Parts(self.loss_module)
         devices = [batch.device] if batch.device.type == "cuda" else []
+        # Python attributes the program writes as it runs (Pyro's transforms cache their last
+        # input and output) would keep the capture's fake tensors: each module's are put back
+        attributes = [(module, dict(module.__dict__)) for module in target.modules()]
         try:
             # (the capture draws from fake generators: forked so that no real stream can move)
             with torch.random.fork_rng(devices), pyro.validation_enabled(False), warnings.catch_warnings():
-                # export's notes about its own internals are not the user's business
+                # export's notes about its own internals (and about those attributes) are not the user's business
                 warnings.simplefilter("ignore", FutureWarning)
-                program = torch.export.export(target, (batch,), strict=False)
+                warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+                try:
+                    program = torch.export.export(target, (batch,), strict=False)
+                finally:
+                    for module, saved in attributes:
+                        for name in set(module.__dict__) - set(saved):
+                            del module.__dict__[name]
+                        module.__dict__.update(saved)
             self._graphs[key] = _Replay(program, target, self.backend)
         except Exception as err:  # what export cannot follow: value-dependent Python, unsupported ops
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -163,11 +173,23 @@ class _Replay:
         # the same tensor objects the optimiser steps: each replay reads their current values
         at = inputs.index(None)
         self.before, self.after = inputs[:at], inputs[at + 1 :]
-        graph = program.graph_module
-        self.graph = torch.compile(graph, backend=backend, fullgraph=True, dynamic=False) if backend else graph
+        self.plain = program.graph_module
+        self.graph = torch.compile(self.plain, backend=backend, fullgraph=True, dynamic=False) if backend else self.plain
+        self.compiled = False  # whether the compiled graph has run once
 
     def __call__(self, batch: torch.Tensor) -> tuple:
-        return self.graph(*self.before, batch, *self.after)
+        if self.compiled or self.graph is self.plain:
+            return self.graph(*self.before, batch, *self.after)
+        try:
+            # torch.compile compiles on the first call: a backend that cannot (inductor
+            # without a C++ compiler, say) leaves the captured graph, replayed as it is
+            out = self.graph(*self.before, batch, *self.after)
+        except Exception as err:
+            warnings.warn(f"CompiledLoss: the backend could not compile the captured graph ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); replaying it uncompiled", stacklevel=3)
+            self.graph = self.plain
+            return self.plain(*self.before, batch, *self.after)
+        self.compiled = True
+        return out
 
 
 def compile_loss(loss_module: nn.Module, backend: str | None = "inductor") -> nn.Module:

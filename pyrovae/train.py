@@ -17,7 +17,9 @@ check that nothing is NaN or inf, one torch optimiser step over all of the
 model's parameters, one ``LambdaLR`` step, the EMA update
 (``torch.optim.swa_utils.AveragedModel``). The same loop runs under
 ``torchrun --nproc_per_node=N -m pyrovae train ...`` (see
-:mod:`pyrovae.distributed`); rank 0 alone writes files.
+:mod:`pyrovae.distributed`); rank 0 alone writes files. With ``--compile``
+the loss module is :func:`pyrovae.compiled.compile_loss`'s (the loss captured
+once per batch shape and compiled), inside DDP as the eager one is.
 """
 
 from __future__ import annotations
