@@ -30,7 +30,9 @@ What a graph cannot hold, and so what the capture requires:
   and the loss stays eager, with a warning naming the reason. Pyro's
   validation reads values too: the first batch of each shape is therefore
   run eagerly, under validation when it is on (its errors surface as they
-  would without ``compile``), and the graph is captured without it.
+  would without ``compile``), and the graph is captured without it; that
+  run's draws are put back, so every step, the first included, takes the
+  graph's draws (a run and its resumption draw alike).
 - **No state written while the loss runs.** The objective's own settings
   that change between steps stay outside the graph: an objective may split
   its loss into parts (``loss_parts`` / ``loss_from_parts``, as
@@ -104,19 +106,23 @@ class CompiledLoss(nn.Module):
         key = (tuple(batch.shape), batch.dtype, batch.device, self.loss_module.training)
         replay = self._graphs.get(key)
         if replay is None:
-            # The first batch of a shape takes the eager loss (under validation, when it is on:
-            # its errors surface as without compile; the objective's caches see real values),
-            # then the graph is captured for the next.
-            loss = self.loss_module(batch)
-            self._capture(batch, key)
-            return loss
+            devices = [batch.device] if batch.device.type == "cuda" else []
+            # The first batch of a shape is run eagerly first, without gradients and with the
+            # random streams put back: under validation, when it is on, its errors surface as
+            # without compile, and the objective's caches see real values. Every step, the
+            # first included, then takes the graph's draws: a run and its resumption draw alike.
+            with torch.no_grad(), torch.random.fork_rng(devices):
+                self.loss_module(batch)
+            replay = self._capture(batch, key, devices)
+            if replay is None:
+                return self.loss_module(batch)
         parts = replay(batch)
         return objective.loss_from_parts(parts) if hasattr(objective, "loss_from_parts") else parts[0]
 
-    def _capture(self, batch: torch.Tensor, key: tuple) -> None:
-        """Capture the graph for ``key``; on failure warn once and stay eager."""
+    def _capture(self, batch: torch.Tensor, key: tuple, devices: list):
+        """Capture and return the graph for ``key``; on failure warn once and
+        return ``None`` (the loss stays eager)."""
         target = _Parts(self.loss_module)
-        devices = [batch.device] if batch.device.type == "cuda" else []
         # Python attributes the program writes as it runs (Pyro's transforms cache their last
         # input and output) would keep the capture's fake tensors: each module's are put back
         attributes = [(module, dict(module.__dict__)) for module in target.modules()]
@@ -137,6 +143,8 @@ class CompiledLoss(nn.Module):
         except Exception as err:  # what export cannot follow: value-dependent Python, unsupported ops
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             warnings.warn(f"CompiledLoss: the loss could not be captured into a graph ({self.failed}); it runs eagerly", stacklevel=3)
+            return None
+        return self._graphs[key]
 
 
 class _Parts(nn.Module):
