@@ -12,10 +12,11 @@ model and guide is known it does not change from step to step, so
   operation it performs is recorded in a graph, the random draws included
   (``normal_`` is an operation like any other, so each replay draws afresh
   from torch's generator). Parameters and buffers are the graph's inputs,
-  read from the live modules at each call: an optimiser step or
-  ``load_state_dict`` is seen at once. One graph per batch shape, dtype,
-  device and train/eval mode (fp32: under ``torch.autocast`` the loss runs
-  eagerly), as Pyro's ``JitTrace_ELBO`` keeps one trace
+  looked up in the live modules at each call: an optimiser step or
+  ``load_state_dict`` is seen at once. One graph per batch shape, dtype and
+  device, parameter dtype, set of modules and their train/eval modes, and
+  the objective's settings (its ``capture_key``; fp32: under
+  ``torch.autocast`` the loss runs eagerly), as Pyro's ``JitTrace_ELBO`` keeps one trace
   per input shape; with the same seed a replay returns the eager loss bit
   for bit.
 - **compile** (``backend="inductor"``, the default): the captured graph,
@@ -30,9 +31,12 @@ What a graph cannot hold, and so what the capture requires:
   and the loss stays eager, with a warning naming the reason. Pyro's
   validation reads values too: the first batch of each shape is therefore
   run eagerly, under validation when it is on (its errors surface as they
-  would without ``compile``), and the graph is captured without it; that
+  would without ``compile``; later batches of that shape are not
+  validated), and the graph is captured without it; that
   run's draws are put back, so every step, the first included, takes the
   graph's draws (a run and its resumption draw alike).
+- **Python numbers are constants.** A number the model or guide reads in
+  Python (a temperature, a size) is recorded as it was at the capture.
 - **No state written while the loss runs.** The objective's own settings
   that change between steps stay outside the graph: an objective may split
   its loss into parts (``loss_parts`` / ``loss_from_parts``, as
@@ -55,6 +59,7 @@ import torch
 from torch import nn
 
 from pyrovae import params
+from pyrovae.nets import first_parameter
 
 def capturable(objective) -> bool:
     """Whether ``objective``'s loss may be captured into a graph (it says so)."""
@@ -103,7 +108,12 @@ class CompiledLoss(nn.Module):
                 self._warned_autocast = True
                 warnings.warn("CompiledLoss: under torch.autocast (precision bf16) the loss runs eagerly, not captured", stacklevel=2)
             return self.loss_module(batch)
-        key = (tuple(batch.shape), batch.dtype, batch.device, self.loss_module.training)
+        model = self.loss_module.model
+        # Everything a graph bakes in: the batch's shape, dtype and device, the parameters'
+        # dtype, every module's identity and train/eval mode (a swapped submodule, dropout
+        # switched by model.eval()), the objective's settings (particles, plates)
+        settings = objective.capture_key() if hasattr(objective, "capture_key") else ()
+        key = (tuple(batch.shape), batch.dtype, batch.device, first_parameter(model).dtype, _modes(self.loss_module), settings)
         replay = self._graphs.get(key)
         if replay is None:
             devices = [batch.device] if batch.device.type == "cuda" else []
@@ -162,42 +172,67 @@ class _Parts(nn.Module):
                 parts = lm.objective.loss_parts(lm.model.model, lm.model.guide, batch)
         else:
             parts = (lm(batch),)
-        return tuple(torch.as_tensor(p, dtype=batch.dtype, device=batch.device) for p in parts)
+        # a part that is a Python number (no term of that kind) becomes a tensor; tensors keep their dtype
+        return tuple(p if torch.is_tensor(p) else torch.tensor(p, dtype=batch.dtype, device=batch.device) for p in parts)
 
 
 class _Replay:
-    """One captured graph, called with the live parameters and buffers (read
-    at each call from the modules: the same tensors the optimiser steps) and
-    the batch."""
+    """One captured graph, called with the live parameters and buffers and
+    the batch. Each input is looked up at each call in the dict of the module
+    that owns it (``module._parameters[name]``): the tensors the optimiser
+    steps, and those that ``load_state_dict(assign=True)`` or ``.to()`` put
+    in their place."""
 
     def __init__(self, program, target: nn.Module, backend: str | None):
         signature = program.graph_signature
         if signature.buffers_to_mutate or getattr(signature, "user_inputs_to_mutate", None):
             raise TypeError("the loss writes to a buffer or its input: a captured graph cannot replay that")
-        tensors = {**dict(target.named_parameters()), **dict(target.named_buffers()), **program.constants}
-        inputs = [None if spec.kind.name == "USER_INPUT" else tensors[spec.target] for spec in signature.input_specs]
-        if inputs.count(None) != 1:
-            raise TypeError(f"expected the batch as the graph's one user input, got {inputs.count(None)}")
-        # the same tensor objects the optimiser steps: each replay reads their current values
-        at = inputs.index(None)
-        self.before, self.after = inputs[:at], inputs[at + 1 :]
+        refs = []
+        for spec in signature.input_specs:
+            kind = spec.kind.name
+            if kind == "USER_INPUT":
+                refs.append(None)
+            elif kind in ("PARAMETER", "BUFFER"):
+                owner, _, name = spec.target.rpartition(".")
+                module = target.get_submodule(owner)
+                refs.append((module._parameters if kind == "PARAMETER" else module._buffers, name))
+            else:  # a constant the program made (a tensor it built from Python numbers)
+                refs.append(({spec.target: program.constants[spec.target]}, spec.target))
+        if refs.count(None) != 1:
+            raise TypeError(f"expected the batch as the graph's one user input, got {refs.count(None)}")
+        at = refs.index(None)
+        self.before, self.after = refs[:at], refs[at + 1 :]
         self.plain = program.graph_module
         self.graph = torch.compile(self.plain, backend=backend, fullgraph=True, dynamic=False) if backend else self.plain
         self.compiled = False  # whether the compiled graph has run once
 
+    def inputs(self, batch: torch.Tensor) -> list:
+        return [d[k] for d, k in self.before] + [batch] + [d[k] for d, k in self.after]
+
     def __call__(self, batch: torch.Tensor) -> tuple:
+        inputs = self.inputs(batch)
         if self.compiled or self.graph is self.plain:
-            return self.graph(*self.before, batch, *self.after)
+            return self.graph(*inputs)
         try:
             # torch.compile compiles on the first call: a backend that cannot (inductor
             # without a C++ compiler, say) leaves the captured graph, replayed as it is
-            out = self.graph(*self.before, batch, *self.after)
+            out = self.graph(*inputs)
         except Exception as err:
             warnings.warn(f"CompiledLoss: the backend could not compile the captured graph ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); replaying it uncompiled", stacklevel=3)
             self.graph = self.plain
-            return self.plain(*self.before, batch, *self.after)
+            return self.plain(*inputs)
         self.compiled = True
         return out
+
+
+def _modes(module: nn.Module) -> tuple:
+    """``(id, training)`` of ``module`` and every submodule, depth first (a walk
+    of the ``_modules`` dicts, cheaper than ``modules()``'s generator)."""
+    found = [(id(module), module.training)]
+    for child in module._modules.values():
+        if child is not None:
+            found.extend(_modes(child))
+    return tuple(found)
 
 
 def compile_loss(loss_module: nn.Module, backend: str | None = "inductor") -> nn.Module:

@@ -138,7 +138,7 @@ class TrainConfig(metaclass=_ByModel):
     ema_decay: float | None = option(None, "keep an exponential moving average of the weights with this decay (e.g. 0.999); evaluate and sample with it", gt=0, lt=1)
     eval_every: int = option(1, "test ELBO every N epochs (and after the last)", ge=1)
     precision: str = option("fp32", "bf16: torch.autocast around the loss", choices=PRECISIONS)
-    compile: bool = option(False, "the compiled path: the VAE's/HVAE's loss captured once per batch shape (torch.export) and compiled (torch.compile), no Python tracing per step; the diffusion models' loss by torch.compile (pyrovae.compiled, docs/performance.md)")
+    compile: bool = option(False, "the compiled path: the VAE's/HVAE's loss (--elbo analytic) captured once per batch shape (torch.export) and compiled (torch.compile), no Python tracing per step; other objectives by torch.compile (docs/training.md)")
     tensorboard: bool = option(False, "also log metrics to TensorBoard (needs the tensorboard package)")
     resume: str | None = option(None, "continue the run in this folder (or checkpoint file) with its saved settings")
     overwrite: bool = option(False, "replace the run that the run folder holds (without it such a folder is refused)")

@@ -277,3 +277,78 @@ def test_a_compiled_run_resumed_from_its_checkpoint_continues_bit_for_bit(tmp_pa
     with open(straight / "metrics.csv", newline="") as f, open(resumed / "metrics.csv", newline="") as g:
         strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
         assert strip(csv.DictReader(f)) == strip(csv.DictReader(g))
+
+
+def test_switching_a_submodule_to_eval_mode_gets_its_own_graph():
+    """model.eval() (not the loss module's) turns dropout off: the replay must follow."""
+    model = build_vae(12, 3, (7,))
+    model.decoder = torch.nn.Sequential(model.decoder, torch.nn.Dropout(0.5))
+    x = binary(9, 12)
+    eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
+    captured = warm(CompiledLoss(eager, backend=None), x)
+    model.eval()
+    want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
+    assert torch.equal(want[0], got[0]) and captured.graphs == 2
+
+
+def test_the_replay_reads_tensors_that_replace_the_parameters_and_follows_their_dtype():
+    model = build_vae(12, 3, (7,))
+    x = binary(9, 12)
+    eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
+    captured = warm(CompiledLoss(eager, backend=None), x)
+    other = build_vae(12, 3, (7,)).state_dict()
+    model.load_state_dict(other, assign=True)  # new tensor objects in the modules' dicts
+    want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
+    assert torch.equal(want[0], got[0])
+    model.double()
+    want, got = loss_and_grads(eager, model, x.double()), loss_and_grads(captured, model, x.double())
+    assert got[0].dtype == torch.float64 and torch.equal(want[0], got[0]) and captured.graphs == 2
+
+
+class DiscreteLatent(torch.nn.Module):
+    """k ~ Bernoulli (no reparameterisation: the score function), then z | k
+    Normal (closed-form KL): the surrogate's observed and latent parts both count."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.tensor(0.3))
+        self.loc = torch.nn.Parameter(torch.tensor([0.5, -0.2]))
+        self.q_logit = torch.nn.Parameter(torch.tensor(-0.1))
+        self.q_loc = torch.nn.Parameter(torch.tensor([0.1, 0.2]))
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Bernoulli(logits=self.logit))
+            z = pyro.sample("z", dist.Normal(self.loc * k.unsqueeze(-1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Bernoulli(logits=self.q_logit + 0.0 * x[:, 0]))
+            pyro.sample("z", dist.Normal(self.q_loc + x * 0.1 + k.unsqueeze(-1), 0.8).to_event(1))
+
+
+@pytest.mark.parametrize("particles,vectorize", [(1, False), (3, False), (3, True)])
+def test_a_discrete_latent_and_several_particles_replay_the_eager_loss_and_score_gradients(particles, vectorize):
+    model = DiscreteLatent()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    elbo = TraceAnalyticKL_ELBO(num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1, kl_scale=0.5)
+    eager = LossModule(model, elbo)
+    captured = warm(CompiledLoss(eager, backend=None), x)
+    assert captured.failed is None
+    want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
+    assert torch.equal(want[0], got[0])
+    for a, b in zip(want[1], got[1]):
+        assert torch.equal(a, b)
+    assert got[1][2].abs() > 0  # the guide's Bernoulli logit learns through the score function
+
+
+def test_changing_the_number_of_particles_gets_a_new_graph():
+    model = build_vae(12, 3, (7,))
+    x = binary(9, 12)
+    elbo = TraceAnalyticKL_ELBO(max_plate_nesting=1)
+    eager = LossModule(model, elbo)
+    captured = warm(CompiledLoss(eager, backend=None), x)
+    elbo.num_particles = 4
+    want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
+    assert torch.equal(want[0], got[0]) and captured.graphs == 2

@@ -335,3 +335,28 @@ def test_cli_rejects_an_unknown_prior(capsys):
 def test_evaluate_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["evaluate", "vae", str(tmp_path), "--iwae-k", "3"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("q_shape,p_shape", [((4, 3), (4, 3)), ((4, 3), (3,)), ((3,), (4, 3))])
+def test_the_standard_normal_kl_is_torchs_normal_kl_against_zero_and_one(q_shape, p_shape):
+    from torch.distributions import kl_divergence
+
+    from pyrovae.parts.priors import StandardNormal
+
+    g = torch.Generator().manual_seed(0)
+    q = dist.Normal(torch.randn(q_shape, generator=g), torch.rand(q_shape, generator=g) + 0.05)
+    ours = kl_divergence(q, StandardNormal(torch.zeros(p_shape), torch.ones(p_shape)))
+    torchs = kl_divergence(q, dist.Normal(torch.zeros(p_shape), torch.ones(p_shape)))
+    assert ours.shape == torchs.shape
+    torch.testing.assert_close(ours, torchs, rtol=1e-6, atol=1e-6)
+
+
+def test_a_standard_normal_prior_refuses_a_state_dict_with_other_values():
+    from pyrovae.parts.priors import StandardNormalPrior
+
+    prior = StandardNormalPrior(3)
+    state = {"loc": torch.full((3,), 0.5), "scale": torch.ones(3)}
+    with pytest.raises(ValueError, match="loc and scale are 0 and 1"):
+        prior.load_state_dict(state)
+    assert torch.equal(prior.loc, torch.zeros(3))  # nothing was copied
+    prior.load_state_dict({"loc": torch.zeros(3), "scale": torch.ones(3)})

@@ -231,6 +231,11 @@ class TraceAnalyticKL_ELBO(ELBO):
             b = b + s_lat
         return a, b
 
+    def capture_key(self) -> tuple:
+        """The settings a captured loss bakes in (:mod:`pyrovae.compiled` keys
+        its graphs on them); ``kl_scale`` is not one (:meth:`loss_parts`)."""
+        return (self.num_particles, self.vectorize_particles, self.max_plate_nesting)
+
     def loss_from_parts(self, parts: tuple) -> torch.Tensor:
         """-(a + kl_scale * b) for ``parts = (a, b)`` from :meth:`loss_parts`."""
         a, b = parts

@@ -40,8 +40,10 @@ register_kl(MultivariateNormal, Independent)(kl_gaussian_diagonal_normal)
 
 @register_kl(Normal, StandardNormal)
 def kl_normal_standard_normal(q: Normal, p: StandardNormal) -> torch.Tensor:
-    """KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - 1) / 2 - log sigma, elementwise."""
-    return 0.5 * (q.loc.square() + q.scale.square() - 1) - q.scale.log()
+    """KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - 1) / 2 - log sigma,
+    elementwise, with the batch shape of q and p broadcast together."""
+    kl = 0.5 * (q.loc.square() + q.scale.square() - 1) - q.scale.log()
+    return kl if p.batch_shape == q.batch_shape else kl.expand(torch.broadcast_shapes(q.batch_shape, p.batch_shape))
 
 
 def has_closed_form_kl(q, p) -> bool:

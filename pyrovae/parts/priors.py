@@ -34,7 +34,8 @@ class StandardNormal(dist.Normal):
 
 class StandardNormalPrior(nn.Module):
     """p(z) = N(z; 0, I). Its loc and scale are buffers (zeros and ones), so
-    ``.to(device)`` moves them; they are constants, not parameters."""
+    ``.to(device)`` moves them and checkpoints hold them; they are constants,
+    and a state dict with other values is refused (the prior's KL assumes them)."""
 
     def __init__(self, z_dim: int):
         super().__init__()
@@ -43,6 +44,14 @@ class StandardNormalPrior(nn.Module):
         self.z_dim = z_dim
         self.register_buffer("loc", torch.zeros(z_dim))
         self.register_buffer("scale", torch.ones(z_dim))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checked before anything is copied: a refused state dict leaves the prior as it was
+        loc, scale = state_dict.get(prefix + "loc"), state_dict.get(prefix + "scale")
+        if (loc is not None and not bool((loc == 0).all())) or (scale is not None and not bool((scale == 1).all())):
+            raise ValueError(f"a StandardNormalPrior's loc and scale are 0 and 1; the state dict holds other values at {prefix}loc/{prefix}scale "
+                             "(a prior with a learned or shifted location is another prior: pyrovae.parts.priors.PRIORS)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self) -> dist.Distribution:
         return StandardNormal(self.loc, self.scale).to_event(1)
