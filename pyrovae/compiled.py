@@ -235,13 +235,19 @@ def _modes(module: nn.Module) -> tuple:
     return tuple(found)
 
 
-def compile_loss(loss_module: nn.Module, backend: str | None = "inductor") -> nn.Module:
+def compile_loss(loss_module: nn.Module, backend: str | None = "inductor", wrap=None) -> nn.Module:
     """The compiled path for a :class:`pyrovae.train.LossModule`: a
     :class:`CompiledLoss` when its objective is capturable (the VAE's and the
     hierarchical VAE's ELBO), else ``torch.compile(loss_module)`` (the
     diffusion chain's and VDM's objectives: plain torch that dynamo follows,
     value-dependent branches and the time sampler's state included), with
-    ``backend`` ``None`` meaning dynamo's ``"eager"`` backend there."""
+    ``backend`` ``None`` meaning dynamo's ``"eager"`` backend there.
+
+    :param wrap: what the trainer puts around the loss module
+        (``DistributedDataParallel`` under torchrun): around the captured
+        loss, or inside ``torch.compile``, which then splits its graphs at
+        DDP's gradient buckets."""
+    wrap = wrap or (lambda module: module)
     if capturable(loss_module.objective):
-        return CompiledLoss(loss_module, backend)
-    return torch.compile(loss_module, backend=backend or "eager")
+        return wrap(CompiledLoss(loss_module, backend))
+    return torch.compile(wrap(loss_module), backend=backend or "eager")

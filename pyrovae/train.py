@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -297,11 +298,9 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
     objective = recipe.objective(cfg)
-    loss_fn = LossModule(model, objective)
-    if cfg.compile:
-        loss_fn = compile_loss(loss_fn)
-    # DDP copies rank 0's weights to every process when it wraps the module.
-    loss_fn = distributed.wrap(loss_fn, device)
+    # DDP (under torchrun) copies rank 0's weights to every process when it wraps the module.
+    wrap = functools.partial(distributed.wrap, device=device)
+    loss_fn = compile_loss(LossModule(model, objective), wrap=wrap) if cfg.compile else wrap(LossModule(model, objective))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, parameters, cfg.lr)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
