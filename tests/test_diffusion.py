@@ -1,6 +1,7 @@
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
@@ -328,3 +329,18 @@ def test_respaced_chain_ends_at_T_tells_the_network_original_times_and_samples_e
     torch.testing.assert_close(out["x0_hat"], c.expand(5, 2))
     # one step (sample --steps 1): x_T ~ N(0, I), then the decoder's mean is c exactly
     torch.testing.assert_close(chain.sample(5, steps=steps, clip_x0=False), c.expand(5, 2))
+
+
+@pytest.mark.parametrize("schedule,T,steps", [("linear", 10, None), ("cosine", 1000, None), ("linear", 1000, 50)])
+def test_prior_kl_is_the_gaussian_kl_of_q_x_T_given_x0_from_n_0_1(schedule, T, steps):
+    """L_T = KL(N(sqrt(a) x_0, (1 - a) I) || N(0, I)), a = alpha_bar_T, against
+    torch's Normal KL summed over the pixels (also for a respaced chain)."""
+    from torch.distributions import kl_divergence
+
+    chain = DiffusionChain(TimeMLP(4, (8,)), NoiseSchedule.from_name(schedule, T), 4).double()
+    chain = chain if steps is None else chain.respaced(steps)
+    x0 = torch.rand(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a = chain.schedule.alphas_cumprod[-1]
+    q = dist.Normal(a.sqrt() * x0, (1 - a).sqrt())
+    expected = kl_divergence(q, dist.Normal(torch.zeros_like(x0), torch.ones_like(x0))).sum(-1)
+    torch.testing.assert_close(chain.prior_kl(x0), expected, rtol=1e-10, atol=1e-12)
