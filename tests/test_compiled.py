@@ -41,6 +41,16 @@ def loss_and_grads(fn, module, x, seed: int = 4):
     return loss.detach(), grads
 
 
+def captured_vae(**elbo_args):
+    """A small VAE, a batch, its ELBO, the eager loss module and the captured
+    one (warmed on the batch): ``(model, x, elbo, eager, captured)``."""
+    model = build_vae(12, 3, (7,))
+    x = binary(9, 12)
+    elbo = TraceAnalyticKL_ELBO(max_plate_nesting=1, **elbo_args)
+    eager = LossModule(model, elbo)
+    return model, x, elbo, eager, warm(CompiledLoss(eager, backend=None), x)
+
+
 MODELS = {
     "vae": lambda: build_vae(12, 3, (7,)),
     # a bottom-up encoder: one layer's KL is Monte Carlo, the other closed form
@@ -118,10 +128,7 @@ def test_inductor_compiled_graph_matches_the_eager_loss_with_torchs_random_draws
 
 
 def test_the_replay_reads_the_parameters_after_each_optimiser_step():
-    model = build_vae(12, 3, (7,))
-    x = binary(9, 12)
-    eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
-    captured = warm(CompiledLoss(eager, backend=None), x)
+    model, x, _, eager, captured = captured_vae()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(3):
         optimizer.zero_grad()
@@ -134,11 +141,7 @@ def test_the_replay_reads_the_parameters_after_each_optimiser_step():
 
 
 def test_a_kl_warmup_reuses_the_graph_and_weights_the_kl_as_eager_does():
-    model = build_vae(12, 3, (7,))
-    x = binary(9, 12)
-    elbo = TraceAnalyticKL_ELBO(max_plate_nesting=1)
-    eager = LossModule(model, elbo)
-    captured = warm(CompiledLoss(eager, backend=None), x)
+    model, x, elbo, eager, captured = captured_vae()
     for beta in (0.0, 0.25, 1.0):
         elbo.kl_scale = beta
         want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
@@ -292,10 +295,7 @@ def test_switching_a_submodule_to_eval_mode_gets_its_own_graph():
 
 
 def test_the_replay_reads_tensors_that_replace_the_parameters_and_follows_their_dtype():
-    model = build_vae(12, 3, (7,))
-    x = binary(9, 12)
-    eager = LossModule(model, TraceAnalyticKL_ELBO(max_plate_nesting=1))
-    captured = warm(CompiledLoss(eager, backend=None), x)
+    model, x, _, eager, captured = captured_vae()
     other = build_vae(12, 3, (7,)).state_dict()
     model.load_state_dict(other, assign=True)  # new tensor objects in the modules' dicts
     want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
@@ -344,11 +344,7 @@ def test_a_discrete_latent_and_several_particles_replay_the_eager_loss_and_score
 
 
 def test_changing_the_number_of_particles_gets_a_new_graph():
-    model = build_vae(12, 3, (7,))
-    x = binary(9, 12)
-    elbo = TraceAnalyticKL_ELBO(max_plate_nesting=1)
-    eager = LossModule(model, elbo)
-    captured = warm(CompiledLoss(eager, backend=None), x)
+    model, x, elbo, eager, captured = captured_vae()
     elbo.num_particles = 4
     want, got = loss_and_grads(eager, model, x), loss_and_grads(captured, model, x)
     assert torch.equal(want[0], got[0]) and captured.graphs == 2
