@@ -61,6 +61,7 @@ from torch import nn
 from pyrovae import params
 from pyrovae.nets import first_parameter
 
+
 def capturable(objective) -> bool:
     """Whether ``objective``'s loss may be captured into a graph (it says so)."""
     return bool(getattr(objective, "capturable", False))

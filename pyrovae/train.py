@@ -300,7 +300,8 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     objective = recipe.objective(cfg)
     # DDP (under torchrun) copies rank 0's weights to every process when it wraps the module.
     wrap = functools.partial(distributed.wrap, device=device)
-    loss_fn = compile_loss(LossModule(model, objective), wrap=wrap) if cfg.compile else wrap(LossModule(model, objective))
+    loss_fn = LossModule(model, objective)
+    loss_fn = compile_loss(loss_fn, wrap=wrap) if cfg.compile else wrap(loss_fn)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, parameters, cfg.lr)
     scheduler = make_scheduler(optimizer, cfg, len(loader))

@@ -183,17 +183,16 @@ class TraceAnalyticKL_ELBO(ELBO):
         score-function gradient; ``(0.0, 0.0)`` without score sites."""
         if not score:
             return 0.0, 0.0
-        parts = []
-        for terms in (observed, latent):
-            log_r = MultiFrameTensor(*terms.values())
-            part = 0.0
-            for site in score:
-                # the unscaled log q, as Trace_ELBO's score_function term: r carries the scale
+        log_rs = [MultiFrameTensor(*terms.values()) for terms in (observed, latent)]
+        parts = [0.0, 0.0]
+        for site in score:
+            # the unscaled log q, as Trace_ELBO's score_function term: r carries the scale
+            log_q = site["fn"].log_prob(site["value"])
+            for i, log_r in enumerate(log_rs):
                 r = log_r.sum_to(site["cond_indep_stack"])
                 if torch.is_tensor(r):
-                    weighted = (r.detach() * site["fn"].log_prob(site["value"])).sum()
-                    part = part + weighted - weighted.detach()
-            parts.append(part)
+                    weighted = (r.detach() * log_q).sum()
+                    parts[i] = parts[i] + weighted - weighted.detach()
         return tuple(parts)
 
     def _terms(self, model, guide, args, kwargs):
