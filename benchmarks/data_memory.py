@@ -70,7 +70,21 @@ def main() -> None:
     try:
         write_array(path, args.n)
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, "-m", "pyrovae", "train", "vae", "--data", path, "--num-workers", str(args.num_workers), "--out", out, "--quiet", *args.train_args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pyrovae",
+                "train",
+                "vae",
+                "--data",
+                path,
+                "--num-workers",
+                str(args.num_workers),
+                "--out",
+                out,
+                "--quiet",
+                *args.train_args,
+            ]
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd)
             try:
@@ -89,12 +103,26 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             with open(os.path.join(out, "metrics.csv")) as f:
                 last = f.read().strip().splitlines()[-1]
-        print(json.dumps({
-            "n": args.n, "bytes_on_disk": os.path.getsize(path) if os.path.exists(path) else None, "num_workers": args.num_workers,
-            "returncode": proc.returncode, "seconds": round(seconds, 1), "samples": samples,
-            "peak_rss_anon_mb": {"main": peak_main / 1024, "worker": peak_worker / 1024, "sum": peak_sum / 1024},
-            "last_metrics_row": last, "command": " ".join(cmd),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "n": args.n,
+                    "bytes_on_disk": os.path.getsize(path) if os.path.exists(path) else None,
+                    "num_workers": args.num_workers,
+                    "returncode": proc.returncode,
+                    "seconds": round(seconds, 1),
+                    "samples": samples,
+                    "peak_rss_anon_mb": {
+                        "main": peak_main / 1024,
+                        "worker": peak_worker / 1024,
+                        "sum": peak_sum / 1024,
+                    },
+                    "last_metrics_row": last,
+                    "command": " ".join(cmd),
+                },
+                indent=2,
+            )
+        )
     finally:
         if os.path.exists(path):
             os.unlink(path)

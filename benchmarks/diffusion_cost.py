@@ -26,9 +26,9 @@ from pyrovae import data as datasets
 from pyrovae.diffusion.chain import DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP
 from pyrovae.diffusion.schedule import NoiseSchedule
-from pyrovae.recipes.diffusion import to_chain_space
 from pyrovae.infer.diffusion_elbo import DiffusionELBO
 from pyrovae.infer.losses import SimpleLoss
+from pyrovae.recipes.diffusion import to_chain_space
 
 
 def timed(fn, repeats):
@@ -46,7 +46,9 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--inner", type=int, default=20, help="training steps per timed repeat")
-    p.add_argument("--skip-literal", action="store_true", help="leave out the literal chain (minutes per step under load)")
+    p.add_argument(
+        "--skip-literal", action="store_true", help="leave out the literal chain (minutes per step under load)"
+    )
     args = p.parse_args()
     pyro.set_rng_seed(0)
     pyro.enable_validation(False)
@@ -59,14 +61,19 @@ def main():
     def plain_step():
         t = torch.randint(1, args.T + 1, (args.batch,))
         noise = torch.randn_like(x)
-        x_t = s.sqrt_alphas_cumprod[t - 1, None].float() * x + s.sqrt_one_minus_alphas_cumprod[t - 1, None].float() * noise
+        x_t = (
+            s.sqrt_alphas_cumprod[t - 1, None].float() * x
+            + s.sqrt_one_minus_alphas_cumprod[t - 1, None].float() * noise
+        )
         loss = ((chain.net(x_t, t.float() * 1000 / args.T) - noise) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     svis = {
-        name: SVI(chain.model, chain.guide_posterior, Adam({"lr": 1e-4}), loss=obj.loss, loss_and_grads=obj.loss_and_grads)
+        name: SVI(
+            chain.model, chain.guide_posterior, Adam({"lr": 1e-4}), loss=obj.loss, loss_and_grads=obj.loss_and_grads
+        )
         for name, obj in (("DiffusionELBO (bound)", DiffusionELBO()), ("SimpleLoss (L_simple)", SimpleLoss()))
     }
     literal = SVI(chain.model, chain.guide_posterior, Adam({"lr": 1e-4}), Trace_ELBO())
@@ -91,7 +98,10 @@ def main():
     chunk = 512
     per_call = max(1, chunk // args.batch)
     inputs = [
-        (x.expand(min(per_call, args.T - a), *x.shape).reshape(-1, 784), torch.rand(min(per_call, args.T - a) * args.batch) * 1000)
+        (
+            x.expand(min(per_call, args.T - a), *x.shape).reshape(-1, 784),
+            torch.rand(min(per_call, args.T - a) * args.batch) * 1000,
+        )
         for a in range(0, args.T, per_call)
     ]
     trace = Trace_ELBO()

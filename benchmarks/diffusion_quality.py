@@ -42,8 +42,20 @@ def main():
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--n-test", type=int, default=100)
     args = p.parse_args()
-    cfg = TrainConfig(model="diffusion", data="mnist5k", T=args.T, schedule=args.schedule, channels=args.channels, objective=args.objective,
-                      variance=args.variance, time_sampler=args.time_sampler, batch_size=args.batch_size, lr=args.lr, out=args.out, device="cpu").check()
+    cfg = TrainConfig(
+        model="diffusion",
+        data="mnist5k",
+        T=args.T,
+        schedule=args.schedule,
+        channels=args.channels,
+        objective=args.objective,
+        variance=args.variance,
+        time_sampler=args.time_sampler,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        out=args.out,
+        device="cpu",
+    ).check()
     recipe = DiffusionRecipe()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -64,7 +76,9 @@ def main():
                 for pe, pt in zip(ema.parameters(), chain.parameters()):
                     pe.lerp_(pt, 1 - args.ema)
             if steps % 100 == 0:
-                print(f"step {steps}  loss/example {loss / len(xb):.4f}  {time.perf_counter() - start:.0f}s", flush=True)
+                print(
+                    f"step {steps}  loss/example {loss / len(xb):.4f}  {time.perf_counter() - start:.0f}s", flush=True
+                )
             if time.perf_counter() - start > 60 * args.minutes:
                 done = True
                 break
@@ -75,7 +89,9 @@ def main():
     with torch.no_grad():
         bound = ema.full_bound(x0)
     result = {
-        "steps": steps, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
+        "steps": steps,
+        "train_seconds": train_s,
+        "eval_seconds": time.perf_counter() - t0,
         "bits_per_dim": bound["bits_per_dim"].mean().item(),
         "prior_bpd": (bound["prior"].mean() / (784 * 0.6931471805599453)).item(),
         "decoder_bpd": (bound["terms"][:, 0].mean() / (784 * 0.6931471805599453)).item(),

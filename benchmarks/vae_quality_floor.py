@@ -82,8 +82,10 @@ def main():
         rows.append({"seed": seed, "pyrovae": ours, "pyro_example_style": ref, "difference": ours - ref})
         print(json.dumps(rows[-1]))
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("pyrovae", "pyro_example_style", "difference")}
-    print(f"mean test ELBO over seeds {args.seeds}: pyrovae {mean['pyrovae']:.2f}, Pyro-example style "
-          f"{mean['pyro_example_style']:.2f}, paired difference {mean['difference']:+.2f} nats/image")
+    print(
+        f"mean test ELBO over seeds {args.seeds}: pyrovae {mean['pyrovae']:.2f}, Pyro-example style "
+        f"{mean['pyro_example_style']:.2f}, paired difference {mean['difference']:+.2f} nats/image"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"epochs": args.epochs, "rows": rows, "mean": mean}, f, indent=2)

@@ -98,7 +98,13 @@ def run(variant: str, seed: int, args, fixed_epochs: int | None = None, max_epoc
             t0 = time.perf_counter()
             terms = bound_terms(model, x_held)
             held_s += time.perf_counter() - t0
-            curve.append({"epoch": epoch, "elbo": terms["elbo"], **{k: v for k, v in terms.items() if k.startswith("kl_") and k[3:].isdigit()}})
+            curve.append(
+                {
+                    "epoch": epoch,
+                    "elbo": terms["elbo"],
+                    **{k: v for k, v in terms.items() if k.startswith("kl_") and k[3:].isdigit()},
+                }
+            )
             if terms["elbo"] > best:
                 best, best_state, best_epoch = terms["elbo"], copy.deepcopy(model.state_dict()), epoch
     if best_state is not None:
@@ -109,9 +115,20 @@ def run(variant: str, seed: int, args, fixed_epochs: int | None = None, max_epoc
     x_eval = x_test[: args.test_n] if args.test_n else x_test
     t0 = time.perf_counter()
     terms = bound_terms(model, x_eval)
-    row = {"variant": variant, "data": args.data, "seed": seed, "kl_warmup": warmup, "rule": "fixed" if fixed_epochs else ("early-stopping" if args.patience else "best-held-out"), "max_epochs": max_epochs,
-           "epochs_run": epoch, "best_epoch": best_epoch, "held_out_elbo": best if x_held is not None else None,
-           "train_seconds": train_s, "held_out_seconds": held_s, "test_n": len(x_eval)}
+    row = {
+        "variant": variant,
+        "data": args.data,
+        "seed": seed,
+        "kl_warmup": warmup,
+        "rule": "fixed" if fixed_epochs else ("early-stopping" if args.patience else "best-held-out"),
+        "max_epochs": max_epochs,
+        "epochs_run": epoch,
+        "best_epoch": best_epoch,
+        "held_out_elbo": best if x_held is not None else None,
+        "train_seconds": train_s,
+        "held_out_seconds": held_s,
+        "test_n": len(x_eval),
+    }
     row.update({f"test_{k}": v for k, v in terms.items()})
     row["active_units"] = active_units(model, x_eval)
     row["train_elbo_first_500"] = bound_terms(model, datasets.binarize_test(x_train[:500], "dynamic"))["elbo"]
@@ -141,7 +158,15 @@ def time_epochs(variants, n: int, data: str) -> None:
             t0 = time.perf_counter()
             epoch_step(*models[v], x_train)
             seconds[v].append(time.perf_counter() - t0)
-    print(json.dumps({"seconds_per_epoch": {v: sorted(s)[len(s) // 2] for v, s in seconds.items()}, "all": seconds, "train_images": len(x_train)}))
+    print(
+        json.dumps(
+            {
+                "seconds_per_epoch": {v: sorted(s)[len(s) // 2] for v, s in seconds.items()},
+                "all": seconds,
+                "train_images": len(x_train),
+            }
+        )
+    )
 
 
 def plot(log: str, out: str) -> None:
@@ -164,8 +189,17 @@ def plot(log: str, out: str) -> None:
         for k, style in zip(layers, ("-", "--", ":")):
             ax_kl.plot(epochs, [c[k] for c in r["curve"]], style, color=colour, label=f"{r['variant']} {k}")
     lo = min(c["elbo"] for r in rows for c in r["curve"][len(r["curve"]) // 10 :])
-    ax_elbo.set(xlabel="epoch", ylabel="held-out ELBO (nats / image)", ylim=(lo - 2, None), title="held-out ELBO (500 images); dot: kept weights")
-    ax_kl.set(xlabel="epoch", ylabel="KL (nats / image)", title="per-layer KL on the held-out images (kl_1 solid, kl_2 dashed)")
+    ax_elbo.set(
+        xlabel="epoch",
+        ylabel="held-out ELBO (nats / image)",
+        ylim=(lo - 2, None),
+        title="held-out ELBO (500 images); dot: kept weights",
+    )
+    ax_kl.set(
+        xlabel="epoch",
+        ylabel="KL (nats / image)",
+        title="per-layer KL on the held-out images (kl_1 solid, kl_2 dashed)",
+    )
     ax_elbo.legend(fontsize=7)
     ax_kl.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -189,20 +223,36 @@ def table(log: str, base: str = "vae", paired: str = "hvae-bottom-up") -> None:
     for r in rows:
         groups.setdefault((r["variant"], r.get("rule"), r.get("max_epochs")), []).append(r)
     iwae = next(k for k in rows[0] if k.startswith("test_iwae_"))
-    print(f"| model | rule (cap) | seeds | epochs run / best | test ELBO ({rows[0]['test_n']}) | {iwae} (first {rows[0]['iwae_n']}) | train ELBO (first 500) | kl_1 / kl_2 | active units | train s |")
+    print(
+        f"| model | rule (cap) | seeds | epochs run / best | test ELBO ({rows[0]['test_n']}) | {iwae} (first {rows[0]['iwae_n']}) | train ELBO (first 500) | kl_1 / kl_2 | active units | train s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (variant, rule, cap), rs in groups.items():
-        kls = " / ".join(f"{sum(r.get(f'test_kl_{l}', 0) for r in rs) / len(rs):.1f}" for l in (1, 2) if f"test_kl_{l}" in rs[0])
-        units = " / ".join(f"{sum(r['active_units'][str(l)] for r in rs) / len(rs):.0f}" for l in (1, 2) if str(l) in rs[0]["active_units"])
+        kls = " / ".join(
+            f"{sum(r.get(f'test_kl_{l}', 0) for r in rs) / len(rs):.1f}" for l in (1, 2) if f"test_kl_{l}" in rs[0]
+        )
+        units = " / ".join(
+            f"{sum(r['active_units'][str(l)] for r in rs) / len(rs):.0f}"
+            for l in (1, 2)
+            if str(l) in rs[0]["active_units"]
+        )
         epochs = ", ".join(f"{r['epochs_run']}/{r['best_epoch']}" for r in rs)
-        print(f"| {variant} | {rule} ({cap}) | {','.join(str(r['seed']) for r in rs)} | {epochs} | "
-              f"{mean_sd(r['test_elbo'] for r in rs)} | {mean_sd(r[iwae] for r in rs)} | {mean_sd(r['train_elbo_first_500'] for r in rs)} | {kls} | {units} | "
-              f"{mean_sd(r['train_seconds'] for r in rs)} |")
+        print(
+            f"| {variant} | {rule} ({cap}) | {','.join(str(r['seed']) for r in rs)} | {epochs} | "
+            f"{mean_sd(r['test_elbo'] for r in rs)} | {mean_sd(r[iwae] for r in rs)} | {mean_sd(r['train_elbo_first_500'] for r in rs)} | {kls} | {units} | "
+            f"{mean_sd(r['train_seconds'] for r in rs)} |"
+        )
     by_seed = {(r["variant"], r["seed"]): r for r in rows if r.get("rule") == "early-stopping"}
     seeds = sorted(s for v, s in by_seed if v == paired and (base, s) in by_seed)
     if seeds:
         print(f"\n| seed | {paired} - {base}: test ELBO | {iwae} |\n|---|---|---|")
-        diffs = [(by_seed[paired, s]["test_elbo"] - by_seed[base, s]["test_elbo"], by_seed[paired, s][iwae] - by_seed[base, s][iwae]) for s in seeds]
+        diffs = [
+            (
+                by_seed[paired, s]["test_elbo"] - by_seed[base, s]["test_elbo"],
+                by_seed[paired, s][iwae] - by_seed[base, s][iwae],
+            )
+            for s in seeds
+        ]
         for s, (d_elbo, d_iwae) in zip(seeds, diffs):
             print(f"| {s} | {d_elbo:+.2f} | {d_iwae:+.2f} |")
         print(f"| mean ± sd | {mean_sd(d for d, _ in diffs)} | {mean_sd(d for _, d in diffs)} |")
@@ -213,15 +263,31 @@ def main() -> None:
     p.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)}")
     p.add_argument("--data", default="mnist5k", choices=("mnist5k", "fashion-mnist"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--epochs", type=int, nargs="+", help="train exactly this many epochs on the whole training set (one per variant, or one for all); no early stopping")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        nargs="+",
+        help="train exactly this many epochs on the whole training set (one per variant, or one for all); no early stopping",
+    )
     p.add_argument("--iwae-k", type=int, default=1000)
     p.add_argument("--iwae-n", type=int, default=1000, help="IWAE on the first N test images")
     p.add_argument("--test-n", type=int, default=0, help="test ELBO on the first N test images (0: all)")
-    p.add_argument("--kl-warmup", type=int, help="KL warm-up epochs for every variant named (default: each variant's own, 50 for *-warmup, else 0)")
+    p.add_argument(
+        "--kl-warmup",
+        type=int,
+        help="KL warm-up epochs for every variant named (default: each variant's own, 50 for *-warmup, else 0)",
+    )
     p.add_argument("--max-epochs", type=int, nargs="+", default=[300], help="the cap (one per variant, or one for all)")
-    p.add_argument("--patience", type=int, default=20, help="0: no early stop, train to the cap and keep the best held-out weights")
+    p.add_argument(
+        "--patience", type=int, default=20, help="0: no early stop, train to the cap and keep the best held-out weights"
+    )
     p.add_argument("--every", type=int, default=2)
-    p.add_argument("--time-epochs", type=int, default=0, help="only time this many epochs per variant, interleaved, and print seconds per epoch")
+    p.add_argument(
+        "--time-epochs",
+        type=int,
+        default=0,
+        help="only time this many epochs per variant, interleaved, and print seconds per epoch",
+    )
     p.add_argument("--log", default="hvae-quality.jsonl")
     p.add_argument("--plot", help="draw the curves of --log into this PNG and exit")
     p.add_argument("--table", action="store_true", help="print the markdown tables of --log and exit")
@@ -239,6 +305,7 @@ def main() -> None:
     if args.time_epochs:
         time_epochs(args.variants, args.time_epochs, args.data)
         return
+
     def per_variant(values, flag):
         if len(values) not in (1, len(args.variants)):
             p.error(f"{flag} takes one number for all variants or one per variant")

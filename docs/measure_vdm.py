@@ -60,7 +60,13 @@ def spread(run: str, repeats: int, batch: int, seed: int) -> dict:
     x = to_chain_space(datasets.load_dataset(cfg.data).x_train[:batch])
     scale = 1.0 / (vdm.x_dim * math.log(2))  # nats per example -> bits/dim
     pyro.set_rng_seed(seed)
-    out = {"run": run, "schedule": cfg.schedule, "minimise_variance": cfg.minimise_variance, "batch": batch, "repeats": repeats}
+    out = {
+        "run": run,
+        "schedule": cfg.schedule,
+        "minimise_variance": cfg.minimise_variance,
+        "batch": batch,
+        "repeats": repeats,
+    }
     for antithetic in (True, False):
         elbo = VDMELBO(antithetic=antithetic)
         diff, total = [], []
@@ -96,23 +102,55 @@ def figure(vdm_run: str, diffusion_run: str, out: str, extra: list[str]) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for run, label, color in ((vdm_run, "VDM (pyrovae train vdm, learned-linear, continuous)", "tab:blue"), (diffusion_run, "diffusion chain (pyrovae train diffusion, T = 1000)", "tab:orange")):
+    for run, label, color in (
+        (vdm_run, "VDM (pyrovae train vdm, learned-linear, continuous)", "tab:blue"),
+        (diffusion_run, "diffusion chain (pyrovae train diffusion, T = 1000)", "tab:orange"),
+    ):
         rows = read_metrics(run)
-        ax.plot([r["seconds"] for r in rows], [r["test_bpd"] for r in rows], "o-", ms=3, color=color, label=label + ": per-epoch test estimate")
+        ax.plot(
+            [r["seconds"] for r in rows],
+            [r["test_bpd"] for r in rows],
+            "o-",
+            ms=3,
+            color=color,
+            label=label + ": per-epoch test estimate",
+        )
         final = rows[-1]["seconds"]
         vdm_eval = os.path.join(run, "evaluate.json")
         chain_eval = sorted(glob.glob(os.path.join(run, "evaluate-*.json")))
         if run == vdm_run and os.path.exists(vdm_eval):
             e = json.load(open(vdm_eval))
-            ax.errorbar([final], [e["test_bpd"]], yerr=[2 * e["test_bpd_se"]], fmt="*", ms=12, color=color, label=f"VDM full bound, 100 test images: {e['test_bpd']:.3f} +- {e['test_bpd_se']:.3f}")
+            ax.errorbar(
+                [final],
+                [e["test_bpd"]],
+                yerr=[2 * e["test_bpd_se"]],
+                fmt="*",
+                ms=12,
+                color=color,
+                label=f"VDM full bound, 100 test images: {e['test_bpd']:.3f} +- {e['test_bpd_se']:.3f}",
+            )
         elif run == diffusion_run and chain_eval:
             e = json.load(open(chain_eval[-1]))
-            ax.plot([final], [e["test_bpd"]], "*", ms=12, color=color, label=f"chain full T = 1000 bound, 100 test images: {e['test_bpd']:.3f}")
+            ax.plot(
+                [final],
+                [e["test_bpd"]],
+                "*",
+                ms=12,
+                color=color,
+                label=f"chain full T = 1000 bound, 100 test images: {e['test_bpd']:.3f}",
+            )
     for run in extra:
         rows = read_metrics(run)
         cfg = json.load(open(os.path.join(run, "config.json")))
         name = cfg["schedule"] + (", minimise-variance" if cfg.get("minimise_variance") else "")
-        ax.plot([r["seconds"] for r in rows], [r["test_bpd"] for r in rows], "s--", ms=3, alpha=0.6, label=f"VDM, {name} (not side by side)")
+        ax.plot(
+            [r["seconds"] for r in rows],
+            [r["test_bpd"] for r in rows],
+            "s--",
+            ms=3,
+            alpha=0.6,
+            label=f"VDM, {name} (not side by side)",
+        )
     ax.set_ylim(1.7, 3.2)
     ax.set_xlabel("training seconds (one thread each, side by side on the shared 2-core machine)")
     ax.set_ylabel("bits/dim (test)")

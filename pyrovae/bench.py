@@ -36,14 +36,14 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.infer.util import is_validation_enabled
 from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
 
 from pyrovae.device import resolve_device
 from pyrovae.infer import TraceAnalyticKL_ELBO
@@ -217,7 +217,9 @@ def vae_torch_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     return kl - log_lik
 
 
-def vae_torch_step(vae: VAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, loss_fn: Callable = vae_torch_loss) -> float:
+def vae_torch_step(
+    vae: VAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, loss_fn: Callable = vae_torch_loss
+) -> float:
     """The floor: one Adam step on :func:`vae_torch_loss` (or ``loss_fn``, the
     same loss compiled)."""
     optimizer.zero_grad(set_to_none=True)
@@ -273,7 +275,9 @@ def vae_cases(sizes: Sizes, device: torch.device):
         for name, elbo in elbos.items():
             svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
             variants[name] = _bind(svi.step, x)
-        variants[SVI_ONE_ADAM] = _bind(SVI(vae.model, vae.guide, OneAdam({"lr": 1e-3}), loss=TraceAnalyticKL_ELBO(max_plate_nesting=1)).step, x)
+        variants[SVI_ONE_ADAM] = _bind(
+            SVI(vae.model, vae.guide, OneAdam({"lr": 1e-3}), loss=TraceAnalyticKL_ELBO(max_plate_nesting=1)).step, x
+        )
         variants[TRAINER] = _bind(trainer_step(vae, TraceAnalyticKL_ELBO(max_plate_nesting=1)), x)
         variants[TRAINER_CAPTURED] = _bind(trainer_step(vae, TraceAnalyticKL_ELBO(max_plate_nesting=1), "graph"), x)
         variants[TRAINER_COMPILED] = _bind(trainer_step(vae, TraceAnalyticKL_ELBO(max_plate_nesting=1), "inductor"), x)
@@ -315,7 +319,15 @@ class TorchDDPM:
         dtype = next(chain.net.parameters()).dtype
         self.net, self.T, self.x_dim = chain.net, s.T, chain.x_dim
         self.likelihood = chain.likelihood
-        names = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_log_variance_clipped")
+        names = (
+            "sqrt_alphas_cumprod",
+            "sqrt_one_minus_alphas_cumprod",
+            "sqrt_recip_alphas_cumprod",
+            "sqrt_recipm1_alphas_cumprod",
+            "posterior_mean_coef1",
+            "posterior_mean_coef2",
+            "posterior_log_variance_clipped",
+        )
         self.tables = {name: getattr(s, name).to(dtype) for name in names}
         self.tau = (s.timesteps * (1000.0 / float(s.timesteps[-1]))).to(dtype)
         self.floats = {name: table.tolist() for name, table in self.tables.items()}
@@ -365,7 +377,9 @@ class TorchDDPM:
         x = torch.randn(n, self.x_dim, device=ref.device, dtype=ref.dtype)
         for i in range(self.T - 1, -1, -1):
             eps = self.net(x, torch.full((n,), self.tau_floats[i], device=ref.device, dtype=ref.dtype))
-            x0_hat = (f["sqrt_recip_alphas_cumprod"][i] * x - f["sqrt_recipm1_alphas_cumprod"][i] * eps).clamp(-1.0, 1.0)
+            x0_hat = (f["sqrt_recip_alphas_cumprod"][i] * x - f["sqrt_recipm1_alphas_cumprod"][i] * eps).clamp(
+                -1.0, 1.0
+            )
             x = f["posterior_mean_coef1"][i] * x0_hat + f["posterior_mean_coef2"][i] * x
             if i > 0:
                 x = x.add(torch.randn_like(x), alpha=math.exp(0.5 * f["posterior_log_variance_clipped"][i]))
@@ -382,7 +396,9 @@ def _discretised_log_lik(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.T
     cdf_minus = torch.special.ndtr((x - mean - 1 / 255) * inv)
     tiny = torch.finfo(x.dtype).tiny
     mid = (cdf_plus - cdf_minus).clamp(min=tiny).log()
-    return torch.where(x < -0.999, cdf_plus.clamp(min=tiny).log(), torch.where(x > 0.999, (1 - cdf_minus).clamp(min=tiny).log(), mid))
+    return torch.where(
+        x < -0.999, cdf_plus.clamp(min=tiny).log(), torch.where(x > 0.999, (1 - cdf_minus).clamp(min=tiny).log(), mid)
+    )
 
 
 # --- diffusion workloads ----------------------------------------------------------------
@@ -421,13 +437,25 @@ def diffusion_cases(sizes: Sizes, device: torch.device):
             variants["pyrovae DiffusionELBO"] = _bind(svi.step, x0)
             variants[TRAINER] = _bind(trainer_step(chain, DiffusionELBO()), x0)
             if denoiser == "mlp" and T == sizes.literal_T:
-                literal = SVI(chain.model, chain.guide_posterior, pyro.optim.Adam({"lr": 1e-4}), loss=Trace_ELBO(max_plate_nesting=1))
+                literal = SVI(
+                    chain.model,
+                    chain.guide_posterior,
+                    pyro.optim.Adam({"lr": 1e-4}),
+                    loss=Trace_ELBO(max_plate_nesting=1),
+                )
                 variants["Trace_ELBO literal chain"] = _bind(literal.step, x0)
             # the target is for the image denoisers, where the network's work dominates
             case = f"{denoiser} T={T} batch {sizes.diffusion_batch}"
             # a U-Net step takes most of a second on a CPU: fewer repeats
             repeats = sizes.slow_repeats if denoiser == "unet" else None
-            yield Case("diffusion", case, variants, {TRAINER: 1.10 if denoiser == "mlp" else 1.05}, {"denoiser": denoiser, "T": T}, repeats)
+            yield Case(
+                "diffusion",
+                case,
+                variants,
+                {TRAINER: 1.10 if denoiser == "mlp" else 1.05},
+                {"denoiser": denoiser, "T": T},
+                repeats,
+            )
 
 
 def _no_grad(fn: Callable, *args) -> Callable:
@@ -446,7 +474,10 @@ def bound_cases(sizes: Sizes, device: torch.device, chunk_size: int = 512):
     Pyro's ``TraceMeanField_ELBO`` and our ``TraceAnalyticKL_ELBO``
     (closed-form KL per site with the posterior-order guide); for the U-Net,
     where the network's work dominates, a shorter chain (``bound_T_unet``)."""
-    for denoiser, T, B in (("mlp", sizes.bound_T, sizes.bound_batch), ("unet", sizes.bound_T_unet, sizes.bound_batch_unet)):
+    for denoiser, T, B in (
+        ("mlp", sizes.bound_T, sizes.bound_batch),
+        ("unet", sizes.bound_T_unet, sizes.bound_batch_unet),
+    ):
         pyro.clear_param_store()
         chain = _chain(sizes, denoiser, T, device)
         x0 = _images(B, sizes, device)
@@ -461,9 +492,20 @@ def bound_cases(sizes: Sizes, device: torch.device, chunk_size: int = 512):
             "pyrovae full_bound (batched over t)": _no_grad(chain.full_bound, x0, chunk_size),
         }
         if denoiser == "mlp":
-            variants["TraceMeanField_ELBO per-site chain"] = _no_grad(TraceMeanField_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0)
-            variants["pyrovae TraceAnalyticKL_ELBO per-site chain"] = _no_grad(TraceAnalyticKL_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0)
-        yield Case("bound", f"{denoiser} T={T} batch {B}", variants, {"pyrovae full_bound (batched over t)": 1.2}, {"denoiser": denoiser, "T": T}, repeats=sizes.slow_repeats)
+            variants["TraceMeanField_ELBO per-site chain"] = _no_grad(
+                TraceMeanField_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0
+            )
+            variants["pyrovae TraceAnalyticKL_ELBO per-site chain"] = _no_grad(
+                TraceAnalyticKL_ELBO(max_plate_nesting=1).loss, chain.model, chain.guide_posterior, x0
+            )
+        yield Case(
+            "bound",
+            f"{denoiser} T={T} batch {B}",
+            variants,
+            {"pyrovae full_bound (batched over t)": 1.2},
+            {"denoiser": denoiser, "T": T},
+            repeats=sizes.slow_repeats,
+        )
 
 
 def _forwards(net, chunks: list) -> None:
@@ -479,10 +521,24 @@ def sample_cases(sizes: Sizes, device: torch.device):
     pyro.clear_param_store()
     chain = _chain(sizes, "mlp", sizes.sample_T, device)
     n = sizes.sample_n
-    yield Case("sample", f"mlp ancestral T={chain.T} n={n}", {FLOOR: _bind(TorchDDPM(chain).sample, n), "pyrovae sample": _bind(chain.sample, n)}, {"pyrovae sample": 1.05}, repeats=sizes.slow_repeats)
+    yield Case(
+        "sample",
+        f"mlp ancestral T={chain.T} n={n}",
+        {FLOOR: _bind(TorchDDPM(chain).sample, n), "pyrovae sample": _bind(chain.sample, n)},
+        {"pyrovae sample": 1.05},
+        repeats=sizes.slow_repeats,
+    )
     strided = TorchDDPM(chain.respaced(sizes.sample_steps))
-    variants = {FLOOR: _bind(strided.sample, n), f"pyrovae sample(steps={sizes.sample_steps})": _bind(chain.sample, n, sizes.sample_steps)}
-    yield Case("sample", f"mlp strided {sizes.sample_steps} of T={chain.T} n={n}", variants, {f"pyrovae sample(steps={sizes.sample_steps})": 1.1})
+    variants = {
+        FLOOR: _bind(strided.sample, n),
+        f"pyrovae sample(steps={sizes.sample_steps})": _bind(chain.sample, n, sizes.sample_steps),
+    }
+    yield Case(
+        "sample",
+        f"mlp strided {sizes.sample_steps} of T={chain.T} n={n}",
+        variants,
+        {f"pyrovae sample(steps={sizes.sample_steps})": 1.1},
+    )
 
 
 # --- train: whole runs ------------------------------------------------------------------
@@ -492,7 +548,17 @@ def _run_config(sizes: Sizes, validate: bool, compile: bool = False):
     from pyrovae.config import VAEConfig
 
     hidden, z_dim = list(sizes.vae_hidden), sizes.vae_z_dim
-    return VAEConfig(data=sizes.train_data, train_size=sizes.train_size, epochs=sizes.train_epochs, hidden=hidden, z_dim=z_dim, validate=validate, compile=compile, quiet=True, eval_every=sizes.train_epochs)
+    return VAEConfig(
+        data=sizes.train_data,
+        train_size=sizes.train_size,
+        epochs=sizes.train_epochs,
+        hidden=hidden,
+        z_dim=z_dim,
+        validate=validate,
+        compile=compile,
+        quiet=True,
+        eval_every=sizes.train_epochs,
+    )
 
 
 def pyrovae_run(cfg) -> Timed:
@@ -541,10 +607,26 @@ def train_cases(sizes: Sizes, device: torch.device):
     ``--compile`` (its training seconds include the captures and compiles,
     one per batch shape), against the plain torch loop; CPU only (the run
     picks its device from its config)."""
-    fast, checked, compiled = _run_config(sizes, False), _run_config(sizes, True), _run_config(sizes, False, compile=True)
-    variants = {FLOOR: _bind(torch_run, fast), RUN_NO_VALIDATE: _bind(pyrovae_run, fast), RUN_VALIDATE: _bind(pyrovae_run, checked), RUN_COMPILED: _bind(pyrovae_run, compiled)}
+    fast, checked, compiled = (
+        _run_config(sizes, False),
+        _run_config(sizes, True),
+        _run_config(sizes, False, compile=True),
+    )
+    variants = {
+        FLOOR: _bind(torch_run, fast),
+        RUN_NO_VALIDATE: _bind(pyrovae_run, fast),
+        RUN_VALIDATE: _bind(pyrovae_run, checked),
+        RUN_COMPILED: _bind(pyrovae_run, compiled),
+    }
     name = f"vae {sizes.train_data} {sizes.train_epochs} epochs"
-    yield Case("train", name, variants, {RUN_NO_VALIDATE: 1.15}, {"data": sizes.train_data, "epochs": sizes.train_epochs}, repeats=sizes.train_repeats)
+    yield Case(
+        "train",
+        name,
+        variants,
+        {RUN_NO_VALIDATE: 1.15},
+        {"data": sizes.train_data, "epochs": sizes.train_epochs},
+        repeats=sizes.train_repeats,
+    )
 
 
 # --- ddp: two processes against one --------------------------------------------------------
@@ -559,7 +641,11 @@ def _ddp_model(sizes: Sizes, name: str):
     if name == "vae":
         x_dim = math.prod(sizes.image_shape)
         model = build_vae(x_dim, sizes.vae_z_dim, sizes.vae_hidden)
-        return model, TraceAnalyticKL_ELBO(max_plate_nesting=1), torch.bernoulli(torch.full((sizes.ddp_vae_batch, x_dim), 0.3))
+        return (
+            model,
+            TraceAnalyticKL_ELBO(max_plate_nesting=1),
+            torch.bernoulli(torch.full((sizes.ddp_vae_batch, x_dim), 0.3)),
+        )
     chain = _chain(sizes, "unet", sizes.ddp_unet_T, torch.device("cpu"))
     return chain, DiffusionELBO(), _images(sizes.ddp_unet_batch, sizes, torch.device("cpu"))
 
@@ -690,10 +776,21 @@ def ddp_cases(sizes: Sizes, device: torch.device):
         for name in ("vae", "unet"):
             batch = sizes.ddp_vae_batch if name == "vae" else sizes.ddp_unet_batch
             steps = sizes.ddp_vae_steps if name == "vae" else sizes.ddp_unet_steps
-            variants = {FLOOR: _one_process_steps(sizes, name), DDP: _bind(group.steps, name, steps, True), DDP_NO_SYNC: _bind(group.steps, name, steps, False)}
+            variants = {
+                FLOOR: _one_process_steps(sizes, name),
+                DDP: _bind(group.steps, name, steps, True),
+                DDP_NO_SYNC: _bind(group.steps, name, steps, False),
+            }
             label = "vae" if name == "vae" else f"unet T={sizes.ddp_unet_T}"
             params = {"model": name, "batch": batch, "processes": sizes.ddp_processes}
-            yield Case("ddp", f"{label} batch {batch}", variants, {}, params, repeats=sizes.slow_repeats if name == "unet" else None)
+            yield Case(
+                "ddp",
+                f"{label} batch {batch}",
+                variants,
+                {},
+                params,
+                repeats=sizes.slow_repeats if name == "unet" else None,
+            )
     finally:
         group.close()
 
@@ -707,18 +804,27 @@ def ddp_checks(results: list) -> list:
         rows = {r.variant: r for r in results if r.workload == "ddp" and r.case == case}
         one, two, alone = rows[FLOOR], rows[DDP], rows[DDP_NO_SYNC]
         batch, world = one.params["batch"], one.params["processes"]
-        checks.append({
-            "check": f"ddp {case}: samples/s {world} processes {1000 * batch / two.ms:.0f} vs 1 process {1000 * batch / one.ms:.0f}; "
-            f"speed-up {one.ms / two.ms:.2f} (limit {world}); all-reduce {two.ms - alone.ms:.2f} ms of a {two.ms:.2f} ms step",
-            "ratio": one.ms / two.ms,
-            "limit": world,
-            "samples_per_s": {"1": 1000 * batch / one.ms, str(world): 1000 * batch / two.ms},
-            "allreduce_ms": two.ms - alone.ms,
-        })
+        checks.append(
+            {
+                "check": f"ddp {case}: samples/s {world} processes {1000 * batch / two.ms:.0f} vs 1 process {1000 * batch / one.ms:.0f}; "
+                f"speed-up {one.ms / two.ms:.2f} (limit {world}); all-reduce {two.ms - alone.ms:.2f} ms of a {two.ms:.2f} ms step",
+                "ratio": one.ms / two.ms,
+                "limit": world,
+                "samples_per_s": {"1": 1000 * batch / one.ms, str(world): 1000 * batch / two.ms},
+                "allreduce_ms": two.ms - alone.ms,
+            }
+        )
     return checks
 
 
-CASES = {"vae": vae_cases, "diffusion": diffusion_cases, "bound": bound_cases, "sample": sample_cases, "train": train_cases, "ddp": ddp_cases}
+CASES = {
+    "vae": vae_cases,
+    "diffusion": diffusion_cases,
+    "bound": bound_cases,
+    "sample": sample_cases,
+    "train": train_cases,
+    "ddp": ddp_cases,
+}
 
 
 # --- running and reporting --------------------------------------------------------------
@@ -761,7 +867,9 @@ def t_checks(results: list) -> list:
         rows = sorted((r for r in ours if r.params["denoiser"] == denoiser), key=lambda r: r.params["T"])
         if len(rows) > 1:
             lo, hi = rows[0], rows[-1]
-            name = f"diffusion {denoiser}: DiffusionELBO step at T={hi.params['T']} / at T={lo.params['T']} (each x floor)"
+            name = (
+                f"diffusion {denoiser}: DiffusionELBO step at T={hi.params['T']} / at T={lo.params['T']} (each x floor)"
+            )
             checks.append({"check": name, "ratio": hi.ratio / lo.ratio, "target": 1.1})
     return checks
 
@@ -793,14 +901,16 @@ def run_case(case: Case, sizes: Sizes, device: torch.device) -> list:
 
 
 def format_header(head: dict) -> str:
-    return "\n".join([
-        f"pyrovae bench: device {head['device']}, torch threads {head['threads']}, torch {head['torch']}, pyro {head['pyro']}; "
-        f"{head['cpus']} CPUs, load average {head['load_average']}",
-        f"median of {head['repeats']} interleaved repeats after {head['warmup']} warm-up calls "
-        f"({head['slow_repeats']} after 1 for the U-Net, the full-T bound and ancestral sampling; {head['train_repeats']} after 1 for whole runs); Pyro validation off",
-        "",
-        f"{'workload':<10} {'case':<30} {'variant':<50} {'ms':>10} {'x floor':>8}  target",
-    ])
+    return "\n".join(
+        [
+            f"pyrovae bench: device {head['device']}, torch threads {head['threads']}, torch {head['torch']}, pyro {head['pyro']}; "
+            f"{head['cpus']} CPUs, load average {head['load_average']}",
+            f"median of {head['repeats']} interleaved repeats after {head['warmup']} warm-up calls "
+            f"({head['slow_repeats']} after 1 for the U-Net, the full-T bound and ancestral sampling; {head['train_repeats']} after 1 for whole runs); Pyro validation off",
+            "",
+            f"{'workload':<10} {'case':<30} {'variant':<50} {'ms':>10} {'x floor':>8}  target",
+        ]
+    )
 
 
 def format_case(results: list) -> str:
@@ -815,10 +925,22 @@ def format_case(results: list) -> str:
 
 
 def format_checks(checks: list) -> str:
-    return "\n".join(f"{c['check']}: {c['ratio']:.2f}  <= {c['target']:.2f}  {'met' if c['ratio'] <= c['target'] else 'MISSED'}" for c in checks)
+    return "\n".join(
+        f"{c['check']}: {c['ratio']:.2f}  <= {c['target']:.2f}  {'met' if c['ratio'] <= c['target'] else 'MISSED'}"
+        for c in checks
+    )
 
 
-def run(workloads=WORKLOADS, device: str = "cpu", smoke: bool = False, repeats: int | None = None, json_path: str | None = None, seed: int = 0, threads: int | None = None, log=print) -> dict:
+def run(
+    workloads=WORKLOADS,
+    device: str = "cpu",
+    smoke: bool = False,
+    repeats: int | None = None,
+    json_path: str | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    log=print,
+) -> dict:
     """Run the named workloads; print the table through ``log``, one case at a
     time as it finishes; return (and
     write to ``json_path``) ``{"header": ..., "results": [...], "checks": [...]}``.
@@ -862,7 +984,13 @@ def run(workloads=WORKLOADS, device: str = "cpu", smoke: bool = False, repeats: 
         log(c["check"])
     head["load_average_end"] = _load_average()
     log(f"load average (1, 5, 15 min) at the start {head['load_average']}, at the end {head['load_average_end']}")
-    report = {"header": head, "results": [r.__dict__ for r in results], "checks": checks, "compiled": compiled, "ddp": ddp}
+    report = {
+        "header": head,
+        "results": [r.__dict__ for r in results],
+        "checks": checks,
+        "compiled": compiled,
+        "ddp": ddp,
+    }
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

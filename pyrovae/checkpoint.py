@@ -69,7 +69,10 @@ def atomic_write_bytes(path: str, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(err, OSError):  # disk full, quota, I/O error: say what survived
-            raise OSError(err.errno, f"could not write {path}: {err.strerror or err}; the previous {os.path.basename(path)} there, if any, is left as it was") from err
+            raise OSError(
+                err.errno,
+                f"could not write {path}: {err.strerror or err}; the previous {os.path.basename(path)} there, if any, is left as it was",
+            ) from err
         raise
     # The rename itself is durable only once the folder's entry is on disk.
     if hasattr(os, "O_DIRECTORY"):
@@ -124,7 +127,9 @@ def checkpoint_path(path: str) -> str:
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}: expected a run folder holding {CHECKPOINT} or a checkpoint file")
+        raise FileNotFoundError(
+            f"no checkpoint at {path!r}: expected a run folder holding {CHECKPOINT} or a checkpoint file"
+        )
     return path
 
 
@@ -140,7 +145,9 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"cannot read checkpoint {path!r}: not a pyrovae checkpoint ({_load_failure(err)})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path!r} is not a pyrovae checkpoint of format {' or '.join(map(str, READABLE_FORMATS))} (found {found!r})")
+        raise ValueError(
+            f"{path!r} is not a pyrovae checkpoint of format {' or '.join(map(str, READABLE_FORMATS))} (found {found!r})"
+        )
     return convert(ckpt)
 
 
@@ -164,7 +171,21 @@ def convert(ckpt: dict) -> dict:
     return ckpt
 
 
-def assemble(cfg, epoch: int, step: int, model, optimizer, scheduler, averaged, objective, rngs: list, metrics: list, seconds: float, skipped: int, data: dict) -> dict:
+def assemble(
+    cfg,
+    epoch: int,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    averaged,
+    objective,
+    rngs: list,
+    metrics: list,
+    seconds: float,
+    skipped: int,
+    data: dict,
+) -> dict:
     """The checkpoint dict of a run after ``epoch`` (the format in the module docstring)."""
     sampler = getattr(objective, "time_sampler", None)
     return {
@@ -217,12 +238,18 @@ def legacy_optimizer_state(optim: dict, model, optimizer, scheduler) -> tuple[di
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     state = optimizer.state_dict()
     first = next(iter(by_name.values()))
-    state["state"] = {i: by_name[name]["optimizer"]["state"][0] for i, name in enumerate(names) if name in by_name and by_name[name]["optimizer"]["state"]}
+    state["state"] = {
+        i: by_name[name]["optimizer"]["state"][0]
+        for i, name in enumerate(names)
+        if name in by_name and by_name[name]["optimizer"]["state"]
+    }
     for key in ("lr", "initial_lr"):
         if key in first["optimizer"]["param_groups"][0]:
             state["param_groups"][0][key] = first["optimizer"]["param_groups"][0][key]
     sched = scheduler.state_dict()
-    sched.update({k: v for k, v in first["scheduler"].items() if k in ("last_epoch", "_step_count", "_last_lr", "base_lrs")})
+    sched.update(
+        {k: v for k, v in first["scheduler"].items() if k in ("last_epoch", "_step_count", "_last_lr", "base_lrs")}
+    )
     return state, sched
 
 
@@ -230,7 +257,11 @@ def _load_failure(err: Exception) -> str:
     """What ``torch.load(weights_only=True)`` found wrong, without its advice to
     retry unsafely (checkpoints never need code to be unpickled)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    kept = [line for line in lines if "weights_only" not in line and not line.startswith(("Check the documentation", "Please file an issue"))]
+    kept = [
+        line
+        for line in lines
+        if "weights_only" not in line and not line.startswith(("Check the documentation", "Please file an issue"))
+    ]
     return f"{type(err).__name__}: {kept[-1]}" if kept else type(err).__name__
 
 
@@ -257,8 +288,8 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
         ``sample``, ``reconstruct``, evaluation or further SVI.
     """
     from pyrovae import data as datasets
-    from pyrovae.device import resolve_device
     from pyrovae.config import MODELS, TrainConfig, resolve
+    from pyrovae.device import resolve_device
 
     ckpt = load_checkpoint(path)
     cfg = resolve(TrainConfig.from_dict(ckpt["config"]))

@@ -18,7 +18,12 @@ from pyrovae.runs import TrainingInterrupted
 
 # --debug is taken before or after the command (a leaf's default must not hide the top level's).
 DEBUG_FLAG = argparse.ArgumentParser(add_help=False)
-DEBUG_FLAG.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the full message and traceback, not one line")
+DEBUG_FLAG.add_argument(
+    "--debug",
+    action="store_true",
+    default=argparse.SUPPRESS,
+    help="on an error, show the full message and traceback, not one line",
+)
 
 
 def positive_int(text: str) -> int:
@@ -51,7 +56,9 @@ def field_value_parser(f: dataclasses.Field):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a number' if kind is float else 'an integer'}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'a number' if kind is float else 'an integer'}, got {text!r}"
+            ) from None
         try:
             check_field(f, [value] if f.type.startswith("list") else value)
         except ValueError as err:
@@ -109,15 +116,21 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from pyrovae.config import MODELS
 
-    parser = argparse.ArgumentParser(prog="pyrovae", description="VAEs and diffusion models as Pyro model/guide pairs trained by SVI.")
-    parser.add_argument("--debug", action="store_true", help="on an error, show the full message and traceback, not one line")
+    parser = argparse.ArgumentParser(
+        prog="pyrovae", description="VAEs and diffusion models as Pyro model/guide pairs trained by SVI."
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the full message and traceback, not one line"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model")
     models = train.add_subparsers(dest="model", required=True)
     for name, entry in MODELS.items():
         summary = (entry.config.__doc__ or name).split(":", 1)[-1].strip().split(".")[0]
-        p = models.add_parser(name, help=summary, description=summary, argument_default=argparse.SUPPRESS, parents=[DEBUG_FLAG])
+        p = models.add_parser(
+            name, help=summary, description=summary, argument_default=argparse.SUPPRESS, parents=[DEBUG_FLAG]
+        )
         add_config_flags(p, entry.config)
     add_run_parsers(commands)
     add_bench_parser(commands)
@@ -128,32 +141,80 @@ def add_run_parsers(commands) -> None:
     """``pyrovae sample MODEL RUN`` and ``pyrovae evaluate MODEL RUN`` for every model."""
     from pyrovae.config import MODELS
 
-    sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(dest="model", required=True)
-    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its test split").add_subparsers(dest="model", required=True)
+    sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(
+        dest="model", required=True
+    )
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its test split").add_subparsers(
+        dest="model", required=True
+    )
     for model, entry in MODELS.items():
         chain = any(f.name == "T" for f in dataclasses.fields(entry.config))
-        p = sample.add_parser(model, help=f"samples of a trained {model}: all as .npy, at most a grid's worth as a PNG", parents=[DEBUG_FLAG])
+        p = sample.add_parser(
+            model,
+            help=f"samples of a trained {model}: all as .npy, at most a grid's worth as a PNG",
+            parents=[DEBUG_FLAG],
+        )
         add_load_args(p)
-        p.add_argument("--n", type=positive_int, default=None, help=f"number of samples (default: {GRID_IMAGES} images, {GRID_POINTS} points)")
-        p.add_argument("--out", default=None, help="PNG to write; the samples go beside it as .npy (default: RUN/samples-<seed>.png)")
-        p.add_argument("--chunk-size", type=positive_int, default=SAMPLE_CHUNK, help=f"samples drawn at a time: memory is bounded by this, not by --n (default: {SAMPLE_CHUNK})")
+        p.add_argument(
+            "--n",
+            type=positive_int,
+            default=None,
+            help=f"number of samples (default: {GRID_IMAGES} images, {GRID_POINTS} points)",
+        )
+        p.add_argument(
+            "--out",
+            default=None,
+            help="PNG to write; the samples go beside it as .npy (default: RUN/samples-<seed>.png)",
+        )
+        p.add_argument(
+            "--chunk-size",
+            type=positive_int,
+            default=SAMPLE_CHUNK,
+            help=f"samples drawn at a time: memory is bounded by this, not by --n (default: {SAMPLE_CHUNK})",
+        )
         if chain:
-            p.add_argument("--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)")
+            p.add_argument(
+                "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
+            )
         if model == "vdm":
             from pyrovae.recipes.vdm import add_run_arguments as add_vdm_run_arguments
 
             add_vdm_run_arguments(p, evaluate, add_load_args, DEBUG_FLAG)
         elif chain:
-            p = evaluate.add_parser(model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG])
+            p = evaluate.add_parser(
+                model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG]
+            )
             add_load_args(p, evaluate=True)
             p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
-            p.add_argument("--steps", type=positive_int, default=None, help="bound of the chain respaced to K steps (default: all T)")
-            p.add_argument("--chunk-size", type=positive_int, default=512, help="(t, example) pairs per network call (default: 512)")
+            p.add_argument(
+                "--steps",
+                type=positive_int,
+                default=None,
+                help="bound of the chain respaced to K steps (default: all T)",
+            )
+            p.add_argument(
+                "--chunk-size",
+                type=positive_int,
+                default=512,
+                help="(t, example) pairs per network call (default: 512)",
+            )
         else:
-            p = evaluate.add_parser(model, help=f"test ELBO (and IWAE-k log-likelihood) of a trained {model}", parents=[DEBUG_FLAG])
+            p = evaluate.add_parser(
+                model, help=f"test ELBO (and IWAE-k log-likelihood) of a trained {model}", parents=[DEBUG_FLAG]
+            )
             add_load_args(p, evaluate=True)
-            p.add_argument("--test-particles", type=positive_int, default=None, help="particles for the test ELBO (default: the run's)")
-            p.add_argument("--iwae-k", type=non_negative_int, default=None, help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)")
+            p.add_argument(
+                "--test-particles",
+                type=positive_int,
+                default=None,
+                help="particles for the test ELBO (default: the run's)",
+            )
+            p.add_argument(
+                "--iwae-k",
+                type=non_negative_int,
+                default=None,
+                help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)",
+            )
 
 
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -162,19 +223,40 @@ def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
     if evaluate:
-        p.add_argument("--data", default=None, metavar="NAME|PATH", help="evaluate on this data set's test split (default: the run's); its examples must have the run's shape")
+        p.add_argument(
+            "--data",
+            default=None,
+            metavar="NAME|PATH",
+            help="evaluate on this data set's test split (default: the run's); its examples must have the run's shape",
+        )
 
 
 def add_bench_parser(commands) -> None:
     from pyrovae.bench import WORKLOADS
 
-    bench = commands.add_parser("bench", help="time our steps against plain PyTorch and Pyro's ELBOs", parents=[DEBUG_FLAG])
+    bench = commands.add_parser(
+        "bench", help="time our steps against plain PyTorch and Pyro's ELBOs", parents=[DEBUG_FLAG]
+    )
     bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"any of {', '.join(WORKLOADS)} (default: all)")
     bench.add_argument("--device", default="cpu", help=f"{'|'.join(DEVICES)} or cuda:N (default: cpu)")
-    bench.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per variant in the fast cases (default: 31; the slow ones take 7; 2 each with --smoke)")
+    bench.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help="timed repeats per variant in the fast cases (default: 31; the slow ones take 7; 2 each with --smoke)",
+    )
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
-    bench.add_argument("--smoke", action="store_true", help="tiny sizes and 2 repeats: checks that every variant runs, measures nothing")
-    bench.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads for the run (default: torch's own choice)")
+    bench.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes and 2 repeats: checks that every variant runs, measures nothing",
+    )
+    bench.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch intra-op threads for the run (default: torch's own choice)",
+    )
     bench.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
@@ -200,9 +282,13 @@ def config_from_args(args: argparse.Namespace):
     ckpt = load_checkpoint(args.resume)
     saved = ckpt["config"]
     if saved.get("model", "vae") != args.model:
-        raise ValueError(f"--resume {args.resume!r} is a {saved.get('model', 'vae')!r} run, not {args.model!r}; resume it with pyrovae train {saved.get('model', 'vae')}")
+        raise ValueError(
+            f"--resume {args.resume!r} is a {saved.get('model', 'vae')!r} run, not {args.model!r}; resume it with pyrovae train {saved.get('model', 'vae')}"
+        )
     if "epochs" not in given and ckpt["epoch"] >= saved["epochs"]:
-        raise ValueError(f"run {args.resume!r} has finished its {ckpt['epoch']} epochs; give --epochs N with N > {ckpt['epoch']} to train it further")
+        raise ValueError(
+            f"run {args.resume!r} has finished its {ckpt['epoch']} epochs; give --epochs N with N > {ckpt['epoch']} to train it further"
+        )
     return TrainConfig.from_dict({**saved, "out": None, "overwrite": False, **given})
 
 
@@ -285,7 +371,9 @@ def run_sample(args: argparse.Namespace) -> int:
         plots.save_image_grid(out, shown, ds.image_shape, min(8, len(shown)), title)
     else:
         x_test = datasets.load_from_config(cfg).x_test[:1000]
-        plots.save_scatter(out, torch.cat([x_test, shown]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(shown))]))
+        plots.save_scatter(
+            out, torch.cat([x_test, shown]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(shown))])
+        )
     drawn = f"the first {len(shown)} of {n}" if len(shown) < n else "them"
     print(f"wrote {n} samples to {array_path} and drew {drawn} in {out}")
     return 0

@@ -86,7 +86,9 @@ class CompiledLoss(nn.Module):
         if backend is not None and not (isinstance(backend, str) or callable(backend)):
             raise TypeError(f"backend must be a torch.compile backend (a name or a callable) or None, got {backend!r}")
         if not capturable(loss_module.objective):
-            raise TypeError(f"{type(loss_module.objective).__name__} does not declare itself capturable (capturable = True); use torch.compile(loss_module) instead")
+            raise TypeError(
+                f"{type(loss_module.objective).__name__} does not declare itself capturable (capturable = True); use torch.compile(loss_module) instead"
+            )
         self.loss_module = loss_module
         self.backend = backend
         self._graphs: dict = {}
@@ -107,14 +109,24 @@ class CompiledLoss(nn.Module):
             # does not reproduce the eager loss, so mixed precision stays eager
             if not self._warned_autocast:
                 self._warned_autocast = True
-                warnings.warn("CompiledLoss: under torch.autocast (precision bf16) the loss runs eagerly, not captured", stacklevel=2)
+                warnings.warn(
+                    "CompiledLoss: under torch.autocast (precision bf16) the loss runs eagerly, not captured",
+                    stacklevel=2,
+                )
             return self.loss_module(batch)
         model = self.loss_module.model
         # Everything a graph bakes in: the batch's shape, dtype and device, the parameters'
         # dtype, every module's identity and train/eval mode (a swapped submodule, dropout
         # switched by model.eval()), the objective's settings (particles, plates)
         settings = objective.capture_key() if hasattr(objective, "capture_key") else ()
-        key = (tuple(batch.shape), batch.dtype, batch.device, first_parameter(model).dtype, _modes(self.loss_module), settings)
+        key = (
+            tuple(batch.shape),
+            batch.dtype,
+            batch.device,
+            first_parameter(model).dtype,
+            _modes(self.loss_module),
+            settings,
+        )
         replay = self._graphs.get(key)
         if replay is None:
             devices = [batch.device] if batch.device.type == "cuda" else []
@@ -153,7 +165,10 @@ class CompiledLoss(nn.Module):
             self._graphs[key] = _Replay(program, target, self.backend)
         except Exception as err:  # what export cannot follow: value-dependent Python, unsupported ops
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            warnings.warn(f"CompiledLoss: the loss could not be captured into a graph ({self.failed}); it runs eagerly", stacklevel=3)
+            warnings.warn(
+                f"CompiledLoss: the loss could not be captured into a graph ({self.failed}); it runs eagerly",
+                stacklevel=3,
+            )
             return None
         return self._graphs[key]
 
@@ -174,7 +189,9 @@ class _Parts(nn.Module):
         else:
             parts = (lm(batch),)
         # a part that is a Python number (no term of that kind) becomes a tensor; tensors keep their dtype
-        return tuple(p if torch.is_tensor(p) else torch.tensor(p, dtype=batch.dtype, device=batch.device) for p in parts)
+        return tuple(
+            p if torch.is_tensor(p) else torch.tensor(p, dtype=batch.dtype, device=batch.device) for p in parts
+        )
 
 
 class _Replay:
@@ -204,7 +221,9 @@ class _Replay:
         at = refs.index(None)
         self.before, self.after = refs[:at], refs[at + 1 :]
         self.plain = program.graph_module
-        self.graph = torch.compile(self.plain, backend=backend, fullgraph=True, dynamic=False) if backend else self.plain
+        self.graph = (
+            torch.compile(self.plain, backend=backend, fullgraph=True, dynamic=False) if backend else self.plain
+        )
         self.compiled = False  # whether the compiled graph has run once
 
     def inputs(self, batch: torch.Tensor) -> list:
@@ -219,7 +238,10 @@ class _Replay:
             # without a C++ compiler, say) leaves the captured graph, replayed as it is
             out = self.graph(*inputs)
         except Exception as err:
-            warnings.warn(f"CompiledLoss: the backend could not compile the captured graph ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); replaying it uncompiled", stacklevel=3)
+            warnings.warn(
+                f"CompiledLoss: the backend could not compile the captured graph ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); replaying it uncompiled",
+                stacklevel=3,
+            )
             self.graph = self.plain
             return self.plain(*inputs)
         self.compiled = True

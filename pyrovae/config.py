@@ -54,9 +54,10 @@ from pyrovae.device import resolve_device
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES
 from pyrovae.diffusion.gamma import SCHEDULES as GAMMA_SCHEDULES
 from pyrovae.diffusion.schedule import SCHEDULES
+from pyrovae.hvae import ENCODERS as HVAE_ENCODERS
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS
-from pyrovae.infer.losses import OBJECTIVES
 from pyrovae.infer.elbos import ELBOS
+from pyrovae.infer.losses import OBJECTIVES
 from pyrovae.optim import LR_SCHEDULES, OPTIMIZERS
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS
@@ -67,14 +68,25 @@ from pyrovae.recipes.hvae import HVAERecipe
 from pyrovae.recipes.vae import VAERecipe
 from pyrovae.recipes.vdm import NETS as VDM_NETS
 from pyrovae.recipes.vdm import VDMRecipe
-from pyrovae.hvae import ENCODERS as HVAE_ENCODERS
 from pyrovae.vae import NETS as VAE_NETS
 
 AUTO = "auto"
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 # Fields that may change when a run is resumed: they steer the run, not the maths.
-RESUMABLE_FIELDS = ("epochs", "out", "device", "quiet", "validate", "eval_every", "tensorboard", "resume", "nan_policy", "compile", "overwrite")
+RESUMABLE_FIELDS = (
+    "epochs",
+    "out",
+    "device",
+    "quiet",
+    "validate",
+    "eval_every",
+    "tensorboard",
+    "resume",
+    "nan_policy",
+    "compile",
+    "overwrite",
+)
 
 
 def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None, cli: bool = True):
@@ -114,11 +126,19 @@ class TrainConfig(metaclass=_ByModel):
     model's config (a subclass with its own fields and defaults)."""
 
     model: str = option("vae", "the model to train (the subcommand of `pyrovae train`)", cli=False)
-    data: str = option("mnist5k", f"a data set ({', '.join(datasets.DATASETS)}) or a path: a folder of images, a .npy/.npz array, a folder of IDX files (docs/data.md)")
+    data: str = option(
+        "mnist5k",
+        f"a data set ({', '.join(datasets.DATASETS)}) or a path: a folder of images, a .npy/.npz array, a folder of IDX files (docs/data.md)",
+    )
     data_dir: str | None = option(None, "folder with the dataset's files (fashion-mnist IDX files)")
     image_size: int | None = option(None, "image folders: resize every image to H x H", ge=1)
     layout: str = option("auto", "arrays: axis order (auto: the rule in docs/data.md)", choices=datasets.LAYOUTS)
-    test_fraction: float = option(datasets.DEFAULT_TEST_FRACTION, "share of a path source held out for test by a seeded split, when it has no split of its own", gt=0, lt=1)
+    test_fraction: float = option(
+        datasets.DEFAULT_TEST_FRACTION,
+        "share of a path source held out for test by a seeded split, when it has no split of its own",
+        gt=0,
+        lt=1,
+    )
     num_workers: int = option(0, "DataLoader worker processes reading the training batches", ge=0)
     train_size: int | None = option(None, "use only the first N training examples", ge=1)
     test_size: int | None = option(None, "use only the first N test examples", ge=1)
@@ -128,21 +148,46 @@ class TrainConfig(metaclass=_ByModel):
     seed: int = option(0, "random seed")
     device: str = option(AUTO, "auto | cpu | cuda | cuda:N")
     out: str | None = option(None, "run folder (default runs/<model>-<data>-<timestamp>)")
-    validate: bool = option(True, "pyro.enable_validation during training (the flag --no-validate turns it off: faster)")
+    validate: bool = option(
+        True, "pyro.enable_validation during training (the flag --no-validate turns it off: faster)"
+    )
     quiet: bool = option(False, "no progress bars or per-epoch lines")
-    optimizer: str = option("adam", "torch optimiser over all parameters (clippedadam: Pyro's, clamps each gradient entry to 10)", choices=OPTIMIZERS)
-    lr_schedule: str = option("constant", "learning-rate schedule, stepped every step (cosine: to 0 at the last step)", choices=LR_SCHEDULES)
+    optimizer: str = option(
+        "adam",
+        "torch optimiser over all parameters (clippedadam: Pyro's, clamps each gradient entry to 10)",
+        choices=OPTIMIZERS,
+    )
+    lr_schedule: str = option(
+        "constant", "learning-rate schedule, stepped every step (cosine: to 0 at the last step)", choices=LR_SCHEDULES
+    )
     lr_gamma: float = option(1.0, "lr factor per epoch of the exponential schedule", gt=0, le=1)
     warmup_steps: int = option(0, "linear learning-rate warm-up over N steps", ge=0)
-    grad_clip: float | None = option(None, "clip the global gradient norm to this (None: no clipping; the norm is logged either way)", gt=0, lt=math.inf)
-    ema_decay: float | None = option(None, "keep an exponential moving average of the weights with this decay (e.g. 0.999); evaluate and sample with it", gt=0, lt=1)
+    grad_clip: float | None = option(
+        None,
+        "clip the global gradient norm to this (None: no clipping; the norm is logged either way)",
+        gt=0,
+        lt=math.inf,
+    )
+    ema_decay: float | None = option(
+        None,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.999); evaluate and sample with it",
+        gt=0,
+        lt=1,
+    )
     eval_every: int = option(1, "test ELBO every N epochs (and after the last)", ge=1)
     precision: str = option("fp32", "bf16: torch.autocast around the loss", choices=PRECISIONS)
-    compile: bool = option(False, "the compiled path: the VAE's/HVAE's loss (--elbo analytic) captured once per batch shape (torch.export) and compiled (torch.compile), no Python tracing per step; other objectives by torch.compile (docs/training.md)")
+    compile: bool = option(
+        False,
+        "the compiled path: the VAE's/HVAE's loss (--elbo analytic) captured once per batch shape (torch.export) and compiled (torch.compile), no Python tracing per step; other objectives by torch.compile (docs/training.md)",
+    )
     tensorboard: bool = option(False, "also log metrics to TensorBoard (needs the tensorboard package)")
     resume: str | None = option(None, "continue the run in this folder (or checkpoint file) with its saved settings")
     overwrite: bool = option(False, "replace the run that the run folder holds (without it such a folder is refused)")
-    nan_policy: str = option("stop", "a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step and count it", choices=NAN_POLICIES)
+    nan_policy: str = option(
+        "stop",
+        "a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step and count it",
+        choices=NAN_POLICIES,
+    )
     test_particles: int = option(10, "particles per test example for the test ELBO", ge=1)
 
     def data_defaults(self, kind: str) -> dict:
@@ -150,11 +195,13 @@ class TrainConfig(metaclass=_ByModel):
         (``"image"`` or ``"points"``); none for the common fields."""
         return {}
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first bad field: choices and bounds
         from the fields' metadata, then the model recipe's own rules."""
         if type(self) is TrainConfig or MODELS.get(self.model, (None,))[0] is not type(self):
-            raise ValueError(f"model {self.model!r} does not match its config class {type(self).__name__}; build configs with TrainConfig(model=...) or one of {', '.join(c.__name__ for c, _ in MODELS.values())}")
+            raise ValueError(
+                f"model {self.model!r} does not match its config class {type(self).__name__}; build configs with TrainConfig(model=...) or one of {', '.join(c.__name__ for c, _ in MODELS.values())}"
+            )
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
         datasets.check_source(self.data)
@@ -169,7 +216,7 @@ class TrainConfig(metaclass=_ByModel):
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """A config from a saved dict (``config.json``, a checkpoint's
         ``config``): its ``model`` (``"vae"`` when absent) picks the class;
         fields it lacks take their defaults; configs of the old flat format
@@ -179,7 +226,9 @@ class TrainConfig(metaclass=_ByModel):
         names = {f.name for f in dataclasses.fields(target)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown config fields {unknown} for model {target.model!r}; this pyrovae knows {sorted(names)}")
+            raise ValueError(
+                f"unknown config fields {unknown} for model {target.model!r}; this pyrovae knows {sorted(names)}"
+            )
         return target(**values)
 
 
@@ -199,7 +248,12 @@ def check_field(f: dataclasses.Field, value) -> None:
             if any(k in meta for k in ("ge", "gt", "le", "lt")):
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             continue
-        for key, ok, word in (("ge", v >= meta.get("ge", 0), ">="), ("gt", v > meta.get("gt", 0), ">"), ("le", v <= meta.get("le", 0), "<="), ("lt", v < meta.get("lt", 0), "<")):
+        for key, ok, word in (
+            ("ge", v >= meta.get("ge", 0), ">="),
+            ("gt", v > meta.get("gt", 0), ">"),
+            ("le", v <= meta.get("le", 0), "<="),
+            ("lt", v < meta.get("lt", 0), "<"),
+        ):
             if key in meta and not ok:
                 raise ValueError(f"{f.name} must be {word} {meta[key]}, got {value!r}")
 
@@ -209,7 +263,9 @@ class VAEConfig(TrainConfig):
     """``pyrovae train vae``: a VAE by SVI (the common fields' defaults as they are)."""
 
     model: str = override("model", "vae")
-    binarize: str = option("dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE)
+    binarize: str = option(
+        "dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE
+    )
     z_dim: int = option(50, "latent size", ge=1)
     hidden: list[int] = option([400], "hidden layer sizes of the encoder (the decoder mirrors them)", ge=1)
     elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
@@ -228,14 +284,26 @@ class HVAEConfig(TrainConfig):
     here (docs/hvae.md)"""
 
     model: str = override("model", "hvae")
-    binarize: str = option("dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE)
+    binarize: str = option(
+        "dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE
+    )
     z_dims: list[int] = option([50, 20], "latent sizes z_1 (next to the data) .. z_L (the top)", ge=1)
-    hidden: list[int] = option([400, 200], "hidden width of each layer's networks (one per layer, or one for all)", ge=1)
+    hidden: list[int] = option(
+        [400, 200], "hidden width of each layer's networks (one per layer, or one for all)", ge=1
+    )
     depth: int = option(1, "hidden layers of that width in each layer's networks", ge=1)
-    encoder: str = option("bottom-up", "q(z|x): bottom-up (IWAE paper; Monte Carlo KL below the top) or top-down (Ladder VAE, every KL exact)", choices=HVAE_ENCODERS)
+    encoder: str = option(
+        "bottom-up",
+        "q(z|x): bottom-up (IWAE paper; Monte Carlo KL below the top) or top-down (Ladder VAE, every KL exact)",
+        choices=HVAE_ENCODERS,
+    )
     elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
-    kl_warmup: int = option(50, "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up; the default 50 gave "
-                            "+1.35 nats IWAE-1000 on MNIST-5k, docs/hvae.md)", ge=0)
+    kl_warmup: int = option(
+        50,
+        "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up; the default 50 gave "
+        "+1.35 nats IWAE-1000 on MNIST-5k, docs/hvae.md)",
+        ge=0,
+    )
     prior: str = option("normal", "prior p(z_L) of the top layer (vamp needs the top-down encoder)", choices=PRIORS)
     likelihood: str = option("bernoulli", "p(x|z_1); only bernoulli binarises the data", choices=LIKELIHOODS)
     iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
@@ -252,7 +320,9 @@ class _DiffusionTraining(TrainConfig):
     lr: float = override("lr", 5e-4)
     ema_decay: float | None = override("ema_decay", 0.995)
     eval_every: int = override("eval_every", 5)
-    test_particles: int = override("test_particles", 1, help="draws of t per test example for the per-epoch (unbiased) test ELBO")
+    test_particles: int = override(
+        "test_particles", 1, help="draws of t per test example for the per-epoch (unbiased) test ELBO"
+    )
 
 
 @dataclass
@@ -268,9 +338,17 @@ class DiffusionConfig(_DiffusionTraining):
     net: str = option(AUTO, "denoiser (auto: unet for images, mlp for 2-D data)", choices=DIFFUSION_NETS)
     channels: int = option(16, "U-Net base channels", ge=1)
     hidden: list[int] = option([256, 256, 256], "MLP denoiser widths", ge=1)
-    objective: str = option(AUTO, "elbo (the bound), simple (Ho et al.'s L_simple, not the ELBO) or hybrid (learned variances); auto: hybrid for images, elbo for 2-D data", choices=(AUTO, *OBJECTIVES))
+    objective: str = option(
+        AUTO,
+        "elbo (the bound), simple (Ho et al.'s L_simple, not the ELBO) or hybrid (learned variances); auto: hybrid for images, elbo for 2-D data",
+        choices=(AUTO, *OBJECTIVES),
+    )
     parameterization: str = option("eps", "what the denoiser predicts", choices=PARAMETERIZATIONS)
-    variance: str = option(AUTO, "sigma_t^2 of p_theta(x_{t-1}|x_t); auto: learned for images, beta_tilde for 2-D data", choices=(AUTO, *VARIANCES))
+    variance: str = option(
+        AUTO,
+        "sigma_t^2 of p_theta(x_{t-1}|x_t); auto: learned for images, beta_tilde for 2-D data",
+        choices=(AUTO, *VARIANCES),
+    )
     time_sampler: str = option("uniform", "how t is drawn per example", choices=TIME_SAMPLERS)
     sample_steps: int = option(50, "respaced steps for the samples figure", ge=1)
 
@@ -279,7 +357,11 @@ class DiffusionConfig(_DiffusionTraining):
         # images to ~2 bits/dim in minutes; the 2-D toys train best on the
         # plain bound with fixed variances.
         image = kind == "image"
-        return {"objective": "hybrid" if image else "elbo", "variance": "learned" if image else "beta_tilde", "net": "unet" if image else "mlp"}
+        return {
+            "objective": "hybrid" if image else "elbo",
+            "variance": "learned" if image else "beta_tilde",
+            "net": "unet" if image else "mlp",
+        }
 
 
 @dataclass
@@ -290,11 +372,23 @@ class VDMConfig(_DiffusionTraining):
     10 CPU minutes on mnist5k, where it reaches 1.78 bits/dim (docs/vdm.md)."""
 
     model: str = override("model", "vdm")
-    epochs: int = override("epochs", 28, help="passes over the training set (28: the 10 minutes of one CPU thread on mnist5k that docs/vdm.md measures)")
-    schedule: str = option("learned-linear", "noise schedule gamma(t): fixed linear, linear with learned end points, or VDM's monotone network", choices=GAMMA_SCHEDULES)
-    time: str = option("continuous", "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)")
+    epochs: int = override(
+        "epochs",
+        28,
+        help="passes over the training set (28: the 10 minutes of one CPU thread on mnist5k that docs/vdm.md measures)",
+    )
+    schedule: str = option(
+        "learned-linear",
+        "noise schedule gamma(t): fixed linear, linear with learned end points, or VDM's monotone network",
+        choices=GAMMA_SCHEDULES,
+    )
+    time: str = option(
+        "continuous", "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)"
+    )
     fourier: bool = option(False, "Fourier features sin, cos(2^n 2 pi z_t), n = 6, 7, as extra denoiser inputs")
-    minimise_variance: bool = option(False, "train the schedule's interior to minimise the bound estimate's variance (learned-net, continuous time)")
+    minimise_variance: bool = option(
+        False, "train the schedule's interior to minimise the bound estimate's variance (learned-net, continuous time)"
+    )
     net: str = option("unet", "denoiser", choices=VDM_NETS)
     channels: int = option(16, "U-Net base channels", ge=1)
     hidden: list[int] = option([256, 256, 256], "MLP denoiser widths", ge=1)
@@ -343,11 +437,49 @@ def resolve(cfg: TrainConfig, kind: str | None = None) -> TrainConfig:
 
 # The one flat config of pyrovae <= 0.1 (both models' fields in one class).
 _LEGACY_FIELDS = {
-    "model", "data", "data_dir", "binarize", "train_size", "test_size", "epochs", "batch_size", "lr", "z_dim", "hidden",
-    "elbo", "kl_warmup", "prior", "guide", "likelihood", "iwae_k", "test_particles", "seed", "device", "out", "validate",
-    "quiet", "optimizer", "lr_schedule", "lr_gamma", "warmup_steps", "grad_clip", "ema_decay", "eval_every", "precision",
-    "tensorboard", "resume", "nan_policy", "T", "schedule", "net", "channels", "objective", "parameterization", "variance",
-    "time_sampler", "sample_steps",
+    "model",
+    "data",
+    "data_dir",
+    "binarize",
+    "train_size",
+    "test_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "z_dim",
+    "hidden",
+    "elbo",
+    "kl_warmup",
+    "prior",
+    "guide",
+    "likelihood",
+    "iwae_k",
+    "test_particles",
+    "seed",
+    "device",
+    "out",
+    "validate",
+    "quiet",
+    "optimizer",
+    "lr_schedule",
+    "lr_gamma",
+    "warmup_steps",
+    "grad_clip",
+    "ema_decay",
+    "eval_every",
+    "precision",
+    "tensorboard",
+    "resume",
+    "nan_policy",
+    "T",
+    "schedule",
+    "net",
+    "channels",
+    "objective",
+    "parameterization",
+    "variance",
+    "time_sampler",
+    "sample_steps",
 }
 
 

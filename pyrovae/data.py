@@ -103,10 +103,10 @@ class DataSpec:
         return {"name": self.name, "image_shape": list(self.image_shape), "values": self.values}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DataSpec":
+    def from_dict(cls, values: dict) -> DataSpec:
         return cls(values["name"], tuple(values["image_shape"]), values.get("values", "unit"))
 
-    def check_matches(self, other: "DataSpec", what: str) -> None:
+    def check_matches(self, other: DataSpec, what: str) -> None:
         """Raise ``ValueError`` unless ``other`` has this shape and value convention."""
         if (other.image_shape, other.values) != (self.image_shape, self.values):
             raise ValueError(
@@ -180,19 +180,29 @@ class Dataset:
     def lazy(self) -> bool:
         return isinstance(self.x_train, LazyRows)
 
-    def to(self, device) -> "Dataset":
+    def to(self, device) -> Dataset:
         """Tensors moved to ``device``; lazy training rows stay on disk (each
         batch is moved as it is read), a lazy test split is read into one tensor."""
         x_train = self.x_train if self.lazy else self.x_train.to(device)
-        return dataclasses.replace(self, x_train=x_train, y_train=self.y_train.to(device), x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+        return dataclasses.replace(
+            self,
+            x_train=x_train,
+            y_train=self.y_train.to(device),
+            x_test=self.x_test.to(device),
+            y_test=self.y_test.to(device),
+        )
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> Dataset:
         """The first ``n_train`` / ``n_test`` examples (after the seeded shuffle)."""
         for name, n in (("n_train", n_train), ("n_test", n_test)):
             if n is not None and n < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {n}")
         return dataclasses.replace(
-            self, x_train=self.x_train[:n_train], y_train=self.y_train[:n_train], x_test=self.x_test[:n_test], y_test=self.y_test[:n_test]
+            self,
+            x_train=self.x_train[:n_train],
+            y_train=self.y_train[:n_train],
+            x_test=self.x_test[:n_test],
+            y_test=self.y_test[:n_test],
         )
 
 
@@ -270,9 +280,15 @@ def load_idx_folder(data_dir: str, name: str | None = None) -> Dataset:
     parts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         found = [_find_idx(data_dir, f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-        missing = [f"{prefix}-{kind}(.gz)" for kind, path in zip(("images-idx3-ubyte", "labels-idx1-ubyte"), found) if path is None]
+        missing = [
+            f"{prefix}-{kind}(.gz)"
+            for kind, path in zip(("images-idx3-ubyte", "labels-idx1-ubyte"), found)
+            if path is None
+        ]
         if missing:
-            raise FileNotFoundError(f"IDX folder {data_dir!r} lacks {', '.join(missing)}; it needs the four files {', '.join(IDX_STEMS)}")
+            raise FileNotFoundError(
+                f"IDX folder {data_dir!r} lacks {', '.join(missing)}; it needs the four files {', '.join(IDX_STEMS)}"
+            )
         images, labels = read_idx(found[0]), read_idx(found[1])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"{data_dir}: {prefix} images {images.shape} and labels {labels.shape} do not match")
@@ -340,7 +356,9 @@ def sample_photo_paths() -> list[str]:
     found without importing scikit-learn (seconds of start-up)."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("photo-patches needs scikit-learn installed (pip install scikit-learn): it holds the photographs")
+        raise ValueError(
+            "photo-patches needs scikit-learn installed (pip install scikit-learn): it holds the photographs"
+        )
     folder = os.path.join(spec.submodule_search_locations[0], "datasets", "images")
     return [os.path.join(folder, name) for name in ("china.jpg", "flower.jpg")]
 
@@ -395,7 +413,9 @@ def check_source(source: str) -> None:
         return
     if os.sep not in source and "/" not in source and not os.path.splitext(source)[1]:
         raise ValueError(f"unknown data set {source!r}: not one of {', '.join(DATASETS)}, and no such path exists")
-    raise FileNotFoundError(f"data path {source!r} does not exist (expected a folder of images, a .npy/.npz file or an IDX folder)")
+    raise FileNotFoundError(
+        f"data path {source!r} does not exist (expected a folder of images, a .npy/.npz file or an IDX folder)"
+    )
 
 
 # ---- arrays ------------------------------------------------------------------
@@ -413,7 +433,9 @@ def array_layout(shape: tuple, layout: str = "auto") -> str:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     ndim = len(shape)
     if ndim not in (3, 4):
-        raise ValueError(f"an image array must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {tuple(shape)}")
+        raise ValueError(
+            f"an image array must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {tuple(shape)}"
+        )
     if layout != "auto":
         if len(layout) != ndim:
             raise ValueError(f"layout {layout} needs a {len(layout)}-D array, got shape {tuple(shape)}")
@@ -423,11 +445,15 @@ def array_layout(shape: tuple, layout: str = "auto") -> str:
     _, a, _, c = shape
     if c <= _CHANNEL_LIKE:
         if a <= _CHANNEL_LIKE:
-            log.warning("array of shape %s read as NHWC (%d channels); pass --layout NCHW for %d channels", tuple(shape), c, a)
+            log.warning(
+                "array of shape %s read as NHWC (%d channels); pass --layout NCHW for %d channels", tuple(shape), c, a
+            )
         return "NHWC"
     if a <= _CHANNEL_LIKE:
         return "NCHW"
-    raise ValueError(f"cannot tell the channel axis of an array of shape {tuple(shape)} (neither axis 1 nor axis 3 is <= {_CHANNEL_LIKE}); pass --layout NHWC or NCHW")
+    raise ValueError(
+        f"cannot tell the channel axis of an array of shape {tuple(shape)} (neither axis 1 nor axis 3 is <= {_CHANNEL_LIKE}); pass --layout NHWC or NCHW"
+    )
 
 
 def _image_shape(shape: tuple, layout: str) -> tuple:
@@ -454,7 +480,9 @@ def check_values(a: np.ndarray, what: str, chunk: int = 4096) -> None:
         return
     if not np.issubdtype(a.dtype, np.floating):
         lo, hi = (a.min(), a.max()) if a.size else (None, None)
-        raise ValueError(f"{what}: expected uint8 (0..255) or float in [0, 1], got {a.dtype} with values in [{lo}, {hi}]")
+        raise ValueError(
+            f"{what}: expected uint8 (0..255) or float in [0, 1], got {a.dtype} with values in [{lo}, {hi}]"
+        )
     lo, hi, nan = np.inf, -np.inf, 0
     for i in range(0, len(a), chunk):
         block = np.asarray(a[i : i + chunk])
@@ -465,7 +493,9 @@ def check_values(a: np.ndarray, what: str, chunk: int = 4096) -> None:
     if nan:
         raise ValueError(f"{what}: {nan} NaN or inf values of {a.size}; float data must be finite, in [0, 1]")
     if lo < 0 or hi > 1:
-        raise ValueError(f"{what}: float values must be in [0, 1], found [{lo:.6g}, {hi:.6g}] (uint8 data in 0..255 is scaled by 1/255)")
+        raise ValueError(
+            f"{what}: float values must be in [0, 1], found [{lo:.6g}, {hi:.6g}] (uint8 data in 0..255 is scaled by 1/255)"
+        )
 
 
 class _NpyRows:
@@ -493,7 +523,9 @@ def _labels(y, n: int, what: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def load_npy(path: str, layout: str = "auto", test_fraction: float = DEFAULT_TEST_FRACTION, lazy: bool | None = None) -> Dataset:
+def load_npy(
+    path: str, layout: str = "auto", test_fraction: float = DEFAULT_TEST_FRACTION, lazy: bool | None = None
+) -> Dataset:
     """A ``.npy`` image array (see :func:`array_layout`), memory-mapped; rows
     read on demand when ``lazy`` (default: when larger than :data:`EAGER_BYTES`)."""
     try:
@@ -503,7 +535,9 @@ def load_npy(path: str, layout: str = "auto", test_fraction: float = DEFAULT_TES
     layout = array_layout(a.shape, layout)
     check_values(a, path)
     shape = _image_shape(a.shape, layout)
-    return _split(source_label(path), _NpyRows(path, layout), len(a), shape, np.zeros(len(a), dtype=np.int64), test_fraction, lazy)
+    return _split(
+        source_label(path), _NpyRows(path, layout), len(a), shape, np.zeros(len(a), dtype=np.int64), test_fraction, lazy
+    )
 
 
 def load_npz(path: str, layout: str = "auto", test_fraction: float = DEFAULT_TEST_FRACTION) -> Dataset:
@@ -516,7 +550,9 @@ def load_npz(path: str, layout: str = "auto", test_fraction: float = DEFAULT_TES
         raise ValueError(f"{path}: cannot read .npz file ({type(err).__name__}: {err})") from err
     unknown = sorted(set(arrays) - {"x", "y", "x_test", "y_test"})
     if "x" not in arrays or unknown:
-        raise ValueError(f"{path}: a .npz must hold 'x' and optionally 'y', 'x_test', 'y_test'; found keys {sorted(arrays)}")
+        raise ValueError(
+            f"{path}: a .npz must hold 'x' and optionally 'y', 'x_test', 'y_test'; found keys {sorted(arrays)}"
+        )
     if "y_test" in arrays and "x_test" not in arrays:
         raise ValueError(f"{path}: holds 'y_test' but no 'x_test'")
     x = arrays["x"]
@@ -525,10 +561,14 @@ def load_npz(path: str, layout: str = "auto", test_fraction: float = DEFAULT_TES
     y = _labels(arrays.get("y"), len(x), f"{path}['y']")
     shape = _image_shape(x.shape, layout)
     if "x_test" not in arrays:
-        return _split(source_label(path), lambda idx: _as_rows(x[idx], layout), len(x), shape, y, test_fraction, lazy=False)
+        return _split(
+            source_label(path), lambda idx: _as_rows(x[idx], layout), len(x), shape, y, test_fraction, lazy=False
+        )
     x_test = arrays["x_test"]
     if array_layout(x_test.shape, layout) != layout or _image_shape(x_test.shape, layout) != shape:
-        raise ValueError(f"{path}: 'x_test' has shape {x_test.shape}, 'x' has {x.shape}; they must share one layout and image shape")
+        raise ValueError(
+            f"{path}: 'x_test' has shape {x_test.shape}, 'x' has {x.shape}; they must share one layout and image shape"
+        )
     check_values(x_test, f"{path}['x_test']")
     y_test = _labels(arrays.get("y_test"), len(x_test), f"{path}['y_test']")
     as_t = lambda a: torch.from_numpy(_as_rows(a, layout))  # noqa: E731
@@ -572,14 +612,22 @@ def image_files(folder: str) -> tuple[list[str], np.ndarray, list[str]]:
         found = []
         for d, subdirs, names in os.walk(root):
             subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-            found += [os.path.join(d, f) for f in names if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+            found += [
+                os.path.join(d, f) for f in names if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+            ]
         return sorted(found)
 
     entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
     classes = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
-    top = [os.path.join(folder, e) for e in entries if e.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, e))]
+    top = [
+        os.path.join(folder, e)
+        for e in entries
+        if e.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, e))
+    ]
     if classes and top:
-        raise ValueError(f"{folder}: holds both images ({os.path.basename(top[0])}, ...) and sub-folders ({classes[0]}, ...); put every image in a class folder, or none")
+        raise ValueError(
+            f"{folder}: holds both images ({os.path.basename(top[0])}, ...) and sub-folders ({classes[0]}, ...); put every image in a class folder, or none"
+        )
     if not classes:
         return top, np.zeros(len(top), dtype=np.int64), []
     files, labels = [], []
@@ -627,7 +675,9 @@ class _ImageRows:
         return rows.reshape(len(idx), -1).astype(np.float32) / 255.0
 
 
-def load_image_folder(folder: str, image_size: int | None = None, test_fraction: float = DEFAULT_TEST_FRACTION, lazy: bool | None = None) -> Dataset:
+def load_image_folder(
+    folder: str, image_size: int | None = None, test_fraction: float = DEFAULT_TEST_FRACTION, lazy: bool | None = None
+) -> Dataset:
     """A folder of images (see :func:`image_files`), every header read now to
     settle channels and size: colour if any image is colour (greyscale ones
     converted, said in the log), one size unless ``image_size`` (H: every
@@ -642,7 +692,9 @@ def load_image_folder(folder: str, image_size: int | None = None, test_fraction:
     for path in files:
         with _open_image(path) as img:
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                raise ValueError(f"{path}: {img.mode} images (16-bit or float pixels) are not supported; save them as 8-bit greyscale or RGB")
+                raise ValueError(
+                    f"{path}: {img.mode} images (16-bit or float pixels) are not supported; save them as 8-bit greyscale or RGB"
+                )
             sizes.setdefault((img.height, img.width), path)
             grey += img.mode in _GREY_MODES
     channels = 1 if grey == len(files) else 3
@@ -652,12 +704,22 @@ def load_image_folder(folder: str, image_size: int | None = None, test_fraction:
         size = (image_size, image_size)
     elif len(sizes) > 1:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
-        raise ValueError(f"{folder}: images differ in size ({p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}); pass --image-size H to resize all to H x H")
+        raise ValueError(
+            f"{folder}: images differ in size ({p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}); pass --image-size H to resize all to H x H"
+        )
     else:
         size = next(iter(sizes))
     if classes:
         log.info("%s: %d images in %d classes (%s)", folder, len(files), len(classes), ", ".join(classes))
-    return _split(source_label(folder), _ImageRows(files, channels, size), len(files), (channels, *size), labels, test_fraction, lazy)
+    return _split(
+        source_label(folder),
+        _ImageRows(files, channels, size),
+        len(files),
+        (channels, *size),
+        labels,
+        test_fraction,
+        lazy,
+    )
 
 
 # ---- any source --------------------------------------------------------------
@@ -692,10 +754,17 @@ def load_dataset(
     elif name.endswith((".npy", ".npz")):
         kind = name[-3:]
     else:
-        raise ValueError(f"data path {name!r} is a file but not .npy or .npz; expected a folder of images, a .npy/.npz array or a folder of IDX files")
-    for option, given, applies in (("image_size", image_size is not None, ("images",)), ("layout", layout != "auto", ("npy", "npz"))):
+        raise ValueError(
+            f"data path {name!r} is a file but not .npy or .npz; expected a folder of images, a .npy/.npz array or a folder of IDX files"
+        )
+    for option, given, applies in (
+        ("image_size", image_size is not None, ("images",)),
+        ("layout", layout != "auto", ("npy", "npz")),
+    ):
         if given and kind not in applies:
-            raise ValueError(f"{option} does not apply to {name!r} (a source of kind {kind!r}; it applies to {', '.join(applies)})")
+            raise ValueError(
+                f"{option} does not apply to {name!r} (a source of kind {kind!r}; it applies to {', '.join(applies)})"
+            )
     if kind == "idx":
         return load_idx_folder(name)
     if kind == "images":
@@ -715,7 +784,9 @@ def run_spec(ckpt: dict, cfg) -> DataSpec:
 
 def load_from_config(cfg) -> Dataset:
     """The data set a run's config names, with its data options."""
-    return load_dataset(cfg.data, cfg.data_dir, image_size=cfg.image_size, layout=cfg.layout, test_fraction=cfg.test_fraction)
+    return load_dataset(
+        cfg.data, cfg.data_dir, image_size=cfg.image_size, layout=cfg.layout, test_fraction=cfg.test_fraction
+    )
 
 
 def example_dataset(x: torch.Tensor | LazyRows, y: torch.Tensor) -> torch.utils.data.Dataset:
@@ -789,4 +860,6 @@ def make_loader(
     y = torch.zeros(len(x), dtype=torch.long, device=getattr(x, "device", "cpu")) if y is None else y
     ds = example_dataset(x, y)
     base = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, sampler=BatchSampler(base, batch_size, drop_last=False), batch_size=None, num_workers=num_workers)
+    return DataLoader(
+        ds, sampler=BatchSampler(base, batch_size, drop_last=False), batch_size=None, num_workers=num_workers
+    )

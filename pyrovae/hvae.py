@@ -96,7 +96,18 @@ class HVAE(nn.Module):
     ``prior.*``, ``likelihood.*``), so a VAE's state dict loads into it.
     """
 
-    def __init__(self, encoder: nn.Module, up, steps, decoder: nn.Module, x_dim: int, z_dims, prior=None, likelihood=None, encoder_order: str = "bottom-up"):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        up,
+        steps,
+        decoder: nn.Module,
+        x_dim: int,
+        z_dims,
+        prior=None,
+        likelihood=None,
+        encoder_order: str = "bottom-up",
+    ):
         super().__init__()
         z_dims = tuple(int(z) for z in z_dims)
         if not z_dims:
@@ -105,7 +116,9 @@ class HVAE(nn.Module):
         if encoder_order not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder_order!r}; expected one of {', '.join(ENCODERS)}")
         if len(up) != len(z_dims) - 1 or len(steps) != len(z_dims) - 1:
-            raise ValueError(f"{len(z_dims)} layers need {len(z_dims) - 1} up and step networks, got {len(up)} and {len(steps)}")
+            raise ValueError(
+                f"{len(z_dims)} layers need {len(z_dims) - 1} up and step networks, got {len(up)} and {len(steps)}"
+            )
         self.x_dim, self.z_dims, self.encoder_order = x_dim, z_dims, encoder_order
         self.encoder, self.decoder = encoder, decoder
         self.up, self.steps = nn.ModuleList(up), nn.ModuleList(steps)
@@ -160,13 +173,17 @@ class HVAE(nn.Module):
             if self.encoder_order == "bottom-up":
                 z = pyro.sample("z_1", check_event(self.encoder(x), "encoder", self.z_dims[0]))
                 for l in range(2, self.L + 1):
-                    z = pyro.sample(f"z_{l}", dist.Normal(*normal_params(self.up[l - 2](z), self.z_dims[l - 1])).to_event(1))
+                    z = pyro.sample(
+                        f"z_{l}", dist.Normal(*normal_params(self.up[l - 2](z), self.z_dims[l - 1])).to_event(1)
+                    )
                 return
             params = self.bottom_up(x)
             z = pyro.sample(f"z_{self.L}", dist.Normal(*params[-1]).to_event(1))
             for l in range(self.L, 1, -1):
                 p = self.p_step(z, l).base_dist
-                z = pyro.sample(f"z_{l - 1}", dist.Normal(*precision_weighted(*params[l - 2], p.loc, p.scale)).to_event(1))
+                z = pyro.sample(
+                    f"z_{l - 1}", dist.Normal(*precision_weighted(*params[l - 2], p.loc, p.scale)).to_event(1)
+                )
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> list:
@@ -297,7 +314,9 @@ def build_hvae(
         steps.append(MLP(z_dims[l - 1], tuple(reversed(layers[l - 1])), 2 * z_dims[l - 2], activation))
     if not isinstance(likelihood, nn.Module):
         if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {', '.join(LIKELIHOODS)} or an nn.Module")
+            raise ValueError(
+                f"unknown likelihood {likelihood!r}; expected one of {', '.join(LIKELIHOODS)} or an nn.Module"
+            )
         likelihood = LIKELIHOODS[likelihood](x_dim)
     hvae = HVAE(first, up, steps, decoder, x_dim, z_dims, None, likelihood, encoder)
     if isinstance(prior, nn.Module):
@@ -353,4 +372,7 @@ def active_units(hvae: HVAE | VAE, x: torch.Tensor, num_samples: int = 10, thres
     with pyro.plate("au_particles", num_samples, dim=-2), poutine.block():
         trace = poutine.trace(hvae.guide).get_trace(x)
     means = {l: trace.nodes[site]["fn"].mean for l, site in enumerate(latent_sites(hvae), start=1)}
-    return {l: int((mean.expand(num_samples, *mean.shape[-2:]).mean(0).var(0) > threshold).sum()) for l, mean in means.items()}
+    return {
+        l: int((mean.expand(num_samples, *mean.shape[-2:]).mean(0).var(0) > threshold).sum())
+        for l, mean in means.items()
+    }

@@ -50,7 +50,9 @@ class PyroLightningModule(lightning.LightningModule):
         binarisation, or a diffusion chain's [-1, 1] scaling); default identity.
     """
 
-    def __init__(self, model: torch.nn.Module, objective, lr: float = 1e-3, optimizer=torch.optim.Adam, prepare_batch=None):
+    def __init__(
+        self, model: torch.nn.Module, objective, lr: float = 1e-3, optimizer=torch.optim.Adam, prepare_batch=None
+    ):
         super().__init__()
         if not (callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None))):
             raise TypeError(f"model must have model(x) and guide(x) methods, got {type(model).__name__}")
@@ -62,7 +64,7 @@ class PyroLightningModule(lightning.LightningModule):
         self.prepare_batch = prepare_batch
 
     @classmethod
-    def from_config(cls, cfg, data) -> "PyroLightningModule":
+    def from_config(cls, cfg, data) -> PyroLightningModule:
         """The model, objective, batch preparation and learning rate that
         ``pyrovae train`` would use for ``cfg`` on ``data`` (a Dataset or DataSpec)."""
         from pyrovae.config import MODELS, resolve
@@ -71,7 +73,13 @@ class PyroLightningModule(lightning.LightningModule):
         cfg = resolve(cfg.check())
         recipe = MODELS[cfg.model].recipe
         # A partial, not a lambda: ddp_spawn pickles the module.
-        return cls(recipe.build(cfg, data), recipe.objective(cfg), cfg.lr, OPTIMIZERS[cfg.optimizer], functools.partial(recipe.prepare_batch, cfg))
+        return cls(
+            recipe.build(cfg, data),
+            recipe.objective(cfg),
+            cfg.lr,
+            OPTIMIZERS[cfg.optimizer],
+            functools.partial(recipe.prepare_batch, cfg),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """-ELBO of ``x`` summed over its examples (differentiable)."""

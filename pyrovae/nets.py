@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -81,14 +81,21 @@ class ConvEncoderNet(nn.Module):
     """Flat images ``(..., C*H*W) -> (..., out_dim)``: two 4x4 stride-2 convolutions
     (``channels``), then a hidden linear layer and the output layer."""
 
-    def __init__(self, image_shape: Sequence[int], out_dim: int, channels=(32, 64), hidden: int = 256, activation: str = "relu"):
+    def __init__(
+        self, image_shape: Sequence[int], out_dim: int, channels=(32, 64), hidden: int = 256, activation: str = "relu"
+    ):
         super().__init__()
         c, hs, ws = _conv_feature_sizes(image_shape, channels, activation)
         self.image_shape = tuple(image_shape)
         layers: list[nn.Module] = []
         for a, b in zip((c, *channels[:-1]), channels):
             layers += [nn.Conv2d(a, b, 4, 2, 1), ACTIVATIONS[activation]()]
-        layers += [nn.Flatten(), nn.Linear(channels[-1] * hs[-1] * ws[-1], hidden), ACTIVATIONS[activation](), nn.Linear(hidden, out_dim)]
+        layers += [
+            nn.Flatten(),
+            nn.Linear(channels[-1] * hs[-1] * ws[-1], hidden),
+            ACTIVATIONS[activation](),
+            nn.Linear(hidden, out_dim),
+        ]
         self.layers = nn.Sequential(*layers)
         self.out_dim = out_dim
 
@@ -102,12 +109,19 @@ class ConvDecoderNet(nn.Module):
     (linear layers up to a ``channels[-1]`` feature map, then 4x4 stride-2
     transposed convolutions, with output padding where a size was odd)."""
 
-    def __init__(self, in_dim: int, image_shape: Sequence[int], channels=(32, 64), hidden: int = 256, activation: str = "relu"):
+    def __init__(
+        self, in_dim: int, image_shape: Sequence[int], channels=(32, 64), hidden: int = 256, activation: str = "relu"
+    ):
         super().__init__()
         c, hs, ws = _conv_feature_sizes(image_shape, channels, activation)
         self.image_shape = tuple(image_shape)
         self.first = (channels[-1], hs[-1], ws[-1])
-        self.stem = nn.Sequential(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, channels[-1] * hs[-1] * ws[-1]), ACTIVATIONS[activation]())
+        self.stem = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            ACTIVATIONS[activation](),
+            nn.Linear(hidden, channels[-1] * hs[-1] * ws[-1]),
+            ACTIVATIONS[activation](),
+        )
         outs = (*reversed(channels[:-1]), c)
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(reversed(channels), outs)):

@@ -29,7 +29,11 @@ def fast_adam_args(params: list, cls=torch.optim.Adam) -> dict:
     recent torch, CPU), else the multi-tensor ``foreach=True``; nothing for an
     optimiser without either (``ClippedAdam``)."""
     accepted = inspect.signature(cls).parameters
-    if "fused" in accepted and params and all(p.is_floating_point() and p.device.type in _fused_devices() for p in params):
+    if (
+        "fused" in accepted
+        and params
+        and all(p.is_floating_point() and p.device.type in _fused_devices() for p in params)
+    ):
         return {"fused": True}
     if "foreach" in accepted:
         return {"foreach": True}
@@ -50,7 +54,9 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return OPTIMIZERS[name](params, lr=lr, **fast_adam_args(params, OPTIMIZERS[name]))
 
 
-def lr_factor(k: int, steps_per_epoch: int, epochs: int, schedule: str = "constant", warmup_steps: int = 0, gamma: float = 1.0) -> float:
+def lr_factor(
+    k: int, steps_per_epoch: int, epochs: int, schedule: str = "constant", warmup_steps: int = 0, gamma: float = 1.0
+) -> float:
     """lr_k / lr at optimiser step k (from 0): warmup(k) * schedule(k), with
     warmup(k) = min(1, (k + 1) / warmup_steps), and schedule(k) = 1
     (constant), (1 + cos(pi k / K)) / 2 over the run's K steps (cosine), or
@@ -118,7 +124,9 @@ class MultiTensorOptim(PyroOptim):
     def _add(self, new: list) -> None:
         self._seen.update(new)
         if self.optimizer is None:
-            self.optimizer = self.pt_optim_constructor(new, **self.pt_optim_args, **fast_adam_args(new, self.pt_optim_constructor))
+            self.optimizer = self.pt_optim_constructor(
+                new, **self.pt_optim_args, **fast_adam_args(new, self.pt_optim_constructor)
+            )
         else:
             self.optimizer.add_param_group({"params": new})
         if self._pending is not None:
@@ -141,7 +149,9 @@ class MultiTensorOptim(PyroOptim):
         if not state_dict:
             return
         if set(state_dict) != {"optimizer", "names"}:
-            raise ValueError(f"state_dict must have keys 'optimizer' and 'names' (from get_state), got {sorted(state_dict)}")
+            raise ValueError(
+                f"state_dict must have keys 'optimizer' and 'names' (from get_state), got {sorted(state_dict)}"
+            )
         self._pending = state_dict
         store = pyro.get_param_store()
         names = [n for group in state_dict["names"] for n in group]
@@ -150,7 +160,9 @@ class MultiTensorOptim(PyroOptim):
             for group in groups:
                 self._seen.update(group)
                 if self.optimizer is None:
-                    self.optimizer = self.pt_optim_constructor(group, **self.pt_optim_args, **fast_adam_args(group, self.pt_optim_constructor))
+                    self.optimizer = self.pt_optim_constructor(
+                        group, **self.pt_optim_args, **fast_adam_args(group, self.pt_optim_constructor)
+                    )
                 else:
                     self.optimizer.add_param_group({"params": group})
         if self.optimizer is not None:

@@ -25,7 +25,7 @@ import weakref
 import pyro
 import torch
 
-_names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_names: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 _counters: dict = {}
 _skip = threading.local()
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
 from PIL import Image
 
 
-def plot_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ylabel: str | Mapping[str, str], title: str = "") -> None:
+def plot_curves(
+    path: str,
+    x: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    xlabel: str,
+    ylabel: str | Mapping[str, str],
+    title: str = "",
+) -> None:
     """One line per named curve against ``x``, saved as PNG. ``ylabel`` is the
     unit of every curve, or a mapping from each curve to its unit: curves of
     one unit share an axis, each unit has its own (stacked, sharing ``x``)."""
@@ -58,7 +65,9 @@ def image_grid(images: torch.Tensor, image_shape: Sequence[int], ncol: int | Non
     return grid
 
 
-def save_image_grid(path: str, images: torch.Tensor, image_shape: Sequence[int], ncol: int | None = None, title: str = "") -> None:
+def save_image_grid(
+    path: str, images: torch.Tensor, image_shape: Sequence[int], ncol: int | None = None, title: str = ""
+) -> None:
     """Save a grid of images with values in [0, 1] as an RGB PNG (no alpha):
     colour for C = 3, grey (dark ink on white, as the digits) otherwise."""
     grid = image_grid(images.clamp(0, 1), image_shape, ncol)
@@ -91,7 +100,9 @@ def save_scatter(path: str, points: torch.Tensor, title: str = "", labels: torch
     plt.close(fig)
 
 
-def plot_layer_kl(path: str, kl: Sequence[float], recon: float | None = None, title: str = "", layer: str = "layer l") -> None:
+def plot_layer_kl(
+    path: str, kl: Sequence[float], recon: float | None = None, title: str = "", layer: str = "layer l"
+) -> None:
     """Per-layer KL of a hierarchical bound on a log scale, the same figure for
     every model: ``kl[l-1]`` = KL at layer l for l = 1..L, the last one the top
     (``kl_top``); for the HVAE kl_1..kl_L, for the diffusion chain L_1..L_{T-1}

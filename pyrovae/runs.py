@@ -80,7 +80,9 @@ def _take_lock(folder: str) -> None:
                     os.unlink(path)  # stale: its process is gone
                 continue
             if owner_host == host:
-                raise RunFolderError(f"run folder {folder!r} is in use by process {pid} on this host (lock file {path}); wait for that run to end or choose another --out") from None
+                raise RunFolderError(
+                    f"run folder {folder!r} is in use by process {pid} on this host (lock file {path}); wait for that run to end or choose another --out"
+                ) from None
             raise RunFolderError(
                 f"run folder {folder!r} is locked by process {pid} on host {owner_host!r} (lock file {path}); "
                 "pyrovae cannot tell from here whether that run is still going: if it is not, delete the lock file"
@@ -88,7 +90,9 @@ def _take_lock(folder: str) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump({"host": host, "pid": os.getpid()}, f)
         return
-    raise RunFolderError(f"run folder {folder!r}: another process took the lock {path} as this one cleared a stale one; try again")
+    raise RunFolderError(
+        f"run folder {folder!r}: another process took the lock {path} as this one cleared a stale one; try again"
+    )
 
 
 class TrainingInterrupted(Exception):
@@ -169,7 +173,9 @@ def _claim(out: str, resumes_here: bool, overwrite: bool) -> tuple[RunFolder, bo
         raise ValueError(f"output folder {out!r} is not writable: {err}") from err
     if holds_run(out) and not (resumes_here or overwrite):
         _release(out, created)
-        raise RunFolderError(f"run folder {out!r} already holds a run; continue it with --resume {out}, replace it with --overwrite, or choose another --out")
+        raise RunFolderError(
+            f"run folder {out!r} already holds a run; continue it with --resume {out}, replace it with --overwrite, or choose another --out"
+        )
     return RunFolder(out, overwrite), created
 
 
@@ -191,7 +197,9 @@ def open_run(out: str, resume: str | None = None, overwrite: bool = False):
     :raises RunFolderError: the folder is locked or holds another run.
     :raises ValueError: the folder cannot be created or written.
     """
-    resumes_here = resume is not None and os.path.realpath(os.path.dirname(checkpoint.checkpoint_path(resume))) == os.path.realpath(out)
+    resumes_here = resume is not None and os.path.realpath(
+        os.path.dirname(checkpoint.checkpoint_path(resume))
+    ) == os.path.realpath(out)
     error, folder, created = None, RunFolder(out, overwrite), False
     if distributed.rank() == 0:
         try:

@@ -41,9 +41,8 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from pyrovae import checkpoint
+from pyrovae import checkpoint, distributed, params, plots, runs
 from pyrovae import data as datasets
-from pyrovae import distributed, params, plots, runs
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.compiled import compile_loss
 from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
@@ -136,7 +135,14 @@ def nonfinite_terms(model, batch: torch.Tensor) -> list[str]:
     return bad
 
 
-def train_step(loss_fn, parameters: list, optimizer: torch.optim.Optimizer, batch: torch.Tensor, grad_clip: float | None = None, precision: str = "fp32") -> tuple[float, float]:
+def train_step(
+    loss_fn,
+    parameters: list,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    grad_clip: float | None = None,
+    precision: str = "fp32",
+) -> tuple[float, float]:
     """One optimiser step on the global batch; returns its loss (summed over
     the global batch's examples) and the global gradient norm before clipping.
 
@@ -172,10 +178,16 @@ def train_step(loss_fn, parameters: list, optimizer: torch.optim.Optimizer, batc
         loss_value, norm_value = loss.item(), norm.item()
     else:
         # One sync for both numbers; float64 so that a large batch's summed loss keeps its digits.
-        loss_value, norm_value = distributed.all_reduce_sum(torch.stack([loss.detach().double(), norm.double() / world])).tolist()
+        loss_value, norm_value = distributed.all_reduce_sum(
+            torch.stack([loss.detach().double(), norm.double() / world])
+        ).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the loss is {loss_value:.6g} but a gradient is NaN or inf")
+        raise NonFiniteLossError(
+            f"the loss is {loss_value}"
+            if not math.isfinite(loss_value)
+            else f"the loss is {loss_value:.6g} but a gradient is NaN or inf"
+        )
     optimizer.step()
     return loss_value, norm_value
 
@@ -188,7 +200,9 @@ def _total_norm(grads: list) -> torch.Tensor:
     if not grads:
         return torch.tensor(0.0)
     first = grads[0]
-    if all(g.device == first.device and g.dtype == first.dtype for g in grads) and torch.utils._foreach_utils._device_has_foreach_support(first.device):
+    if all(
+        g.device == first.device and g.dtype == first.dtype for g in grads
+    ) and torch.utils._foreach_utils._device_has_foreach_support(first.device):
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     return torch.nn.utils.get_total_norm(grads, foreach=True)
 
@@ -206,7 +220,14 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
     batches = BatchSampler(sampler, cfg.batch_size // world, drop_last=False)
     # Its own generator: the base seed a DataLoader draws per iterator would otherwise
     # come from the global stream, and how often it draws depends on num_workers.
-    loader = DataLoader(ds, sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(
+        ds,
+        sampler=batches,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     return loader, sampler
 
 
@@ -215,7 +236,9 @@ def run_dir(cfg: TrainConfig) -> str:
     ``runs/<model>-<data>-<timestamp>``."""
     if cfg.out is None and cfg.resume is not None:
         return os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
-    return cfg.out or os.path.join("runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg.out or os.path.join(
+        "runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
@@ -241,11 +264,15 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     saved = resolve(TrainConfig.from_dict(ckpt["config"])).to_dict()
     mismatches = checkpoint.config_mismatches(saved, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
     if mismatches:
-        raise ValueError(f"cannot resume from {cfg.resume!r}: its config does not match the requested one: " + "; ".join(mismatches))
+        raise ValueError(
+            f"cannot resume from {cfg.resume!r}: its config does not match the requested one: " + "; ".join(mismatches)
+        )
     if cfg.epochs <= ckpt["epoch"]:
         raise ValueError(f"epochs must be > {ckpt['epoch']} (the checkpoint's epoch) to resume, got {cfg.epochs}")
     if len(ckpt["rng"]) != distributed.world_size():
-        raise ValueError(f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with as many, not {distributed.world_size()}")
+        raise ValueError(
+            f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with as many, not {distributed.world_size()}"
+        )
     return ckpt
 
 
@@ -309,7 +336,13 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     metrics, epoch0, step, seconds, skipped = [], 0, 0, 0.0, 0
     if ckpt is not None:
         checkpoint.restore(ckpt, cfg.resume, model, optimizer, scheduler, averaged, objective)
-        metrics, epoch0, step, seconds, skipped = ckpt["metrics"], ckpt["epoch"], ckpt["step"], ckpt["seconds"], ckpt["skipped"]
+        metrics, epoch0, step, seconds, skipped = (
+            ckpt["metrics"],
+            ckpt["epoch"],
+            ckpt["step"],
+            ckpt["seconds"],
+            ckpt["skipped"],
+        )
         checkpoint.set_rng_state(ckpt["rng"][distributed.rank()])
     else:
         # Equal initial weights on every rank, different sampling noise.
@@ -323,7 +356,9 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     eval_model = averaged.module if averaged is not None else model
 
     # disable=None: no bars when stderr is not a terminal (logs get the per-epoch lines only).
-    epochs = tqdm(range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet or None)
+    epochs = tqdm(
+        range(epoch0 + 1, cfg.epochs + 1), desc="epochs", initial=epoch0, total=cfg.epochs, disable=quiet or None
+    )
     run.catch_interrupts()
     for epoch in epochs:
         t0 = time.perf_counter()
@@ -379,7 +414,21 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         # Every rank's generator state, so that a resumed run continues each stream.
         rngs = distributed.all_gather(checkpoint.rng_state())
         if is_main:
-            state = checkpoint.assemble(cfg, epoch, step, model, optimizer, scheduler, averaged, objective, rngs, metrics, seconds, skipped, ds.spec.to_dict())
+            state = checkpoint.assemble(
+                cfg,
+                epoch,
+                step,
+                model,
+                optimizer,
+                scheduler,
+                averaged,
+                objective,
+                rngs,
+                metrics,
+                seconds,
+                skipped,
+                ds.spec.to_dict(),
+            )
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
 
     if writer is not None:
@@ -396,7 +445,11 @@ def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int,
     terms went bad, and the checkpoint left (the one of the last finished epoch)."""
     terms = ", ".join(nonfinite_terms(model, batch)) or "none on re-evaluation (a gradient or an unlucky draw)"
     path = os.path.join(out, checkpoint.CHECKPOINT)
-    kept = f"the last good checkpoint {path} (epoch {epoch - 1}) is kept; continue with --resume" if epoch > 1 else "no epoch had finished, so there is no checkpoint"
+    kept = (
+        f"the last good checkpoint {path} (epoch {epoch - 1}) is kept; continue with --resume"
+        if epoch > 1
+        else "no epoch had finished, so there is no checkpoint"
+    )
     return NonFiniteLossError(
         f"non-finite training loss at step {step} (epoch {epoch}): {err}; ELBO terms not finite on this batch: {terms}. "
         f"Stopped: {kept}, or pass --nan-policy skip to skip such steps"
@@ -407,8 +460,17 @@ def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics
     """The ELBO curves (every metric but epoch, step, lr, grad_norm and seconds)
     and the recipe's figures, drawn with ``model`` (the EMA weights when there are any)."""
     # A resumed older run's rows may name other columns: a curve is NaN where its row lacks it.
-    names = dict.fromkeys(k for m in metrics for k in m if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps"))
+    names = dict.fromkeys(
+        k for m in metrics for k in m if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps")
+    )
     curves = {k: [m.get(k, math.nan) for m in metrics] for k in names}
-    plots.plot_curves(os.path.join(out, "loss.png"), [m["epoch"] for m in metrics], curves, "epoch", {k: metric_unit(k) for k in curves}, f"{cfg.model} on {ds.name}")
+    plots.plot_curves(
+        os.path.join(out, "loss.png"),
+        [m["epoch"] for m in metrics],
+        curves,
+        "epoch",
+        {k: metric_unit(k) for k in curves},
+        f"{cfg.model} on {ds.name}",
+    )
     model.eval()
     recipe.write_figures(out, cfg, model, ds, x_test)

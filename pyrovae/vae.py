@@ -25,7 +25,6 @@ from torch import nn
 
 from pyrovae import params
 from pyrovae.data import check_finite
-
 from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes, first_parameter
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood
@@ -36,7 +35,9 @@ def check_event(d, part: str, z_dim: int):
     """``d`` if its event shape is ``(z_dim,)``, else a ``ValueError`` naming
     the part (before the decoder fails on a raw matrix-size error)."""
     if tuple(d.event_shape) != (z_dim,):
-        raise ValueError(f"the {part} must return a distribution with event shape (z_dim,) = ({z_dim},), got event shape {tuple(d.event_shape)}")
+        raise ValueError(
+            f"the {part} must return a distribution with event shape (z_dim,) = ({z_dim},), got event shape {tuple(d.event_shape)}"
+        )
     return d
 
 
@@ -88,9 +89,7 @@ class VAE(nn.Module):
         if not torch.is_tensor(x):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(
-                f"x must have shape (batch, {self.x_dim}) (flattened examples), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must have shape (batch, {self.x_dim}) (flattened examples), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("x is empty (batch size 0)")
         if not x.is_floating_point():
@@ -156,7 +155,9 @@ class VAE(nn.Module):
 
 def mlp_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None):
     """MLP encoder body ``x_dim -> hidden -> out`` and decoder ``z_dim -> reversed(hidden) -> x_dim``."""
-    return (lambda out_dim: MLP(x_dim, hidden, out_dim, activation)), MLP(z_dim, tuple(reversed(hidden)), x_dim, activation)
+    return (lambda out_dim: MLP(x_dim, hidden, out_dim, activation)), MLP(
+        z_dim, tuple(reversed(hidden)), x_dim, activation
+    )
 
 
 def conv_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None):

@@ -14,18 +14,25 @@ import sys
 import lightning
 import pyro
 import torch
+from test_distributed import fixed_noise_vae, global_batch
 
 from pyrovae import data
+from pyrovae.config import TrainConfig
 from pyrovae.infer import make_elbo
 from pyrovae.lightning import PyroLightningModule
-from pyrovae.config import TrainConfig
-from test_distributed import fixed_noise_vae, global_batch
 
 
 def trainer(steps):
     return lightning.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
     )
 
 
@@ -46,4 +53,7 @@ if __name__ == "__main__":
     module = PyroLightningModule.from_config(TrainConfig(model="vae", data="digits"), ds)
     t = trainer(3)
     t.fit(module, data.make_loader(ds.x_train, ds.y_train, batch_size=16, shuffle=False))
-    torch.save({"state": module.model.state_dict(), "loss": float(t.callback_metrics["train_loss"]), "steps": t.global_step}, os.path.join(out, f"vae{t.global_rank}.pt"))
+    torch.save(
+        {"state": module.model.state_dict(), "loss": float(t.callback_metrics["train_loss"]), "steps": t.global_step},
+        os.path.join(out, f"vae{t.global_rank}.pt"),
+    )

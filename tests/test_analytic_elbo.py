@@ -82,7 +82,9 @@ class LinearGaussian:
     def elbo(self, mu, sigma):
         """E_q log N(x; Wz+b, s^2 I) - KL(N(mu, Sigma) || N(0, I)), with
         E_q log N(x; Wz+b, s^2 I) = log N(x; W mu + b, s^2 I) - tr(W Sigma W^T) / (2 s^2)."""
-        expected_loglik = dist.Normal(self.W @ mu + self.b, self.s).log_prob(self.x).sum() - torch.trace(self.W @ sigma @ self.W.T) / (2 * self.s**2)
+        expected_loglik = dist.Normal(self.W @ mu + self.b, self.s).log_prob(self.x).sum() - torch.trace(
+            self.W @ sigma @ self.W.T
+        ) / (2 * self.s**2)
         kl = 0.5 * (torch.trace(sigma) + mu @ mu - self.d - torch.logdet(sigma))
         return (expected_loglik - kl).item()
 
@@ -158,7 +160,10 @@ def vae_draws():
     pyro.set_rng_seed(5)
     vae, x = small_vae()
     with pyro.validation_enabled(True):
-        draws = {name: loss_and_gradient_draws(elbo, vae, x, 200, particles=20) for name, elbo in (("analytic", TraceAnalyticKL_ELBO), ("trace", Trace_ELBO))}
+        draws = {
+            name: loss_and_gradient_draws(elbo, vae, x, 200, particles=20)
+            for name, elbo in (("analytic", TraceAnalyticKL_ELBO), ("trace", Trace_ELBO))
+        }
     return draws
 
 
@@ -417,7 +422,9 @@ def test_diffusion_chain_guide_forward_is_unbiased_and_guide_posterior_all_close
     from pyrovae.diffusion.schedule import NoiseSchedule
 
     torch.manual_seed(0)
-    chain = DiffusionChain(TimeMLP(2, (16, 16), time_dim=8), NoiseSchedule(torch.tensor([0.1, 0.25, 0.4, 0.6])), 2, "gaussian")
+    chain = DiffusionChain(
+        TimeMLP(2, (16, 16), time_dim=8), NoiseSchedule(torch.tensor([0.1, 0.25, 0.4, 0.6])), 2, "gaussian"
+    )
     x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
     with pyro.validation_enabled(validate):
         elbo = TraceAnalyticKL_ELBO(num_particles=500, vectorize_particles=True, max_plate_nesting=1)
@@ -425,7 +432,9 @@ def test_diffusion_chain_guide_forward_is_unbiased_and_guide_posterior_all_close
             assert elbo.terms(chain.model, chain.guide_forward, x0).closed_form == ("x_4",)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            forward = torch.tensor([-elbo.loss(chain.model, chain.guide_forward, x0) for _ in range(20)], dtype=torch.float64)
+            forward = torch.tensor(
+                [-elbo.loss(chain.model, chain.guide_forward, x0) for _ in range(20)], dtype=torch.float64
+            )
             assert elbo.terms(chain.model, chain.guide_posterior, x0).closed_form == ("x_4", "x_3", "x_2", "x_1")
             posterior = elbo_draws(TraceAnalyticKL_ELBO, chain.model, chain.guide_posterior, 20, x0, particles=500)
         trace = elbo_draws(Trace_ELBO, chain.model, chain.guide_forward, 20, x0, particles=500)
@@ -461,7 +470,9 @@ def test_dependencies_that_cannot_be_worked_out_take_monte_carlo_at_every_out_of
         pyro.sample("z2", dist.Normal(0.3, 0.8))
         pyro.sample("z1", dist.Normal(-0.2, 0.5))
 
-    with pytest.warns(UserWarning, match=r"\['z2'\] \(their dependencies could not be worked out \(NotImplementedError: untraceable"):
+    with pytest.warns(
+        UserWarning, match=r"\['z2'\] \(their dependencies could not be worked out \(NotImplementedError: untraceable"
+    ):
         terms = TraceAnalyticKL_ELBO().terms(chain_model, guide)
     assert terms.closed_form == ("z1",)
 
@@ -534,7 +545,10 @@ def test_discrete_latent_loss_and_gradient_match_trace_elbo_in_expectation(subsa
     m = DiscreteGaussian(subsample_size)
     terms = TraceAnalyticKL_ELBO().terms(m.model, m.guide)
     assert terms.closed_form == ("z",)
-    (loss_a, grad_a), (loss_t, grad_t) = surrogate_draws(TraceAnalyticKL_ELBO, m, 200), surrogate_draws(Trace_ELBO, m, 200)
+    (loss_a, grad_a), (loss_t, grad_t) = (
+        surrogate_draws(TraceAnalyticKL_ELBO, m, 200),
+        surrogate_draws(Trace_ELBO, m, 200),
+    )
     a = torch.cat([loss_a[:, None], grad_a], 1)
     t = torch.cat([loss_t[:, None], grad_t], 1)
     assert_means_equal(a, t, comparisons=a.shape[1])
@@ -561,7 +575,12 @@ def masked_programs(case: str):
     guide, masked or scaled as ``case`` says; and the per-index weight w that
     multiplies each KL term."""
     g = torch.Generator().manual_seed(12)
-    p, q_loc, q_scale, x = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g) + 0.3, torch.randn(3, 4, generator=g)
+    p, q_loc, q_scale, x = (
+        torch.randn(3, 4, generator=g),
+        torch.randn(3, 4, generator=g),
+        torch.rand(3, 4, generator=g) + 0.3,
+        torch.randn(3, 4, generator=g),
+    )
     wrap = {"dist": lambda d: d.mask(MASK)} if case == "Distribution.mask(tensor)" else {}
     if case == "Distribution.mask(False)":
         wrap = {"dist": lambda d: d.mask(False)}
@@ -594,7 +613,16 @@ def masked_programs(case: str):
     return model, guide, exact_kl
 
 
-@pytest.mark.parametrize("case", ["Distribution.mask(False)", "Distribution.mask(tensor)", "poutine.mask (broadcast)", "poutine.scale", "poutine.scale (tensor)"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "Distribution.mask(False)",
+        "Distribution.mask(tensor)",
+        "poutine.mask (broadcast)",
+        "poutine.scale",
+        "poutine.scale (tensor)",
+    ],
+)
 def test_masks_and_scales_weight_the_closed_form_kl_and_match_trace_elbo(case):
     model, guide, exact_kl = masked_programs(case)
     terms = TraceAnalyticKL_ELBO().terms(model, guide)
@@ -624,6 +652,7 @@ def test_mask_on_one_side_only_falls_back_to_monte_carlo_and_matches_trace_elbo(
     t = elbo_draws(Trace_ELBO, model, guide, 40, particles=50)
     assert_means_equal(a[:, None], t[:, None], 1)
 
+
 # ---------------------------------------------------------------------------
 # Training: the VAE default, per-term test figures, KL warm-up.
 
@@ -634,8 +663,29 @@ def test_vae_training_defaults_to_analytic_elbo_and_reports_recon_and_kl(tmp_pat
 
     assert TrainConfig().elbo == "analytic"
     out = tmp_path / "run"
-    code = main(["train", "vae", "--data", "digits", "--train-size", "64", "--test-size", "32", "--epochs", "1",
-                 "--z-dim", "2", "--hidden", "8", "--test-particles", "2", "--quiet", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "vae",
+            "--data",
+            "digits",
+            "--train-size",
+            "64",
+            "--test-size",
+            "32",
+            "--epochs",
+            "1",
+            "--z-dim",
+            "2",
+            "--hidden",
+            "8",
+            "--test-particles",
+            "2",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     header, row = (out / "metrics.csv").read_text().splitlines()[:2]
     metrics = dict(zip(header.split(","), map(float, row.split(","))))
@@ -655,8 +705,18 @@ def test_kl_warmup_raises_kl_scale_linearly_from_zero_to_one(monkeypatch, tmp_pa
         seen.append(objective.kl_scale)
 
     monkeypatch.setattr(VAERecipe, "on_epoch_start", record)
-    cfg = training.TrainConfig(data="digits", train_size=16, test_size=8, epochs=5, z_dim=2, hidden=[4], kl_warmup=3,
-                               test_particles=1, quiet=True, out=str(tmp_path))
+    cfg = training.TrainConfig(
+        data="digits",
+        train_size=16,
+        test_size=8,
+        epochs=5,
+        z_dim=2,
+        hidden=[4],
+        kl_warmup=3,
+        test_particles=1,
+        quiet=True,
+        out=str(tmp_path),
+    )
     training.train(cfg)
     assert seen == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
 

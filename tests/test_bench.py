@@ -93,9 +93,15 @@ def test_times_are_positive_and_finite_and_ratios_are_to_the_floor(smoke):
     _, _, report = smoke
     results = report["results"]
     for r in results:
-        assert len(r["times_ms"]) in (report["header"]["repeats"], report["header"]["slow_repeats"], report["header"]["train_repeats"])
+        assert len(r["times_ms"]) in (
+            report["header"]["repeats"],
+            report["header"]["slow_repeats"],
+            report["header"]["train_repeats"],
+        )
         assert all(math.isfinite(t) and t > 0 for t in r["times_ms"]), r
-        floor = next(f for f in results if (f["workload"], f["case"], f["variant"]) == (r["workload"], r["case"], bench.FLOOR))
+        floor = next(
+            f for f in results if (f["workload"], f["case"], f["variant"]) == (r["workload"], r["case"], bench.FLOOR)
+        )
         assert r["ratio"] == pytest.approx(r["ms"] / floor["ms"])
 
 
@@ -146,7 +152,10 @@ def test_vae_floor_computes_the_analytic_elbo_of_the_same_draws():
 def test_targets_are_marked_met_or_missed_in_the_table(smoke):
     _, table, report = smoke
     targeted = [r for r in report["results"] if r["target"] is not None]
-    assert {(r["workload"], r["variant"]) for r in targeted} >= {("diffusion", bench.TRAINER), ("train", bench.RUN_NO_VALIDATE)}
+    assert {(r["workload"], r["variant"]) for r in targeted} >= {
+        ("diffusion", bench.TRAINER),
+        ("train", bench.RUN_NO_VALIDATE),
+    }
     for r in targeted:
         word = "met" if r["ratio"] <= r["target"] else "MISSED"
         assert any(r["variant"] in line and f"<= {r['target']:.2f}  {word}" in line for line in table.splitlines()), r

@@ -27,7 +27,13 @@ def test_bits_per_dim_is_nats_over_d_ln_2_and_checks_d():
 
 def test_bound_terms_and_prefixes_name_every_part():
     terms = bound_terms(-80.0, 5.0, 15.0, dim=784)
-    assert terms == {"recon": -80.0, "kl_top": 5.0, "kl_layers": 15.0, "elbo": -100.0, "bpd": pytest.approx(100 / (784 * math.log(2)))}
+    assert terms == {
+        "recon": -80.0,
+        "kl_top": 5.0,
+        "kl_layers": 15.0,
+        "elbo": -100.0,
+        "bpd": pytest.approx(100 / (784 * math.log(2))),
+    }
     assert list(prefixed(bound_terms(-1.0, 0.5), "test")) == ["test_recon", "test_kl_top", "test_elbo"]
     assert {metric_unit("test_bpd"), metric_unit("train_loss_hybrid"), metric_unit("test_elbo")} == {
         "bits per dimension",
@@ -51,11 +57,19 @@ def test_vae_evaluate_reports_the_bound_s_names_and_bits_per_dim_for_a_pmf():
 
 def test_diffusion_terms_agree_with_the_full_bound_in_expectation():
     torch.manual_seed(0)
-    chain = DiffusionChain(TimeMLP(4, (16,), out_mult=2), NoiseSchedule(torch.tensor([0.1, 0.25, 0.4, 0.6])), 4, "discretised", variance="learned")
+    chain = DiffusionChain(
+        TimeMLP(4, (16,), out_mult=2),
+        NoiseSchedule(torch.tensor([0.1, 0.25, 0.4, 0.6])),
+        4,
+        "discretised",
+        variance="learned",
+    )
     x0 = torch.randint(0, 256, (6, 4)).float() / 127.5 - 1
     elbo, M = DiffusionELBO(num_particles=16), 30
     with torch.no_grad():
-        ours = torch.tensor([list(elbo.terms(chain.model, chain.guide_posterior, x0).values()) for _ in range(M)], dtype=torch.float64)
+        ours = torch.tensor(
+            [list(elbo.terms(chain.model, chain.guide_posterior, x0).values()) for _ in range(M)], dtype=torch.float64
+        )
         full = []
         for _ in range(M):
             b = chain.full_bound(x0.repeat(16, 1))
@@ -63,7 +77,12 @@ def test_diffusion_terms_agree_with_the_full_bound_in_expectation():
         full = torch.tensor(full, dtype=torch.float64)
     for name, a, b in zip(("recon", "kl_top", "kl_layers"), ours.T, full.T):
         se = math.sqrt((a.var() + b.var()) / M)
-        assert abs(a.mean() - b.mean()) < 4.5 * se + 1e-5 * abs(b.mean()), (name, a.mean(), b.mean(), se)  # (+ float32 rounding)
+        assert abs(a.mean() - b.mean()) < 4.5 * se + 1e-5 * abs(b.mean()), (
+            name,
+            a.mean(),
+            b.mean(),
+            se,
+        )  # (+ float32 rounding)
     assert torch.equal(ours[:, 1], ours[:1, 1].expand(M))  # kl_top is exact
 
 
@@ -73,4 +92,6 @@ def test_diffusion_evaluate_reports_the_bound_s_names():
     x0 = torch.randint(0, 256, (5, 4)).float() / 127.5 - 1
     metrics = DiffusionRecipe().evaluate(SimpleNamespace(test_particles=2), chain, x0)
     assert set(metrics) == {"test_recon", "test_kl_top", "test_kl_layers", "test_elbo", "test_bpd"}
-    assert metrics["test_elbo"] == pytest.approx(metrics["test_recon"] - metrics["test_kl_top"] - metrics["test_kl_layers"])
+    assert metrics["test_elbo"] == pytest.approx(
+        metrics["test_recon"] - metrics["test_kl_top"] - metrics["test_kl_layers"]
+    )

@@ -3,8 +3,8 @@
 import csv
 import json
 import os
-import shutil
 import random
+import shutil
 
 import numpy as np
 import pyro
@@ -17,11 +17,40 @@ from pyrovae.checkpoint import atomic_torch_save, load_checkpoint, rng_state, se
 from pyrovae.cli import main
 from pyrovae.train import RECIPES, TrainConfig, train
 
-TINY = ["--data", "digits", "--train-size", "48", "--test-size", "32", "--batch-size", "16", "--z-dim", "3", "--hidden", "8", "--quiet"]
+TINY = [
+    "--data",
+    "digits",
+    "--train-size",
+    "48",
+    "--test-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--z-dim",
+    "3",
+    "--hidden",
+    "8",
+    "--quiet",
+]
 # Every piece of state a resume must restore: Adam moments under a scheduler,
 # the warm-up and decay position, the EMA, the KL warm-up (set per epoch by the recipe's hook),
 # and the torch RNG (dynamic binarisation, z draws).
-FULL = ["--kl-warmup", "3", "--optimizer", "clippedadam", "--lr-schedule", "exponential", "--lr-gamma", "0.8", "--warmup-steps", "4", "--grad-clip", "50", "--ema-decay", "0.9"]
+FULL = [
+    "--kl-warmup",
+    "3",
+    "--optimizer",
+    "clippedadam",
+    "--lr-schedule",
+    "exponential",
+    "--lr-gamma",
+    "0.8",
+    "--warmup-steps",
+    "4",
+    "--grad-clip",
+    "50",
+    "--ema-decay",
+    "0.9",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +62,23 @@ def run_dir(tmp_path_factory):
 
 def test_checkpoint_reads_with_weights_only_and_holds_the_full_state(run_dir):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"format", "config", "epoch", "step", "model", "ema", "ema_updates", "optimizer", "scheduler", "time_sampler", "rng", "metrics", "seconds", "skipped", "data"}
+    assert set(ckpt) == {
+        "format",
+        "config",
+        "epoch",
+        "step",
+        "model",
+        "ema",
+        "ema_updates",
+        "optimizer",
+        "scheduler",
+        "time_sampler",
+        "rng",
+        "metrics",
+        "seconds",
+        "skipped",
+        "data",
+    }
     assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
     assert TrainConfig.from_dict(ckpt["config"]).ema_decay == 0.9
     assert set(ckpt["ema"]) == set(ckpt["model"]) and ckpt["ema_updates"] == 6
@@ -102,13 +147,18 @@ def test_two_epochs_then_resume_two_equals_four_epochs_bit_for_bit(run_dir, tmp_
 
 
 def test_resume_with_a_changed_model_setting_names_the_mismatch(run_dir, capsys):
-    assert main(["train", "vae", "--resume", str(run_dir), "--epochs", "3", "--z-dim", "5", "--lr", "0.01", "--quiet"]) == 1
+    assert (
+        main(["train", "vae", "--resume", str(run_dir), "--epochs", "3", "--z-dim", "5", "--lr", "0.01", "--quiet"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "z_dim: checkpoint 3, requested 5" in err and "lr: checkpoint 0.001, requested 0.01" in err
 
 
 def test_resume_in_python_checks_the_whole_config(run_dir):
-    cfg = TrainConfig.from_dict({**json.loads((run_dir / "config.json").read_text()), "epochs": 3, "hidden": [9], "resume": str(run_dir)})
+    cfg = TrainConfig.from_dict(
+        {**json.loads((run_dir / "config.json").read_text()), "epochs": 3, "hidden": [9], "resume": str(run_dir)}
+    )
     with pytest.raises(ValueError, match=r"hidden: checkpoint \[8\], requested \[9\]"):
         train(cfg)
 
@@ -149,7 +199,9 @@ def test_load_of_another_model_name_is_an_error_naming_both(run_dir):
 def test_weights_that_do_not_fit_the_config_name_the_entries(run_dir):
     ckpt = load_checkpoint(str(run_dir))
     model = RECIPES["vae"].build(TrainConfig(z_dim=4, hidden=[8]), pyrovae.data.load_dataset("digits"))
-    with pytest.raises(ValueError, match=r"decoder\.0\.weight has shape \(8, 3\) in the checkpoint, \(8, 4\) in the model"):
+    with pytest.raises(
+        ValueError, match=r"decoder\.0\.weight has shape \(8, 3\) in the checkpoint, \(8, 4\) in the model"
+    ):
         checkpoint.load_model_state(model, ckpt["model"], "run")
 
 
@@ -177,7 +229,9 @@ def test_sample_and_evaluate_commands_take_a_run_folder(run_dir, tmp_path, capsy
     assert reported["test_size"] == 32
 
 
-FORMAT1_VAE = os.path.join(os.path.dirname(__file__), "data", "format1-vae")  # written by pyrovae 0.1 (Pyro's per-parameter optimisers)
+FORMAT1_VAE = os.path.join(
+    os.path.dirname(__file__), "data", "format1-vae"
+)  # written by pyrovae 0.1 (Pyro's per-parameter optimisers)
 
 
 def fixture_copy(folder: str, tmp_path) -> str:
@@ -206,7 +260,10 @@ def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(
     for i, (name, p) in enumerate(net.named_parameters()):
         saved = old["optim"][f"vae$$${name}"]["optimizer"]["state"][0]
         assert torch.equal(optimizer.state[p]["exp_avg"], saved["exp_avg"]), name
-    assert scheduler.last_epoch == old["step"] and optimizer.param_groups[0]["lr"] == old["optim"][f"vae$$${name}"]["optimizer"]["param_groups"][0]["lr"]
+    assert (
+        scheduler.last_epoch == old["step"]
+        and optimizer.param_groups[0]["lr"] == old["optim"][f"vae$$${name}"]["optimizer"]["param_groups"][0]["lr"]
+    )
     assert int(averaged.n_averaged) == old["step"]
 
     run = tmp_path / "old"
@@ -217,7 +274,9 @@ def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(
     assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
 
 
-FORMAT1_DIFFUSION_RUN = os.path.join(os.path.dirname(__file__), "data", "format1-diffusion")  # pyrovae 0.1: a chain without a prior module, fewer schedule tables
+FORMAT1_DIFFUSION_RUN = os.path.join(
+    os.path.dirname(__file__), "data", "format1-diffusion"
+)  # pyrovae 0.1: a chain without a prior module, fewer schedule tables
 
 
 def test_a_format1_diffusion_checkpoint_loads_samples_evaluates_and_resumes(tmp_path, capsys):
@@ -239,10 +298,43 @@ def test_a_format1_diffusion_checkpoint_loads_samples_evaluates_and_resumes(tmp_
     assert load_checkpoint(str(run))["format"] == checkpoint.CHECKPOINT_FORMAT
 
 
-DIFFUSION_TINY = ["--data", "moons", "--train-size", "64", "--test-size", "16", "--batch-size", "16", "--T", "4", "--hidden", "8", "--quiet", "--eval-every", "1", "--sample-steps", "2"]
+DIFFUSION_TINY = [
+    "--data",
+    "moons",
+    "--train-size",
+    "64",
+    "--test-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--T",
+    "4",
+    "--hidden",
+    "8",
+    "--quiet",
+    "--eval-every",
+    "1",
+    "--sample-steps",
+    "2",
+]
 # The diffusion run's state: the importance sampler's history (p(t) leaves uniform in
 # epoch 2: 4 steps of 16 draws give every t its 10 values), bf16 autocast, EMA, schedules.
-DIFFUSION_FULL = ["--time-sampler", "importance", "--precision", "bf16", "--ema-decay", "0.9", "--lr-schedule", "exponential", "--lr-gamma", "0.7", "--warmup-steps", "3", "--grad-clip", "20"]  # cosine depends on --epochs
+DIFFUSION_FULL = [
+    "--time-sampler",
+    "importance",
+    "--precision",
+    "bf16",
+    "--ema-decay",
+    "0.9",
+    "--lr-schedule",
+    "exponential",
+    "--lr-gamma",
+    "0.7",
+    "--warmup-steps",
+    "3",
+    "--grad-clip",
+    "20",
+]  # cosine depends on --epochs
 
 
 def test_diffusion_two_epochs_then_resume_equals_four_epochs_bit_for_bit_with_the_sampler_state(tmp_path):

@@ -12,7 +12,23 @@ import torch
 from pyrovae.cli import build_parser, config_from_args, main
 from pyrovae.config import MODELS, TrainConfig
 
-TINY = ["--train-size", "64", "--test-size", "32", "--batch-size", "32", "--epochs", "2", "--z-dim", "4", "--hidden", "16", "--test-particles", "2", "--quiet"]
+TINY = [
+    "--train-size",
+    "64",
+    "--test-size",
+    "32",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "2",
+    "--z-dim",
+    "4",
+    "--hidden",
+    "16",
+    "--test-particles",
+    "2",
+    "--quiet",
+]
 DIGITS = ["--data", "digits", *TINY]  # 8x8 images: no 30 s MNIST load per test
 OUTPUTS = ["config.json", "metrics.csv", "model.pt", "checkpoint.pt", "loss.png", "samples.png", "reconstructions.png"]
 
@@ -116,12 +132,29 @@ def test_every_config_field_is_a_flag_with_the_config_s_choices(model):
 
 
 def test_flag_values_become_config_values():
-    args = build_parser().parse_args(["train", "diffusion", "--T", "7", "--hidden", "8", "8", "--ema-decay", "none", "--no-validate", "--objective", "elbo"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "diffusion",
+            "--T",
+            "7",
+            "--hidden",
+            "8",
+            "8",
+            "--ema-decay",
+            "none",
+            "--no-validate",
+            "--objective",
+            "elbo",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.T, cfg.hidden, cfg.ema_decay, cfg.validate, cfg.objective) == (7, [8, 8], None, False, "elbo")
 
 
-@pytest.mark.parametrize("command", [["train", "vae"], ["train", "diffusion"], ["sample", "vae"], ["evaluate", "diffusion"], ["bench"]])
+@pytest.mark.parametrize(
+    "command", [["train", "vae"], ["train", "diffusion"], ["sample", "vae"], ["evaluate", "diffusion"], ["bench"]]
+)
 def test_help_shows_each_default_once(command, capsys):
     with pytest.raises(SystemExit):
         main([*command, "--help"])
@@ -135,15 +168,54 @@ def test_help_shows_each_default_once(command, capsys):
 
 # ---- resume takes the run's own settings (issue 17 item 13) ----
 
-DIFFUSION = ["--data", "moons", "--train-size", "64", "--test-size", "32", "--batch-size", "32", "--T", "4", "--hidden", "8", "--sample-steps", "2", "--quiet"]
+DIFFUSION = [
+    "--data",
+    "moons",
+    "--train-size",
+    "64",
+    "--test-size",
+    "32",
+    "--batch-size",
+    "32",
+    "--T",
+    "4",
+    "--hidden",
+    "8",
+    "--sample-steps",
+    "2",
+    "--quiet",
+]
 
 
 def test_a_diffusion_run_with_its_own_settings_resumes_with_no_flags_but_epochs(tmp_path):
     out = str(tmp_path / "run")
-    assert main(["train", "diffusion", *DIFFUSION, "--epochs", "1", "--schedule", "cosine", "--lr", "1e-3", "--ema-decay", "none", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "diffusion",
+                *DIFFUSION,
+                "--epochs",
+                "1",
+                "--schedule",
+                "cosine",
+                "--lr",
+                "1e-3",
+                "--ema-decay",
+                "none",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     assert main(["train", "diffusion", "--epochs", "2", "--resume", out]) == 0
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert ckpt["epoch"] == 2 and (ckpt["config"]["schedule"], ckpt["config"]["T"], ckpt["config"]["lr"]) == ("cosine", 4, 1e-3)
+    assert ckpt["epoch"] == 2 and (ckpt["config"]["schedule"], ckpt["config"]["T"], ckpt["config"]["lr"]) == (
+        "cosine",
+        4,
+        1e-3,
+    )
 
 
 def test_a_resume_changing_a_setting_names_it(tmp_path, capsys):
@@ -220,7 +292,10 @@ def digits_run(tmp_path_factory):
 def test_sample_writes_every_sample_as_npy_and_a_grid_as_png(digits_run, capsys):
     import numpy as np
 
-    assert main(["sample", "vae", str(digits_run), "--n", "150", "--chunk-size", "64", "--out", str(digits_run / "s.png")]) == 0
+    assert (
+        main(["sample", "vae", str(digits_run), "--n", "150", "--chunk-size", "64", "--out", str(digits_run / "s.png")])
+        == 0
+    )
     x = np.load(digits_run / "s.npy")
     assert x.shape == (150, 64) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
     assert len(np.unique(x, axis=0)) == 150  # every chunk is new draws

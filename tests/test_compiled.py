@@ -9,7 +9,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-
 from torch._subclasses.fake_tensor import FakeTensor
 
 from pyrovae.cli import main
@@ -74,9 +73,15 @@ def test_the_replayed_graph_gives_the_eager_loss_and_gradients_bit_for_bit(name)
         assert torch.equal(a, b)
 
 
-PARTS = [{"prior": name} for name in ("normal", "mog", "vamp", "flow")] + [{"guide": name} for name in ("lowrank", "full", "iaf")] + [
-    {"likelihood": name} for name in ("continuous-bernoulli", "gaussian", "discretised-logistic", "discretised-gaussian")
-] + [{"net": "conv", "image_shape": (3, 8, 8)}]
+PARTS = (
+    [{"prior": name} for name in ("normal", "mog", "vamp", "flow")]
+    + [{"guide": name} for name in ("lowrank", "full", "iaf")]
+    + [
+        {"likelihood": name}
+        for name in ("continuous-bernoulli", "gaussian", "discretised-logistic", "discretised-gaussian")
+    ]
+    + [{"net": "conv", "image_shape": (3, 8, 8)}]
+)
 
 
 @pytest.mark.parametrize("parts", PARTS, ids=lambda parts: "-".join(map(str, parts.values())))
@@ -256,7 +261,29 @@ def test_train_vae_with_compile_runs_the_captured_loss_and_learns(tmp_path, monk
 
     monkeypatch.setattr(CompiledLoss, "forward", spy)
     out = tmp_path / "run"
-    argv = ["train", "vae", "--data", "digits", "--train-size", "64", "--test-size", "32", "--batch-size", "32", "--z-dim", "3", "--hidden", "8", "--quiet", "--no-validate", "--epochs", "3", "--compile", "--out", str(out)]
+    argv = [
+        "train",
+        "vae",
+        "--data",
+        "digits",
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--z-dim",
+        "3",
+        "--hidden",
+        "8",
+        "--quiet",
+        "--no-validate",
+        "--epochs",
+        "3",
+        "--compile",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -268,7 +295,23 @@ def test_train_vae_with_compile_runs_the_captured_loss_and_learns(tmp_path, monk
 def test_a_compiled_run_resumed_from_its_checkpoint_continues_bit_for_bit(tmp_path):
     # 40 examples in batches of 16: two batch shapes, so two graphs, each captured again
     # after the resumption; every step draws from the graph, the first included
-    tiny = ["--data", "digits", "--train-size", "40", "--test-size", "16", "--batch-size", "16", "--z-dim", "3", "--hidden", "8", "--quiet", "--no-validate", "--compile"]
+    tiny = [
+        "--data",
+        "digits",
+        "--train-size",
+        "40",
+        "--test-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--z-dim",
+        "3",
+        "--hidden",
+        "8",
+        "--quiet",
+        "--no-validate",
+        "--compile",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", "vae", *tiny, "--epochs", "4", "--out", str(straight)]) == 0
     assert main(["train", "vae", *tiny, "--epochs", "2", "--out", str(resumed)]) == 0
@@ -332,7 +375,9 @@ class DiscreteLatent(torch.nn.Module):
 def test_a_discrete_latent_and_several_particles_replay_the_eager_loss_and_score_gradients(particles, vectorize):
     model = DiscreteLatent()
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
-    elbo = TraceAnalyticKL_ELBO(num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1, kl_scale=0.5)
+    elbo = TraceAnalyticKL_ELBO(
+        num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1, kl_scale=0.5
+    )
     eager = LossModule(model, elbo)
     captured = warm(CompiledLoss(eager, backend=None), x)
     assert captured.failed is None

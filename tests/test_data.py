@@ -172,9 +172,19 @@ def mixed_sizes(p):
 
 CLI_BAD_SOURCES = [
     ("empty folder", lambda p: (p / "src").mkdir(), "src", "no image files"),
-    ("corrupt image", lambda p: (write_pngs(p / "src", 2), (p / "src" / "x.png").write_bytes(b"garbage")), "src", "x.png: cannot read image"),
+    (
+        "corrupt image",
+        lambda p: (write_pngs(p / "src", 2), (p / "src" / "x.png").write_bytes(b"garbage")),
+        "src",
+        "x.png: cannot read image",
+    ),
     ("mixed sizes", mixed_sizes, "src", "differ in size"),
-    ("float outside [0, 1]", lambda p: np.save(p / "src.npy", np.linspace(-1, 2, 48, dtype=np.float32).reshape(3, 4, 4)), "src.npy", r"found \[-1, 2\]"),
+    (
+        "float outside [0, 1]",
+        lambda p: np.save(p / "src.npy", np.linspace(-1, 2, 48, dtype=np.float32).reshape(3, 4, 4)),
+        "src.npy",
+        r"found \[-1, 2\]",
+    ),
     ("NaN", lambda p: np.save(p / "src.npy", np.full((3, 4, 4), np.nan, np.float32)), "src.npy", "NaN"),
     ("1-D array", lambda p: np.save(p / "src.npy", np.zeros(5, np.uint8)), "src.npy", r"got shape \(5,\)"),
     ("unknown name", lambda p: None, "cifar10", "not one of mnist5k"),
@@ -202,7 +212,24 @@ def test_run_trained_on_a_folder_samples_without_it_and_evaluates_on_a_copy(tmp_
 
     write_pngs(tmp_path / "imgs", 20)
     run = str(tmp_path / "run")
-    assert main(["train", "vae", "--data", str(tmp_path / "imgs"), "--net", "conv", "--likelihood", "discretised-logistic", "--out", run, *TINY_VAE]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "vae",
+                "--data",
+                str(tmp_path / "imgs"),
+                "--net",
+                "conv",
+                "--likelihood",
+                "discretised-logistic",
+                "--out",
+                run,
+                *TINY_VAE,
+            ]
+        )
+        == 0
+    )
     shutil.copytree(tmp_path / "imgs", tmp_path / "copy")
     shutil.rmtree(tmp_path / "imgs")
     model, cfg = pyrovae.load(run)
@@ -225,7 +252,10 @@ def test_checkpoint_without_a_data_spec_still_loads(tmp_path):
     from pyrovae import checkpoint
 
     run = str(tmp_path / "run")
-    assert main(["train", "vae", "--data", "digits", "--train-size", "16", "--test-size", "8", "--out", run, *TINY_VAE]) == 0
+    assert (
+        main(["train", "vae", "--data", "digits", "--train-size", "16", "--test-size", "8", "--out", run, *TINY_VAE])
+        == 0
+    )
     ckpt = torch.load(os.path.join(run, checkpoint.CHECKPOINT), weights_only=True)
     assert ckpt["data"] == {"name": "digits", "image_shape": [1, 8, 8], "values": "unit"}
     del ckpt["data"]  # as written before the spec was saved
@@ -242,7 +272,10 @@ def test_lazy_rows_train_exactly_as_the_whole_tensor(tmp_path, monkeypatch):
     for lazy_bytes, workers in ((data.EAGER_BYTES, "0"), (0, "1")):
         monkeypatch.setattr(data, "EAGER_BYTES", lazy_bytes)
         run = str(tmp_path / f"run{workers}")
-        assert main(["train", "vae", "--data", str(tmp_path / "x.npy"), "--num-workers", workers, "--out", run, *TINY_VAE]) == 0
+        assert (
+            main(["train", "vae", "--data", str(tmp_path / "x.npy"), "--num-workers", workers, "--out", run, *TINY_VAE])
+            == 0
+        )
         states.append(torch.load(os.path.join(run, "model.pt"), weights_only=True))
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -262,7 +295,20 @@ def assert_colour_png(path):
 
 LATENT_COLOUR_ARGS = {
     "vae": ["--net", "conv", *TINY_VAE],
-    "hvae": ["--z-dims", "3", "2", "--hidden", "8", "--epochs", "1", "--batch-size", "8", "--test-particles", "1", "--quiet"],
+    "hvae": [
+        "--z-dims",
+        "3",
+        "2",
+        "--hidden",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--test-particles",
+        "1",
+        "--quiet",
+    ],
 }
 
 
@@ -272,7 +318,18 @@ def test_latent_variable_models_train_on_photo_patches_and_draw_colour(tmp_path,
     import math
 
     run = str(tmp_path / "run")
-    args = ["--data", "photo-patches", "--train-size", "64", "--test-size", "16", "--likelihood", "discretised-logistic", "--iwae-k", "2"]
+    args = [
+        "--data",
+        "photo-patches",
+        "--train-size",
+        "64",
+        "--test-size",
+        "16",
+        "--likelihood",
+        "discretised-logistic",
+        "--iwae-k",
+        "2",
+    ]
     assert main(["train", model, *args, "--out", run, *LATENT_COLOUR_ARGS[model]]) == 0
     assert_colour_png(os.path.join(run, "reconstructions.png"))
     with open(os.path.join(run, "metrics.csv")) as f:
@@ -290,7 +347,23 @@ def test_diffusion_models_train_on_photo_patches_and_draw_colour(tmp_path, model
     import math
 
     run = str(tmp_path / "run")
-    args = ["--data", "photo-patches", "--train-size", "32", "--test-size", "8", "--channels", "4", "--sample-steps", "3", "--epochs", "1", "--batch-size", "16", "--quiet"]
+    args = [
+        "--data",
+        "photo-patches",
+        "--train-size",
+        "32",
+        "--test-size",
+        "8",
+        "--channels",
+        "4",
+        "--sample-steps",
+        "3",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--quiet",
+    ]
     assert main(["train", model, *args, *DIFFUSION_COLOUR_ARGS[model], "--out", run]) == 0
     assert_colour_png(os.path.join(run, "samples.png"))
     with open(os.path.join(run, "metrics.csv")) as f:

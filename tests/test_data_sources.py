@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import write_idx
 
 from pyrovae import data
-from test_data import write_idx
 
 
 def write_images(folder, images, mode=None, names=None):
@@ -154,7 +154,9 @@ def test_npz_with_its_own_split_and_labels(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(6), x_test=x_test, y_test=np.array([7, 8]))
     ds = data.load_dataset(str(tmp_path / "d.npz"))
     assert ds.image_shape == (1, 5, 5)
-    assert torch.equal(ds.x_train, torch.from_numpy(x.reshape(6, -1))) and torch.equal(ds.x_test, torch.from_numpy(x_test.reshape(2, -1)))
+    assert torch.equal(ds.x_train, torch.from_numpy(x.reshape(6, -1))) and torch.equal(
+        ds.x_test, torch.from_numpy(x_test.reshape(2, -1))
+    )
     assert ds.y_train.tolist() == list(range(6)) and ds.y_test.tolist() == [7, 8]
 
 
@@ -210,14 +212,52 @@ BAD_SOURCES = [
     ("empty folder", lambda p: (p / "src").mkdir(), "src", ValueError, "no image files"),
     ("corrupt image", lambda p: corrupt_png(p / "src"), "src", ValueError, "bad.png: cannot read image"),
     ("truncated image", lambda p: truncated_png(p / "src"), "src", ValueError, "000.png: cannot decode image"),
-    ("mixed sizes", lambda p: write_images(p / "src", [rgb_images(1)[0], rgb_images(1, h=7)[0]]), "src", ValueError, "--image-size"),
-    ("float outside [0, 1]", lambda p: np.save(p / "src.npy", np.full((3, 4, 4), 1.5, np.float32)), "src.npy", ValueError, r"\[0, 1\], found \[1.5, 1.5\]"),
-    ("NaN", lambda p: np.save(p / "src.npy", np.full((3, 4, 4), np.nan, np.float32)), "src.npy", ValueError, "48 NaN or inf"),
+    (
+        "mixed sizes",
+        lambda p: write_images(p / "src", [rgb_images(1)[0], rgb_images(1, h=7)[0]]),
+        "src",
+        ValueError,
+        "--image-size",
+    ),
+    (
+        "float outside [0, 1]",
+        lambda p: np.save(p / "src.npy", np.full((3, 4, 4), 1.5, np.float32)),
+        "src.npy",
+        ValueError,
+        r"\[0, 1\], found \[1.5, 1.5\]",
+    ),
+    (
+        "NaN",
+        lambda p: np.save(p / "src.npy", np.full((3, 4, 4), np.nan, np.float32)),
+        "src.npy",
+        ValueError,
+        "48 NaN or inf",
+    ),
     ("1-D array", lambda p: np.save(p / "src.npy", np.zeros(5, np.uint8)), "src.npy", ValueError, r"got shape \(5,\)"),
-    ("int64 array", lambda p: np.save(p / "src.npy", np.ones((3, 4, 4), np.int64)), "src.npy", ValueError, "got int64 with values in"),
+    (
+        "int64 array",
+        lambda p: np.save(p / "src.npy", np.ones((3, 4, 4), np.int64)),
+        "src.npy",
+        ValueError,
+        "got int64 with values in",
+    ),
     ("empty .npy file", lambda p: (p / "src.npy").write_bytes(b""), "src.npy", ValueError, "src.npy: cannot read .npy"),
-    ("truncated .npy", lambda p: (p / "src.npy").write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, 'shape': (9, 9, 9), }" + b" " * 40 + b"\n"), "src.npy", ValueError, "src.npy: cannot read .npy"),
-    ("npz without x", lambda p: np.savez(p / "src.npz", images=np.zeros((3, 4, 4))), "src.npz", ValueError, "must hold 'x'"),
+    (
+        "truncated .npy",
+        lambda p: (p / "src.npy").write_bytes(
+            b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, 'shape': (9, 9, 9), }" + b" " * 40 + b"\n"
+        ),
+        "src.npy",
+        ValueError,
+        "src.npy: cannot read .npy",
+    ),
+    (
+        "npz without x",
+        lambda p: np.savez(p / "src.npz", images=np.zeros((3, 4, 4))),
+        "src.npz",
+        ValueError,
+        "must hold 'x'",
+    ),
     ("other file type", lambda p: (p / "src.csv").write_text("1,2"), "src.csv", ValueError, "not .npy or .npz"),
     ("missing path", lambda p: None, "no/such/dir", FileNotFoundError, "does not exist"),
     ("unknown bare name", lambda p: None, "cifar10", ValueError, "not one of mnist5k.*no such path exists"),

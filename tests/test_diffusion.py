@@ -119,7 +119,13 @@ def test_trace_mean_field_elbo_with_guide_posterior_is_the_seeds_kl_form():
 def train_chain(chain, x, steps, lr, batch_size, objective="elbo"):
     pyro.clear_param_store()
     objective = make_objective(objective)
-    svi = SVI(chain.model, chain.guide_posterior, Adam({"lr": lr}), loss=objective.loss, loss_and_grads=objective.loss_and_grads)
+    svi = SVI(
+        chain.model,
+        chain.guide_posterior,
+        Adam({"lr": lr}),
+        loss=objective.loss,
+        loss_and_grads=objective.loss_and_grads,
+    )
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         svi.step(x[torch.randint(0, len(x), (batch_size,), generator=g)])
@@ -130,7 +136,9 @@ def test_training_on_moons_lowers_the_bound_and_samples_match_mean_and_covarianc
     ds = datasets.load_moons(4000, 1000)
     # sigma_t^2 = beta_t: with a Gaussian decoder on continuous data, beta_tilde's
     # tiny sigma_1^2 makes the bound far harder to fit in a short run
-    chain = DiffusionChain(TimeMLP(2, (128, 128, 128)), NoiseSchedule.from_name("linear", 50), 2, "gaussian", variance="beta")
+    chain = DiffusionChain(
+        TimeMLP(2, (128, 128, 128)), NoiseSchedule.from_name("linear", 50), 2, "gaussian", variance="beta"
+    )
     with torch.no_grad():
         before = chain.full_bound(ds.x_test)["total"].mean().item()
     train_chain(chain, ds.x_train, steps=1500, lr=2e-3, batch_size=256)
@@ -154,7 +162,9 @@ def test_bits_per_dim_is_finite_untrained_and_decreases_on_digits():
     pyro.set_rng_seed(0)
     ds = datasets.load_digits()
     x_train, x_test = to_chain_space(ds.x_train), to_chain_space(ds.x_test[:50])
-    chain = DiffusionChain(UNet((1, 8, 8), channels=16, channel_mult=(1, 2)), NoiseSchedule.from_name("linear", 100), 64, "discretised")
+    chain = DiffusionChain(
+        UNet((1, 8, 8), channels=16, channel_mult=(1, 2)), NoiseSchedule.from_name("linear", 100), 64, "discretised"
+    )
     with torch.no_grad():
         before = chain.full_bound(x_test)
     assert torch.isfinite(before["bits_per_dim"]).all()
@@ -162,7 +172,10 @@ def test_bits_per_dim_is_finite_untrained_and_decreases_on_digits():
     with torch.no_grad():
         after = chain.full_bound(x_test)
     assert torch.isfinite(after["terms"]).all()
-    assert after["bits_per_dim"].mean() < before["bits_per_dim"].mean() - 0.5, (before["bits_per_dim"].mean(), after["bits_per_dim"].mean())
+    assert after["bits_per_dim"].mean() < before["bits_per_dim"].mean() - 0.5, (
+        before["bits_per_dim"].mean(),
+        after["bits_per_dim"].mean(),
+    )
 
 
 def test_full_bound_terms_have_the_documented_shapes_and_units():
@@ -215,7 +228,29 @@ def test_cli_trains_samples_and_evaluates_a_diffusion_run(tmp_path):
     from pyrovae.cli import main
 
     run = tmp_path / "run"
-    argv = ["train", "diffusion", "--data", "digits", "--T", "10", "--channels", "8", "--train-size", "64", "--test-size", "16", "--epochs", "1", "--batch-size", "32", "--sample-steps", "4", "--quiet", "--out", str(run)]
+    argv = [
+        "train",
+        "diffusion",
+        "--data",
+        "digits",
+        "--T",
+        "10",
+        "--channels",
+        "8",
+        "--train-size",
+        "64",
+        "--test-size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--sample-steps",
+        "4",
+        "--quiet",
+        "--out",
+        str(run),
+    ]
     assert main(argv) == 0
     for name in ("config.json", "metrics.csv", "model.pt", "loss.png", "samples.png", "terms.png"):
         assert (run / name).exists(), name
@@ -253,7 +288,9 @@ def test_model_and_guides_have_one_site_per_step_named_after_the_variable(T):
     chain = DiffusionChain(TimeMLP(2, (8,)), NoiseSchedule.from_name("cosine", T), 2)
     x0 = two_d_data(3)
     trace = lambda fn: poutine.trace(fn).get_trace(x0)
-    names = lambda fn: [n for n, site in trace(fn).nodes.items() if site["type"] == "sample" and n != "data"]  # "data": the plate
+    names = lambda fn: [
+        n for n, site in trace(fn).nodes.items() if site["type"] == "sample" and n != "data"
+    ]  # "data": the plate
     assert names(chain.model) == [f"x_{t}" for t in range(T, -1, -1)]
     assert names(chain.guide_posterior) == [f"x_{t}" for t in range(T, 0, -1)]
     assert names(chain.guide_forward) == [f"x_{t}" for t in range(1, T + 1)]
@@ -265,7 +302,11 @@ def test_hybrid_loss_adds_lambda_times_the_bound_term_in_bits_per_dim():
     # with L_vlb in bits per dimension, so a published lambda means the same here
     chain, x0 = small_chain(variance="learned", dtype=torch.float64), two_d_data(dtype=torch.float64)
     lam, values = 0.25, {}
-    for name, objective in (("simple", SimpleLoss(2)), ("hybrid", HybridLoss(2, hybrid_weight=lam)), ("elbo", DiffusionELBO(2))):
+    for name, objective in (
+        ("simple", SimpleLoss(2)),
+        ("hybrid", HybridLoss(2, hybrid_weight=lam)),
+        ("elbo", DiffusionELBO(2)),
+    ):
         pyro.set_rng_seed(3)  # the same t and x_t for all three
         values[name] = objective.loss(chain.model, chain.guide_posterior, x0)
     vlb_nats = values["elbo"] - chain.prior_kl(x0).sum().item()  # the estimate of sum_t L_{t-1}, summed over the batch
@@ -293,7 +334,10 @@ def test_importance_time_sampler_state_round_trips_and_continues_the_same_draws(
     for objective in (elbo, resumed):
         pyro.set_rng_seed(4)
         objective.loss_and_grads(chain.model, chain.guide_posterior, x0)
-    assert all(torch.equal(a, b) for a, b in zip(elbo.time_sampler.state_dict().values(), resumed.time_sampler.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(elbo.time_sampler.state_dict().values(), resumed.time_sampler.state_dict().values())
+    )
     with pytest.raises(ValueError, match="squares"):
         resumed.time_sampler.load_state_dict({})
 

@@ -9,13 +9,13 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 
+from pyrovae import distributed
 from pyrovae.compiled import CompiledLoss
 from pyrovae.infer import make_elbo
-from pyrovae import distributed
+from pyrovae.nets import MLP
+from pyrovae.parts.encoders import DiagonalNormalEncoder
 from pyrovae.train import LossModule, TrainConfig, train, train_step
 from pyrovae.vae import VAE
-from pyrovae.parts.encoders import DiagonalNormalEncoder
-from pyrovae.nets import MLP
 
 WORLD = 2
 X_DIM, Z_DIM = 6, 2
@@ -30,7 +30,9 @@ class FixedNoiseNormal(dist.Normal):
         self.eps = eps
 
     def expand(self, batch_shape, _instance=None):
-        return FixedNoiseNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.eps.expand(batch_shape))
+        return FixedNoiseNormal(
+            self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.eps.expand(batch_shape)
+        )
 
     def rsample(self, sample_shape=torch.Size()):
         return self.loc + self.scale * self.eps
@@ -80,16 +82,37 @@ def compiled_steps(vae, x, compile: bool, steps: int = 2):
 
 
 def worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     try:
         # rank r takes examples r, r+2, ... of the global batch, as the trainer's sampler does
         loss, params = one_step(fixed_noise_vae(), global_batch()[rank::WORLD])
         compiled = compiled_steps(fixed_noise_vae(), global_batch()[rank::WORLD], compile=True)
-        cfg = TrainConfig(data="digits", train_size=48, test_size=32, batch_size=16, z_dim=3, hidden=[8], epochs=1, quiet=True, out=os.path.join(out, "run"))
+        cfg = TrainConfig(
+            data="digits",
+            train_size=48,
+            test_size=32,
+            batch_size=16,
+            z_dim=3,
+            hidden=[8],
+            epochs=1,
+            quiet=True,
+            out=os.path.join(out, "run"),
+        )
         result = train(cfg)
-        torch.save({"loss": loss, "step": params, "compiled": compiled, "trained": result.model.state_dict(), "rows": len(result.metrics)}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "loss": loss,
+                "step": params,
+                "compiled": compiled,
+                "trained": result.model.state_dict(),
+                "rows": len(result.metrics),
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
     finally:
         torch.distributed.destroy_process_group()
 

@@ -57,7 +57,9 @@ def test_snippet_runs_as_written(path, code, tmp_path, monkeypatch):
 
 
 def test_fragments_say_why_and_most_snippets_run():
-    fragments = [(p.name, line) for p, line, _, marker, reason in BLOCKS if marker == "not run" and not reason.strip("() ")]
+    fragments = [
+        (p.name, line) for p, line, _, marker, reason in BLOCKS if marker == "not run" and not reason.strip("() ")
+    ]
     assert not fragments, f"blocks marked 'not run' without a reason: {fragments}"
     runnable = [b for b in BLOCKS if b[3] != "not run"]
     assert len(runnable) >= 4 and BLOCKS[0][0].name == "README.md" and BLOCKS[0][3] != "not run"

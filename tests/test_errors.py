@@ -11,31 +11,45 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import signal
 import socket
 import time
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 
 from pyrovae import checkpoint, data, runs
 from pyrovae.checkpoint import load_checkpoint
 from pyrovae.cli import main
-from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.config import TrainConfig
-from pyrovae.train import train
+from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.infer.diffusion_elbo import DiffusionELBO
+from pyrovae.train import train
 from pyrovae.vae import build_vae
 
-TINY = ["--data", "digits", "--train-size", "48", "--test-size", "16", "--batch-size", "16", "--z-dim", "2", "--hidden", "8", "--quiet"]
+TINY = [
+    "--data",
+    "digits",
+    "--train-size",
+    "48",
+    "--test-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--z-dim",
+    "2",
+    "--hidden",
+    "8",
+    "--quiet",
+]
 
 
 def tiny_config(out, **changes) -> TrainConfig:
-    values = dict(data="digits", train_size=48, test_size=16, batch_size=16, hidden=[8], epochs=2, quiet=True, out=str(out))
+    values = dict(
+        data="digits", train_size=48, test_size=16, batch_size=16, hidden=[8], epochs=2, quiet=True, out=str(out)
+    )
     if changes.get("model", "vae") == "vae":
         values["z_dim"] = 2  # each model's config has only its own fields
     return TrainConfig(**{**values, **changes})
@@ -118,66 +132,296 @@ def gzip_bytes(raw):
 # (case, call(tmp_path), error type, words the message must contain)
 BAD_INPUTS = [
     # data
-    ("data: 28x28 images for an 8x8 model", lambda p: vae64().model(torch.rand(4, 784)), ValueError, ["x must have shape", "64", "(4, 784)"]),
+    (
+        "data: 28x28 images for an 8x8 model",
+        lambda p: vae64().model(torch.rand(4, 784)),
+        ValueError,
+        ["x must have shape", "64", "(4, 784)"],
+    ),
     ("data: empty batch", lambda p: vae64().model(torch.rand(0, 64)), ValueError, ["empty"]),
-    ("data: NaN values", lambda p: vae64().model(with_nan(torch.rand(4, 64).round())), ValueError, ["x", "finite", "nan"]),
-    ("data: inf values", lambda p: vae64().guide(torch.full((4, 64), float("inf"))), ValueError, ["x", "finite", "inf"]),
-    ("data: grey levels for a Bernoulli likelihood", lambda p: vae64().model(torch.rand(4, 64)), ValueError, ["x", "binary", "--binarize"]),
-    ("data: uint8 images unscaled", lambda p: vae64().model(torch.zeros(4, 64, dtype=torch.uint8)), TypeError, ["x", "float", "uint8"]),
+    (
+        "data: NaN values",
+        lambda p: vae64().model(with_nan(torch.rand(4, 64).round())),
+        ValueError,
+        ["x", "finite", "nan"],
+    ),
+    (
+        "data: inf values",
+        lambda p: vae64().guide(torch.full((4, 64), float("inf"))),
+        ValueError,
+        ["x", "finite", "inf"],
+    ),
+    (
+        "data: grey levels for a Bernoulli likelihood",
+        lambda p: vae64().model(torch.rand(4, 64)),
+        ValueError,
+        ["x", "binary", "--binarize"],
+    ),
+    (
+        "data: uint8 images unscaled",
+        lambda p: vae64().model(torch.zeros(4, 64, dtype=torch.uint8)),
+        TypeError,
+        ["x", "float", "uint8"],
+    ),
     ("data: not a tensor", lambda p: vae64().model([[0.0] * 64]), TypeError, ["x", "torch.Tensor", "list"]),
-    ("data: another device than the model", lambda p: vae64().model(torch.rand(4, 64, device="meta")), ValueError, ["x is on meta", "model is on cpu"]),
-    ("data: NaN into the diffusion chain", lambda p: chain64().model(with_nan(torch.rand(4, 64) * 2 - 1)), ValueError, ["x0", "finite", "nan"]),
-    ("data: 2-D points for an image chain", lambda p: chain64().model(torch.rand(4, 2)), ValueError, ["x0", "64", "(4, 2)"]),
-    ("data: values outside [-1, 1] for the discretised decoder", lambda p: chain64().model(torch.rand(4, 64) * 3), ValueError, ["x0", "[-1, 1]"]),
+    (
+        "data: another device than the model",
+        lambda p: vae64().model(torch.rand(4, 64, device="meta")),
+        ValueError,
+        ["x is on meta", "model is on cpu"],
+    ),
+    (
+        "data: NaN into the diffusion chain",
+        lambda p: chain64().model(with_nan(torch.rand(4, 64) * 2 - 1)),
+        ValueError,
+        ["x0", "finite", "nan"],
+    ),
+    (
+        "data: 2-D points for an image chain",
+        lambda p: chain64().model(torch.rand(4, 2)),
+        ValueError,
+        ["x0", "64", "(4, 2)"],
+    ),
+    (
+        "data: values outside [-1, 1] for the discretised decoder",
+        lambda p: chain64().model(torch.rand(4, 64) * 3),
+        ValueError,
+        ["x0", "[-1, 1]"],
+    ),
     ("data: empty dataset loader", lambda p: data.make_loader(torch.rand(0, 64)), ValueError, ["empty", "0 rows"]),
     # models
-    ("model: unknown prior", lambda p: tiny_config(p, prior="gauss").check(), ValueError, ["prior", "'gauss'", "normal"]),
+    (
+        "model: unknown prior",
+        lambda p: tiny_config(p, prior="gauss").check(),
+        ValueError,
+        ["prior", "'gauss'", "normal"],
+    ),
     ("model: unknown guide", lambda p: tiny_config(p, guide="mf").check(), ValueError, ["guide", "'mf'", "diag"]),
-    ("model: unknown likelihood", lambda p: tiny_config(p, likelihood="poisson").check(), ValueError, ["likelihood", "'poisson'", "bernoulli"]),
+    (
+        "model: unknown likelihood",
+        lambda p: tiny_config(p, likelihood="poisson").check(),
+        ValueError,
+        ["likelihood", "'poisson'", "bernoulli"],
+    ),
     ("model: unknown network", lambda p: tiny_config(p, net="resnet").check(), ValueError, ["net", "'resnet'", "mlp"]),
-    ("model: unknown schedule", lambda p: tiny_config(p, model="diffusion", schedule="quad").check(), ValueError, ["schedule", "'quad'", "linear"]),
-    ("model: unknown dataset", lambda p: tiny_config(p, data="cifar").check(), ValueError, ["data", "'cifar'", "mnist5k"]),
-    ("model: unknown prior (Python API)", lambda p: build_vae(64, 2, prior="gauss"), ValueError, ["prior", "'gauss'", "normal"]),
+    (
+        "model: unknown schedule",
+        lambda p: tiny_config(p, model="diffusion", schedule="quad").check(),
+        ValueError,
+        ["schedule", "'quad'", "linear"],
+    ),
+    (
+        "model: unknown dataset",
+        lambda p: tiny_config(p, data="cifar").check(),
+        ValueError,
+        ["data", "'cifar'", "mnist5k"],
+    ),
+    (
+        "model: unknown prior (Python API)",
+        lambda p: build_vae(64, 2, prior="gauss"),
+        ValueError,
+        ["prior", "'gauss'", "normal"],
+    ),
     ("model: z_dim < 1", lambda p: tiny_config(p, z_dim=0).check(), ValueError, ["z_dim", ">= 1", "0"]),
     ("model: z_dim < 1 (Python API)", lambda p: build_vae(64, 0), ValueError, ["z_dim", ">= 1", "0"]),
     ("model: T < 1", lambda p: tiny_config(p, model="diffusion", T=0).check(), ValueError, ["T", ">= 1", "0"]),
-    ("model: betas outside (0, 1)", lambda p: NoiseSchedule(torch.tensor([0.1, 1.5])), ValueError, ["betas", "(0, 1)", "1.5"]),
-    ("model: betas not finite", lambda p: NoiseSchedule(torch.tensor([0.1, float("nan")])), ValueError, ["betas", "finite", "nan"]),
-    ("model: strided sampler, more steps than T", lambda p: NoiseSchedule.from_name("linear", 10).respace(11), ValueError, ["steps", "1..10", "11"]),
-    ("model: strided sampler, 0 steps", lambda p: NoiseSchedule.from_name("linear", 10).respace(0), ValueError, ["steps", "1..10", "0"]),
+    (
+        "model: betas outside (0, 1)",
+        lambda p: NoiseSchedule(torch.tensor([0.1, 1.5])),
+        ValueError,
+        ["betas", "(0, 1)", "1.5"],
+    ),
+    (
+        "model: betas not finite",
+        lambda p: NoiseSchedule(torch.tensor([0.1, float("nan")])),
+        ValueError,
+        ["betas", "finite", "nan"],
+    ),
+    (
+        "model: strided sampler, more steps than T",
+        lambda p: NoiseSchedule.from_name("linear", 10).respace(11),
+        ValueError,
+        ["steps", "1..10", "11"],
+    ),
+    (
+        "model: strided sampler, 0 steps",
+        lambda p: NoiseSchedule.from_name("linear", 10).respace(0),
+        ValueError,
+        ["steps", "1..10", "0"],
+    ),
     ("model: batch size < 1", lambda p: tiny_config(p, batch_size=0).check(), ValueError, ["batch_size", ">= 1", "0"]),
     ("model: negative learning rate", lambda p: tiny_config(p, lr=-0.1).check(), ValueError, ["lr", "> 0", "-0.1"]),
-    ("model: unknown nan_policy", lambda p: tiny_config(p, nan_policy="ignore").check(), ValueError, ["nan_policy", "'ignore'", "stop, skip"]),
+    (
+        "model: unknown nan_policy",
+        lambda p: tiny_config(p, nan_policy="ignore").check(),
+        ValueError,
+        ["nan_policy", "'ignore'", "stop, skip"],
+    ),
     # files
-    ("file: missing checkpoint", lambda p: load_checkpoint(str(p / "nope.pt")), FileNotFoundError, ["no checkpoint", "nope.pt"]),
-    ("file: corrupt checkpoint", lambda p: load_checkpoint(write(p / "c.pt", b"\x80\x02garbage")), ValueError, ["cannot read checkpoint", "c.pt"]),
-    ("file: a tensor file, not a checkpoint", lambda p: load_checkpoint(save(p / "t.pt", torch.zeros(2))), ValueError, ["not a pyrovae checkpoint", "Tensor"]),
-    ("file: checkpoint of another model", lambda p: checkpoint.load(other_model_checkpoint(p), model="diffusion"), ValueError, ["'vae' model", "model='diffusion'"]),
-    ("file: checkpoint of another config", lambda p: train(resume_changed(p)), ValueError, ["cannot resume", "z_dim: checkpoint 2, requested 3"]),
-    ("file: truncated IDX", lambda p: data.read_idx(write(p / "t-idx1-ubyte", idx_bytes(payload=b"\x00"))), ValueError, ["IDX data has 1 bytes", "need 4", "truncated"]),
-    ("file: IDX with a wrong magic number", lambda p: data.read_idx(write(p / "m-idx1-ubyte", idx_bytes(magic=b"PK\x03\x04"))), ValueError, ["not an IDX file", "magic", "504b0304"]),
-    ("file: output folder not writable", lambda p: train(unwritable_out(p)), ValueError, ["output folder", "not writable", "a-file"]),
-    ("file: --resume on a folder with no checkpoint", lambda p: train(tiny_config(p, resume=str(p))), FileNotFoundError, ["no checkpoint", "checkpoint.pt"]),
+    (
+        "file: missing checkpoint",
+        lambda p: load_checkpoint(str(p / "nope.pt")),
+        FileNotFoundError,
+        ["no checkpoint", "nope.pt"],
+    ),
+    (
+        "file: corrupt checkpoint",
+        lambda p: load_checkpoint(write(p / "c.pt", b"\x80\x02garbage")),
+        ValueError,
+        ["cannot read checkpoint", "c.pt"],
+    ),
+    (
+        "file: a tensor file, not a checkpoint",
+        lambda p: load_checkpoint(save(p / "t.pt", torch.zeros(2))),
+        ValueError,
+        ["not a pyrovae checkpoint", "Tensor"],
+    ),
+    (
+        "file: checkpoint of another model",
+        lambda p: checkpoint.load(other_model_checkpoint(p), model="diffusion"),
+        ValueError,
+        ["'vae' model", "model='diffusion'"],
+    ),
+    (
+        "file: checkpoint of another config",
+        lambda p: train(resume_changed(p)),
+        ValueError,
+        ["cannot resume", "z_dim: checkpoint 2, requested 3"],
+    ),
+    (
+        "file: truncated IDX",
+        lambda p: data.read_idx(write(p / "t-idx1-ubyte", idx_bytes(payload=b"\x00"))),
+        ValueError,
+        ["IDX data has 1 bytes", "need 4", "truncated"],
+    ),
+    (
+        "file: IDX with a wrong magic number",
+        lambda p: data.read_idx(write(p / "m-idx1-ubyte", idx_bytes(magic=b"PK\x03\x04"))),
+        ValueError,
+        ["not an IDX file", "magic", "504b0304"],
+    ),
+    (
+        "file: output folder not writable",
+        lambda p: train(unwritable_out(p)),
+        ValueError,
+        ["output folder", "not writable", "a-file"],
+    ),
+    (
+        "file: --resume on a folder with no checkpoint",
+        lambda p: train(tiny_config(p, resume=str(p))),
+        FileNotFoundError,
+        ["no checkpoint", "checkpoint.pt"],
+    ),
     # issue 17: the cases a new user tried
-    ("file: empty checkpoint", lambda p: load_checkpoint(write(p / "e.pt", b"")), ValueError, ["cannot read checkpoint", "e.pt", "empty (0 bytes)", "not a pyrovae checkpoint"]),
-    ("file: garbage checkpoint", lambda p: load_checkpoint(write(p / "g.pt", b"\x80\x02garbage")), ValueError, ["g.pt", "not a pyrovae checkpoint", "Unsupported operand"]),
-    ("file: a text file as checkpoint", lambda p: load_checkpoint(write(p / "t.pt", b"hello world, no pickle")), ValueError, ["t.pt", "not a pyrovae checkpoint"]),
-    ("file: gzip IDX that is not gzip", lambda p: data.read_idx(write(p / "x-idx1-ubyte.gz", idx_bytes())), ValueError, ["x-idx1-ubyte.gz", "not a readable gzip file", "BadGzipFile"]),
-    ("file: truncated gzip IDX", lambda p: data.read_idx(write(p / "y-idx1-ubyte.gz", gzip_bytes(idx_bytes())[:12])), ValueError, ["y-idx1-ubyte.gz", "not a readable gzip file", "EOFError"]),
-    ("model: encoder with the wrong event size", lambda p: elbo_loss(build_vae(64, 2, (8,), guide=WrongEventSize()), torch.rand(4, 64).round()), ValueError, ["encoder", "event shape (z_dim,) = (2,)", "(3,)"]),
-    ("model: prior with the wrong event size", lambda p: elbo_loss(build_vae(64, 2, (8,), prior=WrongEventSize()), torch.rand(4, 64).round()), ValueError, ["prior", "event shape (z_dim,) = (2,)", "(3,)"]),
+    (
+        "file: empty checkpoint",
+        lambda p: load_checkpoint(write(p / "e.pt", b"")),
+        ValueError,
+        ["cannot read checkpoint", "e.pt", "empty (0 bytes)", "not a pyrovae checkpoint"],
+    ),
+    (
+        "file: garbage checkpoint",
+        lambda p: load_checkpoint(write(p / "g.pt", b"\x80\x02garbage")),
+        ValueError,
+        ["g.pt", "not a pyrovae checkpoint", "Unsupported operand"],
+    ),
+    (
+        "file: a text file as checkpoint",
+        lambda p: load_checkpoint(write(p / "t.pt", b"hello world, no pickle")),
+        ValueError,
+        ["t.pt", "not a pyrovae checkpoint"],
+    ),
+    (
+        "file: gzip IDX that is not gzip",
+        lambda p: data.read_idx(write(p / "x-idx1-ubyte.gz", idx_bytes())),
+        ValueError,
+        ["x-idx1-ubyte.gz", "not a readable gzip file", "BadGzipFile"],
+    ),
+    (
+        "file: truncated gzip IDX",
+        lambda p: data.read_idx(write(p / "y-idx1-ubyte.gz", gzip_bytes(idx_bytes())[:12])),
+        ValueError,
+        ["y-idx1-ubyte.gz", "not a readable gzip file", "EOFError"],
+    ),
+    (
+        "model: encoder with the wrong event size",
+        lambda p: elbo_loss(build_vae(64, 2, (8,), guide=WrongEventSize()), torch.rand(4, 64).round()),
+        ValueError,
+        ["encoder", "event shape (z_dim,) = (2,)", "(3,)"],
+    ),
+    (
+        "model: prior with the wrong event size",
+        lambda p: elbo_loss(build_vae(64, 2, (8,), prior=WrongEventSize()), torch.rand(4, 64).round()),
+        ValueError,
+        ["prior", "event shape (z_dim,) = (2,)", "(3,)"],
+    ),
     ("model: z_dim = 2.5 (Python API)", lambda p: build_vae(64, 2.5), ValueError, ["z_dim", "integer >= 1", "2.5"]),
-    ("model: z_dim = 2.5 (TrainConfig)", lambda p: train(tiny_config(p, z_dim=2.5)), ValueError, ["z_dim", "integer >= 1", "2.5"]),
-    ("model: DiffusionELBO(num_particles=0)", lambda p: DiffusionELBO(num_particles=0), ValueError, ["num_particles", "integer >= 1", "0"]),
-    ("data: moons for a Bernoulli VAE", lambda p: train(tiny_config(p, data="moons")), ValueError, ["'moons'", "bernoulli", "[0, 1]", "--likelihood gaussian"]),
-    ("data: moons for a continuous-Bernoulli VAE", lambda p: train(tiny_config(p, data="moons", likelihood="continuous-bernoulli")), ValueError, ["'moons'", "outside [0, 1]", "continuous-bernoulli", "--likelihood gaussian"]),
-    ("data: moons for a discretised VAE", lambda p: train(tiny_config(p, data="moons", likelihood="discretised-logistic")), ValueError, ["'moons'", "outside [0, 1]", "discretised-logistic"]),
-    ("data: grey levels, --binarize none, Bernoulli", lambda p: train(tiny_config(p, binarize="none")), ValueError, ["'digits'", "outside {0, 1}", "bernoulli", "--binarize dynamic"]),
-    ("run folder: holds a run", lambda p: train(tiny_config(finished_run(p))), runs.RunFolderError, ["already holds a run", "--resume", "--overwrite"]),
-    ("run folder: locked by a live process", lambda p: train(tiny_config(locked_by(p / "r", socket.gethostname(), os.getppid()))), runs.RunFolderError, ["in use by process", str(os.getppid()), runs.LOCK]),
-    ("run folder: locked on another host", lambda p: train(tiny_config(locked_by(p / "r", "elsewhere.example", 1))), runs.RunFolderError, ["host 'elsewhere.example'", "delete the lock file"]),
-    ("run folder: --resume into another run's folder", lambda p: train(tiny_config(finished_run(p, "b"), epochs=2, resume=str(finished_run(p, "a")))), runs.RunFolderError, ["already holds a run"]),
-    ("config: --tensorboard without the package", lambda p: train(tiny_config(p / "tb", tensorboard=True)), ValueError, ["tensorboard package"]),
+    (
+        "model: z_dim = 2.5 (TrainConfig)",
+        lambda p: train(tiny_config(p, z_dim=2.5)),
+        ValueError,
+        ["z_dim", "integer >= 1", "2.5"],
+    ),
+    (
+        "model: DiffusionELBO(num_particles=0)",
+        lambda p: DiffusionELBO(num_particles=0),
+        ValueError,
+        ["num_particles", "integer >= 1", "0"],
+    ),
+    (
+        "data: moons for a Bernoulli VAE",
+        lambda p: train(tiny_config(p, data="moons")),
+        ValueError,
+        ["'moons'", "bernoulli", "[0, 1]", "--likelihood gaussian"],
+    ),
+    (
+        "data: moons for a continuous-Bernoulli VAE",
+        lambda p: train(tiny_config(p, data="moons", likelihood="continuous-bernoulli")),
+        ValueError,
+        ["'moons'", "outside [0, 1]", "continuous-bernoulli", "--likelihood gaussian"],
+    ),
+    (
+        "data: moons for a discretised VAE",
+        lambda p: train(tiny_config(p, data="moons", likelihood="discretised-logistic")),
+        ValueError,
+        ["'moons'", "outside [0, 1]", "discretised-logistic"],
+    ),
+    (
+        "data: grey levels, --binarize none, Bernoulli",
+        lambda p: train(tiny_config(p, binarize="none")),
+        ValueError,
+        ["'digits'", "outside {0, 1}", "bernoulli", "--binarize dynamic"],
+    ),
+    (
+        "run folder: holds a run",
+        lambda p: train(tiny_config(finished_run(p))),
+        runs.RunFolderError,
+        ["already holds a run", "--resume", "--overwrite"],
+    ),
+    (
+        "run folder: locked by a live process",
+        lambda p: train(tiny_config(locked_by(p / "r", socket.gethostname(), os.getppid()))),
+        runs.RunFolderError,
+        ["in use by process", str(os.getppid()), runs.LOCK],
+    ),
+    (
+        "run folder: locked on another host",
+        lambda p: train(tiny_config(locked_by(p / "r", "elsewhere.example", 1))),
+        runs.RunFolderError,
+        ["host 'elsewhere.example'", "delete the lock file"],
+    ),
+    (
+        "run folder: --resume into another run's folder",
+        lambda p: train(tiny_config(finished_run(p, "b"), epochs=2, resume=str(finished_run(p, "a")))),
+        runs.RunFolderError,
+        ["already holds a run"],
+    ),
+    (
+        "config: --tensorboard without the package",
+        lambda p: train(tiny_config(p / "tb", tensorboard=True)),
+        ValueError,
+        ["tensorboard package"],
+    ),
 ]
 
 
@@ -355,7 +599,18 @@ def test_nan_policy_is_the_shared_loop_s_so_diffusion_runs_skip_too(tmp_path, mo
     from pyrovae.recipes.diffusion import DiffusionRecipe
 
     nan_on_step(monkeypatch, {3}, DiffusionRecipe)
-    cfg = tiny_config(tmp_path, model="diffusion", data="moons", T=4, hidden=[8], epochs=2, eval_every=1, validate=False, nan_policy="skip", sample_steps=2)
+    cfg = tiny_config(
+        tmp_path,
+        model="diffusion",
+        data="moons",
+        T=4,
+        hidden=[8],
+        epochs=2,
+        eval_every=1,
+        validate=False,
+        nan_policy="skip",
+        sample_steps=2,
+    )
     result = train(cfg)
     assert [row["skipped_steps"] for row in result.metrics] == [1, 1]
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
@@ -387,7 +642,11 @@ def test_sigkill_during_checkpoint_saves_never_corrupts_and_resume_continues(tmp
         child = ctx.Process(target=_train_forever, args=(out,))
         child.start()
         deadline = time.monotonic() + 30
-        while (not path.exists() or path.stat().st_mtime_ns == before) and time.monotonic() < deadline and child.is_alive():
+        while (
+            (not path.exists() or path.stat().st_mtime_ns == before)
+            and time.monotonic() < deadline
+            and child.is_alive()
+        ):
             time.sleep(0.005)  # wait for this process's first save
         assert child.is_alive(), f"training child died with exit code {child.exitcode}"
         time.sleep(rng.uniform(0, 0.05))
@@ -470,7 +729,11 @@ def test_overwrite_replaces_the_run(tmp_path):
     assert main(["train", "vae", *TINY, "--epochs", "2", "--out", str(out)]) == 0
     assert main(["train", "vae", *TINY, "--epochs", "1", "--seed", "5", "--overwrite", "--out", str(out)]) == 0
     ckpt = load_checkpoint(str(out))
-    assert ckpt["epoch"] == 1 and ckpt["config"]["seed"] == 5 and json.loads((out / "config.json").read_text())["seed"] == 5
+    assert (
+        ckpt["epoch"] == 1
+        and ckpt["config"]["seed"] == 5
+        and json.loads((out / "config.json").read_text())["seed"] == 5
+    )
 
 
 def test_a_run_that_fails_its_checks_writes_nothing_and_removes_the_lock(tmp_path, capsys):
@@ -478,7 +741,22 @@ def test_a_run_that_fails_its_checks_writes_nothing_and_removes_the_lock(tmp_pat
     out = tmp_path / "run"
     assert main(["train", "vae", *TINY, "--epochs", "1", "--out", str(out)]) == 0
     before = folder_bytes(out)
-    argv = ["train", "vae", *TINY, "--epochs", "1", "--z-dim", "7", "--overwrite", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(out)]
+    argv = [
+        "train",
+        "vae",
+        *TINY,
+        "--epochs",
+        "1",
+        "--z-dim",
+        "7",
+        "--overwrite",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        str(tmp_path),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 1 and "not found" in capsys.readouterr().err
     assert folder_bytes(out) == before and runs.LOCK not in os.listdir(out)
     # A folder the failed run created itself is removed again.
@@ -575,7 +853,11 @@ def test_ctrl_c_stops_after_the_step_keeps_the_checkpoint_and_says_how_to_resume
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("make, data", [(vae64, lambda: torch.rand(4, 64).round()), (chain64, lambda: torch.rand(4, 64) * 2 - 1)], ids=["vae", "chain"])
+@pytest.mark.parametrize(
+    "make, data",
+    [(vae64, lambda: torch.rand(4, 64).round()), (chain64, lambda: torch.rand(4, 64) * 2 - 1)],
+    ids=["vae", "chain"],
+)
 def test_floating_data_of_any_dtype_is_cast_to_the_model_s(make, data, dtype):
     """NumPy's default float64 (and half precision) gave 'mat1 and mat2 must
     have the same dtype': the model casts at its entry, so the ELBO is the

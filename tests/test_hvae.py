@@ -37,7 +37,9 @@ def loss_and_projection_draws(elbo_class, net, x, n: int, particles: int = 20, s
     """n independent (loss, 4 random projections of the gradient) estimates."""
     elbo = elbo_class(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
     params = list(net.parameters())
-    directions = torch.randn(sum(p.numel() for p in params), 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    directions = torch.randn(
+        sum(p.numel() for p in params), 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     rows = []
     for _ in range(n):
         loss = elbo.differentiable_loss(net.model, net.guide, x)
@@ -133,7 +135,9 @@ def test_named_terms_per_example_add_up_to_the_elbo():
     assert terms["elbo"] == pytest.approx(terms["recon"] - terms["kl_top"] - terms["kl_layers"])
     assert all(terms[f"kl_{l}"] > 0 for l in (1, 2, 3)) and terms["recon"] < 0
     pyro.set_rng_seed(11)
-    loss = TraceAnalyticKL_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1).loss(hvae.model, hvae.guide, x)
+    loss = TraceAnalyticKL_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1).loss(
+        hvae.model, hvae.guide, x
+    )
     pyro.set_rng_seed(11)
     assert bound_terms(hvae, x, num_particles=4)["elbo"] == pytest.approx(-loss / len(x), rel=1e-5)
 
@@ -215,7 +219,22 @@ def test_the_default_kl_warmup_is_50_epochs_and_a_trace_elbo_is_told_to_switch_i
     from pyrovae.config import HVAEConfig, TrainConfig
 
     assert HVAEConfig().kl_warmup == 50 and TrainConfig(model="vae").kl_warmup == 0
-    tiny = ["--data", "digits", "--train-size", "16", "--test-size", "8", "--epochs", "1", "--z-dims", "3", "2", "--hidden", "4", "--quiet"]
+    tiny = [
+        "--data",
+        "digits",
+        "--train-size",
+        "16",
+        "--test-size",
+        "8",
+        "--epochs",
+        "1",
+        "--z-dims",
+        "3",
+        "2",
+        "--hidden",
+        "4",
+        "--quiet",
+    ]
     assert main(["train", "hvae", *tiny, "--elbo", "trace", "--out", str(tmp_path / "a")]) == 1
     assert "add --kl-warmup 0" in capsys.readouterr().err
     assert main(["train", "hvae", *tiny, "--elbo", "trace", "--kl-warmup", "0", "--out", str(tmp_path / "b")]) == 0
@@ -228,19 +247,69 @@ def test_cli_trains_evaluates_and_samples_an_hvae_with_the_vaes_report_and_each_
     from pyrovae.cli import main
 
     out = tmp_path / "run"
-    tiny = ["--data", "digits", "--train-size", "64", "--test-size", "32", "--epochs", "2", "--z-dims", "4", "2", "--hidden", "8", "--depth", "1", "--test-particles", "2", "--quiet"]
+    tiny = [
+        "--data",
+        "digits",
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--epochs",
+        "2",
+        "--z-dims",
+        "4",
+        "2",
+        "--hidden",
+        "8",
+        "--depth",
+        "1",
+        "--test-particles",
+        "2",
+        "--quiet",
+    ]
     assert main(["train", "hvae", *tiny, "--kl-warmup", "1", "--iwae-k", "3", "--out", str(out)]) == 0
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"test_elbo", "test_recon", "test_bpd", "test_kl_1", "test_kl_2", "test_kl_top", "test_kl_layers", "test_active_1", "test_active_2", "test_iwae"} <= set(header)
+    assert {
+        "test_elbo",
+        "test_recon",
+        "test_bpd",
+        "test_kl_1",
+        "test_kl_2",
+        "test_kl_top",
+        "test_kl_layers",
+        "test_active_1",
+        "test_active_2",
+        "test_iwae",
+    } <= set(header)
     capsys.readouterr()
     assert main(["evaluate", "hvae", str(out), "--iwae-k", "3"]) == 0
     hvae_report = json.loads(capsys.readouterr().out)
-    assert main(["train", "vae", *tiny[:8], "--z-dim", "2", "--hidden", "8", "--quiet", "--iwae-k", "3", "--out", str(tmp_path / "vae")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "vae",
+                *tiny[:8],
+                "--z-dim",
+                "2",
+                "--hidden",
+                "8",
+                "--quiet",
+                "--iwae-k",
+                "3",
+                "--out",
+                str(tmp_path / "vae"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["evaluate", "vae", str(tmp_path / "vae")]) == 0
     vae_report = json.loads(capsys.readouterr().out)
     assert set(vae_report) <= set(hvae_report)
-    assert hvae_report["test_elbo"] == pytest.approx(hvae_report["test_recon"] - hvae_report["test_kl_top"] - hvae_report["test_kl_layers"])
+    assert hvae_report["test_elbo"] == pytest.approx(
+        hvae_report["test_recon"] - hvae_report["test_kl_top"] - hvae_report["test_kl_layers"]
+    )
     assert main(["sample", "hvae", str(out), "--n", "5"]) == 0
     assert (out / "samples-0.npy").exists()
 
@@ -248,7 +317,25 @@ def test_cli_trains_evaluates_and_samples_an_hvae_with_the_vaes_report_and_each_
 def test_cli_refuses_the_vamp_prior_with_the_bottom_up_encoder(tmp_path, capsys):
     from pyrovae.cli import main
 
-    assert main(["train", "hvae", "--data", "digits", "--encoder", "bottom-up", "--prior", "vamp", "--epochs", "1", "--out", str(tmp_path / "r")]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "hvae",
+                "--data",
+                "digits",
+                "--encoder",
+                "bottom-up",
+                "--prior",
+                "vamp",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 1
+    )
     assert "needs q(z_L | x)" in capsys.readouterr().err
 
 
@@ -272,8 +359,19 @@ def test_kl_warmup_raises_the_hvaes_kl_weight_linearly(kl_weights_seen, tmp_path
     from pyrovae import train as training
     from pyrovae.config import TrainConfig
 
-    cfg = TrainConfig(model="hvae", data="digits", train_size=16, test_size=8, epochs=4, z_dims=[3, 2], hidden=[4], kl_warmup=2,
-                      test_particles=1, quiet=True, out=str(tmp_path))
+    cfg = TrainConfig(
+        model="hvae",
+        data="digits",
+        train_size=16,
+        test_size=8,
+        epochs=4,
+        z_dims=[3, 2],
+        hidden=[4],
+        kl_warmup=2,
+        test_particles=1,
+        quiet=True,
+        out=str(tmp_path),
+    )
     training.train(cfg)
     assert kl_weights_seen == pytest.approx([0.0, 0.5, 1.0, 1.0])
 
@@ -300,6 +398,39 @@ def test_the_kl_weight_scales_every_layers_kl_of_the_hvae(encoder):
 
 def test_cli_kl_warmup_ramps_the_hvaes_kl_weight(kl_weights_seen, tmp_path):
     from pyrovae.cli import main
-    tiny = ["--data", "digits", "--train-size", "16", "--test-size", "8", "--z-dims", "3", "2", "--hidden", "4", "--test-particles", "1", "--quiet"]
-    assert main(["train", "hvae", *tiny, "--encoder", "top-down", "--epochs", "5", "--kl-warmup", "4", "--out", str(tmp_path / "r")]) == 0
+
+    tiny = [
+        "--data",
+        "digits",
+        "--train-size",
+        "16",
+        "--test-size",
+        "8",
+        "--z-dims",
+        "3",
+        "2",
+        "--hidden",
+        "4",
+        "--test-particles",
+        "1",
+        "--quiet",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "hvae",
+                *tiny,
+                "--encoder",
+                "top-down",
+                "--epochs",
+                "5",
+                "--kl-warmup",
+                "4",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
     assert kl_weights_seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])

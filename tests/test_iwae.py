@@ -32,6 +32,7 @@ def linear_gaussian():
 
     def mu(x):
         return (x - b) @ W @ S / SIGMA**2  # (B, 2); S is symmetric
+
     log_px = dist.MultivariateNormal(b, W @ W.T + SIGMA**2 * torch.eye(3)).log_prob(x)
 
     def model(x):
@@ -150,6 +151,8 @@ def test_vae_log_weights_average_to_pyros_trace_elbo(parts):
     x = torch.bernoulli(torch.full((5, 16), 0.3))
     n = 1000
     per_draw = log_importance_weights(vae.model, vae.guide, x, n).mean(1)  # (n,), averaged over images
-    pyro_elbo = -Trace_ELBO(num_particles=n, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x) / 5
+    pyro_elbo = (
+        -Trace_ELBO(num_particles=n, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x) / 5
+    )
     se = math.sqrt(2) * per_draw.std().item() / math.sqrt(n)  # both are means of n independent draws
     assert abs(per_draw.mean().item() - pyro_elbo) < 4 * se, (per_draw.mean().item(), pyro_elbo, se)

@@ -24,8 +24,19 @@ def free_port():
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lightning")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, os.path.join(HERE, "lightning_ddp_script.py"), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, os.path.join(HERE, "lightning_ddp_script.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -72,7 +83,15 @@ def test_from_config_trains_a_colour_diffusion_chain_in_one_process():
     ds = data.load_dataset("photo-patches").subset(32, 8)
     module = PyroLightningModule.from_config(TrainConfig(model="diffusion", data="photo-patches", T=10, channels=4), ds)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    trainer = lightning.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data.make_loader(ds.x_train, ds.y_train, batch_size=16))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])
     assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())

@@ -1,7 +1,6 @@
 """The one discretised distribution (the VAE's likelihood and the diffusion
 chain's decoder): a pmf over 256 levels on either data range, exact in the tails."""
 
-import math
 
 import mpmath
 import pytest
@@ -21,7 +20,9 @@ def levels(data_range, dtype=torch.float64):
 @pytest.mark.parametrize("cdf", Discretised.CDFS)
 @pytest.mark.parametrize("loc,scale", [(0.3, 0.01), (0.999, 1e-3), (-3.0, 0.5), (0.0, 5.0), (0.5, 1e-6)])
 def test_discretised_is_a_pmf_over_the_256_levels_of_its_data_range(data_range, cdf, loc, scale):
-    d = Discretised(torch.full((256,), loc, dtype=torch.float64), torch.full((256,), scale, dtype=torch.float64), cdf, data_range)
+    d = Discretised(
+        torch.full((256,), loc, dtype=torch.float64), torch.full((256,), scale, dtype=torch.float64), cdf, data_range
+    )
     x = levels(data_range)
     p = d.log_prob(x).exp()
     assert p.sum().item() == pytest.approx(1.0, abs=1e-9)
@@ -73,7 +74,10 @@ def test_discretised_log_prob_is_exact_to_minus_ten_thousand_nats_with_nonzero_g
     log_p = Discretised(loc, scale, cdf, (0.0, 1.0)).log_prob(x)
     log_p.sum().backward()
     u = (2 * x - 1).tolist()
-    ref = torch.tensor([reference_log_mass(ui, li, si, cdf) for ui, li, si in zip(u, loc.tolist(), scale.tolist())], dtype=torch.float64)
+    ref = torch.tensor(
+        [reference_log_mass(ui, li, si, cdf) for ui, li, si in zip(u, loc.tolist(), scale.tolist())],
+        dtype=torch.float64,
+    )
     keep = ref > -1.05e4
     assert ref[keep].min() < -9e3 and keep.sum() > 400  # the test reaches -10^4 nats
     err = (log_p.double() - ref).abs()

@@ -21,10 +21,10 @@ from torch import nn
 from pyrovae.cli import main
 from pyrovae.nets import ConvDecoderNet, ConvEncoderNet
 from pyrovae.parts import GUIDES, LIKELIHOODS, PRIORS, FlowPrior, MixtureOfGaussiansPrior, VampPrior
-from pyrovae.vae import build_vae
 from pyrovae.parts.encoders import DiagonalNormalEncoder, FullNormalEncoder, IAFEncoder, LowRankNormalEncoder
 from pyrovae.parts.kl import has_closed_form_kl
 from pyrovae.parts.likelihoods import Discretised
+from pyrovae.vae import build_vae
 
 # The analytic-KL ELBO (issue 4) joins this list; TraceMeanField_ELBO stands in
 # for it: it uses kl_divergence where registered and falls back to Monte Carlo.
@@ -306,7 +306,20 @@ def test_conv_nets_map_flat_images_with_leading_dims(shape):
 
 def test_cli_trains_named_parts_with_iwae(tmp_path):
     out = tmp_path / "run"
-    argv = ["train", "vae", "--data", "digits", "--prior", "vamp", "--guide", "lowrank", "--net", "conv", "--z-dim", "4"]
+    argv = [
+        "train",
+        "vae",
+        "--data",
+        "digits",
+        "--prior",
+        "vamp",
+        "--guide",
+        "lowrank",
+        "--net",
+        "conv",
+        "--z-dim",
+        "4",
+    ]
     argv += ["--train-size", "64", "--test-size", "16", "--epochs", "1", "--iwae-k", "5", "--quiet", "--out", str(out)]
     assert main(argv) == 0
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")

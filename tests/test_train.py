@@ -19,11 +19,35 @@ from pyrovae.optim import make_optimizer, make_scheduler
 from pyrovae.train import LossModule, TrainConfig, make_averaged_model, train_step
 from pyrovae.vae import build_vae
 
-TINY = ["--data", "digits", "--train-size", "48", "--test-size", "32", "--batch-size", "16", "--z-dim", "3", "--hidden", "8", "--quiet"]
+TINY = [
+    "--data",
+    "digits",
+    "--train-size",
+    "48",
+    "--test-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--z-dim",
+    "3",
+    "--hidden",
+    "8",
+    "--quiet",
+]
 
 
 def tiny_config(tmp_path, **changes) -> TrainConfig:
-    cfg = TrainConfig(data="digits", train_size=48, test_size=32, batch_size=16, z_dim=3, hidden=[8], epochs=1, quiet=True, out=str(tmp_path))
+    cfg = TrainConfig(
+        data="digits",
+        train_size=48,
+        test_size=32,
+        batch_size=16,
+        z_dim=3,
+        hidden=[8],
+        epochs=1,
+        quiet=True,
+        out=str(tmp_path),
+    )
     return dataclasses.replace(cfg, **changes)
 
 
@@ -35,7 +59,15 @@ def read_rows(path):
 def test_cli_train_writes_config_checkpoint_and_metrics_with_lr_and_seconds(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "vae", *TINY, "--epochs", "2", "--out", str(out)]) == 0
-    for name in ("config.json", "metrics.csv", "model.pt", "checkpoint.pt", "loss.png", "samples.png", "reconstructions.png"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "model.pt",
+        "checkpoint.pt",
+        "loss.png",
+        "samples.png",
+        "reconstructions.png",
+    ):
         assert (out / name).is_file(), name
     rows = read_rows(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
@@ -93,7 +125,9 @@ def test_grad_clip_bounds_the_global_gradient_norm_and_the_step_returns_it_uncli
         pyro.set_rng_seed(0)
         vae = build_vae(6, 2, (5,))
         optimizer = Recorder(vae.parameters())
-        returned[clip] = train_step(LossModule(vae, make_elbo("trace")), list(vae.parameters()), optimizer, x, grad_clip=clip)[1]
+        returned[clip] = train_step(
+            LossModule(vae, make_elbo("trace")), list(vae.parameters()), optimizer, x, grad_clip=clip
+        )[1]
         seen[clip] = optimizer.norms[0]
     assert seen[None] > 0.5  # so that clipping had something to do
     assert seen[0.5] == pytest.approx(0.5, rel=1e-5)
@@ -206,7 +240,11 @@ def test_loop_calls_on_epoch_start_with_config_epoch_and_objective(tmp_path, mon
     # Patch the class: undoing a patch of the instance would leave the old bound
     # method in its __dict__, hiding later patches of the class (test_analytic_elbo's).
     recipe = type(training.RECIPES["vae"])
-    monkeypatch.setattr(recipe, "on_epoch_start", lambda self, cfg, epoch, objective: calls.append((cfg.epochs, epoch, type(objective).__name__)))
+    monkeypatch.setattr(
+        recipe,
+        "on_epoch_start",
+        lambda self, cfg, epoch, objective: calls.append((cfg.epochs, epoch, type(objective).__name__)),
+    )
     training.train(tiny_config(tmp_path, epochs=2, elbo="trace"))
     assert calls == [(2, 1, "Trace_ELBO"), (2, 2, "Trace_ELBO")]
 
@@ -286,10 +324,20 @@ def test_data_dependent_defaults_are_resolved_by_the_data_kind_and_explicit_valu
 
 def test_an_old_flat_config_converts_on_read():
     """pyrovae 0.1 saved one config with both models' fields."""
-    from pyrovae.config import DiffusionConfig, VAEConfig, _LEGACY_FIELDS
+    from pyrovae.config import _LEGACY_FIELDS, DiffusionConfig, VAEConfig
 
     old = {name: getattr(TrainConfig(), name, None) for name in _LEGACY_FIELDS}
-    old.update(T=1000, schedule="linear", net="auto", channels=16, objective="elbo", parameterization="eps", variance="beta_tilde", time_sampler="uniform", sample_steps=50)
+    old.update(
+        T=1000,
+        schedule="linear",
+        net="auto",
+        channels=16,
+        objective="elbo",
+        parameterization="eps",
+        variance="beta_tilde",
+        time_sampler="uniform",
+        sample_steps=50,
+    )
     vae = TrainConfig.from_dict({**old, "model": "vae", "z_dim": 7})
     assert type(vae) is VAEConfig and vae.z_dim == 7 and vae.net == "mlp" and not hasattr(vae, "T")
     old_diffusion = {**old, "model": "diffusion", "T": 10, "hidden": [32], "z_dim": 50}

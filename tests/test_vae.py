@@ -49,7 +49,9 @@ def test_model_log_joint_matches_hand_computation(vae, x):
     z = torch.randn(B, Z_DIM)
     tr = poutine.trace(poutine.condition(vae.model, data={"z": z})).get_trace(x)
     logits = vae.decoder(z)
-    by_hand = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum() + (x * logits - torch.nn.functional.softplus(logits)).sum()
+    by_hand = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum() + (
+        x * logits - torch.nn.functional.softplus(logits)
+    ).sum()
     assert torch.allclose(tr.log_prob_sum(), by_hand, rtol=1e-5)
 
 
@@ -71,7 +73,12 @@ def test_trace_elbo_matches_expected_loglik_minus_closed_form_kl(vae, x):
 @pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
 def test_stock_pyro_elbos_train_the_vae(vae, elbo):
     x = torch.bernoulli(torch.rand(64, X_DIM).round() * 0.8 + 0.1)
-    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=elbo(num_particles=4, vectorize_particles=True, max_plate_nesting=1))
+    svi = SVI(
+        vae.model,
+        vae.guide,
+        Adam({"lr": 1e-2}),
+        loss=elbo(num_particles=4, vectorize_particles=True, max_plate_nesting=1),
+    )
     before = sum(svi.evaluate_loss(x) for _ in range(20)) / 20
     for _ in range(150):
         svi.step(x)
@@ -121,7 +128,9 @@ def test_a_users_own_prior_plugs_in(x):
     z = torch.zeros(B, Z_DIM)
     tr = poutine.trace(poutine.condition(vae.model, data={"z": z})).get_trace(x)
     assert torch.allclose(tr.nodes["z"]["fn"].log_prob(z), dist.Normal(2.0, 1.0).log_prob(z).sum(-1))
-    assert f"{pyro_name(vae, 'vae')}$$$prior.loc" in pyro.get_param_store().keys()  # SVI will train the prior's parameter
+    assert (
+        f"{pyro_name(vae, 'vae')}$$$prior.loc" in pyro.get_param_store().keys()
+    )  # SVI will train the prior's parameter
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 from pyrovae.diffusion.denoisers import TimeMLP
-from pyrovae.diffusion.gamma import GAMMA_MAX, GAMMA_MIN, LinearGamma, MonotoneNetGamma, make_gamma, SCHEDULES
+from pyrovae.diffusion.gamma import GAMMA_MAX, GAMMA_MIN, SCHEDULES, LinearGamma, MonotoneNetGamma, make_gamma
 from pyrovae.diffusion.vdm import VDM, BinPosterior, bin_centres
 from pyrovae.infer.vdm_elbo import VDMELBO
 
@@ -281,7 +281,9 @@ def test_gamma_is_monotone_before_and_after_training(name):
     vdm = VDM(TimeMLP(D, [16]), gamma, D)
     x = torch.rand(32, D) * 2 - 1
     x = ((x + 1) * 127.5).round() / 127.5 - 1
-    svi = pyro.infer.SVI(vdm.model, vdm.guide, pyro.optim.Adam({"lr": 0.1}), VDMELBO(minimise_variance=name == "learned-net"))
+    svi = pyro.infer.SVI(
+        vdm.model, vdm.guide, pyro.optim.Adam({"lr": 0.1}), VDMELBO(minimise_variance=name == "learned-net")
+    )
     start = {k: v.clone() for k, v in gamma.state_dict().items()}
     for _ in range(10):
         svi.step(x)
@@ -328,7 +330,21 @@ def test_samples_are_images_on_the_bins_for_any_number_of_steps():
 
 # --- the command line -------------------------------------------------------------------
 
-TINY = ["--data", "digits", "--train-size", "64", "--test-size", "16", "--epochs", "1", "--channels", "4", "--sample-steps", "3", "--quiet"]
+TINY = [
+    "--data",
+    "digits",
+    "--train-size",
+    "64",
+    "--test-size",
+    "16",
+    "--epochs",
+    "1",
+    "--channels",
+    "4",
+    "--sample-steps",
+    "3",
+    "--quiet",
+]
 
 
 def test_train_sample_evaluate_round_trip(tmp_path, capsys):
@@ -345,9 +361,13 @@ def test_train_sample_evaluate_round_trip(tmp_path, capsys):
     assert main(["evaluate", "vdm", run, "--n", "8", "--replicates", "3", "--draws", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["test_bpd_se"] > 0 and result["replicates"] == 3
-    assert result["test_elbo"] == pytest.approx(result["test_recon"] - result["test_kl_top"] - result["test_kl_layers"], rel=1e-5)
+    assert result["test_elbo"] == pytest.approx(
+        result["test_recon"] - result["test_kl_top"] - result["test_kl_layers"], rel=1e-5
+    )
     assert result["test_bpd"] == pytest.approx(-result["test_elbo"] / (64 * math.log(2)), rel=1e-5)
-    assert not {"bits_per_dim", "nats", "recon_nats"} & set(result)  # one vocabulary: the names evaluate vae|hvae|diffusion print
+    assert not {"bits_per_dim", "nats", "recon_nats"} & set(
+        result
+    )  # one vocabulary: the names evaluate vae|hvae|diffusion print
 
 
 @pytest.mark.parametrize(

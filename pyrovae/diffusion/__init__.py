@@ -8,4 +8,17 @@ from pyrovae.diffusion.gamma import GammaSchedule, LinearGamma, MonotoneNetGamma
 from pyrovae.diffusion.schedule import SCHEDULES, NoiseSchedule, cosine_betas, linear_betas
 from pyrovae.diffusion.vdm import VDM
 
-__all__ = ["SCHEDULES", "DiffusionChain", "NoiseSchedule", "TimeMLP", "UNet", "cosine_betas", "linear_betas", "VDM", "GammaSchedule", "LinearGamma", "MonotoneNetGamma", "make_gamma"]
+__all__ = [
+    "SCHEDULES",
+    "DiffusionChain",
+    "NoiseSchedule",
+    "TimeMLP",
+    "UNet",
+    "cosine_betas",
+    "linear_betas",
+    "VDM",
+    "GammaSchedule",
+    "LinearGamma",
+    "MonotoneNetGamma",
+    "make_gamma",
+]

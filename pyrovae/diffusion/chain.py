@@ -60,7 +60,9 @@ DATA_RANGE = (-1.0, 1.0)
 """The chain's images: 8-bit pixels scaled to [-1, 1], as DDPM does."""
 
 
-def normal_kl(mean_diff: torch.Tensor, log_var_q: torch.Tensor, log_var_p: torch.Tensor, event_size: int) -> torch.Tensor:
+def normal_kl(
+    mean_diff: torch.Tensor, log_var_q: torch.Tensor, log_var_p: torch.Tensor, event_size: int
+) -> torch.Tensor:
     """KL(N(m_q, diag exp(log_var_q)) || N(m_p, diag exp(log_var_p))), summed over the event:
 
         0.5 sum_d [log_var_p - log_var_q + exp(log_var_q - log_var_p) - 1 + (m_q - m_p)^2 exp(-log_var_p)]
@@ -97,9 +99,21 @@ class DiffusionChain(nn.Module):
         (improved DDPM).
     """
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, x_dim: int, decoder: str = "gaussian", parameterization: str = "eps", variance: str = "beta_tilde"):
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        x_dim: int,
+        decoder: str = "gaussian",
+        parameterization: str = "eps",
+        variance: str = "beta_tilde",
+    ):
         super().__init__()
-        for name, value, allowed in (("decoder", decoder, DECODERS), ("parameterization", parameterization, PARAMETERIZATIONS), ("variance", variance, VARIANCES)):
+        for name, value, allowed in (
+            ("decoder", decoder, DECODERS),
+            ("parameterization", parameterization, PARAMETERIZATIONS),
+            ("variance", variance, VARIANCES),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
         if not isinstance(schedule, NoiseSchedule):
@@ -113,7 +127,9 @@ class DiffusionChain(nn.Module):
         self.decoder, self.parameterization, self.variance = decoder, parameterization, variance
         self.prior = StandardNormalPrior(x_dim)
         likelihood = LIKELIHOODS[decoder]
-        self.likelihood = likelihood(x_dim, scale=MODEL_SCALE, **({"data_range": DATA_RANGE} if likelihood.discrete else {}))
+        self.likelihood = likelihood(
+            x_dim, scale=MODEL_SCALE, **({"data_range": DATA_RANGE} if likelihood.discrete else {})
+        )
 
     @property
     def discrete(self) -> bool:
@@ -139,7 +155,9 @@ class DiffusionChain(nn.Module):
         if "schedule.betas" in state:
             timesteps = state.get("schedule.timesteps")
             spaced = timesteps is not None and not torch.equal(timesteps.cpu(), torch.arange(1, len(timesteps) + 1))
-            schedule = NoiseSchedule(state["schedule.betas"], timesteps if spaced else None, self.schedule.original_T if spaced else None)
+            schedule = NoiseSchedule(
+                state["schedule.betas"], timesteps if spaced else None, self.schedule.original_T if spaced else None
+            )
             upgraded.update({f"schedule.{k}": v for k, v in schedule.state_dict().items()})
         upgraded.update({k: v for k, v in own.items() if k.startswith("prior.") and k not in state})
         return upgraded
@@ -158,7 +176,14 @@ class DiffusionChain(nn.Module):
         step); here each table is cast once. The cache is rebuilt when the
         schedule's buffers change (``.to()``, ``load_state_dict``)."""
         s = self.schedule
-        key = (dtype, s.betas.device, s.betas.data_ptr(), s.betas._version, s.timesteps.data_ptr(), s.timesteps._version)
+        key = (
+            dtype,
+            s.betas.device,
+            s.betas.data_ptr(),
+            s.betas._version,
+            s.timesteps.data_ptr(),
+            s.timesteps._version,
+        )
         cached = self.__dict__.get("_tables_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -186,7 +211,11 @@ class DiffusionChain(nn.Module):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise
         (:meth:`NoiseSchedule.q_sample`) from the cached tables, in two passes."""
         tab, i = self.tables(x0.dtype), self._time_index(torch.as_tensor(t, device=x0.device))
-        return torch.addcmul(tab["sqrt_alphas_cumprod"][i].unsqueeze(-1) * x0, tab["sqrt_one_minus_alphas_cumprod"][i].unsqueeze(-1), noise)
+        return torch.addcmul(
+            tab["sqrt_alphas_cumprod"][i].unsqueeze(-1) * x0,
+            tab["sqrt_one_minus_alphas_cumprod"][i].unsqueeze(-1),
+            noise,
+        )
 
     def check_data(self, x0: torch.Tensor) -> torch.Tensor:
         """Raise a clear error for data this chain cannot score; return ``x0``
@@ -196,12 +225,16 @@ class DiffusionChain(nn.Module):
         if x0.dim() != 2 or x0.shape[1] != self.x_dim or x0.shape[0] == 0:
             raise ValueError(f"x0 must have shape (batch >= 1, {self.x_dim}), got {tuple(x0.shape)}")
         if x0.device != self.schedule.betas.device:
-            raise ValueError(f"x0 is on {x0.device} but the chain is on {self.schedule.betas.device}; move one with .to()")
+            raise ValueError(
+                f"x0 is on {x0.device} but the chain is on {self.schedule.betas.device}; move one with .to()"
+            )
         x0 = x0.to(first_parameter(self).dtype)
         if is_validation_enabled():
             check_finite(x0, "x0")
         if self.discrete and is_validation_enabled() and (x0.min() < -1 or x0.max() > 1):
-            raise ValueError(f"x0 must be scaled to [-1, 1] for the discretised decoder, got values in [{x0.min():.3g}, {x0.max():.3g}]")
+            raise ValueError(
+                f"x0 must be scaled to [-1, 1] for the discretised decoder, got values in [{x0.min():.3g}, {x0.max():.3g}]"
+            )
         return x0
 
     # --- p_theta(x_{t-1} | x_t) -------------------------------------------------
@@ -234,9 +267,14 @@ class DiffusionChain(nn.Module):
         else:
             log_var = max_log if self.variance == "beta" else min_log
         if self.parameterization == "mean":
-            x0_hat = (pred - s.extract(s.posterior_mean_coef2, t, x_t) * x_t) / s.extract(s.posterior_mean_coef1, t, x_t)
+            x0_hat = (pred - s.extract(s.posterior_mean_coef2, t, x_t) * x_t) / s.extract(
+                s.posterior_mean_coef1, t, x_t
+            )
         elif self.parameterization == "eps":
-            x0_hat = s.extract(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t - s.extract(s.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
+            x0_hat = (
+                s.extract(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - s.extract(s.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
+            )
         else:
             x0_hat = pred
         if clip_x0 and self.parameterization != "mean":
@@ -338,7 +376,14 @@ class DiffusionChain(nn.Module):
         (each ``x0``'s shape), shape ``x0.shape[:-1]``."""
         return -self.likelihood(mean, (0.5 * log_variance).exp()).log_prob(x0)
 
-    def vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def vb_terms(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        output: tuple | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D:
 
             L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))   for t >= 2
@@ -379,7 +424,9 @@ class DiffusionChain(nn.Module):
         elif log_var.shape[-1] == 1:
             # KL = D/2 (log sigma^2 - log beta_tilde + beta_tilde/sigma^2 - 1) + coef^2 |diff|^2 / (2 sigma^2)
             var_part = 0.5 * (-1.0 + log_var - min_log + torch.exp(min_log - log_var)).squeeze(-1)
-            kl = self.x_dim * var_part + (0.5 * coef.square() * torch.exp(-log_var.squeeze(-1))) * torch.linalg.vecdot(diff, diff)
+            kl = self.x_dim * var_part + (0.5 * coef.square() * torch.exp(-log_var.squeeze(-1))) * torch.linalg.vecdot(
+                diff, diff
+            )
         else:
             kl = normal_kl(coef.unsqueeze(-1) * diff, min_log, log_var, self.x_dim)
         is_decoder = t == 1
@@ -387,8 +434,14 @@ class DiffusionChain(nn.Module):
             return kl
         # at t = 1 the term is the decoder's -log p(x_0|x_1), on those entries only
         x_1, i_1, pred_1 = x_t[is_decoder], i[is_decoder], pred[is_decoder]
-        x0_hat = tab["sqrt_recip_alphas_cumprod"][i_1].unsqueeze(-1) * x_1 - tab["sqrt_recipm1_alphas_cumprod"][i_1].unsqueeze(-1) * pred_1
-        mean = tab["posterior_mean_coef1"][i_1].unsqueeze(-1) * x0_hat + tab["posterior_mean_coef2"][i_1].unsqueeze(-1) * x_1
+        x0_hat = (
+            tab["sqrt_recip_alphas_cumprod"][i_1].unsqueeze(-1) * x_1
+            - tab["sqrt_recipm1_alphas_cumprod"][i_1].unsqueeze(-1) * pred_1
+        )
+        mean = (
+            tab["posterior_mean_coef1"][i_1].unsqueeze(-1) * x0_hat
+            + tab["posterior_mean_coef2"][i_1].unsqueeze(-1) * x_1
+        )
         return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var.expand_as(x_t)[is_decoder]))
 
     def _vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None) -> torch.Tensor:
@@ -402,7 +455,11 @@ class DiffusionChain(nn.Module):
             return kl
         # at t = 1 the term is the decoder's -log p(x_0|x_1), on those entries only
         x_1, t_1 = x_t[is_decoder], t[is_decoder]
-        mean = pred[is_decoder] if self.parameterization == "mean" else s.q_posterior_mean_variance(x_1, x0_hat[is_decoder], t_1)[0]
+        mean = (
+            pred[is_decoder]
+            if self.parameterization == "mean"
+            else s.q_posterior_mean_variance(x_1, x0_hat[is_decoder], t_1)[0]
+        )
         return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var.expand_as(x_t)[is_decoder]))
 
     def full_bound(self, x0: torch.Tensor, chunk_size: int = 512) -> dict:
@@ -437,13 +494,15 @@ class DiffusionChain(nn.Module):
 
     # --- sampling -------------------------------------------------------------------
 
-    def respaced(self, steps: int) -> "DiffusionChain":
+    def respaced(self, steps: int) -> DiffusionChain:
         """The chain on ``steps`` evenly spaced times of this one (improved DDPM's
         respacing), sharing this chain's network: a valid shorter chain whose
         own ELBO and samples can be computed as for any chain."""
         if self.parameterization == "mean":
             raise ValueError("respacing needs parameterization 'eps' or 'x0': a predicted mean belongs to its own step")
-        return DiffusionChain(self.net, self.schedule.respace(steps), self.x_dim, self.decoder, self.parameterization, self.variance)
+        return DiffusionChain(
+            self.net, self.schedule.respace(steps), self.x_dim, self.decoder, self.parameterization, self.variance
+        )
 
     @torch.no_grad()
     def sample(self, n: int, steps: int | None = None, clip_x0: bool | None = None) -> torch.Tensor:
@@ -473,15 +532,27 @@ class DiffusionChain(nn.Module):
             if parameterization == "mean":
                 mean = pred
             else:
-                x0_hat = tab["sqrt_recip_alphas_cumprod"][i] * x - tab["sqrt_recipm1_alphas_cumprod"][i] * pred if parameterization == "eps" else pred
+                x0_hat = (
+                    tab["sqrt_recip_alphas_cumprod"][i] * x - tab["sqrt_recipm1_alphas_cumprod"][i] * pred
+                    if parameterization == "eps"
+                    else pred
+                )
                 if clip_x0:
                     x0_hat = x0_hat.clamp(-1.0, 1.0)
                 mean = c1 * x0_hat + c2 * x
             if learned:
                 frac = (v + 1) / 2
-                sigma = (0.5 * (frac * tab["log_betas"][i] + (1 - frac) * tab["posterior_log_variance_clipped"][i])).exp()
+                sigma = (
+                    0.5 * (frac * tab["log_betas"][i] + (1 - frac) * tab["posterior_log_variance_clipped"][i])
+                ).exp()
             else:
-                sigma = math.exp(0.5 * tab["log_betas" if chain.variance == "beta" else "posterior_log_variance_clipped"][i])
+                sigma = math.exp(
+                    0.5 * tab["log_betas" if chain.variance == "beta" else "posterior_log_variance_clipped"][i]
+                )
             # a draw from p_step(x, t): mean + sigma_t z, without building the Normal
-            x = torch.addcmul(mean, torch.randn_like(mean), sigma) if learned else mean.add(torch.randn_like(mean), alpha=sigma)
+            x = (
+                torch.addcmul(mean, torch.randn_like(mean), sigma)
+                if learned
+                else mean.add(torch.randn_like(mean), alpha=sigma)
+            )
         return chain.p_decoder(x, clip_x0=clip_x0).mean

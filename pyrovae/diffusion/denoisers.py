@@ -10,7 +10,7 @@ the mean) and, with ``out_mult = 2``, the variance interpolation weights.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,9 @@ class TimeMLP(nn.Module):
         super().__init__()
         hidden = list(hidden)
         if x_dim < 1 or not hidden or any(h < 1 for h in hidden) or len(set(hidden)) != 1:
-            raise ValueError(f"x_dim must be >= 1 and hidden a non-empty list of one repeated width >= 1, got {x_dim}, {hidden}")
+            raise ValueError(
+                f"x_dim must be >= 1 and hidden a non-empty list of one repeated width >= 1, got {x_dim}, {hidden}"
+            )
         if out_mult not in (1, 2):
             raise ValueError(f"out_mult must be 1 or 2, got {out_mult}")
         width = hidden[0]
@@ -69,7 +71,14 @@ class TimeMLP(nn.Module):
         self.time = TimeEmbedding(time_dim)
         self.inp = nn.Linear(x_dim, width)
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({"norm": nn.LayerNorm(width), "lin1": nn.Linear(width, width), "temb": nn.Linear(time_dim, width), "lin2": nn.Linear(width, width)})
+            nn.ModuleDict(
+                {
+                    "norm": nn.LayerNorm(width),
+                    "lin1": nn.Linear(width, width),
+                    "temb": nn.Linear(time_dim, width),
+                    "lin2": nn.Linear(width, width),
+                }
+            )
             for _ in hidden
         )
         self.out = nn.Linear(width, out_mult * x_dim)
@@ -121,7 +130,14 @@ class UNet(nn.Module):
     :param channels: base width; level k has ``channels * channel_mult[k]``.
     """
 
-    def __init__(self, image_shape: Sequence[int], channels: int = 32, channel_mult: Sequence[int] = (1, 2, 2), out_mult: int = 1, dropout: float = 0.0):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        channels: int = 32,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        out_mult: int = 1,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}")

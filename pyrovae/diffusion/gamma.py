@@ -50,7 +50,9 @@ class GammaSchedule(nn.Module):
     def __init__(self, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX, learn_ends: bool = True):
         super().__init__()
         if not (math.isfinite(gamma_min) and math.isfinite(gamma_max)) or not gamma_max > gamma_min:
-            raise ValueError(f"gamma_max must be finite and > gamma_min, got gamma_min={gamma_min}, gamma_max={gamma_max}")
+            raise ValueError(
+                f"gamma_max must be finite and > gamma_min, got gamma_min={gamma_min}, gamma_max={gamma_max}"
+            )
         ends = {"gamma_min": torch.tensor(float(gamma_min)), "log_width": torch.tensor(math.log(gamma_max - gamma_min))}
         for name, value in ends.items():
             if learn_ends:
@@ -74,7 +76,9 @@ class GammaSchedule(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """gamma(t), ``t``'s shape."""
         if not torch.is_tensor(t) or not t.is_floating_point():
-            raise TypeError(f"t must be a float tensor of times in [0, 1], got {type(t).__name__} {getattr(t, 'dtype', '')}")
+            raise TypeError(
+                f"t must be a float tensor of times in [0, 1], got {type(t).__name__} {getattr(t, 'dtype', '')}"
+            )
         return self.gamma_min.to(t.dtype) + self.log_width.exp().to(t.dtype) * self.shape(t)
 
     def shape_and_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +124,9 @@ class MonotoneNetGamma(GammaSchedule):
     :param features: n, the width of the sigmoid branch (VDM: 1024).
     """
 
-    def __init__(self, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX, features: int = 1024, learn_ends: bool = True):
+    def __init__(
+        self, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX, features: int = 1024, learn_ends: bool = True
+    ):
         super().__init__(gamma_min, gamma_max, learn_ends)
         if features < 1:
             raise ValueError(f"features must be >= 1, got {features}")

@@ -82,7 +82,9 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"betas must lie in the open interval (0, 1), got values {bad.tolist()[:5]}")
         T = betas.numel()
         if (timesteps is None) != (original_T is None):
-            raise ValueError(f"timesteps and original_T must be given together (a respaced schedule), got timesteps={timesteps!r}, original_T={original_T!r}")
+            raise ValueError(
+                f"timesteps and original_T must be given together (a respaced schedule), got timesteps={timesteps!r}, original_T={original_T!r}"
+            )
         timesteps = torch.arange(1, T + 1) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.long)
         if timesteps.shape != (T,):
             raise ValueError(f"timesteps must have shape ({T},) like betas, got {tuple(timesteps.shape)}")
@@ -121,7 +123,7 @@ class NoiseSchedule(nn.Module):
             self.register_buffer(name, value)
 
     @classmethod
-    def from_name(cls, name: str, T: int) -> "NoiseSchedule":
+    def from_name(cls, name: str, T: int) -> NoiseSchedule:
         """``linear`` (:func:`linear_betas`) or ``cosine`` (:func:`cosine_betas`) with T steps."""
         if name == "linear":
             return cls(linear_betas(T))
@@ -181,7 +183,9 @@ class NoiseSchedule(nn.Module):
     def q_posterior_mean_variance(self, x_t: torch.Tensor, x0: torch.Tensor, t):
         """Mean mu_tilde_t(x_t, x_0), variance beta_tilde_t and clipped log-variance
         of q(x_{t-1} | x_t, x_0)."""
-        mean = self.extract(self.posterior_mean_coef1, t, x_t) * x0 + self.extract(self.posterior_mean_coef2, t, x_t) * x_t
+        mean = (
+            self.extract(self.posterior_mean_coef1, t, x_t) * x0 + self.extract(self.posterior_mean_coef2, t, x_t) * x_t
+        )
         variance = self.extract(self.posterior_variance, t, x_t).expand_as(mean)
         log_variance = self.extract(self.posterior_log_variance_clipped, t, x_t).expand_as(mean)
         return mean, variance, log_variance
@@ -195,7 +199,7 @@ class NoiseSchedule(nn.Module):
         mean, variance, _ = self.q_posterior_mean_variance(x_t, x0, t)
         return dist.Normal(mean, variance.sqrt()).to_event(1)
 
-    def respace(self, steps: int) -> "NoiseSchedule":
+    def respace(self, steps: int) -> NoiseSchedule:
         """A schedule on ``steps`` evenly spaced times tau_1 < ... < tau_K = T of this
         one (always ending at T, so that x_{tau_K} ~ N(0, I) is the right start;
         one step is tau_1 = T) with recomputed betas,
@@ -210,6 +214,8 @@ class NoiseSchedule(nn.Module):
         log_ab = torch.cumsum(torch.log1p(-self.betas.detach().cpu()), 0)[idx]
         log_ratio = log_ab - torch.cat([log_ab.new_zeros(1), log_ab[:-1]])
         # beta_k < 1 exactly, unless alpha_bar's ratio underflows double precision
-        betas = (-torch.expm1(log_ratio)).clamp(max=torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)))
+        betas = (-torch.expm1(log_ratio)).clamp(
+            max=torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+        )
         respaced = NoiseSchedule(betas, self.timesteps.cpu()[idx], self.original_T)
         return respaced.to(self.betas.device)

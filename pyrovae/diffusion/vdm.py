@@ -185,7 +185,9 @@ class VDM(nn.Module):
         if is_validation_enabled():
             check_finite(x, "x")
             if x.min() < -1 or x.max() > 1:
-                raise ValueError(f"x must be 8-bit pixels scaled to [-1, 1], got values in [{x.min():.3g}, {x.max():.3g}]")
+                raise ValueError(
+                    f"x must be 8-bit pixels scaled to [-1, 1], got values in [{x.min():.3g}, {x.max():.3g}]"
+                )
         return x
 
     # --- the forward process, from gamma ---------------------------------------------
@@ -214,7 +216,9 @@ class VDM(nn.Module):
         scalars (one step for the whole batch)."""
         return self._posterior(z_t, self.eps_hat(z_t, gamma_t), gamma_t, gamma_s)
 
-    def q_posterior(self, z_t: torch.Tensor, x: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor) -> dist.Distribution:
+    def q_posterior(
+        self, z_t: torch.Tensor, x: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor
+    ) -> dist.Distribution:
         """q(z_s | z_t, x): the same Gaussian as :meth:`p_step` with the true eps."""
         alpha_t, sigma_t = self.alpha_sigma(gamma_t)
         return self._posterior(z_t, (z_t - alpha_t * x) / sigma_t, gamma_t, gamma_s)
@@ -251,7 +255,9 @@ class VDM(nn.Module):
 
     def _check_discrete(self) -> None:
         if self.T is None:
-            raise ValueError("the continuous-time model (T=None) has no literal chain; build VDM(..., T=k) or use VDMELBO")
+            raise ValueError(
+                "the continuous-time model (T=None) has no literal chain; build VDM(..., T=k) or use VDMELBO"
+            )
 
     def model(self, x: torch.Tensor) -> None:
         """p(z_1) prod_{i=T..1} p_theta(z_{(i-1)/T} | z_{i/T}) p(x | z_0): sites
@@ -284,7 +290,9 @@ class VDM(nn.Module):
         """``kl_top`` = KL(q(z_1|x) || N(0, I)) = 1/2 sum_D (sigma_1^2 + alpha_1^2 x^2 - 1 - log sigma_1^2), shape ``(B,)``."""
         gamma_1 = self.gamma(x.new_ones(()))
         var_1 = torch.sigmoid(gamma_1)
-        return 0.5 * (var_1 + torch.sigmoid(-gamma_1) * x.square() - 1 - torch.nn.functional.logsigmoid(gamma_1)).sum(-1)
+        return 0.5 * (var_1 + torch.sigmoid(-gamma_1) * x.square() - 1 - torch.nn.functional.logsigmoid(gamma_1)).sum(
+            -1
+        )
 
     def recon(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """``recon`` = log p(x | z_0) at one z_0 ~ q(z_0|x), shape ``(B,)``."""
@@ -310,7 +318,9 @@ class VDM(nn.Module):
         gamma_t = self.gamma(i / self.T)
         return gamma_t, self.T * torch.expm1(gamma_t - self.gamma((i - 1) / self.T))
 
-    def diffusion_loss(self, x: torch.Tensor, gamma_t: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    def diffusion_loss(
+        self, x: torch.Tensor, gamma_t: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The integrand of the diffusion term, summed over D,
 
             1/2 w ||eps - eps_hat(z_t; gamma_t)||^2,   z_t = alpha_t x + sigma_t eps,

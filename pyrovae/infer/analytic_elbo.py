@@ -206,7 +206,9 @@ class TraceAnalyticKL_ELBO(ELBO):
             monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
             obs_i, lat_i, closed_form, score = self._particle_terms(model_trace, guide_trace, monte_carlo)
             if score:
-                surrogate = tuple(total + part / k for total, part in zip(surrogate, self._surrogate(obs_i, lat_i, score)))
+                surrogate = tuple(
+                    total + part / k for total, part in zip(surrogate, self._surrogate(obs_i, lat_i, score))
+                )
             for total, terms in ((observed, obs_i), (latent, lat_i)):
                 for name, (_, value) in terms.items():
                     # one particle (the usual step): the sum alone, no division by 1 nor addition to 0
@@ -289,7 +291,11 @@ class TraceAnalyticKL_ELBO(ELBO):
             except Exception as err:  # provenance tracking cannot follow every program
                 reason = f"their dependencies could not be worked out ({type(err).__name__}: {err})"
             else:
-                biased = [name for name in suspects if _descendants(guide_parents, name) & (set(model_parents.get(name, {})) - {name})]
+                biased = [
+                    name
+                    for name in suspects
+                    if _descendants(guide_parents, name) & (set(model_parents.get(name, {})) - {name})
+                ]
                 reason = "the model conditions each on a site that the guide samples after it, from it"
         self._monte_carlo_sites[key] = frozenset(biased)
         if biased:
@@ -370,7 +376,11 @@ def _scaled_kl(guide_site, model_site):
 
 
 def _latent_order(trace, other) -> list:
-    return [name for name, site in trace.nodes.items() if site["type"] == "sample" and name in other.nodes and not site["is_observed"]]
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and name in other.nodes and not site["is_observed"]
+    ]
 
 
 def _out_of_order(model_trace, guide_trace) -> list:
@@ -378,7 +388,11 @@ def _out_of_order(model_trace, guide_trace) -> list:
     z in the guide: only there can the dependency condition fail."""
     model_order = _latent_order(model_trace, guide_trace)
     guide_position = {name: i for i, name in enumerate(_latent_order(guide_trace, model_trace))}
-    return [name for i, name in enumerate(model_order) if any(guide_position[other] > guide_position[name] for other in model_order[:i])]
+    return [
+        name
+        for i, name in enumerate(model_order)
+        if any(guide_position[other] > guide_position[name] for other in model_order[:i])
+    ]
 
 
 def _descendants(parents: dict, name: str) -> set:

@@ -95,8 +95,12 @@ class ImportanceTimeSampler(UniformTimeSampler):
         if set(state) != {"squares", "count"}:
             raise ValueError(f"an importance time sampler's state has keys 'squares' and 'count', got {sorted(state)}")
         squares, count = state["squares"], state["count"]
-        if squares is not None and (squares.dim() != 2 or squares.shape[1] != self.history or count.shape != squares.shape[:1]):
-            raise ValueError(f"squares must have shape (T, {self.history}) and count (T,), got {tuple(squares.shape)} and {tuple(count.shape)}")
+        if squares is not None and (
+            squares.dim() != 2 or squares.shape[1] != self.history or count.shape != squares.shape[:1]
+        ):
+            raise ValueError(
+                f"squares must have shape (T, {self.history}) and count (T,), got {tuple(squares.shape)} and {tuple(count.shape)}"
+            )
         self._squares = None if squares is None else squares.clone().to(torch.float64)
         self._count = None if count is None else count.clone().to(torch.long)
 
@@ -157,7 +161,14 @@ class ChainObjective(DifferentiableLossMixin):
         t = torch.multinomial(p, k * B, replacement=True).reshape(k, B) + 1
         x0_k = x0.expand(k, B, chain.x_dim)
         noise = torch.randn_like(x0_k)
-        return {"x0": x0, "x0_k": x0_k, "t": t, "weight": 1.0 / p[t - 1].to(x0.dtype), "noise": noise, "x_t": chain.q_sample(x0_k, t, noise)}
+        return {
+            "x0": x0,
+            "x0_k": x0_k,
+            "t": t,
+            "weight": 1.0 / p[t - 1].to(x0.dtype),
+            "noise": noise,
+            "x_t": chain.q_sample(x0_k, t, noise),
+        }
 
     def _loss_and_terms(self, chain, x0: torch.Tensor):
         """The differentiable loss summed over the batch, the times drawn and
@@ -172,7 +183,6 @@ class ChainObjective(DifferentiableLossMixin):
         if terms is not None and torch.is_grad_enabled():
             self.time_sampler.update(distributed.all_gather_cat(t), distributed.all_gather_cat(terms.detach()))
         return loss
-
 
 
 class DiffusionELBO(ChainObjective, ELBO):

@@ -76,7 +76,9 @@ def iwae_log_likelihood(model, guide, x: torch.Tensor, num_samples: int, chunk_s
     return torch.logsumexp(torch.cat(chunks), dim=0) - math.log(num_samples)
 
 
-def evaluate_iwae(model, guide, x: torch.Tensor, num_samples: int, batch_size: int = 100, chunk_size: int = 100) -> dict:
+def evaluate_iwae(
+    model, guide, x: torch.Tensor, num_samples: int, batch_size: int = 100, chunk_size: int = 100
+) -> dict:
     """The mean over the examples of L_k(x) in nats, and as bits per dimension,
     ``-L_k / (D ln 2)`` with D = ``x.shape[-1]``: ``{"iwae": ..., "iwae_bpd": ...}``.
 
@@ -84,6 +86,9 @@ def evaluate_iwae(model, guide, x: torch.Tensor, num_samples: int, batch_size: i
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    total = sum(iwae_log_likelihood(model, guide, x[i : i + batch_size], num_samples, chunk_size).sum().item() for i in range(0, len(x), batch_size))
+    total = sum(
+        iwae_log_likelihood(model, guide, x[i : i + batch_size], num_samples, chunk_size).sum().item()
+        for i in range(0, len(x), batch_size)
+    )
     mean = total / len(x)
     return {"iwae": mean, "iwae_bpd": bits_per_dim(-mean, x.shape[-1])}

@@ -68,7 +68,9 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
         if getattr(guide, "__self__", None) is not vdm or guide.__func__ is not VDM.guide:
             raise TypeError(f"VDMELBO needs guide=vdm.guide of the same VDM, got {guide!r}")
         if self.minimise_variance and vdm.T is not None:
-            raise ValueError(f"minimise_variance needs the continuous-time model (T=None): the {vdm.T}-step bound depends on the schedule's interior")
+            raise ValueError(
+                f"minimise_variance needs the continuous-time model (T=None): the {vdm.T}-step bound depends on the schedule's interior"
+            )
         return vdm
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -79,7 +81,9 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
         if not self.antithetic:
             return torch.rand(k, B, dtype=like.dtype, device=like.device)
         u = torch.rand((), dtype=like.dtype, device=like.device)
-        return torch.remainder(u + torch.arange(k * B, dtype=like.dtype, device=like.device) / (k * B), 1.0).reshape(k, B)
+        return torch.remainder(u + torch.arange(k * B, dtype=like.dtype, device=like.device) / (k * B), 1.0).reshape(
+            k, B
+        )
 
     def bound_terms(self, vdm, x: torch.Tensor) -> dict:
         """The bound's named terms per example (:mod:`pyrovae.infer.bound`), nats,
@@ -115,4 +119,3 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
         terms = self.bound_terms(self._vdm(model, guide), x)
         loss = -terms["elbo"].sum()
         return loss if terms["surrogate"] is None else loss + terms["surrogate"]
-

@@ -11,7 +11,7 @@ distribution's parameters from them. :data:`GUIDES` names them for
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
@@ -68,7 +68,9 @@ class LowRankNormalEncoder(Encoder):
     """q_phi(z|x) = N(z; mu_phi(x), W_phi(x) W_phi(x)^T + diag(d_phi(x))), W of shape
     ``(z_dim, rank)``: correlations between latents at O(z_dim * rank) cost."""
 
-    def __init__(self, x_dim: int, z_dim: int, hidden=(400,), activation: str = "softplus", make_net=None, rank: int = 2):
+    def __init__(
+        self, x_dim: int, z_dim: int, hidden=(400,), activation: str = "softplus", make_net=None, rank: int = 2
+    ):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         super().__init__(x_dim, z_dim, z_dim * (2 + rank), hidden, activation, make_net)
@@ -137,7 +139,12 @@ class IAFEncoder(Encoder):
         order = torch.arange(z_dim)
         self.flows = nn.ModuleList(
             ConditionalAffineAutoregressive(
-                ConditionalAutoRegressiveNN(z_dim, context_dim, [flow_hidden or 3 * z_dim + 1], permutation=order if t % 2 == 0 else order.flip(0)),
+                ConditionalAutoRegressiveNN(
+                    z_dim,
+                    context_dim,
+                    [flow_hidden or 3 * z_dim + 1],
+                    permutation=order if t % 2 == 0 else order.flip(0),
+                ),
                 stable=True,
             )
             for t in range(num_flows)

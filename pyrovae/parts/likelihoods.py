@@ -111,7 +111,14 @@ class Discretised(dist.TorchDistribution):
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     CDFS = ("logistic", "normal")
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, cdf: str = "logistic", data_range: tuple = (0.0, 1.0), validate_args=None):
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        cdf: str = "logistic",
+        data_range: tuple = (0.0, 1.0),
+        validate_args=None,
+    ):
         if cdf not in self.CDFS:
             raise ValueError(f"unknown cdf {cdf!r}; expected one of {', '.join(self.CDFS)}")
         lo, hi = (float(v) for v in data_range)
@@ -169,7 +176,9 @@ class Discretised(dist.TorchDistribution):
 
     def _bin_probs(self) -> torch.Tensor:
         """P(x_k) for k = 0..255, shape ``batch_shape + (256,)``."""
-        edges = torch.linspace(-1 + 1 / (BINS - 1), 1 - 1 / (BINS - 1), BINS - 1, device=self.loc.device, dtype=self.loc.dtype)
+        edges = torch.linspace(
+            -1 + 1 / (BINS - 1), 1 - 1 / (BINS - 1), BINS - 1, device=self.loc.device, dtype=self.loc.dtype
+        )
         u = (edges - self.loc.unsqueeze(-1)) / self.scale.unsqueeze(-1)
         cdf = torch.sigmoid(u) if self.cdf == "logistic" else torch.special.ndtr(u)
         zeros, ones = cdf.new_zeros(cdf.shape[:-1] + (1,)), cdf.new_ones(cdf.shape[:-1] + (1,))
@@ -218,7 +227,9 @@ class _ScaleLikelihood(nn.Module):
 
     def forward(self, loc: torch.Tensor, scale: torch.Tensor | None = None) -> dist.Distribution:
         if (scale is None) != (self.mode != "model"):
-            raise ValueError(f"scale must be given to this likelihood if and only if it was built with scale={MODEL_SCALE!r}; it has a {self.mode} scale")
+            raise ValueError(
+                f"scale must be given to this likelihood if and only if it was built with scale={MODEL_SCALE!r}; it has a {self.mode} scale"
+            )
         if scale is None:
             scale = softplus(self.raw_scale) + self.min_scale if self.mode == "learned" else self.raw_scale
         return self.distribution(loc, scale).to_event(1)
@@ -243,7 +254,13 @@ class DiscretisedLogisticLikelihood(_ScaleLikelihood):
     discrete = True
     cdf = "logistic"
 
-    def __init__(self, x_dim: int | None = None, scale: float | str | None = None, min_scale: float | None = None, data_range: tuple = (0.0, 1.0)):
+    def __init__(
+        self,
+        x_dim: int | None = None,
+        scale: float | str | None = None,
+        min_scale: float | None = None,
+        data_range: tuple = (0.0, 1.0),
+    ):
         super().__init__(x_dim, scale, min_scale)
         self.data_range = tuple(data_range)
 
@@ -288,6 +305,10 @@ LIKELIHOODS = Registry(
         "discretised-gaussian": DiscretisedGaussianLikelihood,
     },
     # the CLI's spelling before issue 13, and the diffusion chain's short name
-    aliases={"discretised-logistic": "discretised-logistic", "discretized-gaussian": "discretised-gaussian", "discretised": "discretised-gaussian"},
+    aliases={
+        "discretised-logistic": "discretised-logistic",
+        "discretized-gaussian": "discretised-gaussian",
+        "discretised": "discretised-gaussian",
+    },
 )
 """Likelihood classes by name, each constructed as ``cls(x_dim)``."""

@@ -49,8 +49,10 @@ class StandardNormalPrior(nn.Module):
         # checked before anything is copied: a refused state dict leaves the prior as it was
         loc, scale = state_dict.get(prefix + "loc"), state_dict.get(prefix + "scale")
         if (loc is not None and not bool((loc == 0).all())) or (scale is not None and not bool((scale == 1).all())):
-            raise ValueError(f"a StandardNormalPrior's loc and scale are 0 and 1; the state dict holds other values at {prefix}loc/{prefix}scale "
-                             "(a prior with a learned or shifted location is another prior: pyrovae.parts.priors.PRIORS)")
+            raise ValueError(
+                f"a StandardNormalPrior's loc and scale are 0 and 1; the state dict holds other values at {prefix}loc/{prefix}scale "
+                "(a prior with a learned or shifted location is another prior: pyrovae.parts.priors.PRIORS)"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self) -> dist.Distribution:
@@ -144,7 +146,14 @@ class VampPrior(nn.Module):
         draws (the paper's 0.05 and 0.01 for MNIST).
     """
 
-    def __init__(self, encoder: nn.Module, num_pseudo: int = 100, bounds=(0.0, 1.0), init_mean: float = 0.05, init_std: float = 0.01):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_pseudo: int = 100,
+        bounds=(0.0, 1.0),
+        init_mean: float = 0.05,
+        init_std: float = 0.01,
+    ):
         super().__init__()
         if num_pseudo < 1:
             raise ValueError(f"num_pseudo must be >= 1, got {num_pseudo}")

@@ -40,17 +40,28 @@ class DiffusionRecipe:
         """Raise ``ValueError`` for diffusion settings that cannot work."""
         if isinstance(cfg.T, bool) or not isinstance(cfg.T, int) or cfg.T < 1:
             raise ValueError(f"T must be an integer >= 1, got {cfg.T!r}")
-        for name, allowed in (("schedule", SCHEDULES), ("net", NETS), ("objective", OBJECTIVES), ("parameterization", PARAMETERIZATIONS), ("variance", VARIANCES), ("time_sampler", TIME_SAMPLERS)):
+        for name, allowed in (
+            ("schedule", SCHEDULES),
+            ("net", NETS),
+            ("objective", OBJECTIVES),
+            ("parameterization", PARAMETERIZATIONS),
+            ("variance", VARIANCES),
+            ("time_sampler", TIME_SAMPLERS),
+        ):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; expected one of {', '.join(allowed)}")
         if cfg.objective == "hybrid" and cfg.variance != "learned":
-            raise ValueError(f"objective 'hybrid' trains learned variances; set variance 'learned' (got {cfg.variance!r})")
+            raise ValueError(
+                f"objective 'hybrid' trains learned variances; set variance 'learned' (got {cfg.variance!r})"
+            )
         if cfg.objective == "simple" and cfg.variance == "learned":
             raise ValueError("objective 'simple' gives learned variances no gradient; use 'elbo' or 'hybrid'")
         if cfg.objective == "simple" and cfg.time_sampler == "importance":
             raise ValueError("time_sampler 'importance' weights the bound's terms; objective 'simple' has none")
         if cfg.channels < 1 or cfg.sample_steps < 1 or any(h < 1 for h in cfg.hidden):
-            raise ValueError(f"channels, sample_steps and hidden sizes must be >= 1, got {cfg.channels}, {cfg.sample_steps}, {cfg.hidden}")
+            raise ValueError(
+                f"channels, sample_steps and hidden sizes must be >= 1, got {cfg.channels}, {cfg.sample_steps}, {cfg.hidden}"
+            )
 
     def build(self, cfg, ds: datasets.Dataset) -> DiffusionChain:
         out_mult = 2 if cfg.variance == "learned" else 1
@@ -62,7 +73,14 @@ class DiffusionRecipe:
         else:
             denoiser = TimeMLP(ds.x_dim, cfg.hidden, out_mult=out_mult)
         decoder = "discretised-gaussian" if ds.is_image else "gaussian"
-        return DiffusionChain(denoiser, NoiseSchedule.from_name(cfg.schedule, cfg.T), ds.x_dim, decoder, cfg.parameterization, cfg.variance)
+        return DiffusionChain(
+            denoiser,
+            NoiseSchedule.from_name(cfg.schedule, cfg.T),
+            ds.x_dim,
+            decoder,
+            cfg.parameterization,
+            cfg.variance,
+        )
 
     def objective(self, cfg):
         """The bound (:class:`DiffusionELBO`) or a loss that is not one
@@ -91,17 +109,26 @@ class DiffusionRecipe:
             for name, value in elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size]).items():
                 sums[name] += value
         n = len(x_test)
-        terms = bound_terms(sums["recon"] / n, sums["kl_top"] / n, sums["kl_layers"] / n, chain.x_dim if chain.discrete else None)
+        terms = bound_terms(
+            sums["recon"] / n, sums["kl_top"] / n, sums["kl_layers"] / n, chain.x_dim if chain.discrete else None
+        )
         return prefixed(terms, "test")
 
     def write_figures(self, out: str, cfg, chain: DiffusionChain, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         write_samples(os.path.join(out, "samples.png"), chain, ds, min(cfg.sample_steps, chain.T), x_test)
         with torch.no_grad():
             bound = chain.full_bound(x_test[:TERMS_EXAMPLES])
-        plot_terms(os.path.join(out, "terms.png"), bound["prior"].mean().item(), bound["terms"].mean(0).tolist(), f"bound terms, {min(len(x_test), TERMS_EXAMPLES)} test examples")
+        plot_terms(
+            os.path.join(out, "terms.png"),
+            bound["prior"].mean().item(),
+            bound["terms"].mean(0).tolist(),
+            f"bound terms, {min(len(x_test), TERMS_EXAMPLES)} test examples",
+        )
 
 
-def write_samples(path: str, chain: DiffusionChain, ds: datasets.Dataset, steps: int, x_test: torch.Tensor, n: int | None = None) -> None:
+def write_samples(
+    path: str, chain: DiffusionChain, ds: datasets.Dataset, steps: int, x_test: torch.Tensor, n: int | None = None
+) -> None:
     """A grid of ``n`` (default 64) samples for images, or a scatter of ``n``
     (default 2,000) samples over the test data for 2-D data, drawn with the
     chain respaced to ``steps`` steps."""
@@ -111,14 +138,18 @@ def write_samples(path: str, chain: DiffusionChain, ds: datasets.Dataset, steps:
         plots.save_image_grid(path, images, ds.image_shape, min(8, len(images)), title)
     else:
         points = chain.sample(n or 2000, steps=steps)
-        plots.save_scatter(path, torch.cat([x_test, points]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(points))]))
+        plots.save_scatter(
+            path, torch.cat([x_test, points]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(points))])
+        )
 
 
 def plot_terms(path: str, kl_top: float, terms: list, title: str) -> None:
     """The chain's per-layer KLs with :func:`pyrovae.plots.plot_layer_kl`:
     layer l = t - 1 holds L_{t-1} = KL at x_{t-1} for l = 1..T-1, the top
     layer T holds L_T; the decoder term -L_0 is ``recon``."""
-    plots.plot_layer_kl(path, terms[1:] + [kl_top], recon=-terms[0], title=title, layer="t - 1 (latent x_{t-1}; T: x_T)")
+    plots.plot_layer_kl(
+        path, terms[1:] + [kl_top], recon=-terms[0], title=title, layer="t - 1 (latent x_{t-1}; T: x_T)"
+    )
 
 
 def evaluate_bound(chain: DiffusionChain, x0: torch.Tensor, steps: int | None, chunk_size: int, run_dir: str) -> dict:
@@ -135,11 +166,21 @@ def evaluate_bound(chain: DiffusionChain, x0: torch.Tensor, steps: int | None, c
     with torch.no_grad():
         bound = (chain.respaced(steps) if steps != chain.T else chain).full_bound(x0, chunk_size)
     per_t = bound["terms"].mean(0).tolist()
-    terms = bound_terms(-per_t[0], bound["prior"].mean().item(), bound["terms"][:, 1:].sum(-1).mean().item(), chain.x_dim if chain.discrete else None)
+    terms = bound_terms(
+        -per_t[0],
+        bound["prior"].mean().item(),
+        bound["terms"][:, 1:].sum(-1).mean().item(),
+        chain.x_dim if chain.discrete else None,
+    )
     result = {"n": len(x0), "steps": steps, **prefixed(terms, "test"), "test_kl_t": per_t[1:]}
     name = f"evaluate-{steps}"
     folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
     with open(os.path.join(folder, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot_terms(os.path.join(folder, name + ".png"), result["test_kl_top"], per_t, f"bound terms, {len(x0)} test examples, {steps} steps")
+    plot_terms(
+        os.path.join(folder, name + ".png"),
+        result["test_kl_top"],
+        per_t,
+        f"bound terms, {len(x0)} test examples, {steps} steps",
+    )
     return result

@@ -18,15 +18,21 @@ class HVAERecipe(VAERecipe):
         """Raise ``ValueError`` for HVAE settings that cannot work (the field
         choices and bounds are checked by the config)."""
         if len(cfg.hidden) not in (1, len(cfg.z_dims)):
-            raise ValueError(f"hidden must give one width per layer ({len(cfg.z_dims)}, as z_dims) or one for all, got {cfg.hidden}")
+            raise ValueError(
+                f"hidden must give one width per layer ({len(cfg.z_dims)}, as z_dims) or one for all, got {cfg.hidden}"
+            )
         if cfg.kl_warmup and not hasattr(make_elbo(cfg.elbo), "kl_scale"):
-            raise ValueError(f"kl_warmup needs an ELBO with a kl_scale (--elbo analytic), got elbo {cfg.elbo!r}; "
-                             f"the HVAE warms up by default (kl_warmup = {cfg.kl_warmup}): add --kl-warmup 0 to train with {cfg.elbo!r}")
+            raise ValueError(
+                f"kl_warmup needs an ELBO with a kl_scale (--elbo analytic), got elbo {cfg.elbo!r}; "
+                f"the HVAE warms up by default (kl_warmup = {cfg.kl_warmup}): add --kl-warmup 0 to train with {cfg.elbo!r}"
+            )
         check_prior(cfg.prior, cfg.encoder, len(cfg.z_dims))
 
     def build(self, cfg, ds: datasets.Dataset) -> HVAE:
         hidden = [(width,) * cfg.depth for width in cfg.hidden]
-        return build_hvae(ds.x_dim, tuple(cfg.z_dims), hidden, encoder=cfg.encoder, prior=cfg.prior, likelihood=cfg.likelihood)
+        return build_hvae(
+            ds.x_dim, tuple(cfg.z_dims), hidden, encoder=cfg.encoder, prior=cfg.prior, likelihood=cfg.likelihood
+        )
 
     @staticmethod
     def net(cfg) -> str:

@@ -13,8 +13,8 @@ from pyrovae.infer import TraceAnalyticKL_ELBO, evaluate_iwae, make_elbo
 from pyrovae.infer.bound import bound_terms, prefixed
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS
-from pyrovae.vae import NETS, VAE, build_vae
 from pyrovae.parts.priors import PRIORS
+from pyrovae.vae import NETS, VAE, build_vae
 
 
 class VAERecipe:
@@ -29,7 +29,12 @@ class VAERecipe:
         elbo = make_elbo(cfg.elbo)
         if cfg.kl_warmup and not hasattr(elbo, "kl_scale"):
             raise ValueError(f"kl_warmup needs an ELBO with a kl_scale (--elbo analytic), got elbo {cfg.elbo!r}")
-        for kind, name, registry in (("prior", cfg.prior, PRIORS), ("guide", cfg.guide, GUIDES), ("likelihood", cfg.likelihood, LIKELIHOODS), ("net", self.net(cfg), NETS)):
+        for kind, name, registry in (
+            ("prior", cfg.prior, PRIORS),
+            ("guide", cfg.guide, GUIDES),
+            ("likelihood", cfg.likelihood, LIKELIHOODS),
+            ("net", self.net(cfg), NETS),
+        ):
             if name not in registry:
                 raise ValueError(f"unknown {kind} {name!r}; expected one of {', '.join(registry)}")
         if cfg.iwae_k < 0:
@@ -37,7 +42,16 @@ class VAERecipe:
 
     def build(self, cfg, ds: datasets.Dataset) -> VAE:
         image_shape = ds.image_shape if ds.is_image else None
-        return build_vae(ds.x_dim, cfg.z_dim, tuple(cfg.hidden), prior=cfg.prior, guide=cfg.guide, likelihood=cfg.likelihood, net=self.net(cfg), image_shape=image_shape)
+        return build_vae(
+            ds.x_dim,
+            cfg.z_dim,
+            tuple(cfg.hidden),
+            prior=cfg.prior,
+            guide=cfg.guide,
+            likelihood=cfg.likelihood,
+            net=self.net(cfg),
+            image_shape=image_shape,
+        )
 
     def objective(self, cfg):
         return make_elbo(cfg.elbo)
@@ -75,10 +89,22 @@ class VAERecipe:
             if not support.check(x).all():
                 base = getattr(support, "base_constraint", support)
                 if LIKELIHOODS[cfg.likelihood].binary_data:
-                    where, fix = "{0, 1}", "binarise them (--binarize dynamic or threshold) or use a likelihood for grey levels (--likelihood continuous-bernoulli)"
+                    where, fix = (
+                        "{0, 1}",
+                        "binarise them (--binarize dynamic or threshold) or use a likelihood for grey levels (--likelihood continuous-bernoulli)",
+                    )
                 else:
-                    where, fix = (f"[{base.lower_bound:g}, {base.upper_bound:g}]" if hasattr(base, "lower_bound") else str(base)), "for real-valued data use --likelihood gaussian"
-                raise ValueError(f"data {cfg.data!r} has values in [{lo:.3g}, {hi:.3g}] that lie outside {where}, the support of the {cfg.likelihood} likelihood; {fix}")
+                    where, fix = (
+                        (
+                            f"[{base.lower_bound:g}, {base.upper_bound:g}]"
+                            if hasattr(base, "lower_bound")
+                            else str(base)
+                        ),
+                        "for real-valued data use --likelihood gaussian",
+                    )
+                raise ValueError(
+                    f"data {cfg.data!r} has values in [{lo:.3g}, {hi:.3g}] that lie outside {where}, the support of the {cfg.likelihood} likelihood; {fix}"
+                )
 
     def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
         return datasets.binarize(x, self.binarize_mode(cfg))
@@ -106,7 +132,10 @@ class VAERecipe:
             recon += terms.pop("x")
             kl -= sum(terms.values())
         n = len(x_test)
-        metrics = prefixed(bound_terms(recon / n, kl / n, dim=vae.x_dim if getattr(vae.likelihood, "discrete", False) else None), "test")
+        metrics = prefixed(
+            bound_terms(recon / n, kl / n, dim=vae.x_dim if getattr(vae.likelihood, "discrete", False) else None),
+            "test",
+        )
         if cfg.iwae_k > 0:
             iwae = evaluate_iwae(vae.model, vae.guide, x_test, cfg.iwae_k)
             metrics.update(test_iwae=iwae["iwae"], test_iwae_bpd=iwae["iwae_bpd"])
@@ -115,8 +144,11 @@ class VAERecipe:
     def write_figures(self, out: str, cfg, vae: VAE, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         if not ds.is_image:
             return
-        plots.save_image_grid(os.path.join(out, "samples.png"), vae.sample(64), ds.image_shape, 8, "samples E[x|z], z ~ p(z)")
+        plots.save_image_grid(
+            os.path.join(out, "samples.png"), vae.sample(64), ds.image_shape, 8, "samples E[x|z], z ~ p(z)"
+        )
         x = x_test[:32]
         pairs = torch.stack([x, vae.reconstruct(x)], 1).reshape(2 * len(x), -1)
-        plots.save_image_grid(os.path.join(out, "reconstructions.png"), pairs, ds.image_shape, 8, "test image | reconstruction")
-
+        plots.save_image_grid(
+            os.path.join(out, "reconstructions.png"), pairs, ds.image_shape, 8, "test image | reconstruction"
+        )

@@ -16,7 +16,8 @@ from pyrovae import plots
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.gamma import make_gamma
 from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
-from pyrovae.infer.bound import bits_per_dim, bound_terms as named_terms, prefixed
+from pyrovae.infer.bound import bits_per_dim, prefixed
+from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
 from pyrovae.recipes.diffusion import from_chain_space, to_chain_space
 
@@ -40,9 +41,13 @@ class VDMRecipe:
         """Raise ``ValueError`` for VDM settings that cannot work."""
         T = parse_time(cfg.time)
         if cfg.data in datasets.TOY_DATASETS:
-            raise ValueError(f"vdm models 8-bit images (its decoder is over the 256 pixel values); {cfg.data!r} is continuous 2-D data: use `pyrovae train diffusion`")
+            raise ValueError(
+                f"vdm models 8-bit images (its decoder is over the 256 pixel values); {cfg.data!r} is continuous 2-D data: use `pyrovae train diffusion`"
+            )
         if cfg.minimise_variance and (T is not None or cfg.schedule != "learned-net"):
-            raise ValueError(f"minimise_variance trains the interior of a learned-net schedule in continuous time; got schedule {cfg.schedule!r}, time {cfg.time!r}")
+            raise ValueError(
+                f"minimise_variance trains the interior of a learned-net schedule in continuous time; got schedule {cfg.schedule!r}, time {cfg.time!r}"
+            )
 
     def build(self, cfg, ds: datasets.Dataset) -> VDM:
         if not ds.is_image:
@@ -77,7 +82,14 @@ class VDMRecipe:
         t = torch.linspace(0, 1, 201, dtype=vdm.gamma.gamma_min.dtype, device=vdm.gamma.gamma_min.device)
         with torch.no_grad():
             gamma = vdm.gamma(t).cpu().tolist()
-        plots.plot_curves(os.path.join(out, "schedule.png"), t.cpu().tolist(), {"gamma(t)": gamma}, "t", "gamma(t) = log(sigma_t^2 / alpha_t^2)", f"learned noise schedule ({cfg.schedule})")
+        plots.plot_curves(
+            os.path.join(out, "schedule.png"),
+            t.cpu().tolist(),
+            {"gamma(t)": gamma},
+            "t",
+            "gamma(t) = log(sigma_t^2 / alpha_t^2)",
+            f"learned noise schedule ({cfg.schedule})",
+        )
 
 
 def schedule_ends(vdm: VDM) -> dict:
@@ -137,12 +149,26 @@ def write_samples(path: str, vdm: VDM, ds: datasets.Dataset, steps: int, n: int 
 def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
     """``--steps`` for ``pyrovae sample vdm`` (its other flags are every
     model's), and the ``pyrovae evaluate vdm`` parser."""
-    sample.add_argument("--steps", type=int, default=None, help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)")
-    p = evaluate.add_parser("vdm", help="the bound in bits/dim on the first N test examples, with its standard error", parents=[debug_flag])
+    sample.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)",
+    )
+    p = evaluate.add_parser(
+        "vdm", help="the bound in bits/dim on the first N test examples, with its standard error", parents=[debug_flag]
+    )
     add_load_args(p, evaluate=True)
     p.add_argument("--n", type=int, default=100, help="first N test examples (default: 100)")
-    p.add_argument("--replicates", type=int, default=10, help="independent estimates of the bound; its standard error comes from their spread (default: 10)")
-    p.add_argument("--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)")
+    p.add_argument(
+        "--replicates",
+        type=int,
+        default=10,
+        help="independent estimates of the bound; its standard error comes from their spread (default: 10)",
+    )
+    p.add_argument(
+        "--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)"
+    )
 
 
 def sampler(vdm: VDM, steps: int):
