@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyrovae import params
-from pyrovae.data import check_finite
+from pyrovae.checks import check_finite
 from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
 from pyrovae.infer.bound import Bound
 from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes, first_parameter
