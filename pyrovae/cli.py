@@ -206,7 +206,6 @@ def add_run_parsers(commands) -> None:
         dest="model", required=True
     )
     for model, entry in MODELS.items():
-        chain = any(f.name == "T" for f in dataclasses.fields(entry.config))
         p = sample.add_parser(
             model,
             help=f"samples of a trained {model}: all as .npy, at most a grid's worth as a PNG",
@@ -230,49 +229,10 @@ def add_run_parsers(commands) -> None:
             default=SAMPLE_CHUNK,
             help=f"samples drawn at a time: memory is bounded by this, not by --n (default: {SAMPLE_CHUNK})",
         )
-        if chain:
-            p.add_argument(
-                "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
-            )
-        if model == "vdm":
-            from pyrovae.recipes.vdm import add_run_arguments as add_vdm_run_arguments
-
-            add_vdm_run_arguments(p, evaluate, add_load_args, DEBUG_FLAG)
-        elif chain:
-            p = evaluate.add_parser(
-                model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG]
-            )
-            add_load_args(p, evaluate=True)
-            p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
-            p.add_argument(
-                "--steps",
-                type=positive_int,
-                default=None,
-                help="bound of the chain respaced to K steps (default: all T)",
-            )
-            p.add_argument(
-                "--chunk-size",
-                type=positive_int,
-                default=512,
-                help="(t, example) pairs per network call (default: 512)",
-            )
-        else:
-            p = evaluate.add_parser(
-                model, help=f"test ELBO (and IWAE-k log-likelihood) of a trained {model}", parents=[DEBUG_FLAG]
-            )
-            add_load_args(p, evaluate=True)
-            p.add_argument(
-                "--test-particles",
-                type=positive_int,
-                default=None,
-                help="particles for the test ELBO (default: the run's)",
-            )
-            p.add_argument(
-                "--iwae-k",
-                type=non_negative_int,
-                default=None,
-                help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)",
-            )
+        entry.recipe.add_sample_arguments(p)
+        p = evaluate.add_parser(model, help=entry.recipe.evaluate_help.format(model=model), parents=[DEBUG_FLAG])
+        add_load_args(p, evaluate=True)
+        entry.recipe.add_evaluate_arguments(p)
 
 
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -389,27 +349,13 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from pyrovae import plots
     from pyrovae.checkpoint import checkpoint_path, load, load_checkpoint
+    from pyrovae.config import MODELS
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
     # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
     ds = datasets.run_spec(load_checkpoint(args.run), cfg)
-    steps = getattr(args, "steps", None)
-    if args.model == "vdm":  # any number of steps, not a respaced chain
-        from pyrovae.recipes.vdm import sampler as vdm_sampler
-
-        draw, title = vdm_sampler(model, steps or cfg.sample_steps)
-    elif steps is not None and steps > model.T:
-        raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
-    elif hasattr(model, "T"):
-        from pyrovae.recipes.diffusion import from_chain_space
-
-        steps = steps or model.T
-        to_data = from_chain_space if ds.is_image else (lambda x: x)
-        draw = lambda k: to_data(model.sample(k, steps=steps))
-        title = f"samples, {steps} of {model.T} steps"
-    else:
-        draw, title = model.sample, f"samples, {cfg.model} on {ds.name}"
+    draw, title = MODELS[cfg.model].recipe.sampler(model, cfg, ds, args)
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS
     n = args.n or grid
     out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{args.seed}.png")
@@ -452,17 +398,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     ds = datasets.load_from_config(dataclasses.replace(cfg, data=source)).subset(cfg.train_size, cfg.test_size)
     datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {source!r}")
     x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
-    if args.model == "vdm":
-        from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
-
-        result = run_vdm_evaluate(args, model, x_test)
-    elif hasattr(model, "T"):
-        from pyrovae.recipes.diffusion import evaluate_bound
-
-        result = evaluate_bound(model, x_test[: args.n], args.steps, args.chunk_size, args.run)
-    else:
-        overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
-        result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
+    result = recipe.run_evaluate(args, model, cfg, x_test)
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))

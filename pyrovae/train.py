@@ -318,9 +318,8 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
 
     ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
-    if hasattr(recipe, "check_data"):
-        # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
-        recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
+    # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
+    recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
@@ -362,8 +361,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     run.catch_interrupts()
     for epoch in epochs:
         t0 = time.perf_counter()
-        if hasattr(recipe, "on_epoch_start"):
-            recipe.on_epoch_start(cfg, epoch, objective)
+        recipe.on_epoch_start(cfg, epoch, objective)
         sampler.set_epoch(epoch)
         model.train()
         total, norms, done = 0.0, 0.0, 0

@@ -11,12 +11,14 @@ import torch
 
 from pyrovae import data as datasets
 from pyrovae import plots
+from pyrovae.cli import positive_int
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES, DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.schedule import SCHEDULES, NoiseSchedule
 from pyrovae.infer.bound import bound_terms, prefixed
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS, DiffusionELBO
 from pyrovae.infer.losses import OBJECTIVES, make_objective
+from pyrovae.recipes.base import Recipe
 
 NETS = ("auto", "mlp", "unet")
 CONTINUOUS_DATA = ("moons",)  # every other dataset is 8-bit images
@@ -35,7 +37,9 @@ def from_chain_space(x0: torch.Tensor) -> torch.Tensor:
     return ((x0 + 1) / 2).clamp(0, 1)
 
 
-class DiffusionRecipe:
+class DiffusionRecipe(Recipe):
+    evaluate_help = "the full-T bound (bits/dim for images) on the first N test examples"
+
     def check(self, cfg) -> None:
         """Raise ``ValueError`` for diffusion settings that cannot work."""
         if isinstance(cfg.T, bool) or not isinstance(cfg.T, int) or cfg.T < 1:
@@ -92,9 +96,6 @@ class DiffusionRecipe:
     def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
         return x if cfg.data in CONTINUOUS_DATA else to_chain_space(x)
 
-    def prepare_test(self, cfg, x: torch.Tensor) -> torch.Tensor:
-        return self.prepare_batch(cfg, x)
-
     @torch.no_grad()
     def evaluate(self, cfg, chain: DiffusionChain, x_test: torch.Tensor, batch_size: int = 500) -> dict:
         """The bound's named terms (:mod:`pyrovae.infer.bound`) per test example,
@@ -124,6 +125,38 @@ class DiffusionRecipe:
             bound["terms"].mean(0).tolist(),
             f"bound terms, {min(len(x_test), TERMS_EXAMPLES)} test examples",
         )
+
+    def add_sample_arguments(self, parser) -> None:
+        parser.add_argument(
+            "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
+        )
+
+    def sampler(self, chain: DiffusionChain, cfg, ds, args) -> tuple:
+        """Samples of the chain respaced to ``--steps`` (default: all T), as data."""
+        steps = args.steps or chain.T
+        if steps > chain.T:
+            raise ValueError(f"--steps must be <= T = {chain.T}, got {steps}")
+        to_data = from_chain_space if ds.is_image else (lambda x: x)
+        return (lambda k: to_data(chain.sample(k, steps=steps))), f"samples, {steps} of {chain.T} steps"
+
+    def add_evaluate_arguments(self, parser) -> None:
+        parser.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
+        parser.add_argument(
+            "--steps",
+            type=positive_int,
+            default=None,
+            help="bound of the chain respaced to K steps (default: all T)",
+        )
+        parser.add_argument(
+            "--chunk-size",
+            type=positive_int,
+            default=512,
+            help="(t, example) pairs per network call (default: 512)",
+        )
+
+    def run_evaluate(self, args, chain: DiffusionChain, cfg, x_test: torch.Tensor) -> dict:
+        """The full bound (:func:`evaluate_bound`) on the first ``--n`` test examples."""
+        return evaluate_bound(chain, x_test[: args.n], args.steps, args.chunk_size, args.run)
 
 
 def write_samples(

@@ -5,11 +5,9 @@ the model and its per-layer report are the hierarchy's."""
 
 from __future__ import annotations
 
-
 from pyrovae import data as datasets
 from pyrovae.hvae import HVAE, build_hvae, check_prior
-from pyrovae.infer import make_elbo
-from pyrovae.recipes.vae import VAERecipe
+from pyrovae.recipes.vae import VAERecipe, check_kl_warmup
 
 
 class HVAERecipe(VAERecipe):
@@ -22,11 +20,7 @@ class HVAERecipe(VAERecipe):
             raise ValueError(
                 f"hidden must give one width per layer ({len(cfg.z_dims)}, as z_dims) or one for all, got {cfg.hidden}"
             )
-        if cfg.kl_warmup and not hasattr(make_elbo(cfg.elbo), "kl_scale"):
-            raise ValueError(
-                f"kl_warmup needs an ELBO with a kl_scale (--elbo analytic), got elbo {cfg.elbo!r}; "
-                f"the HVAE warms up by default (kl_warmup = {cfg.kl_warmup}): add --kl-warmup 0 to train with {cfg.elbo!r}"
-            )
+        check_kl_warmup(cfg)
         check_prior(cfg.prior, cfg.encoder, len(cfg.z_dims))
 
     def build(self, cfg, ds: datasets.Dataset) -> HVAE:

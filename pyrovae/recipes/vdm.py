@@ -19,6 +19,7 @@ from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
 from pyrovae.infer.bound import bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
+from pyrovae.recipes.base import Recipe
 from pyrovae.recipes.diffusion import from_chain_space, to_chain_space
 
 NETS = ("unet", "mlp")
@@ -34,8 +35,9 @@ def parse_time(time: str) -> int | None:
     raise ValueError(f"time must be 'continuous' or a number of steps T >= 1, got {time!r}")
 
 
-class VDMRecipe:
+class VDMRecipe(Recipe):
     elbo_unit = "ELBO (nats per example)"
+    evaluate_help = "the bound in bits/dim on the first N test examples, with its standard error"
 
     def check(self, cfg) -> None:
         """Raise ``ValueError`` for VDM settings that cannot work."""
@@ -64,9 +66,6 @@ class VDMRecipe:
     def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
         return to_chain_space(x)
 
-    def prepare_test(self, cfg, x: torch.Tensor) -> torch.Tensor:
-        return to_chain_space(x)
-
     @torch.no_grad()
     def evaluate(self, cfg, vdm: VDM, x_test: torch.Tensor, batch_size: int = 500) -> dict:
         """The test bound's terms per example (nats; an unbiased estimate with
@@ -90,6 +89,40 @@ class VDMRecipe:
             "gamma(t) = log(sigma_t^2 / alpha_t^2)",
             f"learned noise schedule ({cfg.schedule})",
         )
+
+    def add_sample_arguments(self, parser) -> None:
+        parser.add_argument(
+            "--steps",
+            type=int,
+            default=None,
+            help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)",
+        )
+
+    def sampler(self, vdm: VDM, cfg, ds, args) -> tuple:
+        """Ancestral samples on ``--steps`` times (any number: not a respaced chain), in [0, 1]."""
+        steps = args.steps or cfg.sample_steps
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+        return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
+
+    def add_evaluate_arguments(self, parser) -> None:
+        parser.add_argument("--n", type=int, default=100, help="first N test examples (default: 100)")
+        parser.add_argument(
+            "--replicates",
+            type=int,
+            default=10,
+            help="independent estimates of the bound; its standard error comes from their spread (default: 10)",
+        )
+        parser.add_argument(
+            "--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)"
+        )
+
+    def run_evaluate(self, args, vdm: VDM, cfg, x_test: torch.Tensor) -> dict:
+        """The bound with its standard error (:func:`evaluate_bound`) on the first ``--n`` test examples."""
+        for name in ("n", "replicates", "draws"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        return evaluate_bound(vdm, x_test[: args.n], args.replicates, args.draws, args.run)
 
 
 def schedule_ends(vdm: VDM) -> dict:
@@ -141,45 +174,3 @@ def write_samples(path: str, vdm: VDM, ds: datasets.Dataset, steps: int, n: int 
     """A grid of ``n`` (default 64) ancestral samples on a grid of ``steps`` times."""
     images = from_chain_space(vdm.sample(n or 64, steps=steps))
     plots.save_image_grid(path, images, ds.image_shape, min(8, len(images)), f"samples, {steps} steps")
-
-
-# --- the command line's vdm-only parts (pyrovae.cli calls these) ---------------------------
-
-
-def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
-    """``--steps`` for ``pyrovae sample vdm`` (its other flags are every
-    model's), and the ``pyrovae evaluate vdm`` parser."""
-    sample.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)",
-    )
-    p = evaluate.add_parser(
-        "vdm", help="the bound in bits/dim on the first N test examples, with its standard error", parents=[debug_flag]
-    )
-    add_load_args(p, evaluate=True)
-    p.add_argument("--n", type=int, default=100, help="first N test examples (default: 100)")
-    p.add_argument(
-        "--replicates",
-        type=int,
-        default=10,
-        help="independent estimates of the bound; its standard error comes from their spread (default: 10)",
-    )
-    p.add_argument(
-        "--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)"
-    )
-
-
-def sampler(vdm: VDM, steps: int):
-    """``(draw, title)`` for ``pyrovae sample vdm``: ``draw(k)`` gives k images in [0, 1]."""
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
-
-
-def run_evaluate(args, vdm: VDM, x_test: torch.Tensor) -> dict:
-    for name in ("n", "replicates", "draws"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return evaluate_bound(vdm, x_test[: args.n], args.replicates, args.draws, args.run)
