@@ -288,8 +288,9 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
         ``sample``, ``reconstruct``, evaluation or further SVI.
     """
     from pyrovae import data as datasets
-    from pyrovae.config import MODELS, TrainConfig, resolve
+    from pyrovae.config import TrainConfig, resolve
     from pyrovae.device import resolve_device
+    from pyrovae.recipes import MODELS
 
     ckpt = load_checkpoint(path)
     cfg = resolve(TrainConfig.from_dict(ckpt["config"]))

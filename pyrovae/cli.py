@@ -114,7 +114,7 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pyrovae.config import MODELS
+    from pyrovae.recipes import MODELS
 
     parser = argparse.ArgumentParser(
         prog="pyrovae", description="VAEs and diffusion models as Pyro model/guide pairs trained by SVI."
@@ -197,7 +197,7 @@ def synopsis() -> str:
 
 def add_run_parsers(commands) -> None:
     """``pyrovae sample MODEL RUN`` and ``pyrovae evaluate MODEL RUN`` for every model."""
-    from pyrovae.config import MODELS
+    from pyrovae.recipes import MODELS
 
     sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(
         dest="model", required=True
@@ -349,7 +349,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from pyrovae import plots
     from pyrovae.checkpoint import checkpoint_path, load, load_checkpoint
-    from pyrovae.config import MODELS
+    from pyrovae.recipes import MODELS
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
@@ -389,7 +389,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae.checkpoint import load, load_checkpoint
-    from pyrovae.config import MODELS
+    from pyrovae.recipes import MODELS
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)

@@ -45,10 +45,11 @@ from pyrovae import checkpoint, distributed, params, plots, runs
 from pyrovae import data as datasets
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.compiled import compile_loss
-from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
+from pyrovae.config import RESUMABLE_FIELDS, TrainConfig, resolve
 from pyrovae.device import resolve_device
 from pyrovae.infer.bound import metric_unit
 from pyrovae.optim import OPTIMIZERS, make_optimizer, make_scheduler  # noqa: F401 (OPTIMIZERS: pyrovae.lightning)
+from pyrovae.recipes import MODELS
 
 RECIPES = {name: m.recipe for name, m in MODELS.items()}
 __all__ = ["TrainConfig", "TrainResult", "LossModule", "train", "train_step", "make_averaged_model"]
@@ -291,7 +292,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     The config's ``"auto"`` fields are resolved for the data first
     (:func:`pyrovae.config.resolve`): ``TrainResult.config`` and ``config.json``
     hold the values used. The loop is the same for every model: a *recipe*
-    (``MODELS[cfg.model].recipe``) says how to build the model/guide pair and
+    (``pyrovae.recipes.MODELS[cfg.model].recipe``) says how to build the model/guide pair and
     its objective, how to prepare a batch, what to evaluate and which figures
     to draw.
     """

@@ -5,21 +5,43 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch
 
 from pyrovae import data as datasets
 from pyrovae import plots
 from pyrovae.cli import non_negative_int, positive_int
+from pyrovae.config import TrainConfig, option, override
 from pyrovae.hvae import HVAE, active_units
 from pyrovae.infer import evaluate_iwae, make_elbo
 from pyrovae.infer.bound import prefixed
+from pyrovae.infer.elbos import ELBOS
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.parts.priors import PRIORS
 from pyrovae.recipes.base import Recipe
 from pyrovae.registry import lookup
 from pyrovae.vae import NETS, build_vae
+
+
+@dataclass
+class VAEConfig(TrainConfig):
+    """``pyrovae train vae``: a VAE by SVI (the common fields' defaults as they are)."""
+
+    model: str = override("model", "vae")
+    binarize: str = option(
+        "dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE
+    )
+    z_dim: int = option(50, "latent size", ge=1)
+    hidden: list[int] = option([400], "hidden layer sizes of the encoder (the decoder mirrors them)", ge=1)
+    elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
+    kl_warmup: int = option(0, "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)", ge=0)
+    prior: str = option("normal", "prior p(z)", choices=PRIORS)
+    guide: str = option("diag", "encoder q(z|x)", choices=GUIDES)
+    likelihood: str = option("bernoulli", "p(x|z); only bernoulli binarises the data", choices=LIKELIHOODS)
+    net: str = option("mlp", "encoder/decoder networks (conv needs image data)", choices=NETS)
+    iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
 
 
 def check_kl_warmup(cfg) -> None:

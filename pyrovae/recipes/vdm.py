@@ -8,19 +8,21 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from pyrovae import data as datasets
 from pyrovae import plots
+from pyrovae.config import option, override
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
-from pyrovae.diffusion.gamma import make_gamma
+from pyrovae.diffusion.gamma import SCHEDULES, make_gamma
 from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
 from pyrovae.infer.bound import bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
 from pyrovae.recipes.base import Recipe
-from pyrovae.recipes.diffusion import from_chain_space, to_chain_space
+from pyrovae.recipes.diffusion import _DiffusionTraining, from_chain_space, to_chain_space
 
 NETS = ("unet", "mlp")
 CONTINUOUS = "continuous"
@@ -33,6 +35,37 @@ def parse_time(time: str) -> int | None:
     if isinstance(time, str) and time.isdigit() and int(time) >= 1:
         return int(time)
     raise ValueError(f"time must be 'continuous' or a number of steps T >= 1, got {time!r}")
+
+
+@dataclass
+class VDMConfig(_DiffusionTraining):
+    """``pyrovae train vdm``: a variational diffusion model, continuous time with a
+    learned noise schedule (see docs/vdm), for 8-bit images, with the diffusion
+    chain's optimiser settings and EMA weights for evaluation; 28 epochs, about
+    10 CPU minutes on mnist5k, where it reaches 1.78 bits/dim (docs/vdm.md)."""
+
+    model: str = override("model", "vdm")
+    epochs: int = override(
+        "epochs",
+        28,
+        help="passes over the training set (28: the 10 minutes of one CPU thread on mnist5k that docs/vdm.md measures)",
+    )
+    schedule: str = option(
+        "learned-linear",
+        "noise schedule gamma(t): fixed linear, linear with learned end points, or VDM's monotone network",
+        choices=SCHEDULES,
+    )
+    time: str = option(
+        "continuous", "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)"
+    )
+    fourier: bool = option(False, "Fourier features sin, cos(2^n 2 pi z_t), n = 6, 7, as extra denoiser inputs")
+    minimise_variance: bool = option(
+        False, "train the schedule's interior to minimise the bound estimate's variance (learned-net, continuous time)"
+    )
+    net: str = option("unet", "denoiser", choices=NETS)
+    channels: int = option(16, "U-Net base channels", ge=1)
+    hidden: list[int] = option([256, 256, 256], "MLP denoiser widths", ge=1)
+    sample_steps: int = option(100, "ancestral steps for the samples figure", ge=1)
 
 
 class VDMRecipe(Recipe):
