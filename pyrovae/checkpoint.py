@@ -6,7 +6,7 @@ saves, :func:`load_checkpoint` reads one (converting older formats),
 model and time sampler, and :func:`load` rebuilds a trained model without
 its data. A checkpoint is one file, ``checkpoint.pt`` in the run folder,
 holding only plain tensors, numbers, strings, lists and dicts, so that
-``torch.load(path, weights_only=True)`` reads it without unpickling code:
+``torch.load(path, weights_only=True)`` reads it without unpickling code::
 
     format        CHECKPOINT_FORMAT (2)
     config        the run's config as a dict (pyrovae.config; ``model`` names its class)
