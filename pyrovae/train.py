@@ -62,7 +62,7 @@ class TrainResult:
     metrics: list  # one row per evaluation; empty on ranks other than 0
     out_dir: str
     ema_model: torch.nn.Module | None = None  # the averaged weights (cfg.ema_decay), evaluated and sampled with
-    best_epoch: int | None = None  # with early stopping: the epoch whose weights model and ema_model hold
+    best_epoch: int | None = None  # with early stopping: the epoch whose weights model and ema_model hold (rank 0)
 
 
 class LossModule(torch.nn.Module):
