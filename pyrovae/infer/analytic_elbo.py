@@ -146,8 +146,6 @@ class TraceAnalyticKL_ELBO(ELBO):
         self.kl_scale = kl_scale
         # (model, guide) -> the sites where the closed form would be biased.
         self._monte_carlo_sites: dict = {}
-        # (model, guide) -> the guide sites marked for parallel enumeration.
-        self._enumerated_sites: dict = {}
 
     @property
     def kl_scale(self) -> float:
@@ -160,62 +158,21 @@ class TraceAnalyticKL_ELBO(ELBO):
         self._kl_scale = float(value)
 
     def _get_traces(self, model, guide, args, kwargs):
-        """``ELBO._get_traces`` with the guide run under parallel enumeration
-        (its dimensions left of the plates and of the particle plate) when
-        it marks sites for it."""
-        enumerated = self._enumeration(model, guide, args, kwargs)
+        """``ELBO._get_traces`` with the guide run under :class:`_GuideEnum`:
+        parallel enumeration of the sites marked for it, its dimensions left of
+        the plates and of the particle plate. Without ``max_plate_nesting`` a
+        guide that marks a site is run again once the nesting is guessed (on
+        the first call only: the guess is kept)."""
         if self.vectorize_particles:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
             model, guide = self._vectorized_num_particles(model), self._vectorized_num_particles(guide)
-        if enumerated:
-            guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
         for _ in range(1 if self.vectorize_particles else self.num_particles):
-            yield self._get_trace(model, guide, args, kwargs)
-
-    def _enumeration(self, model, guide, args, kwargs) -> tuple:
-        """The guide sites marked for parallel enumeration, found on the first
-        call for this (model, guide) pair by one run of each (its draws put
-        back) and cached; sets ``max_plate_nesting`` when it is needed and was
-        not given. Raises ``ValueError`` for enumeration that cannot be summed
-        exactly here."""
-        key = (model, guide)
-        if key in self._enumerated_sites:
-            return self._enumerated_sites[key]
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices), poutine.block():
-            guide_trace = _run_traced(guide, args, kwargs)
-            model_trace = _run_traced(model, args, kwargs, replay=guide_trace)
-        enumerated = []
-        for name, site in guide_trace.nodes.items():
-            how = site["infer"].get("enumerate") if site["type"] == "sample" else None
-            if how is None or site_is_subsample(site):
-                continue
-            if how != "parallel" or site["infer"].get("num_samples") is not None:
-                given = f"num_samples={site['infer']['num_samples']}" if how == "parallel" else repr(how)
-                raise ValueError(
-                    f"TraceAnalyticKL_ELBO sums a guide site over its support only under parallel enumeration "
-                    f'(infer={{"enumerate": "parallel"}}, without num_samples); site {name!r} asks for {given}: '
-                    "use TraceEnum_ELBO for it"
-                )
-            enumerated.append(name)
-        for name, site in model_trace.nodes.items():
-            if (
-                site["type"] == "sample"
-                and not site["is_observed"]
-                and name not in guide_trace.nodes
-                and site["infer"].get("enumerate") is not None
-                and not site_is_subsample(site)
-            ):
-                raise ValueError(
-                    f"TraceAnalyticKL_ELBO enumerates guide sites only; site {name!r} is marked for enumeration in "
-                    "the model and is absent from the guide: use TraceEnum_ELBO, which enumerates the model"
-                )
-        if enumerated and self.max_plate_nesting == float("inf"):
-            with torch.random.fork_rng(devices):
+            try:
+                yield self._get_trace(model, _GuideEnum(self.max_plate_nesting)(guide), args, kwargs)
+            except _NestingUnknown:
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
-        self._enumerated_sites[key] = tuple(enumerated)
-        return self._enumerated_sites[key]
+                yield self._get_trace(model, _GuideEnum(self.max_plate_nesting)(guide), args, kwargs)
 
     def _get_trace(self, model, guide, args, kwargs):
         """One guide trace and the model replayed against it. Unlike
@@ -223,6 +180,18 @@ class TraceAnalyticKL_ELBO(ELBO):
         only the ones they need."""
         guide_trace = _run_traced(guide, args, kwargs)
         model_trace = _run_traced(model, args, kwargs, replay=guide_trace)
+        for name, site in model_trace.nodes.items():
+            if (
+                site["type"] == "sample"
+                and not site["is_observed"]
+                and site["infer"].get("enumerate") is not None
+                and name not in guide_trace.nodes
+                and not site_is_subsample(site)
+            ):
+                raise ValueError(
+                    f"TraceAnalyticKL_ELBO enumerates guide sites only; site {name!r} is marked for enumeration in "
+                    "the model and is absent from the guide: use TraceEnum_ELBO, which enumerates the model"
+                )
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
         # get_trace returned copies of their own: the plates' subsample sites are
@@ -423,6 +392,35 @@ class TraceAnalyticKL_ELBO(ELBO):
                 stacklevel=4,
             )
         return self._monte_carlo_sites[key]
+
+
+class _NestingUnknown(Exception):
+    """A site is marked for parallel enumeration and ``max_plate_nesting`` is not known yet."""
+
+
+class _GuideEnum(EnumMessenger):
+    """Pyro's parallel enumeration of the guide's marked sites, its
+    dimensions from ``-1 - max_plate_nesting`` leftwards; the markers that
+    cannot be summed exactly here raise a ``ValueError`` naming the site."""
+
+    def __init__(self, max_plate_nesting):
+        finite = max_plate_nesting != float("inf")
+        super().__init__(first_available_dim=-1 - max_plate_nesting if finite else None)
+
+    def _pyro_sample(self, msg) -> None:
+        how = msg["infer"].get("enumerate")
+        if how is not None and not msg["is_observed"] and not msg["done"]:
+            num_samples = msg["infer"].get("num_samples")
+            if how != "parallel" or num_samples is not None:
+                given = f"num_samples={num_samples}" if how == "parallel" else repr(how)
+                raise ValueError(
+                    "TraceAnalyticKL_ELBO sums a guide site over its support only under parallel enumeration "
+                    f'(infer={{"enumerate": "parallel"}}, without num_samples); site {msg["name"]!r} asks for '
+                    f"{given}: use TraceEnum_ELBO for it"
+                )
+            if self.first_available_dim is None:
+                raise _NestingUnknown
+        super()._pyro_sample(msg)
 
 
 def _run_traced(fn, args, kwargs, replay=None):
