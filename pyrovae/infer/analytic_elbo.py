@@ -401,11 +401,18 @@ class _NestingUnknown(Exception):
 class _GuideEnum(EnumMessenger):
     """Pyro's parallel enumeration of the guide's marked sites, its
     dimensions from ``-1 - max_plate_nesting`` leftwards; the markers that
-    cannot be summed exactly here raise a ``ValueError`` naming the site."""
+    cannot be summed exactly here raise a ``ValueError`` naming the site.
+    Until the first marked site (in a guide without one: always) the sites
+    pass untouched, without the enumerator's bookkeeping."""
 
     def __init__(self, max_plate_nesting):
         finite = max_plate_nesting != float("inf")
         super().__init__(first_available_dim=-1 - max_plate_nesting if finite else None)
+        self._active = False
+
+    def __enter__(self):
+        self._active = False
+        return super().__enter__()
 
     def _pyro_sample(self, msg) -> None:
         how = msg["infer"].get("enumerate")
@@ -420,7 +427,15 @@ class _GuideEnum(EnumMessenger):
                 )
             if self.first_available_dim is None:
                 raise _NestingUnknown
-        super()._pyro_sample(msg)
+            self._active = True
+        elif msg["infer"].get("_markov_scope") is not None:
+            self._active = True  # pyro.markov: the enumerator tracks every site's depth
+        if self._active:
+            super()._pyro_sample(msg)
+
+    def _pyro_post_sample(self, msg) -> None:
+        if self._active:
+            super()._pyro_post_sample(msg)
 
 
 def _run_traced(fn, args, kwargs, replay=None):
