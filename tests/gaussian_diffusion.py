@@ -11,6 +11,8 @@ and a denoiser network that plugs the exact eps into a real chain or VDM.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -74,8 +76,11 @@ class GaussianVP:
         return [i / steps for i in range(steps, -1, -1)]
 
     def log_alpha_bar(self, t):
-        gamma = self.gamma(t.double())
-        return torch.nn.functional.logsigmoid(-gamma), -(self.gamma_max - self.gamma_min) * torch.sigmoid(gamma)
+        return torch.nn.functional.logsigmoid(-self.gamma(t.double()))
+
+    def time_at(self, log_alpha_bar):
+        gamma = math.log(-math.expm1(log_alpha_bar)) - log_alpha_bar
+        return (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
 
     def alpha_sigma(self, t):
         gamma = torch.as_tensor(self.gamma(float(t)), dtype=torch.float64)
@@ -95,8 +100,9 @@ class ExactChainNet(nn.Module):
 
     out_mult = 1
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
+    def __init__(self, alphas_cumprod: torch.Tensor, mu=MU):
         super().__init__()
+        self.mu = mu
         self.log_alpha_bar = torch.cat([alphas_cumprod.new_zeros(1), alphas_cumprod.log()]).double()
         self.weight = nn.Parameter(torch.zeros((), dtype=torch.float64))  # the samplers read the dtype from it
 
@@ -105,17 +111,18 @@ class ExactChainNet(nn.Module):
         t = tau.double() * T / 1000
         k = t.ceil().clamp(1, T).long()
         log_ab = self.log_alpha_bar[k - 1] + (self.log_alpha_bar[k] - self.log_alpha_bar[k - 1]) * (t - (k - 1))
-        return exact_eps(x.double(), (0.5 * log_ab).exp(), (-torch.expm1(log_ab)).sqrt()).to(x.dtype)
+        return exact_eps(x.double(), (0.5 * log_ab).exp(), (-torch.expm1(log_ab)).sqrt(), self.mu).to(x.dtype)
 
 
 class ExactVDMNet(nn.Module):
     """VDM's denoiser ``(z, tau) -> eps`` returning eps*(z_t, t), gamma_t read back
     from tau (VDM tells the network gamma rescaled on [GAMMA_MIN, GAMMA_MAX])."""
 
-    def __init__(self):
+    def __init__(self, mu=MU):
         super().__init__()
+        self.mu = mu
         self.weight = nn.Parameter(torch.zeros((), dtype=torch.float64))
 
     def forward(self, z, tau):
         gamma = tau.double() * (GAMMA_MAX - GAMMA_MIN) / 1000 + GAMMA_MIN
-        return exact_eps(z.double(), torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()).to(z.dtype)
+        return exact_eps(z.double(), torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt(), self.mu).to(z.dtype)

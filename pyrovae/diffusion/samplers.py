@@ -18,6 +18,9 @@ Every sampler here sees a model only through two things (the *view*,
 (b) its eps prediction eps_hat(x_t, t), and with it the data prediction
     x0_hat = (x_t - sigma_t eps_hat) / alpha_t.
 
+(The ODE likelihood, :mod:`pyrovae.diffusion.ode`, also asks for the inverse
+of log alpha_bar(t), ``time_at``.)
+
 A K-step sampler walks a grid t_K > ... > t_0 from x_{t_K} ~ N(0, I) and
 returns x_{t_0} / alpha_{t_0}: the chain's grid is its respaced times
 tau_K = T > ... > tau_1 (those of :meth:`NoiseSchedule.respace`) and t_0 = 0,
@@ -91,18 +94,23 @@ class ChainView:
             taus = self.model.schedule.respace(steps).timesteps.tolist()
         else:
             times = torch.arange(1, self.model.T + 1, dtype=torch.float64)
-            taus = (times[_logsnr_spaced(self.log_alpha_bar(times)[0], steps)]).tolist()
+            taus = (times[_logsnr_spaced(self.log_alpha_bar(times), steps)]).tolist()
         return [float(t) for t in reversed(taus)] + [0.0]
 
-    def log_alpha_bar(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log alpha_bar(t), d/dt log alpha_bar(t)) for float64 ``t`` in [0, T]:
-        piecewise linear through the schedule's alpha_bar_t at integer t, the
-        slope on (k - 1, k] being log alpha_k = log(1 - beta_k)."""
+    def log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha_bar(t) for float64 ``t`` in [0, T]: linear through the
+        schedule's log alpha_bar_t at integer t (slope log(1 - beta_k) on (k - 1, k])."""
         table = self._log_alpha_bar
         t = t.to(table)
         k = t.ceil().clamp(1, len(table) - 1).long()
-        slope = table[k] - table[k - 1]
-        return table[k - 1] + slope * (t - (k - 1)), slope
+        return table[k - 1] + (table[k] - table[k - 1]) * (t - (k - 1))
+
+    def time_at(self, log_alpha_bar: float) -> float:
+        """The t at which :meth:`log_alpha_bar` takes this value (its inverse)."""
+        table = self._log_alpha_bar.cpu()
+        k = int(torch.searchsorted(-table, torch.tensor(-log_alpha_bar, dtype=table.dtype)).clamp(1, len(table) - 1))
+        lo, hi = float(table[k - 1]), float(table[k])
+        return (k - 1) + (log_alpha_bar - lo) / (hi - lo)
 
     def eps(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
         """eps_hat(x_t, t). At an integer t this is the chain's own prediction;
@@ -139,8 +147,8 @@ class ChainView:
 
 class VDMView:
     """A :class:`VDM` seen by the samplers and the ODE (see the module docstring).
-    Relies on the model's ``x_dim``, ``gamma`` (with ``gamma_min`` and
-    ``gamma_and_derivative``), ``eps_hat(z_t, gamma_t)`` and ``sample``."""
+    Relies on the model's ``x_dim``, ``gamma`` (with ``gamma_min``),
+    ``eps_hat(z_t, gamma_t)`` and ``sample``."""
 
     time_range = (0.0, 1.0)
 
@@ -163,13 +171,26 @@ class VDMView:
         if spacing == "time":
             return [i / steps for i in range(steps, -1, -1)]
         fine = torch.linspace(0, 1, max(4097, 8 * steps + 1), dtype=torch.float64)
-        return fine[_logsnr_spaced(self.log_alpha_bar(fine)[0], steps + 1)].flip(0).tolist()
+        return fine[_logsnr_spaced(self.log_alpha_bar(fine), steps + 1)].flip(0).tolist()
 
-    def log_alpha_bar(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log sigmoid(-gamma(t)), -gamma'(t) sigmoid(gamma(t))), float64."""
-        gamma, dgamma = self.model.gamma.gamma_and_derivative(t.to(self.ref))
-        gamma, dgamma = gamma.detach().double(), dgamma.detach().double()
-        return torch.nn.functional.logsigmoid(-gamma), -dgamma * torch.sigmoid(gamma)
+    def log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """log sigmoid(-gamma(t)), float64."""
+        with torch.no_grad():
+            return torch.nn.functional.logsigmoid(-self.model.gamma(t.to(self.ref)).double())
+
+    def time_at(self, log_alpha_bar: float) -> float:
+        """The t with log sigmoid(-gamma(t)) = ``log_alpha_bar``: gamma(t) =
+        log(1 - alpha_bar) - log alpha_bar, found by bisection (gamma is increasing)."""
+        target = math.log(-math.expm1(log_alpha_bar)) - log_alpha_bar
+        lo, hi = torch.zeros(()), torch.ones(())
+        with torch.no_grad():
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                if float(self.model.gamma(mid.to(self.ref))) < target:
+                    lo = mid
+                else:
+                    hi = mid
+        return float((lo + hi) / 2)
 
     def eps(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
         gamma_t = self.model.gamma(torch.as_tensor(float(t), dtype=self.ref.dtype, device=self.ref.device))
@@ -204,12 +225,12 @@ def diffusion_view(model):
     """The view of ``model`` the samplers and the ODE use: a :class:`ChainView`,
     a :class:`VDMView`, or ``model`` itself if it already has the view's
     methods (``grid``, ``log_alpha_bar``, ``eps``, ``check_steps``, ``x_dim``,
-    ``time_range``, ``ref``)."""
+    ``time_range``, ``ref``; ``time_at``, the inverse of ``log_alpha_bar``, for the ODE)."""
     if isinstance(model, DiffusionChain):
         return ChainView(model)
     if isinstance(model, VDM):
         return VDMView(model)
-    needed = ("grid", "log_alpha_bar", "eps", "check_steps", "x_dim", "time_range", "ref")
+    needed = ("grid", "log_alpha_bar", "eps", "check_steps", "x_dim", "time_range", "ref", "time_at")
     if all(hasattr(model, name) for name in needed):
         return model
     raise TypeError(
@@ -219,7 +240,7 @@ def diffusion_view(model):
 
 def alpha_sigma(view, t: float) -> tuple[float, float]:
     """(alpha_t, sigma_t) as Python floats, computed in float64."""
-    log_ab = float(view.log_alpha_bar(torch.tensor([float(t)], dtype=torch.float64))[0][0])
+    log_ab = float(view.log_alpha_bar(torch.tensor([float(t)], dtype=torch.float64))[0])
     return math.exp(0.5 * log_ab), math.sqrt(-math.expm1(log_ab))
 
 
