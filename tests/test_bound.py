@@ -11,7 +11,7 @@ import torch
 from pyrovae.diffusion.chain import DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP
 from pyrovae.diffusion.schedule import NoiseSchedule
-from pyrovae.infer.bound import bits_per_dim, bound_terms, metric_unit, prefixed
+from pyrovae.infer.bound import Bound, bits_per_dim, bound_terms, metric_unit, prefixed
 from pyrovae.infer.diffusion_elbo import DiffusionELBO
 from pyrovae.recipes.diffusion import DiffusionRecipe
 from pyrovae.recipes.vae import VAERecipe
@@ -95,3 +95,55 @@ def test_diffusion_evaluate_reports_the_bound_s_names():
     assert metrics["test_elbo"] == pytest.approx(
         metrics["test_recon"] - metrics["test_kl_top"] - metrics["test_kl_layers"]
     )
+
+
+def _bound(B=3, dim=4):
+    g = torch.Generator().manual_seed(0)
+    kl_1, kl_2 = torch.rand(B, generator=g), torch.rand(B, generator=g)
+    return Bound(
+        recon=-torch.rand(B, generator=g) * 10,
+        kl_top=kl_2,
+        kl_layers=kl_1,
+        layers={"kl_1": kl_1, "kl_2": kl_2},
+        dim=dim,
+    )
+
+
+def test_bound_elbo_nats_and_bits_per_dim_are_the_closed_forms_per_example():
+    b = _bound()
+    torch.testing.assert_close(b.elbo(), b.recon - b.kl_top - b.kl_layers)
+    torch.testing.assert_close(b.nats(), -b.elbo())
+    torch.testing.assert_close(b.bpd(), -b.elbo() / (4 * math.log(2)))
+    assert len(b) == 3
+
+
+def test_bound_summary_has_the_vocabulary_of_bound_terms_and_the_per_layer_kls():
+    b = _bound()
+    summary = b.summary()
+    assert list(summary) == ["recon", "kl_top", "kl_layers", "elbo", "bpd", "kl_1", "kl_2"]
+    assert summary["elbo"] == pytest.approx(float(b.elbo().mean()))
+    one_layer = Bound(
+        recon=-torch.ones(2), kl_top=torch.ones(2), kl_layers=torch.zeros(()), layers={"kl_1": torch.ones(2)}
+    )
+    assert list(one_layer.summary()) == ["recon", "kl_top", "elbo", "kl_1"]
+    assert one_layer.summary()["elbo"] == -2.0
+
+
+def test_bound_cat_joins_batches_in_order_and_expands_scalar_terms():
+    b1, b2 = _bound(3), _bound(2)
+    joined = Bound.cat([b1, b2])
+    torch.testing.assert_close(joined.elbo(), torch.cat([b1.elbo(), b2.elbo()]))
+    torch.testing.assert_close(joined.layers["kl_2"], torch.cat([b1.layers["kl_2"], b2.layers["kl_2"]]))
+    scalar = Bound(recon=-torch.ones(2), kl_top=torch.ones(2), kl_layers=torch.zeros(()))
+    assert Bound.cat([scalar, scalar]).kl_layers.shape == (4,)
+
+
+def test_bound_refuses_bad_terms_and_bits_per_dim_without_a_pmf():
+    with pytest.raises(TypeError, match="Bound.recon"):
+        Bound(recon=1.0, kl_top=torch.ones(1), kl_layers=torch.zeros(1))
+    with pytest.raises(ValueError, match="Bound.dim"):
+        Bound(recon=torch.ones(1), kl_top=torch.ones(1), kl_layers=torch.zeros(1), dim=0)
+    with pytest.raises(ValueError, match="probability mass function"):
+        Bound(recon=torch.ones(1), kl_top=torch.ones(1), kl_layers=torch.zeros(1)).bpd()
+    with pytest.raises(ValueError, match="at least one"):
+        Bound.cat([])
