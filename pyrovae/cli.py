@@ -137,6 +137,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict:
+    """``{name: parser}`` of a parser's sub-commands, in the order they were added."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _usage_items(parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's arguments as usage items (``RUN``, ``[--elbo analytic|trace]``, ``[--quiet]``), ``--debug``
+    and ``--help`` left out."""
+    items = []
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction) or "--debug" in a.option_strings:
+            continue
+        if not a.option_strings:
+            name = (a.metavar or a.dest).upper()
+            items.append(f"[{name} ...]" if a.nargs in ("*", "+") else name)
+            continue
+        flag = max(a.option_strings, key=len)
+        if a.nargs == 0:
+            items.append(f"[{flag}]")
+        elif a.choices:
+            items.append(f"[{flag} {'|'.join(map(str, a.choices))}]")
+        else:
+            value = a.metavar or ("N" if a.type in (int, positive_int, non_negative_int) else a.dest.upper())
+            items.append(f"[{flag} {value}]")
+    return items
+
+
+def _wrap(head: str, items: list[str], width: int = 110) -> list[str]:
+    lines, line = [], head
+    for item in items:
+        if len(line) + 1 + len(item) > width and line.strip():
+            lines.append(line)
+            line = " " * (len(head) + 1) + item
+        else:
+            line = f"{line} {item}"
+    return [*lines, line]
+
+
+def synopsis() -> str:
+    """The command line in a few lines, generated from the parser: each model's own ``train`` flags, the training
+    flags every model shares, and the ``sample``, ``evaluate`` and ``bench`` commands. README's synopsis is this
+    text (tests/test_cli.py checks it)."""
+    commands = _subcommands(build_parser())
+    models = _subcommands(commands["train"])
+    per_model = {name: _usage_items(p) for name, p in models.items()}
+    shared = [i for i in next(iter(per_model.values())) if all(i in items for items in per_model.values())]
+    lines = []
+    for name, items in per_model.items():
+        lines += _wrap(f"pyrovae train {name}", [i for i in items if i not in shared] + ["[TRAINING FLAGS]"])
+    lines += _wrap("TRAINING FLAGS:", shared)
+    for command in ("sample", "evaluate"):
+        for name, p in _subcommands(commands[command]).items():
+            lines += _wrap(f"pyrovae {command} {name}", _usage_items(p))
+    lines += _wrap("pyrovae bench", _usage_items(commands["bench"]))
+    return "\n".join(lines)
+
+
 def add_run_parsers(commands) -> None:
     """``pyrovae sample MODEL RUN`` and ``pyrovae evaluate MODEL RUN`` for every model."""
     from pyrovae.config import MODELS

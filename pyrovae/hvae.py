@@ -49,6 +49,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.nn.functional import softplus
 
+from pyrovae import params
 from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.nets import MLP, check_sizes
@@ -141,13 +142,13 @@ class HVAE(nn.Module):
     def bottom_up(self, x: torch.Tensor) -> list:
         """The top-down encoder's deterministic pass: ``[(mu_hat_l, sigma_hat_l)]``
         for l = 1..L, layer l read from the last hidden layer of layer l - 1's MLP."""
-        params, h = [], x
+        estimates, h = [], x
         for net, z_dim in zip((self.encoder.net, *self.up), self.z_dims):
             *body, head = net
             for layer in body:
                 h = layer(h)
-            params.append(normal_params(head(h), z_dim))
-        return params
+            estimates.append(normal_params(head(h), z_dim))
+        return estimates
 
     def q_top(self, x: torch.Tensor) -> dist.Distribution:
         """q(z_L | x) of the top-down encoder (the VampPrior's components)."""
@@ -156,7 +157,7 @@ class HVAE(nn.Module):
     def model(self, x: torch.Tensor) -> torch.Tensor:
         """p(z_L) prod_l p_theta(z_{l-1}|z_l) p_theta(x|z_1): sample sites ``"z_L"`` ..
         ``"z_1"``, observed site ``"x"``."""
-        pyro.module("hvae", self)
+        params.module(self, "hvae")  # a name of its own in the param store
         x = self.check_data(x)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(f"z_{self.L}", check_event(self.prior(), "prior", self.z_dims[-1]))
@@ -167,7 +168,7 @@ class HVAE(nn.Module):
 
     def guide(self, x: torch.Tensor) -> None:
         """q(z_1..z_L | x) in the order ``encoder_order`` names."""
-        pyro.module("hvae", self)
+        params.module(self, "hvae")  # a name of its own in the param store
         x = self.check_data(x)
         with pyro.plate("data", x.shape[0]):
             if self.encoder_order == "bottom-up":
@@ -177,12 +178,12 @@ class HVAE(nn.Module):
                         f"z_{l}", dist.Normal(*normal_params(self.up[l - 2](z), self.z_dims[l - 1])).to_event(1)
                     )
                 return
-            params = self.bottom_up(x)
-            z = pyro.sample(f"z_{self.L}", dist.Normal(*params[-1]).to_event(1))
+            estimates = self.bottom_up(x)
+            z = pyro.sample(f"z_{self.L}", dist.Normal(*estimates[-1]).to_event(1))
             for l in range(self.L, 1, -1):
                 p = self.p_step(z, l).base_dist
                 z = pyro.sample(
-                    f"z_{l - 1}", dist.Normal(*precision_weighted(*params[l - 2], p.loc, p.scale)).to_event(1)
+                    f"z_{l - 1}", dist.Normal(*precision_weighted(*estimates[l - 2], p.loc, p.scale)).to_event(1)
                 )
 
     @torch.no_grad()

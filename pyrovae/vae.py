@@ -24,7 +24,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyrovae import params
-from pyrovae.data import check_finite
+from pyrovae.checks import check_finite
 from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes, first_parameter
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood

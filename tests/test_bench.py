@@ -172,8 +172,8 @@ def test_the_compiled_step_is_reported_against_the_compiled_floor(smoke):
 
 def test_diffusion_floor_computes_the_chains_bound_terms():
     """L_T + T * sum_b L_{t_b - 1}, with t = 1 (the decoder) among the times."""
-    chain = bench._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
-    x0 = bench._images(6, bench.SMOKE, torch.device("cpu"))
+    chain = bench.cases._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
+    x0 = bench.cases._images(6, bench.SMOKE, torch.device("cpu"))
     t = torch.tensor([1, 2, 5, 10, 1, 7])
     noise = torch.randn_like(x0)
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_diffusion_floor_computes_the_chains_bound_terms():
 def test_sampling_floor_draws_the_chains_samples(steps):
     """Same seed, same draws: the floor's loop returns what ``chain.sample`` returns
     (the decoder's mean given x_1), so the sample rows compare equal work."""
-    chain = bench._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
+    chain = bench.cases._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
     floor = bench.TorchDDPM(chain if steps is None else chain.respaced(steps))
     torch.manual_seed(5)
     ours = chain.sample(3, steps)

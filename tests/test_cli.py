@@ -2,14 +2,16 @@ import csv
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
-from pyrovae.cli import build_parser, config_from_args, main
+from pyrovae.cli import build_parser, config_from_args, main, synopsis
 from pyrovae.config import MODELS, TrainConfig
 
 TINY = [
@@ -309,3 +311,13 @@ def test_sample_memory_does_not_grow_with_n(digits_run):
     main(["sample", "vae", str(digits_run), "--n", "64"])  # imports and font caches first
     peak = peak_rss_mb(lambda: main(["sample", "vae", str(digits_run), "--n", "5000"]))
     assert peak < 40, f"sampling 5,000 took {peak:.0f} MB"
+
+
+def test_readme_synopsis_is_the_parsers_own():
+    """README's command-line synopsis is what ``pyrovae.cli.synopsis()`` generates from the parser: a flag that is
+    added, renamed or removed fails here until README says so (paste ``python -c "from pyrovae.cli import
+    synopsis; print(synopsis())"``, indented by four spaces, under the synopsis marker)."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = readme.index("<!-- synopsis:")
+    block = readme[readme.index("\n", marker) + 1 :].split("\n\n", 1)[0]
+    assert textwrap.dedent(block) == synopsis()

@@ -270,7 +270,7 @@ def test_lazy_rows_train_exactly_as_the_whole_tensor(tmp_path, monkeypatch):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 4, 4), dtype=np.uint8))
     states = []
     for lazy_bytes, workers in ((data.EAGER_BYTES, "0"), (0, "1")):
-        monkeypatch.setattr(data, "EAGER_BYTES", lazy_bytes)
+        monkeypatch.setattr(data.spec, "EAGER_BYTES", lazy_bytes)  # read where the split is made
         run = str(tmp_path / f"run{workers}")
         assert (
             main(["train", "vae", "--data", str(tmp_path / "x.npy"), "--num-workers", workers, "--out", run, *TINY_VAE])

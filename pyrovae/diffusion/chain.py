@@ -47,7 +47,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyrovae import params
-from pyrovae.data import check_finite
+from pyrovae.checks import check_finite
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.infer.bound import bits_per_dim
 from pyrovae.nets import first_parameter

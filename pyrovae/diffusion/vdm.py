@@ -50,7 +50,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyrovae import params
-from pyrovae.data import check_finite
+from pyrovae.checks import check_finite
 from pyrovae.diffusion.gamma import GAMMA_MAX, GAMMA_MIN, GammaSchedule
 
 NUM_BINS = 256
