@@ -339,7 +339,6 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     from pyrovae.config import TrainConfig, resolve
     from pyrovae.device import resolve_device
     from pyrovae.recipes import MODELS
-
     from pyrovae.runs import warn_config_edits
 
     ckpt = load_checkpoint(path)
