@@ -4,7 +4,6 @@ how ``pyrovae sample|evaluate diffusion`` load a finished run."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -15,7 +14,7 @@ from pyrovae import plots
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES, DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.schedule import SCHEDULES, NoiseSchedule
-from pyrovae.infer.bound import Bound, prefixed
+from pyrovae.infer.bound import Bound, bound_terms, prefixed
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS, DiffusionELBO
 from pyrovae.infer.losses import OBJECTIVES, make_objective
 
@@ -157,7 +156,7 @@ def evaluate_bound(chain: DiffusionChain, x0: torch.Tensor, steps: int | None, c
         raise ValueError(f"steps must be <= T = {chain.T}, got {steps}")
     with torch.no_grad():
         bound = (chain.respaced(steps) if steps != chain.T else chain).bound(x0, chunk_size, per_layer=True)
-    terms = dataclasses.replace(bound, layers={}).summary()
+    terms = bound_terms(bound.recon.mean().item(), bound.kl_top.mean().item(), bound.kl_layers.mean().item(), bound.dim)
     kl_t = [v.mean().item() for v in bound.layers.values()]
     result = {"n": len(x0), "steps": steps, **prefixed(terms, "test"), "test_kl_t": kl_t}
     name = f"evaluate-{steps}"

@@ -16,9 +16,9 @@ from pyrovae import plots
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.gamma import make_gamma
 from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
-from pyrovae.infer.bound import Bound, prefixed
+from pyrovae.infer.bound import Bound, bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
-from pyrovae.infer.vdm_elbo import VDMELBO
+from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
 from pyrovae.recipes.diffusion import from_chain_space, to_chain_space
 
 NETS = ("unet", "mlp")
@@ -117,10 +117,8 @@ def evaluate_bound(vdm: VDM, x: torch.Tensor, replicates: int, draws: int, run_d
     if replicates < 2:
         raise ValueError(f"replicates must be >= 2 for a standard error, got {replicates}")
     reps = [bound_terms(vdm, x, draws, batch_size) for _ in range(replicates)]
-    bpd = torch.stack([r.bpd().mean() for r in reps])
-    means = {
-        k: torch.stack([getattr(r, k).mean() for r in reps]).mean().item() for k in ("recon", "kl_top", "kl_layers")
-    }
+    bpd = torch.stack([bits_per_dim(-r.elbo().mean(), vdm.x_dim) for r in reps])
+    means = {k: torch.stack([getattr(r, k).mean() for r in reps]).mean().item() for k in TERMS}
     result = {
         "n": len(x),
         "time": "continuous" if vdm.T is None else vdm.T,
