@@ -12,7 +12,7 @@ q(x_{1:T} | x_0)::
     guide_forward:    x_1 ~ q(x_1|x_0), x_t ~ q(x_t|x_{t-1})                       t = 2..T
     guide_posterior:  x_T ~ q(x_T|x_0), x_{t-1} ~ q(x_{t-1}|x_t,x_0)               t = T..2
 
-so that SVI with stock ``Trace_ELBO`` maximises
+so that SVI with stock ``Trace_ELBO`` maximises ::
 
     ELBO = E_q[ -KL(q(x_T|x_0) || p(x_T))
                 - sum_{t=2..T} KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))
@@ -398,7 +398,7 @@ class DiffusionChain(DiffusionModel):
         output: tuple | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D:
+        """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D::
 
             L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))   for t >= 2
             L_0     = -log p_theta(x_0|x_1)                             for t = 1
@@ -414,7 +414,7 @@ class DiffusionChain(DiffusionModel):
             sqrt(1 - alpha_bar_t) eps, if known. With eps prediction the KL is
             then formed from it: x_0 - x0_hat = sqrt(1/alpha_bar_t - 1)
             (eps_theta - eps) exactly, so the mean part is
-            (coef1_t^2 (1/alpha_bar_t - 1) / (2 sigma_t^2)) |eps_theta - eps|^2,
+            (coef1_t^2 (1/alpha_bar_t - 1) / (2 sigma_t^2)) ``|eps_theta - eps|^2``,
             two passes over the values instead of six (x0_hat is formed only
             where t = 1, for the decoder). The same number up to rounding.
         """

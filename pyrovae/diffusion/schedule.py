@@ -1,10 +1,10 @@
 """The noise schedule: the single owner of every number derived from beta_t.
 
-The forward process (the diffusion model's fixed encoder) is
+The forward process (the diffusion model's fixed encoder) is ::
 
     q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I),   alpha_t = 1 - beta_t,   t = 1..T
 
-with the closed forms
+with the closed forms ::
 
     q(x_t | x_0)          = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),   alpha_bar_t = prod_{s<=t} alpha_s
     q(x_{t-1} | x_t, x_0) = N(mu_tilde_t(x_t, x_0), beta_tilde_t I)

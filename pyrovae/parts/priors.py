@@ -178,7 +178,7 @@ FLOWS = ("affine_autoregressive", "spline_coupling")
 
 
 class FlowPrior(nn.Module):
-    """p(z) = N(eps; 0, I) |det d eps/dz| with eps = f(z), f a stack of Pyro
+    """p(z) = N(eps; 0, I) ``|det d eps/dz|`` with eps = f(z), f a stack of Pyro
     transforms: a learned density that can be multimodal and skewed.
 
     ``affine_autoregressive`` is used in the masked-autoregressive direction
