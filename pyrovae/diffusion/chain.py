@@ -56,6 +56,16 @@ from pyrovae.parts.priors import StandardNormal, StandardNormalPrior
 
 PARAMETERIZATIONS = ("eps", "x0", "mean")
 VARIANCES = ("beta_tilde", "beta", "learned")
+SAMPLER_TABLES = (
+    "tau",
+    "log_betas",
+    "posterior_log_variance_clipped",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+"""The tables a step of the sampler reads (:class:`PTheta`'s numbers and the network's time)."""
 DECODERS = ("discretised", "discretised-gaussian", "discretised-logistic", "gaussian")
 
 
@@ -90,7 +100,8 @@ class PTheta:
     with v = (net output + 1) / 2 for a learned variance (improved DDPM). Each
     is computed when first read, so a caller pays for what it uses (the loss's
     fast path reads the log-variance only). ``x_t``, ``pred`` and ``v`` are of
-    shape ``batch_shape + (D,)``; ``numbers`` the step's :class:`_StepNumbers`;
+    shape ``batch_shape + (D,)``; ``numbers`` the step's schedule numbers by
+    table name (:class:`_StepNumbers`, or the sampler's dict of Python numbers);
     ``clip_x0`` clamps x0_hat to [-1, 1] (sampling images, never a bound).
     """
 
@@ -515,14 +526,16 @@ class DiffusionChain(DiffusionModel):
         ref = self.schedule.betas
         dtype = next(self.net.parameters()).dtype
         x = torch.randn(n, self.x_dim, device=ref.device, dtype=dtype)
-        # Every step's numbers read once, as Python numbers in the network's dtype
-        # (not a slice, a cast and a copy per table per step), so the loop is the
-        # network call and a few passes over x.
-        tab = {name: values.tolist() for name, values in chain.tables(dtype).items() if torch.is_tensor(values)}
+        # Every step's numbers read once, as Python numbers in the network's dtype, one
+        # dict per step (not a slice, a cast and a copy per table per step), so the loop
+        # is the network call and a few passes over x.
+        tab = chain.tables(dtype)
+        per_step = [dict(zip(SAMPLER_TABLES, v)) for v in zip(*(tab[name].tolist() for name in SAMPLER_TABLES))]
         learned = chain.variance == "learned"
         for i in range(chain.T - 1, 0, -1):  # t = i + 1 = T..2
-            out = self.net(x, torch.full((n,), tab["tau"][i], device=ref.device, dtype=dtype))
-            p = PTheta(chain, x, *(out.chunk(2, dim=-1) if learned else (out, None)), _StepNumbers(tab, i), clip_x0)
+            numbers = per_step[i]
+            out = self.net(x, torch.full((n,), numbers["tau"], device=ref.device, dtype=dtype))
+            p = PTheta(chain, x, *(out.chunk(2, dim=-1) if learned else (out, None)), numbers, clip_x0)
             # a draw from p_step(x, t): mean + sigma_t z, without building the Normal
             if learned:
                 x = torch.addcmul(p.mean, torch.randn_like(p.mean), (0.5 * p.log_variance).exp())
