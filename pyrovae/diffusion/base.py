@@ -26,7 +26,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from pyrovae.checks import check_finite
+from pyrovae.checks import check_batch, check_finite
 from pyrovae.infer.bound import Bound
 
 DATA_RANGE = (-1.0, 1.0)
@@ -65,16 +65,7 @@ class DiffusionModel(nn.Module):
         (a pass over the data each) finite values and, for a discrete decoder,
         values in [-1, 1]."""
         name = self.data_name
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError(f"{name} must be a float tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
-        if x.dim() != 2 or x.shape[1] != self.x_dim or x.shape[0] == 0:
-            raise ValueError(f"{name} must have shape (batch >= 1, {self.x_dim}), got {tuple(x.shape)}")
-        ref = self.reference()
-        if x.device != ref.device:
-            raise ValueError(
-                f"{name} is on {x.device} but the {type(self).__name__} is on {ref.device}; move one with .to()"
-            )
-        x = x.to(ref.dtype)
+        x = check_batch(x, self.x_dim, self.reference(), name, type(self).__name__)
         if is_validation_enabled():
             check_finite(x, name)
             lo, hi = DATA_RANGE
