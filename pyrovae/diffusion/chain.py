@@ -70,19 +70,17 @@ DECODERS = ("discretised", "discretised-gaussian", "discretised-logistic", "gaus
 
 
 class _StepNumbers:
-    """The schedule's numbers at the times of a batch, read from the chain's
-    tables (:meth:`DiffusionChain.tables`) when first asked for: ``(..., 1)``
-    tensors that broadcast against x_t when ``i`` indexes a time per entry (the
-    loss, the bound, p_step), Python numbers when ``tables`` are lists and ``i``
-    one int (the sampler's loop: no slice, cast or copy per step)."""
+    """The schedule's numbers at the times ``i`` (table indices, an int or a
+    tensor of the batch shape), read from the chain's tables
+    (:meth:`DiffusionChain.tables`) when first asked for, as ``(..., 1)``
+    tensors that broadcast against x_t: a caller gathers only the tables it uses."""
 
     def __init__(self, tables: dict, i):
         self.tables, self.i, self.read = tables, i, {}
 
-    def __getitem__(self, name: str):
+    def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.read:
-            value = self.tables[name][self.i]
-            self.read[name] = value.unsqueeze(-1) if torch.is_tensor(value) else value
+            self.read[name] = self.tables[name][self.i].unsqueeze(-1)
         return self.read[name]
 
 
