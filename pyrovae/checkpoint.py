@@ -288,15 +288,14 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
         ``sample``, ``reconstruct``, evaluation or further SVI.
     """
     from pyrovae import data as datasets
-    from pyrovae.config import MODELS, TrainConfig, resolve
+    from pyrovae.config import TrainConfig, recipe_for, resolve
     from pyrovae.device import resolve_device
 
     ckpt = load_checkpoint(path)
     cfg = resolve(TrainConfig.from_dict(ckpt["config"]))
     if model is not None and model != cfg.model:
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
-    recipe = MODELS[cfg.model].recipe
-    net = recipe.build(cfg, datasets.run_spec(ckpt, cfg))
+    net = recipe_for(cfg).build(cfg, datasets.run_spec(ckpt, cfg))
     state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     load_model_state(net, state, path)
     return net.to(resolve_device(device)).eval(), cfg

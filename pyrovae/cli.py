@@ -443,15 +443,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae.checkpoint import load, load_checkpoint
-    from pyrovae.config import MODELS
+    from pyrovae.config import recipe_for
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
-    recipe = MODELS[cfg.model].recipe
+    recipe = recipe_for(cfg)
     source = args.data or cfg.data
     ds = datasets.load_from_config(dataclasses.replace(cfg, data=source)).subset(cfg.train_size, cfg.test_size)
     datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {source!r}")
     x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
+    if hasattr(recipe, "with_labels"):  # M2: the test accuracy of q(y|x)
+        x_test = recipe.with_labels(cfg, x_test, ds.y_test)
     if args.model == "vdm":
         from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
 

@@ -45,7 +45,7 @@ from pyrovae import checkpoint, distributed, params, plots, runs
 from pyrovae import data as datasets
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.compiled import compile_loss
-from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
+from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, recipe_for, resolve
 from pyrovae.device import resolve_device
 from pyrovae.infer.bound import metric_unit
 from pyrovae.optim import OPTIMIZERS, make_optimizer, make_scheduler  # noqa: F401 (OPTIMIZERS: pyrovae.lightning)
@@ -296,7 +296,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     to draw.
     """
     cfg = resolve(cfg).check()
-    recipe = RECIPES[cfg.model]
+    recipe = recipe_for(cfg)
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
     try:
         cfg = dataclasses.replace(cfg, out=run_dir(cfg))
@@ -318,10 +318,14 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
 
     ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
+    if hasattr(recipe, "prepare_data"):  # M2: the labels it keeps
+        ds = recipe.prepare_data(cfg, ds)
     if hasattr(recipe, "check_data"):
         # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
         recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
+    if hasattr(recipe, "with_labels"):
+        x_test = recipe.with_labels(cfg, x_test, ds.y_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
     objective = recipe.objective(cfg)
@@ -368,8 +372,10 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         model.train()
         total, norms, done = 0.0, 0.0, 0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet or None)
-        for xb, _ in steps:
+        for xb, yb in steps:
             batch = recipe.prepare_batch(cfg, xb.to(device))  # lazy rows arrive on the CPU
+            if hasattr(recipe, "with_labels"):
+                batch = recipe.with_labels(cfg, batch, yb)
             try:
                 loss, norm = train_step(loss_fn, parameters, optimizer, batch, cfg.grad_clip, cfg.precision)
             except NonFiniteLossError as err:
