@@ -370,7 +370,7 @@ class TraceAnalyticKL_ELBO(ELBO):
         totals, closed_form, args = {}, (), (x, *args)
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
-            observed, latent, closed_form, _, _ = self._particle_terms(model_trace, guide_trace, monte_carlo)
+            observed, latent, closed_form, _ = self._particle_terms(model_trace, guide_trace, monte_carlo)
             for name, (_, value) in {**observed, **latent}.items():
                 term = value.reshape(-1, x.shape[0]).sum(0) / self.num_particles
                 totals[name] = totals[name] + term if name in totals else term
