@@ -172,3 +172,15 @@ def test_cli_refuses_labelled_below_one_per_class_or_above_the_training_set(labe
     argv = ["train", "vae", *M2_FLAGS, "--labelled", labelled, "--epochs", "1", "--quiet", "--out", str(tmp_path)]
     assert main(argv) == 1
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_labelled_refuses_data_without_labels(tmp_path):
+    import numpy as np
+
+    from pyrovae.cli import main
+
+    path = tmp_path / "unlabelled.npy"
+    np.save(path, (np.random.default_rng(0).random((60, 8, 8)) > 0.5).astype(np.float32))
+    argv = ["train", "vae", "--data", str(path), "--labelled", "10", "--epochs", "1", "--quiet", "--debug"]
+    with pytest.raises(ValueError, match="--labelled needs labelled data; data .* has no labels"):
+        main([*argv, "--out", str(tmp_path / "run")])

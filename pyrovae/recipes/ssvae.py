@@ -53,7 +53,8 @@ class SSVAERecipe(VAERecipe):
         ``labelled // K`` per class, one more for the first ``labelled % K``
         classes, drawn by ``cfg.seed``."""
         y, k = ds.y_train, cfg.classes
-        if y is None or len(y) != len(ds.x_train) or len(y) == 0:
+        # a source without labels gives every example class 0
+        if y is None or len(y) != len(ds.x_train) or len(y) == 0 or bool((y == y[0]).all()):
             raise ValueError(
                 f"--labelled needs labelled data; data {cfg.data!r} has no labels (the named sets, image folders "
                 "with class sub-folders, .npz files with a y array and IDX label files carry them)"
