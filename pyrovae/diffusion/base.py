@@ -28,6 +28,7 @@ from torch import nn
 
 from pyrovae.checks import check_batch, check_finite
 from pyrovae.infer.bound import Bound
+from pyrovae.nets import first_parameter
 
 DATA_RANGE = (-1.0, 1.0)
 """Diffusion models' images: 8-bit pixels scaled to [-1, 1], as DDPM does."""
@@ -55,17 +56,21 @@ class DiffusionModel(nn.Module):
         return self.likelihood.discrete
 
     def reference(self) -> torch.Tensor:
-        """A tensor of the model's floating dtype and device (the data are cast to it)."""
+        """A tensor of the model's floating dtype and device, parameter or buffer
+        (the device the data must be on; where sampling draws its noise)."""
         raise NotImplementedError(f"{type(self).__name__} must define reference()")
 
     def check_data(self, x: torch.Tensor) -> torch.Tensor:
         """Raise a clear error for data this model cannot score; return ``x`` in
-        the model's floating dtype (float64 or half-precision data are cast).
+        the dtype of the model's parameters (float64 or half-precision data are cast).
         Shape ``(B >= 1, D)``, the model's device; under ``pyro.enable_validation``
         (a pass over the data each) finite values and, for a discrete decoder,
         values in [-1, 1]."""
         name = self.data_name
-        x = check_batch(x, self.x_dim, self.reference(), name, type(self).__name__)
+        # the parameters' dtype; a model without any (a fixed schedule, an exact denoiser) keeps x's
+        param = first_parameter(self)
+        dtype = None if param is None else param.dtype
+        x = check_batch(x, self.x_dim, self.reference().device, dtype, name, type(self).__name__)
         if is_validation_enabled():
             check_finite(x, name)
             lo, hi = DATA_RANGE
