@@ -99,6 +99,16 @@ def test_check_data_casts_to_the_models_dtype_and_names_what_is_wrong(name):
         model.check_data(torch.full((2, D), 2.0))
 
 
+class ExactDenoiser(torch.nn.Module):
+    def forward(self, z, tau):
+        return 0.5 * z
+
+
+def test_a_model_without_parameters_keeps_the_datas_dtype():
+    model = VDM(ExactDenoiser(), LinearGamma(learn_ends=False), D)  # float32 buffers, no parameters
+    assert model.check_data(data()).dtype == torch.float64
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_bound_is_a_bound_of_per_example_terms_in_bits_per_dim(name):
     model, x0 = MODELS[name][0](), data()
