@@ -69,8 +69,8 @@ class DiffusionModel(nn.Module):
         name = self.data_name
         # the parameters' dtype; a model without any (a fixed schedule, an exact denoiser) keeps x's
         param = first_parameter(self)
-        dtype = None if param is None else param.dtype
-        x = check_batch(x, self.x_dim, self.reference().device, dtype, name, type(self).__name__)
+        device, dtype = (self.reference().device, None) if param is None else (param.device, param.dtype)
+        x = check_batch(x, self.x_dim, device, dtype, name, type(self).__name__)
         if is_validation_enabled():
             check_finite(x, name)
             lo, hi = DATA_RANGE

@@ -42,7 +42,7 @@ def normal_kl(mean_diff, log_var_q, log_var_p=None, event_size: int | None = Non
     :param event_size: D, to sum over the event (returns ``batch_shape``);
         ``None`` for the elementwise KL (returns the broadcast shape of the arguments).
     """
-    numbers = not any(torch.is_tensor(v) for v in (log_var_q, log_var_p))
+    numbers = not (torch.is_tensor(log_var_q) or torch.is_tensor(log_var_p))
     exp = math.exp if numbers else torch.exp
     if log_var_q is log_var_p:
         var_part = None
