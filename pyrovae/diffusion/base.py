@@ -43,9 +43,7 @@ class DiffusionModel(nn.Module):
     model gives, ``discrete`` for a probability mass function), and name the
     data in their errors with ``data_name``. The methods that raise
     ``NotImplementedError`` here are what every model defines; the rest
-    (``check_data``, ``log_snr``, ``discrete``, ``upgrade_state_dict``) they share.
-    (A plain class, not an ``abc.ABC``: ``torch.compile`` traces the models'
-    ``isinstance`` checks, which it cannot through ``ABCMeta``.)"""
+    (``check_data``, ``log_snr``, ``discrete``, ``upgrade_state_dict``) they share."""
 
     data_name = "x"
 

@@ -311,7 +311,7 @@ class VDM(DiffusionModel):
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        ref = self.gamma.gamma_min  # every schedule has it; a denoiser may have no parameters
+        ref = self.reference()
         z = torch.randn(n, self.x_dim, dtype=ref.dtype, device=ref.device)
         gammas = self._grid(steps, z)
         for i in range(steps, 0, -1):
