@@ -264,7 +264,7 @@ class HVAE(nn.Module):
         dim = self.x_dim if getattr(self.likelihood, "discrete", False) else None
         parts = []
         for i in range(0, len(x), batch_size):
-            terms, closed_form = per_example_terms(elbo, self.model, self.guide, x[i : i + batch_size])
+            terms, closed_form = elbo.per_example_terms(self.model, self.guide, x[i : i + batch_size])
             kls = {f"kl_{l}": -terms[site] for l, site in enumerate(self.sites, start=1)}
             below_top = list(kls.values())[:-1]
             parts.append(
@@ -315,22 +315,6 @@ class HVAE(nn.Module):
         for l in range(self.L, 1, -1):
             z = self.p_step(z, l).sample()
         return self.decode(z)
-
-
-def per_example_terms(elbo: TraceAnalyticKL_ELBO, model, guide, x: torch.Tensor) -> tuple[dict, tuple]:
-    """The analytic-KL ELBO's terms by site, per example: ``({site: (B,) tensor},
-    closed_form)``, the expected log-likelihood of each observed site and -KL
-    (or its Monte Carlo estimate log p - log q) of each latent site, averaged over
-    ``elbo.num_particles``; summed over the examples they are ``elbo.terms``.
-    The examples are the ``"data"`` plate's, the last batch dimension."""
-    totals, closed_form = {}, ()
-    for model_trace, guide_trace in elbo._get_traces(model, guide, (x,), {}):
-        monte_carlo = elbo._biased_sites(model, guide, (x,), {}, model_trace, guide_trace)
-        observed, latent, closed_form, _ = elbo._particle_terms(model_trace, guide_trace, monte_carlo)
-        for name, (_, value) in {**observed, **latent}.items():
-            term = value.reshape(-1, x.shape[0]).sum(0) / elbo.num_particles
-            totals[name] = totals[name] + term if name in totals else term
-    return totals, tuple(closed_form)
 
 
 class _AtMeans(Messenger):

@@ -358,6 +358,23 @@ class TraceAnalyticKL_ELBO(ELBO):
         values = {name: torch_item(value) for name, value in {**observed, **latent}.items()}
         return Terms(values, closed_form, enumerated)
 
+    def per_example_terms(self, model, guide, x: torch.Tensor, *args, **kwargs) -> tuple[dict, tuple]:
+        """The terms of :meth:`terms` per example: ``({site: (B,) tensor},
+        closed_form)``, the expected log-likelihood of each observed site and
+        -KL (or its Monte Carlo estimate log p - log q) of each latent site,
+        averaged over ``num_particles``; summed over the examples they are
+        :meth:`terms`. The examples are the data plate's, the last batch
+        dimension of every site (``x.shape[0]`` of them); ``model`` and
+        ``guide`` are called with ``(x, *args, **kwargs)``."""
+        totals, closed_form, args = {}, (), (x, *args)
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
+            observed, latent, closed_form, _, _ = self._particle_terms(model_trace, guide_trace, monte_carlo)
+            for name, (_, value) in {**observed, **latent}.items():
+                term = value.reshape(-1, x.shape[0]).sum(0) / self.num_particles
+                totals[name] = totals[name] + term if name in totals else term
+        return totals, tuple(closed_form)
+
     def _biased_sites(self, model, guide, args, kwargs, model_trace, guide_trace) -> frozenset:
         """The sites where the closed-form KL would be biased (a model parent
         that the guide samples after the site and from it), worked out on the
