@@ -274,6 +274,14 @@ def _x0_and_eps(view, x: torch.Tensor, t: float, alpha: float, sigma: float, cli
     return x0, eps
 
 
+def check_sampler_args(model, steps, sampler: str = "ancestral", eta: float = 0.0, spacing: str | None = None):
+    """Raise ``ValueError`` for arguments :func:`sample` would refuse; return the view."""
+    view = diffusion_view(model)
+    _check_args(sampler, eta, spacing)
+    view.check_steps(steps)
+    return view
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -302,11 +310,9 @@ def sample(
         multistep extrapolation suffers from very unequal steps in lambda (the
         linear schedule's first step from t = 1 to the next respaced time).
     """
-    view = diffusion_view(model)
-    _check_args(sampler, eta, spacing)
+    view = check_sampler_args(model, steps, sampler, eta, spacing)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    steps = view.check_steps(steps)
     generator = None if seed is None else torch.Generator(view.ref.device).manual_seed(seed)
     if sampler == "ancestral":
         if x_T is not None:
