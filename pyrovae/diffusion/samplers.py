@@ -128,12 +128,14 @@ class ChainView:
                     "a chain with parameterization 'mean' predicts its own steps' means only; "
                     f"eps between steps (t = {t}) needs parameterization 'eps' or 'x0'"
                 )
-            tau_table = chain.tables(torch.float64)["tau"]
-            k = min(max(math.ceil(t), 2), chain.T)
-            tau = tau_table[k - 2] + (tau_table[k - 1] - tau_table[k - 2]) * (t - (k - 1))
-            if chain.T == 1:
-                tau = tau_table[0]
-            out = chain.net(x_t, torch.full(x_t.shape[:-1], float(tau), dtype=x_t.dtype, device=x_t.device))
+            # the time the network is told, linear between the steps' (read in x_t's dtype, as model_output does)
+            tau_table = chain.tables(x_t.dtype)["tau"]
+            tau = float(tau_table[0])
+            if chain.T > 1:
+                k = min(max(math.ceil(t), 2), chain.T)
+                lo, hi = float(tau_table[k - 2]), float(tau_table[k - 1])
+                tau = lo + (hi - lo) * (t - (k - 1))
+            out = chain.net(x_t, torch.full(x_t.shape[:-1], tau, dtype=x_t.dtype, device=x_t.device))
             pred = out[..., : self.x_dim]
             if chain.parameterization == "eps":
                 return pred
