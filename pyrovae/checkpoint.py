@@ -6,7 +6,7 @@ saves, :func:`load_checkpoint` reads one (converting older formats),
 model and time sampler, and :func:`load` rebuilds a trained model without
 its data. A checkpoint is one file, ``checkpoint.pt`` in the run folder,
 holding only plain tensors, numbers, strings, lists and dicts, so that
-``torch.load(path, weights_only=True)`` reads it without unpickling code:
+``torch.load(path, weights_only=True)`` reads it without unpickling code::
 
     format        CHECKPOINT_FORMAT (2)
     config        the run's config as a dict (pyrovae.config; ``model`` names its class)
@@ -23,6 +23,14 @@ holding only plain tensors, numbers, strings, lists and dicts, so that
     skipped       training steps skipped for a NaN/inf loss (``--nan-policy skip``)
     data          the data's DataSpec as a dict (name, image_shape, values), so
                   the model is rebuilt without the data (absent before it was saved)
+    early_stopping  with --early-stopping only: held_out (its size), best_epoch,
+                  best_elbo, last_elbo, and the best epoch's model and ema weights,
+                  which load() returns (pyrovae.early_stopping)
+    history       the training objective after every epoch, ``[{"epoch": e, "train_elbo": v}]``
+                  (loss.png's curve; absent before it was kept)
+
+Beside it, ``test-split.pt`` (:func:`save_test_split`) holds the run's test
+split when it is small, so that ``sample`` and ``evaluate`` need no data.
 
 Format 1 (pyrovae 0.1: Pyro's per-parameter optimisers) is converted on read:
 its ``optim`` (per param-store name ``"vae$$$encoder.0.weight"``, a torch
@@ -45,6 +53,8 @@ import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
+TEST_SPLIT = "test-split.pt"
+TEST_SPLIT_MAX_BYTES = 64 * 2**20  # mnist5k's 10,000 test images are 7.5 MiB as bytes
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 # Our temporaries end in ".pyrovae-tmp-<pid>": no user's file is mistaken for one.
@@ -185,6 +195,7 @@ def assemble(
     seconds: float,
     skipped: int,
     data: dict,
+    history: list | None = None,
 ) -> dict:
     """The checkpoint dict of a run after ``epoch`` (the format in the module docstring)."""
     sampler = getattr(objective, "time_sampler", None)
@@ -204,7 +215,44 @@ def assemble(
         "seconds": seconds,
         "skipped": skipped,
         "data": data,
+        "history": list(history or []),
     }
+
+
+def _from_bytes(x8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x8.float().div(255).to(dtype)
+
+
+def save_test_split(folder: str, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Write a run's test split to ``folder/test-split.pt`` (8-bit levels as
+    bytes, when that is exact) unless it is larger than
+    :data:`TEST_SPLIT_MAX_BYTES`; return whether it was written."""
+    x = x.detach().cpu()
+    stored = x
+    if x.is_floating_point():
+        x8 = (x.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        if torch.equal(_from_bytes(x8, x.dtype), x):
+            stored = x8
+    if stored.numel() * stored.element_size() > TEST_SPLIT_MAX_BYTES:
+        return False
+    split = {"format": 1, "x": stored, "y": y.detach().cpu(), "dtype": str(x.dtype).removeprefix("torch.")}
+    atomic_torch_save(split, os.path.join(folder, TEST_SPLIT))
+    return True
+
+
+def load_test_split(folder: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The test split :func:`save_test_split` wrote in ``folder``, as ``(x, y)``; ``None`` if there is none."""
+    path = os.path.join(folder, TEST_SPLIT)
+    if not os.path.isfile(path):
+        return None
+    try:
+        split = torch.load(path, map_location="cpu", weights_only=True)
+        x, dtype = split["x"], getattr(torch, split["dtype"])
+    except Exception as err:  # a truncated or foreign file: the message says which
+        raise ValueError(
+            f"cannot read the run's test split {path!r} ({_load_failure(err)}); delete it to use the data set instead"
+        ) from err
+    return (_from_bytes(x, dtype) if x.dtype == torch.uint8 and dtype != torch.uint8 else x), split["y"]
 
 
 def restore(ckpt: dict, source: str, model, optimizer, scheduler, averaged=None, objective=None) -> None:
@@ -291,13 +339,19 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     from pyrovae.config import MODELS, TrainConfig, resolve
     from pyrovae.device import resolve_device
 
+    from pyrovae.runs import warn_config_edits
+
     ckpt = load_checkpoint(path)
+    # the checkpoint's settings are the run's: a hand edit of config.json is named, not applied
+    warn_config_edits(os.path.dirname(checkpoint_path(path)), ckpt["config"], "loading the model")
     cfg = resolve(TrainConfig.from_dict(ckpt["config"]))
     if model is not None and model != cfg.model:
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
     recipe = MODELS[cfg.model].recipe
     net = recipe.build(cfg, datasets.run_spec(ckpt, cfg))
-    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    # an early-stopped run's model is its best epoch's weights, kept beside the last epoch's (pyrovae.early_stopping)
+    weights = ckpt["early_stopping"] if (ckpt.get("early_stopping") or {}).get("model") is not None else ckpt
+    state = weights["ema"] if ema and weights.get("ema") is not None else weights["model"]
     load_model_state(net, state, path)
     return net.to(resolve_device(device)).eval(), cfg
 

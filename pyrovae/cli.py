@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 
 from pyrovae import data as datasets
 from pyrovae.device import DEVICES
@@ -67,6 +68,16 @@ def field_value_parser(f: dataclasses.Field):
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def seed_value(text: str) -> int:
+    """``--seed`` of sample, evaluate and bench: the bounds of the config's ``seed``."""
+    from pyrovae.config import TrainConfig
+
+    return field_value_parser(next(f for f in dataclasses.fields(TrainConfig) if f.name == "seed"))(text)
+
+
+seed_value.__name__ = "int"  # argparse names the type in its messages
 
 
 def flag_name(name: str) -> str:
@@ -290,7 +301,7 @@ def add_run_parsers(commands) -> None:
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
     if evaluate:
         p.add_argument(
@@ -327,7 +338,7 @@ def add_bench_parser(commands) -> None:
         default=None,
         help="torch intra-op threads for the run (default: torch's own choice)",
     )
-    bench.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    bench.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -381,7 +392,13 @@ def run_train(args: argparse.Namespace) -> int:
     warn_unfinished_warmup(cfg)
     result = train(cfg)
     if result.metrics:  # rank 0 (only it evaluates under torchrun)
-        print(f"done: test ELBO {result.metrics[-1]['test_elbo']:.2f}; files in {result.out_dir}")
+        last = result.metrics[-1]
+        kept = (
+            ""
+            if result.best_epoch is None
+            else f" at epoch {last['epoch']}; the model kept is epoch {result.best_epoch}'s"
+        )
+        print(f"done: test ELBO {last['test_elbo']:.2f}{kept}; files in {result.out_dir}")
     return 0
 
 
@@ -403,6 +420,10 @@ def run_sample(args: argparse.Namespace) -> int:
     from pyrovae.checkpoint import checkpoint_path, load, load_checkpoint
     from pyrovae.evaluate.commands import draw_function
 
+    folder = os.path.dirname(checkpoint_path(args.run))
+    out = args.out or os.path.join(folder, f"samples-{args.seed}.png")
+    array_path = os.path.splitext(out)[0] + ".npy"
+    check_sample_out(out, array_path, folder)
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
     # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
@@ -429,8 +450,6 @@ def run_sample(args: argparse.Namespace) -> int:
         draw, title = model.sample, f"samples, {cfg.model} on {ds.name}"
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS
     n = args.n or grid
-    out = args.out or os.path.join(os.path.dirname(checkpoint_path(args.run)), f"samples-{args.seed}.png")
-    array_path = os.path.splitext(out)[0] + ".npy"
     array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32, shape=(n, ds.x_dim))
     shown = []
     with torch.no_grad():
@@ -445,13 +464,52 @@ def run_sample(args: argparse.Namespace) -> int:
     if ds.is_image:
         plots.save_image_grid(out, shown, ds.image_shape, min(8, len(shown)), title)
     else:
-        x_test = datasets.load_from_config(cfg).x_test[:1000]
+        x_test = run_test_split(args.run, cfg)[:1000]
         plots.save_scatter(
-            out, torch.cat([x_test, shown]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(shown))])
+            out,
+            torch.cat([x_test, shown]),
+            title,
+            torch.cat([torch.zeros(len(x_test)), torch.ones(len(shown))]),
+            ("test data", "samples"),
         )
     drawn = f"the first {len(shown)} of {n}" if len(shown) < n else "them"
     print(f"wrote {n} samples to {array_path} and drew {drawn} in {out}")
     return 0
+
+
+def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
+    """``sample --out``, checked before anything is drawn or written: a PNG in
+    an existing folder, neither it nor its ``.npy`` one of the run's own files."""
+    import os
+
+    from pyrovae.runs import is_run_file
+
+    if not out.lower().endswith(".png"):
+        raise ValueError(f"--out must name a .png file (the samples go beside it as .npy), got {out!r}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out!r}: the folder {parent!r} does not exist")
+    for path in (out, array_path):
+        if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(run_folder) and (
+            is_run_file(os.path.basename(path)) and not os.path.basename(path).startswith("samples-")
+        ):
+            raise ValueError(
+                f"--out {out!r} would replace the run's own {os.path.basename(path)}; choose another name "
+                "(the default is RUN/samples-<seed>.png)"
+            )
+
+
+def run_test_split(run: str, cfg):
+    """The run's test split (``x``): saved with the run when it was small,
+    else read from the run's data set (which must then be there)."""
+    import os
+
+    from pyrovae.checkpoint import checkpoint_path, load_test_split
+
+    saved = load_test_split(os.path.dirname(checkpoint_path(run)))
+    if saved is not None:
+        return saved[0]
+    return datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).x_test
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -467,10 +525,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
     recipe = MODELS[cfg.model].recipe
-    source = args.data or cfg.data
-    ds = datasets.load_from_config(dataclasses.replace(cfg, data=source)).subset(cfg.train_size, cfg.test_size)
-    datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {source!r}")
-    x_test = recipe.prepare_test(cfg, ds.x_test.to(next(model.parameters()).device))
+    if args.data is None:
+        x_test = run_test_split(args.run, cfg)
+    else:
+        ds = datasets.load_from_config(dataclasses.replace(cfg, data=args.data)).subset(cfg.train_size, cfg.test_size)
+        datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {args.data!r}")
+        x_test = ds.x_test
+    x_test = recipe.prepare_test(cfg, x_test.to(next(model.parameters()).device))
     if args.model == "vdm":
         from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
 
@@ -498,12 +559,19 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning on the command line: one line ``pyrovae: warning: ...``, no source path."""
+    print(f"pyrovae: warning: {one_line(message)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     commands = {"train": run_train, "sample": run_sample, "evaluate": run_evaluate, "bench": run_bench}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return commands[args.command](args)
     # OSError: unreadable or unwritable files, a full disk; FloatingPointError: a NaN loss (train.NonFiniteLossError).
     except (ValueError, TypeError, OSError, FloatingPointError) as err:
         if args.debug:

@@ -145,7 +145,7 @@ class TrainConfig(metaclass=_ByModel):
     epochs: int = option(300, "passes over the training set", ge=1)
     batch_size: int = option(128, "examples per optimiser step (the global batch under torchrun)", ge=1)
     lr: float = option(1e-3, "learning rate", gt=0, lt=math.inf)
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed", ge=0, lt=2**32)  # NumPy's seeds are 32-bit
     device: str = option(AUTO, "auto | cpu | cuda | cuda:N")
     out: str | None = option(None, "run folder (default runs/<model>-<data>-<timestamp>)")
     validate: bool = option(
@@ -189,6 +189,18 @@ class TrainConfig(metaclass=_ByModel):
         choices=NAN_POLICIES,
     )
     test_particles: int = option(10, "particles per test example for the test ELBO", ge=1)
+    early_stopping: int | None = option(
+        None,
+        "stop after N epochs without a higher ELBO on the held-out examples (--held-out); the best epoch's weights "
+        "are the run's model (model.pt, pyrovae.load); none: off",
+        ge=1,
+    )
+    held_out: int | None = option(
+        None,
+        "with early stopping: training examples held out by a seeded draw and never trained on (none: 10% of the "
+        "training split)",
+        ge=1,
+    )
 
     def data_defaults(self, kind: str) -> dict:
         """The values of this model's ``"auto"`` fields for data of ``kind``
@@ -220,8 +232,10 @@ class TrainConfig(metaclass=_ByModel):
         """A config from a saved dict (``config.json``, a checkpoint's
         ``config``): its ``model`` (``"vae"`` when absent) picks the class;
         fields it lacks take their defaults; configs of the old flat format
-        are converted (:func:`convert_legacy`); unknown names are an error."""
-        values = convert_legacy(values)
+        are converted (:func:`convert_legacy`); keys starting with ``_`` are
+        notes for a reader (``config.json``'s ``_note``) and are skipped;
+        unknown names are an error."""
+        values = convert_legacy({k: v for k, v in values.items() if not k.startswith("_")})
         target = config_class(values.get("model", "vae"))
         names = {f.name for f in dataclasses.fields(target)}
         unknown = sorted(set(values) - names)

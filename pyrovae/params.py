@@ -13,11 +13,22 @@ The trainer steps the modules' own parameters with one torch optimiser and
 needs no param store: inside :func:`unregistered` the registration is skipped
 (it walks every parameter and looks each up in the store, on every call of
 model and guide).
+
+**Pickling.** Each lookup in the param store sets ``p.unconstrained =
+weakref.ref(p)`` on the parameter it returns (Pyro's ``ParamStoreDict``), and
+for an unconstrained parameter that is the module's own ``nn.Parameter``: after
+one SVI step ``torch.save(model)``, ``pickle.dumps(model)`` and
+``multiprocessing`` failed with ``cannot pickle 'weakref.ReferenceType'``.
+Importing this module registers a reducer for ``nn.Parameter`` (``copyreg``)
+that drops that attribute first, as Pyro's own ``ParamStore.get_state`` does;
+the store sets it again at its next lookup. Any other parameter pickles as
+before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import itertools
 import threading
 import weakref
@@ -28,6 +39,14 @@ import torch
 _names: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 _counters: dict = {}
 _skip = threading.local()
+
+
+def _reduce_parameter(p: torch.nn.Parameter):
+    p.__dict__.pop("unconstrained", None)  # the param store's weakref to p itself, set at each lookup
+    return torch.nn.Parameter.__reduce_ex__(p, 2)
+
+
+copyreg.pickle(torch.nn.Parameter, _reduce_parameter)
 
 
 def pyro_name(nn_module: torch.nn.Module, kind: str) -> str:

@@ -13,15 +13,18 @@ from PIL import Image
 
 def plot_curves(
     path: str,
-    x: Sequence[float],
+    x: Sequence[float] | Mapping[str, Sequence[float]],
     curves: Mapping[str, Sequence[float]],
     xlabel: str,
     ylabel: str | Mapping[str, str],
     title: str = "",
 ) -> None:
-    """One line per named curve against ``x``, saved as PNG. ``ylabel`` is the
-    unit of every curve, or a mapping from each curve to its unit: curves of
-    one unit share an axis, each unit has its own (stacked, sharing ``x``)."""
+    """One line per named curve against ``x``, saved as PNG. ``x`` is every
+    curve's, or a mapping from each curve to its own (a training curve every
+    epoch, a test curve at each evaluation). ``ylabel`` is the unit of every
+    curve, or a mapping from each curve to its unit: curves of one unit share
+    an axis, each unit has its own (stacked, sharing ``x``)."""
+    xs = dict(x) if isinstance(x, Mapping) else {name: x for name in curves}
     units = {name: ylabel for name in curves} if isinstance(ylabel, str) else dict(ylabel)
     groups = {}
     for name in curves:
@@ -29,7 +32,7 @@ def plot_curves(
     fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1 + 3 * len(groups)), sharex=True, squeeze=False)
     for ax, (unit, names) in zip(axes[:, 0], groups.items()):
         for name in names:
-            ax.plot(x, curves[name], marker="o" if len(x) < 30 else None, label=name)
+            ax.plot(xs[name], curves[name], marker="o" if len(xs[name]) < 30 else None, label=name)
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -87,11 +90,27 @@ def save_image_grid(
     Image.open(buffer).convert("RGB").save(path)
 
 
-def save_scatter(path: str, points: torch.Tensor, title: str = "", labels: torch.Tensor | None = None) -> None:
-    """Scatter of 2-D points (e.g. toy data or samples), coloured by label if given."""
+def save_scatter(
+    path: str,
+    points: torch.Tensor,
+    title: str = "",
+    labels: torch.Tensor | None = None,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Scatter of 2-D points (e.g. toy data or samples) on axes x_1, x_2,
+    coloured by label if given; ``names[k]`` names label k in the legend."""
     p = points.detach().float().cpu()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(p[:, 0], p[:, 1], s=3, c=None if labels is None else labels.cpu(), cmap="tab10", alpha=0.6)
+    if labels is not None and names is not None:
+        labels = labels.cpu()
+        for k, name in enumerate(names):
+            mine = p[labels == k]
+            ax.scatter(mine[:, 0], mine[:, 1], s=3, color=f"C{k}", alpha=0.6, label=name)
+        ax.legend(markerscale=4, loc="best")
+    else:
+        ax.scatter(p[:, 0], p[:, 1], s=3, c=None if labels is None else labels.cpu(), cmap="tab10", alpha=0.6)
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
     ax.set_aspect("equal")
     if title:
         ax.set_title(title)

@@ -9,12 +9,24 @@ A *run folder* holds one run's files (:data:`RUN_FILES` and the figures).
    stale and taken over; a live owner, or an owner on another host (whose
    processes cannot be checked from here), is a :class:`RunFolderError`;
 2. a folder that already holds a run is refused unless the run continues it
-   (``resume``) or replaces it (``overwrite``);
+   (``resume``) or replaces it (``overwrite``); a folder holding other files
+   (the user's own: images, notes, other runs) is refused always, so that a
+   run's files are never mixed into them (hidden files are not counted);
 3. the caller then makes every other check (data, model, checkpoint) *before*
    writing anything, and calls :meth:`RunFolder.start` to clear what a
    replaced run or a killed process left behind;
 4. on leaving the ``with`` block the lock is removed, and so is the folder
-   when this run created it and wrote nothing into it.
+   when this run created it and wrote nothing into it. A new run that fails
+   before its first checkpoint removes what it wrote (``config.json``,
+   ``metrics.csv``, TensorBoard's events), so that the same command can use
+   the folder again.
+
+``config.json`` is a record of the run's settings, not an input: the
+checkpoint holds the settings a run uses. :func:`write_config` says so in the
+file (its ``"_note"``), and :func:`config_edits` names a hand edit, so that
+``--resume``, ``sample`` and ``evaluate`` never ignore one silently, and a
+resume keeps the edited file (as ``config-edited.json``) instead of
+overwriting it.
 
 Under ``torchrun`` rank 0 alone takes the lock, and every rank learns
 whether it got it, so that all of them stop alike.
@@ -26,14 +38,22 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import threading
+import warnings
 
 from pyrovae import checkpoint, distributed
 
 LOCK = ".pyrovae-lock"
-RUN_FILES = ("config.json", "metrics.csv", checkpoint.CHECKPOINT, "model.pt")
+CONFIG = "config.json"
+RUN_FILES = (CONFIG, "metrics.csv", checkpoint.CHECKPOINT, "model.pt", checkpoint.TEST_SPLIT)
+# Everything else a run and its evaluations write: no other command writes under these names.
+RUN_FIGURES = ("loss.png", "samples.png", "reconstructions.png", "terms.png", "schedule.png")
+_RUN_OUTPUTS = re.compile(
+    r"^(evaluate(-\d+)?\.(json|png)|samples-\d+\.(png|npy)|config-edited(-\d+)?\.json|events\.out\.tfevents\..*)$"
+)
 
 
 class RunFolderError(ValueError):
@@ -44,6 +64,100 @@ class RunFolderError(ValueError):
 def holds_run(folder: str) -> bool:
     """Whether ``folder`` holds any of a run's files."""
     return any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES)
+
+
+def is_run_file(name: str) -> bool:
+    """Whether ``name`` is the name of a file a run or its evaluation writes in its folder."""
+    return name in RUN_FILES or name in RUN_FIGURES or bool(_RUN_OUTPUTS.match(name))
+
+
+def foreign_files(folder: str) -> list[str]:
+    """The visible entries of ``folder`` that are not a run's: the lock, our
+    temporaries and hidden files (``.DS_Store``, a ``.git``) are not counted."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith(".") and not is_run_file(n))
+
+
+def resume_flags() -> str:
+    """The flags that ``--resume`` accepts, as the command line spells them."""
+    from pyrovae.config import RESUMABLE_FIELDS
+
+    names = [n for n in RESUMABLE_FIELDS if n not in ("resume", "overwrite")]
+    return ", ".join("--no-validate" if n == "validate" else "--" + n.replace("_", "-") for n in names)
+
+
+def config_note() -> str:
+    return (
+        "a record of this run's settings, written by pyrovae; editing it changes nothing: the checkpoint "
+        f"holds the settings the run uses. Change a setting when you continue the run with --resume and its "
+        f"flag ({resume_flags()}); any other setting needs a new run"
+    )
+
+
+def config_text(cfg) -> str:
+    """``config.json``'s text: the note that it is a record, then the config's fields."""
+    return json.dumps({"_note": config_note(), **cfg.to_dict()}, indent=2)
+
+
+def config_edits(folder: str, saved: dict) -> str | None:
+    """What a hand edit changed in ``folder/config.json`` against ``saved`` (the
+    checkpoint's config), as ``"lr: config.json 0.5, the run's checkpoint 0.001"``
+    items; ``None`` when they agree or there is no config.json."""
+    from pyrovae.config import TrainConfig, convert_legacy
+
+    path = os.path.join(folder, CONFIG)
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return f"{path} is not valid JSON ({err})"
+    if not isinstance(recorded, dict):
+        return f"{path} is not valid JSON (a {type(recorded).__name__}, not an object)"
+    recorded = convert_legacy({k: v for k, v in recorded.items() if not k.startswith("_")})
+    # as JSON writes them, so that a tuple and a list, or 1 and 1.0, are alike
+    used = json.loads(json.dumps(TrainConfig.from_dict(saved).to_dict()))
+    missing = object()
+    differ = [
+        f"{name}: config.json {recorded.get(name, missing)!r}, the run's checkpoint {used.get(name, missing)!r}"
+        for name in sorted(set(recorded) | set(used))
+        if recorded.get(name, missing) != used.get(name, missing)
+    ]
+    return "; ".join(differ).replace(repr(missing), "(absent)") or None
+
+
+def warn_config_edits(folder: str, saved: dict, what: str, kept: str | None = None) -> str | None:
+    """Warn (one line) that ``folder``'s config.json disagrees with the settings
+    ``what`` uses (the checkpoint's); ``kept`` says where the edited file is kept."""
+    edits = config_edits(folder, saved)
+    if edits is not None:
+        path = os.path.join(folder, CONFIG)
+        keep = f"; the edited file is kept as {kept}" if kept else ""
+        warnings.warn(
+            f"{path} differs from the run's checkpoint, whose settings {what} uses: {edits}. config.json is a "
+            f"record, not an input{keep}; change a setting on --resume with its flag ({resume_flags()}), any "
+            "other setting needs a new run",
+            UserWarning,
+            stacklevel=3,
+        )
+    return edits
+
+
+def edited_config_path(folder: str) -> str:
+    """Where :func:`keep_edited_config` keeps an edited config.json: the first
+    free name of ``config-edited.json``, ``config-edited-2.json``, ..."""
+    n, target = 1, os.path.join(folder, "config-edited.json")
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(folder, f"config-edited-{n}.json")
+    return target
+
+
+def keep_edited_config(folder: str) -> str:
+    """Move a hand-edited ``folder/config.json`` aside (:func:`edited_config_path`); return where."""
+    target = edited_config_path(folder)
+    os.replace(os.path.join(folder, CONFIG), target)
+    return target
 
 
 def _alive(pid: int) -> bool:
@@ -103,9 +217,10 @@ class TrainingInterrupted(Exception):
 class RunFolder:
     """A locked run folder (see the module docstring); ``path`` is the folder."""
 
-    def __init__(self, path: str, overwrite: bool):
+    def __init__(self, path: str, overwrite: bool, fresh: bool = False):
         self.path = path
         self.overwrite = overwrite
+        self.fresh = fresh  # no run's files in the folder before this run (or replaced by it)
         self._interrupted = False
         self._previous_handlers = {}
 
@@ -156,6 +271,16 @@ class RunFolder:
                     os.unlink(os.path.join(self.path, name))
         checkpoint.remove_stale_temporaries(self.path)
 
+    def discard_unfinished(self) -> None:
+        """A new run stopped before its first checkpoint: remove what it wrote,
+        so that the same command can use the folder again."""
+        if not self.fresh or os.path.exists(os.path.join(self.path, checkpoint.CHECKPOINT)):
+            return
+        for name in os.listdir(self.path):
+            if name in RUN_FILES or name.startswith("events.out.tfevents."):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
+
 
 def _claim(out: str, resumes_here: bool, overwrite: bool) -> tuple[RunFolder, bool]:
     """Rank 0's half of :func:`open_run`: the folder (created if need be) and
@@ -171,12 +296,21 @@ def _claim(out: str, resumes_here: bool, overwrite: bool) -> tuple[RunFolder, bo
             with contextlib.suppress(OSError):
                 os.rmdir(out)
         raise ValueError(f"output folder {out!r} is not writable: {err}") from err
-    if holds_run(out) and not (resumes_here or overwrite):
+    held = holds_run(out)
+    if held and not (resumes_here or overwrite):
         _release(out, created)
         raise RunFolderError(
             f"run folder {out!r} already holds a run; continue it with --resume {out}, replace it with --overwrite, or choose another --out"
         )
-    return RunFolder(out, overwrite), created
+    foreign = [] if held else foreign_files(out)
+    if foreign:
+        _release(out, created)
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunFolderError(
+            f"--out {out!r} holds files that are not a pyrovae run's ({shown}); a run would write its checkpoint "
+            "and figures among them: choose a new or empty folder for --out"
+        )
+    return RunFolder(out, overwrite, fresh=overwrite or not held), created
 
 
 def _release(out: str, created: bool) -> None:
@@ -214,6 +348,10 @@ def open_run(out: str, resume: str | None = None, overwrite: bool = False):
         raise RunFolderError(f"rank 0 could not take the run folder {out!r}")
     try:
         yield folder
+    except BaseException:
+        if distributed.rank() == 0:
+            folder.discard_unfinished()
+        raise
     finally:
         folder.restore_interrupts()
         if distributed.rank() == 0:

@@ -31,7 +31,9 @@ import functools
 import io
 import math
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -47,6 +49,7 @@ from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.compiled import compile_loss
 from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
 from pyrovae.device import resolve_device
+from pyrovae.early_stopping import EarlyStopping, held_out_size
 from pyrovae.infer.bound import metric_unit
 from pyrovae.optim import OPTIMIZERS, make_optimizer, make_scheduler  # noqa: F401 (OPTIMIZERS: pyrovae.lightning)
 
@@ -61,6 +64,7 @@ class TrainResult:
     metrics: list  # one row per evaluation; empty on ranks other than 0
     out_dir: str
     ema_model: torch.nn.Module | None = None  # the averaged weights (cfg.ema_decay), evaluated and sampled with
+    best_epoch: int | None = None  # with early stopping: the epoch whose weights model and ema_model hold (rank 0)
 
 
 class LossModule(torch.nn.Module):
@@ -233,12 +237,21 @@ def make_shard_loader(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tup
 
 def run_dir(cfg: TrainConfig) -> str:
     """``cfg.out``; by default the resumed run's folder, or a new
-    ``runs/<model>-<data>-<timestamp>``."""
+    ``runs/<model>-<data>-<timestamp>-<pid>``: the process id keeps apart runs
+    started in the same second (a seed sweep with ``&``), a counter (``-2``,
+    ``-3``, ...) the runs of one process."""
     if cfg.out is None and cfg.resume is not None:
         return os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
-    return cfg.out or os.path.join(
-        "runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.out:
+        return cfg.out
+    base = os.path.join(
+        "runs", f"{cfg.model}-{datasets.source_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     )
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
 
 
 def write_metrics_csv(path: str, rows: list) -> None:
@@ -261,6 +274,11 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     if cfg.resume is None:
         return None
     ckpt = checkpoint.load_checkpoint(cfg.resume)
+    folder = os.path.dirname(checkpoint.checkpoint_path(cfg.resume))
+    here = os.path.realpath(folder) == os.path.realpath(cfg.out)
+    kept = runs.edited_config_path(folder) if here else None
+    # a hand edit is named, never applied, and (resuming in its folder) kept beside the config.json written anew
+    ckpt["config_edited"] = bool(runs.warn_config_edits(folder, ckpt["config"], "the resumed run", kept)) and here
     saved = resolve(TrainConfig.from_dict(ckpt["config"])).to_dict()
     mismatches = checkpoint.config_mismatches(saved, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
     if mismatches:
@@ -299,11 +317,40 @@ def train(cfg: TrainConfig) -> TrainResult:
     recipe = RECIPES[cfg.model]
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
     try:
-        cfg = dataclasses.replace(cfg, out=run_dir(cfg))
-        with runs.open_run(cfg.out, cfg.resume, cfg.overwrite) as run:
+        # rank 0's choice: the default name holds its process id
+        cfg = dataclasses.replace(cfg, out=distributed.all_gather(run_dir(cfg))[0])
+        with runs.open_run(cfg.out, cfg.resume, cfg.overwrite) as run, notes_in_log(cfg):
             return _train(cfg, recipe, device, run)
     finally:
         distributed.shutdown(started_group)
+
+
+# Warnings that are notes about the run, not faults: said once, in the log, and not under --quiet.
+LOGGED_WARNINGS = ("TraceAnalyticKL_ELBO: the closed-form KL would be biased",)
+
+
+@contextlib.contextmanager
+def notes_in_log(cfg: TrainConfig):
+    """Route the warnings of :data:`LOGGED_WARNINGS` raised during the run to
+    its log, each text once (the training objective and the evaluation's each
+    warn); other warnings go where they went."""
+    quiet = cfg.quiet or distributed.rank() != 0
+    seen = set()
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if not text.startswith(LOGGED_WARNINGS):
+                return show(message, category, filename, lineno, file, line)
+            if text not in seen and not quiet:
+                tqdm.write(f"note: {text}")
+            seen.add(text)
+
+        warnings.showwarning = showwarning
+        for prefix in LOGGED_WARNINGS:  # every time: the dedup is ours, by text
+            warnings.filterwarnings("always", message=re.escape(prefix))
+        yield
 
 
 def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) -> TrainResult:
@@ -322,6 +369,12 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
         recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
+    early = None
+    n_held_out = held_out_size(cfg, len(ds.x_train))
+    if n_held_out is not None:
+        ds, x_held_out, _ = ds.hold_out(n_held_out, cfg.seed)
+        x_held_out = recipe.prepare_test(cfg, x_held_out.to(device))
+        early = EarlyStopping(cfg.early_stopping, x_held_out, cfg.seed, warmup=getattr(cfg, "kl_warmup", 0))
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
     objective = recipe.objective(cfg)
@@ -334,7 +387,9 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     scheduler = make_scheduler(optimizer, cfg, len(loader))
     averaged = make_averaged_model(model, cfg.ema_decay)
     metrics, epoch0, step, seconds, skipped = [], 0, 0, 0.0, 0
+    history = []  # the training objective after every epoch, evaluated or not (loss.png)
     if ckpt is not None:
+        history = list(ckpt.get("history", []))
         checkpoint.restore(ckpt, cfg.resume, model, optimizer, scheduler, averaged, objective)
         metrics, epoch0, step, seconds, skipped = (
             ckpt["metrics"],
@@ -344,6 +399,13 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
             ckpt["skipped"],
         )
         checkpoint.set_rng_state(ckpt["rng"][distributed.rank()])
+        if early is not None:
+            early.load_state_dict(ckpt["early_stopping"])
+            if early.exhausted(epoch0):
+                raise ValueError(
+                    f"run {cfg.resume!r} stopped early at epoch {epoch0}: its held-out ELBO has not risen since epoch "
+                    f"{early.best_epoch}, whose weights are its model; there is nothing to resume"
+                )
     else:
         # Equal initial weights on every rank, different sampling noise.
         pyro.set_rng_seed(cfg.seed + distributed.rank())
@@ -351,7 +413,12 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     # Every check has passed: only now is anything but the lock written.
     if is_main:
         run.start()
-        atomic_write_bytes(os.path.join(out, "config.json"), lambda f: f.write(cfg.to_json().encode()))
+        if ckpt is not None and ckpt["config_edited"]:
+            runs.keep_edited_config(out)
+        atomic_write_bytes(os.path.join(out, runs.CONFIG), lambda f: f.write(runs.config_text(cfg).encode()))
+        if not os.path.exists(os.path.join(out, checkpoint.TEST_SPLIT)):
+            # sample and evaluate need no data: the test split goes with the run where it is small
+            checkpoint.save_test_split(out, ds.x_test, ds.y_test)
     writer = summary_writer(out) if summary_writer is not None else None
     eval_model = averaged.module if averaged is not None else model
 
@@ -388,17 +455,27 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
             if run.stop_requested():  # Ctrl-C: the last epoch's checkpoint stays the one to resume
                 raise run.interrupted(cfg.model, step, epoch)
         seconds += time.perf_counter() - t0
+        # a bound's column is *_elbo (-loss); a loss that is not one keeps its own name and sign
+        name = getattr(objective, "train_metric", "train_elbo")
+        history.append({"epoch": epoch, name: (-total if name.endswith("_elbo") else total) / len(ds.x_train)})
 
-        if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+        stop = False
+        if early is not None:
+            if is_main:
+                eval_model.eval()
+                early.update(epoch, early.evaluate(recipe, cfg, eval_model), model, eval_model if averaged else None)
+                stop = early.exhausted(epoch)
+            # rank 0 decides, every rank stops
+            stop = bool(distributed.all_reduce_sum(torch.tensor([float(stop)], device=device)).item())
+        if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs or stop):
             eval_model.eval()
             test = recipe.evaluate(cfg, eval_model, x_test)
-            # a bound's column is *_elbo (-loss); a loss that is not one keeps its own name and sign
-            name = getattr(objective, "train_metric", "train_elbo")
             row = {
                 "epoch": epoch,
                 "step": step,
-                name: (-total if name.endswith("_elbo") else total) / len(ds.x_train),
+                name: history[-1][name],
                 **test,
+                **(early.metrics() if early is not None else {}),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": norms / done if done else math.nan,
                 "seconds": seconds,
@@ -428,16 +505,31 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
                 seconds,
                 skipped,
                 ds.spec.to_dict(),
+                history,
             )
+            if early is not None:
+                state["early_stopping"] = early.state_dict()
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
+        if stop:
+            log(
+                f"stopped at epoch {epoch}: no higher held-out ELBO for {cfg.early_stopping} epochs; the run's model "
+                f"is epoch {early.best_epoch}'s (held-out ELBO {early.best_elbo:.4g})"
+            )
+            break
 
     if writer is not None:
         writer.close()
+    if early is not None and early.best_weights is not None:
+        # the best epoch's weights are the run's model (rank 0 holds them; the other ranks' are not used)
+        model.load_state_dict(early.best_weights["model"])
+        if averaged is not None:
+            averaged.module.load_state_dict(early.best_weights["ema"])
     if is_main:
         atomic_torch_save(dict(model.state_dict()), os.path.join(out, "model.pt"))
-        write_figures(out, cfg, recipe, eval_model, ds, x_test, metrics)
+        write_figures(out, cfg, recipe, eval_model, ds, x_test, metrics, history)
     distributed.barrier()
-    return TrainResult(model, cfg, metrics, out, averaged.module if averaged is not None else None)
+    ema_model = averaged.module if averaged is not None else None
+    return TrainResult(model, cfg, metrics, out, ema_model, early.best_epoch if early is not None else None)
 
 
 def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int, out: str) -> NonFiniteLossError:
@@ -456,17 +548,28 @@ def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int,
     )
 
 
-def write_figures(out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics: list) -> None:
-    """The ELBO curves (every metric but epoch, step, lr, grad_norm and seconds)
-    and the recipe's figures, drawn with ``model`` (the EMA weights when there are any)."""
-    # A resumed older run's rows may name other columns: a curve is NaN where its row lacks it.
+def write_figures(
+    out: str, cfg: TrainConfig, recipe, model, ds, x_test, metrics: list, history: list | None = None
+) -> None:
+    """The ELBO curves (every metric but epoch, step, lr, grad_norm and seconds;
+    the training objective after every epoch from ``history``, the rest at each
+    evaluation) and the recipe's figures, drawn with ``model`` (the EMA weights
+    when there are any)."""
     names = dict.fromkeys(
-        k for m in metrics for k in m if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps")
+        k
+        for m in metrics
+        for k in m
+        if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps", "best_epoch")
     )
-    curves = {k: [m.get(k, math.nan) for m in metrics] for k in names}
+    xs, curves = {}, {}
+    for k in names:
+        # A resumed older run's rows may lack a column, and its history the epochs before it was kept.
+        points = {m["epoch"]: m[k] for m in metrics if k in m}
+        points.update({h["epoch"]: h[k] for h in history or () if k in h})
+        xs[k], curves[k] = sorted(points), [points[e] for e in sorted(points)]
     plots.plot_curves(
         os.path.join(out, "loss.png"),
-        [m["epoch"] for m in metrics],
+        xs,
         curves,
         "epoch",
         {k: metric_unit(k) for k in curves},

@@ -78,6 +78,7 @@ def test_checkpoint_reads_with_weights_only_and_holds_the_full_state(run_dir):
         "seconds",
         "skipped",
         "data",
+        "history",
     }
     assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
     assert TrainConfig.from_dict(ckpt["config"]).ema_decay == 0.9

@@ -32,7 +32,16 @@ TINY = [
     "--quiet",
 ]
 DIGITS = ["--data", "digits", *TINY]  # 8x8 images: no 30 s MNIST load per test
-OUTPUTS = ["config.json", "metrics.csv", "model.pt", "checkpoint.pt", "loss.png", "samples.png", "reconstructions.png"]
+OUTPUTS = [
+    "config.json",
+    "metrics.csv",
+    "model.pt",
+    "checkpoint.pt",
+    "test-split.pt",
+    "loss.png",
+    "samples.png",
+    "reconstructions.png",
+]
 
 
 def test_train_vae_writes_every_output(tmp_path):

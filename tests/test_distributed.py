@@ -159,7 +159,16 @@ def test_only_rank_zero_evaluates_and_writes(ranks):
     out, (r0, r1) = ranks
     assert (r0["rows"], r1["rows"]) == (1, 0)
     assert sorted(os.listdir(out / "run")) == sorted(
-        ["config.json", "metrics.csv", "model.pt", "checkpoint.pt", "loss.png", "samples.png", "reconstructions.png"]
+        [
+            "config.json",
+            "metrics.csv",
+            "model.pt",
+            "checkpoint.pt",
+            "test-split.pt",
+            "loss.png",
+            "samples.png",
+            "reconstructions.png",
+        ]
     )
     assert len(torch.load(out / "run" / "checkpoint.pt", weights_only=True)["rng"]) == WORLD
 

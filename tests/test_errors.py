@@ -766,13 +766,13 @@ def test_a_run_that_fails_its_checks_writes_nothing_and_removes_the_lock(tmp_pat
 
 def test_only_our_own_temporaries_are_removed(tmp_path):
     out = tmp_path / "mine"
-    out.mkdir()
+    train(tiny_config(out, epochs=1))  # a run folder: a folder of other files alone is refused (issue 24)
     users = [".tmp-notes.txt", ".tmp-", "draft.pyrovae-tmp", ".x.pyrovae-tmp-12ab"]
     for name in users:
         (out / name).write_text("the user's")
     ours = f".checkpoint.pt.k3j2{checkpoint.TMP_SUFFIX}{dead_pid()}"
     (out / ours).write_bytes(b"half a checkpoint")
-    train(tiny_config(out, epochs=1))
+    train(tiny_config(out, epochs=1, overwrite=True))
     left = set(os.listdir(out))
     assert set(users) <= left and ours not in left
 

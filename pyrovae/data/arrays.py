@@ -52,6 +52,14 @@ def array_layout(shape: tuple, layout: str = "auto") -> str:
     )
 
 
+def _layout_of(shape: tuple, layout: str, what: str) -> str:
+    """:func:`array_layout` with an error that names the file (``what``)."""
+    try:
+        return array_layout(shape, layout)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
 def _image_shape(shape: tuple, layout: str) -> tuple:
     if layout == "NHW":
         return (1, *shape[1:])
@@ -129,7 +137,7 @@ def load_npy(
         a = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"{path}: cannot read .npy file ({err})") from err
-    layout = array_layout(a.shape, layout)
+    layout = _layout_of(a.shape, layout, path)
     check_values(a, path)
     shape = _image_shape(a.shape, layout)
     return split_rows(
@@ -153,7 +161,7 @@ def load_npz(path: str, layout: str = "auto", test_fraction: float = DEFAULT_TES
     if "y_test" in arrays and "x_test" not in arrays:
         raise ValueError(f"{path}: holds 'y_test' but no 'x_test'")
     x = arrays["x"]
-    layout = array_layout(x.shape, layout)
+    layout = _layout_of(x.shape, layout, f"{path}['x']")
     check_values(x, f"{path}['x']")
     y = _labels(arrays.get("y"), len(x), f"{path}['y']")
     shape = _image_shape(x.shape, layout)

@@ -17,7 +17,7 @@ where eps_hat = eps_hat_theta(z_t; gamma_t) is the denoiser, conditioned on
 gamma_t (not on t, so that the bound's invariance to the schedule's interior
 holds). Its bound, in the project's vocabulary (:mod:`pyrovae.infer.bound`;
 ``kl_layers`` is the sum of the T-step chain's KL terms, and its limit, the
-integral L_inf, in continuous time), is
+integral L_inf, in continuous time), is ::
 
     ELBO(x) = E_{q(z_0|x)}[log p(x | z_0)]            ``recon``
             - KL(q(z_1|x) || N(0, I))                 ``kl_top``
@@ -52,6 +52,7 @@ from torch import nn
 from pyrovae import params
 from pyrovae.checks import check_finite
 from pyrovae.diffusion.gamma import GAMMA_MAX, GAMMA_MIN, GammaSchedule
+from pyrovae.nets import first_parameter
 
 NUM_BINS = 256
 FOURIER_EXPONENTS = (6, 7)  # VDM's code: sin, cos of 2^n 2 pi z for n = 6, 7
@@ -177,11 +178,13 @@ class VDM(nn.Module):
         self.net, self.gamma, self.x_dim, self.T, self.fourier = net, gamma, x_dim, T, fourier
 
     def check_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Raise a clear error for data this model cannot score; return ``x``."""
+        """Raise a clear error for data this model cannot score; return ``x`` in
+        the model's floating dtype (float64 or half-precision data are cast, as the chain's)."""
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"x must be a float tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
         if x.dim() != 2 or x.shape[1] != self.x_dim or x.shape[0] == 0:
             raise ValueError(f"x must have shape (batch >= 1, {self.x_dim}), got {tuple(x.shape)}")
+        x = x.to(first_parameter(self).dtype)
         if is_validation_enabled():
             check_finite(x, "x")
             if x.min() < -1 or x.max() > 1:
@@ -264,7 +267,7 @@ class VDM(nn.Module):
         ``"z_T"``, ..., ``"z_0"`` and the observed ``"x"``."""
         self._check_discrete()
         params.module(self, "vdm")  # a name of its own in the param store
-        self.check_data(x)
+        x = self.check_data(x)
         gammas = self._grid(self.T, x)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(f"z_{self.T}", self.p_prior(x))
@@ -277,7 +280,7 @@ class VDM(nn.Module):
         in the model's order, so each site's KL given its parent is exact."""
         self._check_discrete()
         params.module(self, "vdm")
-        self.check_data(x)
+        x = self.check_data(x)
         gammas = self._grid(self.T, x)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(f"z_{self.T}", self.q_top(x))
@@ -302,7 +305,7 @@ class VDM(nn.Module):
 
     def diffusion_weight(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma at the time used, the diffusion term's weight w) for times
-        ``t`` in [0, 1] (any shape):
+        ``t`` in [0, 1] (any shape)::
 
             continuous:  gamma(t),   w = gamma'(t)
             T steps:     gamma(t_i), w = T expm1(gamma(t_i) - gamma(s_i)),

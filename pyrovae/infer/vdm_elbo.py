@@ -55,6 +55,9 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
     as Pyro's ELBOs sum over a plate.
     """
 
+    # dynamo stops at the model's bound methods ("VDM.model is not a constant"): pyrovae.compiled refuses it
+    compilable = False
+
     def __init__(self, num_particles: int = 1, antithetic: bool = True, minimise_variance: bool = False):
         super().__init__(num_particles=num_particles)
         self.antithetic, self.minimise_variance = antithetic, minimise_variance

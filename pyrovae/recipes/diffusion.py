@@ -139,7 +139,11 @@ def write_samples(
     else:
         points = chain.sample(n or 2000, steps=steps)
         plots.save_scatter(
-            path, torch.cat([x_test, points]), title, torch.cat([torch.zeros(len(x_test)), torch.ones(len(points))])
+            path,
+            torch.cat([x_test, points]),
+            title,
+            torch.cat([torch.zeros(len(x_test)), torch.ones(len(points))]),
+            ("test data", "samples"),
         )
 
 

@@ -1,0 +1,355 @@
+"""Issue 24, "nothing lost, nothing silent", second sweep: the twelve cases a
+new user's first days found, then the ones found by looking further in the
+same places (docs/reliability.md lists them all, with these tests' names).
+
+Every run here is tiny (digits, a few dozen examples, one or two epochs)."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pyrovae import checkpoint
+from pyrovae.cli import main
+from pyrovae.config import TrainConfig
+from pyrovae.train import train
+
+TINY = ["--data", "digits", "--train-size", "48", "--test-size", "16", "--batch-size", "16", "--quiet"]
+VAE_TINY = [*TINY, "--z-dim", "2", "--hidden", "8"]
+SMALL = {
+    "vae": ["--z-dim", "2", "--hidden", "8"],
+    "hvae": ["--z-dims", "2", "2", "--hidden", "8", "--kl-warmup", "0"],
+    "diffusion": [
+        "--T",
+        "4",
+        "--channels",
+        "4",
+        "--objective",
+        "elbo",
+        "--variance",
+        "beta_tilde",
+        "--eval-every",
+        "1",
+    ],
+    "vdm": ["--net", "mlp", "--hidden", "8", "--time", "4"],
+}
+
+
+def tiny(model="vae", **changes) -> TrainConfig:
+    small = {
+        "vae": dict(z_dim=2, hidden=[8]),
+        "hvae": dict(z_dims=[2, 2], hidden=[8], kl_warmup=0),
+        "diffusion": dict(T=4, channels=4, objective="elbo", variance="beta_tilde", eval_every=1),
+        "vdm": dict(net="mlp", hidden=[8], time="4"),
+    }[model]
+    values = dict(model=model, data="digits", train_size=48, test_size=16, batch_size=16, epochs=1, quiet=True)
+    return TrainConfig(**{**values, **small, **changes})
+
+
+def digits_spec():
+    from pyrovae.data import DataSpec
+
+    return DataSpec("digits", (1, 8, 8))
+
+
+def run_cli(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def trained(tmp_path, model="vae", name="run", epochs=1, extra=()):
+    out = tmp_path / name
+    assert main(["train", model, *TINY, *SMALL[model], "--epochs", str(epochs), "--out", str(out), *extra]) == 0
+    return out
+
+
+# --- 1. a hand edit of config.json ------------------------------------------------------------------
+
+
+def edit_config(out, **changes):
+    path = out / "config.json"
+    values = json.loads(path.read_text())
+    values.update(changes)
+    path.write_text(json.dumps(values, indent=2))
+    return values
+
+
+def test_config_json_says_it_is_a_record_and_still_loads(tmp_path):
+    out = trained(tmp_path)
+    values = json.loads((out / "config.json").read_text())
+    assert "record" in values["_note"] and "--resume" in values["_note"]
+    assert TrainConfig.from_dict(values).z_dim == 2
+
+
+def test_a_hand_edit_of_config_json_on_resume_is_named_kept_and_not_applied(tmp_path, capsys):
+    out = trained(tmp_path)
+    edit_config(out, lr=0.5)
+    code, _, err = run_cli(["train", "vae", "--resume", out, "--epochs", "2"], capsys)
+    assert code == 0
+    line = next(line for line in err.splitlines() if "config.json" in line)
+    assert "lr" in line and "0.5" in line and "0.001" in line and "--epochs" in line and "record" in line
+    assert checkpoint.load_checkpoint(str(out))["config"]["lr"] == 0.001  # the run used the checkpoint's
+    assert json.loads((out / "config-edited.json").read_text())["lr"] == 0.5  # the edit is not lost
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.001
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_sample_and_evaluate_name_a_hand_edit_of_config_json(command, tmp_path, capsys):
+    out = trained(tmp_path)
+    edit_config(out, z_dim=9)
+    extra = ["--out", tmp_path / "s.png"] if command == "sample" else []
+    code, _, err = run_cli([command, "vae", out, *extra], capsys)
+    assert code == 0
+    assert "z_dim: config.json 9, the run's checkpoint 2" in err and err.count("config.json") >= 1
+    assert json.loads((out / "config.json").read_text())["z_dim"] == 9  # never rewritten by them
+
+
+def test_an_unreadable_config_json_is_named_not_fatal(tmp_path, capsys):
+    out = trained(tmp_path)
+    (out / "config.json").write_text("{ broken")
+    code, _, err = run_cli(["evaluate", "vae", out], capsys)
+    assert code == 0 and "config.json" in err and "not valid JSON" in err
+
+
+# --- 2. --out into a folder of the user's own files ---------------------------------------------------
+
+
+def test_out_into_a_folder_of_other_files_is_refused_in_one_line(tmp_path, capsys):
+    mine = tmp_path / "my_images"
+    mine.mkdir()
+    (mine / "cat.png").write_bytes(b"not really")
+    before = sorted(os.listdir(mine))
+    code, _, err = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", "--out", mine], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "not a pyrovae run" in err and "cat.png" in err
+    assert sorted(os.listdir(mine)) == before
+
+
+def test_out_into_an_empty_existing_folder_is_fine(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, _ = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", "--out", tmp_path / "empty"], capsys)
+    assert code == 0 and (tmp_path / "empty" / "checkpoint.pt").exists()
+
+
+# --- 3. --compile with VDM; a run failing before its first checkpoint ----------------------------------
+
+
+def test_vdm_compile_is_refused_up_front_in_one_line_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "R"
+    code, _, err = run_cli(["train", "vdm", *TINY, *SMALL["vdm"], "--epochs", "1", "--compile", "--out", out], capsys)
+    assert code == 1 and err.count("\n") == 1 and "--compile" in err and "VDMELBO" in err
+    assert not out.exists()
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_a_folder_the_same_command_reuses(
+    tmp_path, capsys, monkeypatch
+):
+    from pyrovae.recipes.vae import VAERecipe
+
+    def broken(self, cfg, model, x_test):
+        raise ValueError("evaluation broke")
+
+    out = tmp_path / "R"
+    out.mkdir()  # the user made it: it stays, empty
+    argv = ["train", "vae", *VAE_TINY, "--epochs", "1", "--out", out]
+    with monkeypatch.context() as m:
+        m.setattr(VAERecipe, "evaluate", broken)
+        code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "evaluation broke" in err
+    assert os.listdir(out) == []
+    assert run_cli(argv, capsys)[0] == 0
+
+
+def test_compile_of_the_chain_on_the_cpu_says_it_is_slow(tmp_path):
+    from pyrovae.compiled import compile_loss
+    from pyrovae.config import MODELS
+    from pyrovae.train import LossModule
+
+    cfg = tiny("diffusion")
+    chain = MODELS["diffusion"].recipe.build(cfg, digits_spec())
+    with pytest.warns(UserWarning, match="slower than without --compile on the CPU"):
+        compile_loss(LossModule(chain, MODELS["diffusion"].recipe.objective(cfg)))
+
+
+# --- 4. default run folders ----------------------------------------------------------------------------
+
+
+def test_default_run_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    from pyrovae import train as train_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module.time, "strftime", lambda fmt, *a: "20260101-000000")
+    first = train(tiny(seed=0)).out_dir
+    second = train(tiny(seed=1)).out_dir
+    assert first != second and os.path.exists(os.path.join(second, "checkpoint.pt"))
+    monkeypatch.setattr(train_module.os, "getpid", lambda: 424242)  # another process, the same second
+    assert train_module.run_dir(tiny()) not in (first, second)
+
+
+# --- 5. torch.save(model) after an SVI step ----------------------------------------------------------
+
+
+def build(model):
+    from pyrovae.config import MODELS
+
+    cfg = tiny(model)
+    return MODELS[model].recipe.build(cfg, digits_spec())
+
+
+def one_svi_step(net, x):
+    svi = pyro.infer.SVI(net.model, net.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    svi.step(x)
+
+
+def model_input(model):
+    x = torch.rand(4, 64)
+    return x.bernoulli() if model in ("vae", "hvae") else (x * 255).round() / 127.5 - 1
+
+
+@pytest.mark.parametrize("model", ["vae", "hvae", "diffusion", "vdm"])
+def test_a_model_pickles_after_an_svi_step_with_equal_outputs(model, tmp_path):
+    net = build(model)
+    x = model_input(model)
+    one_svi_step(net, x)
+    torch.save(net, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    for a, b in zip(net.state_dict().values(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    pyro.set_rng_seed(1)
+    expected = pyro.infer.Trace_ELBO().loss(net.model, net.guide, x)
+    pyro.set_rng_seed(1)
+    assert pyro.infer.Trace_ELBO().loss(back.model, back.guide, x) == pytest.approx(expected)
+    one_svi_step(net, x)  # the live model trains on
+    pickle.dumps(net)
+
+
+# --- 6. VDM .double() with float32 data ---------------------------------------------------------------
+
+
+def test_vdm_double_scores_float32_data_as_the_chain_does():
+    vdm = build("vdm").double()
+    x = model_input("vdm")
+    loss = pyro.infer.Trace_ELBO().loss(vdm.model, vdm.guide, x)
+    assert np.isfinite(loss)
+
+
+# --- 7. every bound of every flag -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "vae", "--seed", "-1"],
+        ["train", "vae", "--seed", str(2**32)],
+        ["sample", "vae", "run", "--seed", "-1"],
+        ["evaluate", "vae", "run", "--seed", "-1"],
+        ["bench", "--seed", "-1"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_a_seed_out_of_range_is_a_usage_error_naming_the_flag(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--seed" in err and "usage:" in err
+
+
+# --- 8. sample --out ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["metrics.csv", "samples.png", "loss.png", "reconstructions.png", "checkpoint.pt"])
+def test_sample_out_is_checked_before_anything_is_written(target, tmp_path, capsys):
+    out = trained(tmp_path)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    code, _, err = run_cli(["sample", "vae", out, "--out", out / target], capsys)
+    assert code == 1 and err.count("\n") == 1 and "--out" in err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+# --- 9. the HVAE's Monte Carlo warning -------------------------------------------------------------------
+
+
+def test_the_hvae_monte_carlo_note_is_one_line_once_in_the_log(tmp_path, capsys):
+    argv = ["train", "hvae", *[a for a in TINY if a != "--quiet"], *SMALL["hvae"], "--epochs", "2"]
+    code, out, err = run_cli([*argv, "--out", tmp_path / "loud"], capsys)
+    assert code == 0
+    both = out + err
+    assert both.count("closed-form KL would be biased") == 1
+    line = next(line for line in both.splitlines() if "closed-form KL would be biased" in line)
+    assert "analytic_elbo.py" not in line and "warnings.warn" not in both
+    code, out, err = run_cli([*argv, "--quiet", "--out", tmp_path / "quiet"], capsys)
+    assert code == 0 and "closed-form KL" not in out + err
+
+
+# --- 10. a 1-D .npy ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_an_array_of_the_wrong_rank_names_its_file(suffix, tmp_path):
+    from pyrovae import data
+
+    path = tmp_path / f"flat{suffix}"
+    a = np.zeros(10, dtype=np.float32)
+    np.save(path, a) if suffix == ".npy" else np.savez(path, x=a)
+    with pytest.raises(ValueError, match="flat" + suffix.replace(".", r"\.")):
+        data.load_dataset(str(path))
+
+
+# --- 11. figures a person can read ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure saved, as {file name: the figure's axes}."""
+    import matplotlib.figure
+
+    seen = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        if isinstance(fname, (str, os.PathLike)):
+            seen[os.path.basename(str(fname))] = list(self.axes)
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return seen
+
+
+def test_a_short_diffusion_run_s_loss_png_has_a_training_curve_per_epoch(tmp_path, figures):
+    cfg = tiny("diffusion", epochs=3, eval_every=5, out=str(tmp_path / "d"))
+    train(cfg)
+    axes = figures["loss.png"]
+    train_line = next(line for ax in axes for line in ax.get_lines() if line.get_label() == "train_elbo")
+    assert list(train_line.get_xdata()) == [1, 2, 3]
+
+
+def test_a_2d_samples_png_has_axis_labels_and_a_legend(tmp_path, figures):
+    cfg = tiny(
+        "diffusion", data="moons", T=4, hidden=[8], train_size=64, test_size=32, batch_size=32, out=str(tmp_path / "m")
+    )
+    train(cfg)
+    (ax,) = figures["samples.png"]
+    assert ax.get_xlabel() and ax.get_ylabel()
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"test data", "samples"}
+
+
+# --- 12. a run folder holds everything to sample and evaluate it -------------------------------------------
+
+
+def test_evaluate_needs_no_data_the_run_saved_its_test_split(tmp_path, capsys):
+    source = tmp_path / "faces.npy"
+    np.save(source, np.random.default_rng(0).integers(0, 256, size=(64, 8, 8), dtype=np.uint8))
+    out = tmp_path / "run"
+    argv = ["--data", source, "--batch-size", "16", "--likelihood", "continuous-bernoulli", *SMALL["vae"]]
+    assert run_cli(["train", "vae", *argv, "--epochs", "1", "--quiet", "--out", out], capsys)[0] == 0
+    code, first, _ = run_cli(["evaluate", "vae", out], capsys)
+    assert code == 0
+    source.unlink()
+    code, second, err = run_cli(["evaluate", "vae", out], capsys)
+    assert code == 0, err
+    assert json.loads(second) == json.loads(first)
