@@ -545,7 +545,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
     if args.model == "vdm" or hasattr(model, "T"):  # the ODE's bits/dim and sample scores, when asked for
         steps = args.steps or (cfg.sample_steps if args.model == "vdm" else model.T)
-        result.update(diffusion_scores(model, x_test[: args.n], steps, args, dataclasses.replace(cfg, data=source)))
+        result.update(
+            diffusion_scores(model, x_test[: args.n], steps, args, dataclasses.replace(cfg, data=args.data or cfg.data))
+        )
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))
