@@ -1,7 +1,7 @@
 """Sample quality against sampling steps for trained chain and VDM runs (issue 26 item 4).
 
     python benchmarks/sampler_quality.py --diffusion RUN --vdm RUN [--samples 500] \
-        [--steps 10 20 50] [--ancestral-steps 50 1000] [--json PATH]
+        [--steps 10 20 50] [--ancestral-steps 50 1000] [--samplers ddim dpm-solver++] [--eta 0] [--json PATH]
 
 For each run and each (sampler, steps): ``--samples`` draws (seed 0, EMA
 weights, on the CPU) scored against the run's data set's test split in the
@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--vdm", help="a pyrovae train vdm run")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
-    parser.add_argument("--ancestral-steps", type=int, nargs="+", default=[50])
+    parser.add_argument("--ancestral-steps", type=int, nargs="*", default=[50])
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
     parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm-solver++"])
     parser.add_argument("--chunk", type=int, default=250)
     parser.add_argument("--json", default=None)
@@ -54,7 +55,15 @@ def main() -> None:
             with torch.no_grad():
                 x = torch.cat(
                     [
-                        sample(model, min(args.chunk, args.samples - i), steps, sampler, clip_x0=clip, seed=i)
+                        sample(
+                            model,
+                            min(args.chunk, args.samples - i),
+                            steps,
+                            sampler,
+                            eta=args.eta if sampler == "ddim" else 0.0,
+                            clip_x0=clip,
+                            seed=i,
+                        )
                         for i in range(0, args.samples, args.chunk)
                     ]
                 )
@@ -65,6 +74,7 @@ def main() -> None:
                 "model": name,
                 "sampler": sampler,
                 "steps": steps,
+                **({"eta": args.eta} if sampler == "ddim" else {}),
                 "samples": args.samples,
                 "fd_judge": frechet_distance(features, reference),
                 "kid_judge": kid["kid"],
