@@ -147,7 +147,7 @@ class TrainConfig(metaclass=_ByModel):
     lr: float = option(1e-3, "learning rate", gt=0, lt=math.inf)
     seed: int = option(0, "random seed", ge=0, lt=2**32)  # NumPy's seeds are 32-bit
     device: str = option(AUTO, "auto | cpu | cuda | cuda:N")
-    out: str | None = option(None, "run folder (default runs/<model>-<data>-<timestamp>)")
+    out: str | None = option(None, "run folder (default runs/<model>-<data>-<timestamp>-<process id>)")
     validate: bool = option(
         True, "pyro.enable_validation during training (the flag --no-validate turns it off: faster)"
     )
