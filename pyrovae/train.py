@@ -311,6 +311,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     its objective, how to prepare a batch, what to evaluate and which figures
     to draw.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(
+            f"train takes a TrainConfig, e.g. train(TrainConfig(model='vae', epochs=2)), got {type(cfg).__name__}"
+        )
     cfg = resolve(cfg).check()
     recipe = RECIPES[cfg.model]
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
