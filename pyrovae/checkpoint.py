@@ -152,8 +152,8 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"cannot read checkpoint {path!r}: not a pyrovae checkpoint ({_load_failure(err)})") from err
     if isinstance(ckpt, dict) and "format" not in ckpt and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         raise ValueError(
-            f"{path!r} holds a model's weights only (a state_dict, as a run's model.pt does), not a checkpoint: "
-            f"give the run folder or its {CHECKPOINT}, or load the weights with model.load_state_dict"
+            f"{path!r} is not a pyrovae checkpoint: it holds a model's weights only (a state_dict, as a run's "
+            f"model.pt does); give the run folder or its {CHECKPOINT}, or load the weights with model.load_state_dict"
         )
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__

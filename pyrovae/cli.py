@@ -139,9 +139,10 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
                 kwargs["type"] = kwargs["choices"].canonical
         elif number:
             kwargs["type"] = field_value_parser(f)
+            kwargs["metavar"] = ("N" if "int" in f.type else "X") + ("|none" if "None" in f.type else "")
         elif "check" in f.metadata:
             kwargs["type"] = field_text_parser(f)
-            kwargs["metavar"] = ("N" if "int" in f.type else "X") + ("|none" if "None" in f.type else "")
+            kwargs["metavar"] = f.name.upper()
         if f.type.startswith("list"):
             kwargs["nargs"] = "+"
         if f.name in ("out", "resume"):
@@ -314,7 +315,7 @@ def add_run_parsers(commands) -> None:
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--device", type=device_name, default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default: auto)")
-    p.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
     if evaluate:
         p.add_argument(
@@ -353,7 +354,7 @@ def add_bench_parser(commands) -> None:
         default=None,
         help="torch intra-op threads for the run (default: torch's own choice)",
     )
-    bench.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
+    bench.add_argument("--seed", type=seed_value, default=0, metavar="N", help="random seed (default: 0)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

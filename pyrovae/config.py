@@ -284,7 +284,8 @@ def check_field(f: dataclasses.Field, value) -> None:
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             continue
         if whole and not isinstance(v, numbers.Integral):
-            raise ValueError(f"{f.name} must be an integer, got {value!r}")
+            least = f" >= {meta['ge']}" if "ge" in meta else ""
+            raise ValueError(f"{f.name} must be an integer{least}, got {value!r}")
         for key, ok, word in (
             ("ge", v >= meta.get("ge", 0), ">="),
             ("gt", v > meta.get("gt", 0), ">"),

@@ -409,7 +409,7 @@ def test_load_then_more_svi_then_torch_save_then_resume_in_one_session(tmp_path)
     [
         ({"seed": -1}, "seed must be >= 0"),
         ({"seed": 2**32}, "seed must be < 4294967296"),
-        ({"epochs": 2.0}, "epochs must be an integer, got 2.0"),
+        ({"epochs": 2.0}, "epochs must be an integer >= 1, got 2.0"),
         ({"hidden": 8}, "hidden must be a list, e.g. [8]"),
         ({"device": "gpu"}, "unknown device 'gpu'"),
         ({"model": "vdm", "time": "0"}, "time must be 'continuous' or a number of steps"),

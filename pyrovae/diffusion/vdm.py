@@ -184,7 +184,8 @@ class VDM(nn.Module):
             raise TypeError(f"x must be a float tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
         if x.dim() != 2 or x.shape[1] != self.x_dim or x.shape[0] == 0:
             raise ValueError(f"x must have shape (batch >= 1, {self.x_dim}), got {tuple(x.shape)}")
-        x = x.to(first_parameter(self).dtype)
+        p = first_parameter(self)  # none in a VDM of a fixed schedule and a parameter-free network
+        x = x if p is None else x.to(p.dtype)
         if is_validation_enabled():
             check_finite(x, "x")
             if x.min() < -1 or x.max() > 1:
