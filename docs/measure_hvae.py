@@ -3,10 +3,11 @@ stopping rule (MNIST-5k), at a fixed number of epochs (Fashion-MNIST, equal
 wall time).
 
     # MNIST-5k, the rule: early stopping on 500 held-out training images, capped at 300 epochs
-    nice -n 10 python docs/measure_hvae.py vae hvae-bottom-up --seeds 0 1 2 --log docs/figures/hvae-mnist5k-quality.jsonl
+    nice -n 10 python docs/measure_hvae.py vae hvae-bottom-up --seeds 0 1 2 \\
+        --log docs/figures/hvae-mnist5k-quality.jsonl
     # Fashion-MNIST, 10 epochs on all 60,000 training images
-    nice -n 10 python docs/measure_hvae.py vae vae-deep hvae-bottom-up hvae-top-down --data fashion-mnist --epochs 10 --iwae-n 1000 \\
-        --log docs/figures/hvae-fashion-quality.jsonl
+    nice -n 10 python docs/measure_hvae.py vae vae-deep hvae-bottom-up hvae-top-down --data fashion-mnist \\
+        --epochs 10 --iwae-n 1000 --log docs/figures/hvae-fashion-quality.jsonl
     # seconds per epoch, side by side (for the equal-wall-time rows)
     nice -n 10 python docs/measure_hvae.py vae vae-deep hvae-bottom-up hvae-top-down --time-epochs 3
 
@@ -17,9 +18,10 @@ out; every ``--every`` epochs the held-out ELBO (10 particles, fixed
 binarisation) is measured and the best weights kept; training stops after
 ``--patience`` epochs without a better one (counted from the end of the KL
 warm-up, if any), or at ``--max-epochs`` (300); with ``--patience 0`` every
-model trains to its cap (the equal-wall-time rows) and the best held-out weights are kept. With ``--epochs N`` every model
-trains exactly N epochs on the whole training set (no held-out part) and the
-last weights are evaluated. The kept weights are evaluated on the test images
+model trains to its cap (the equal-wall-time rows) and the best held-out
+weights are kept. With ``--epochs N`` every model trains exactly N epochs
+on the whole training set (no held-out part) and the last weights are
+evaluated. The kept weights are evaluated on the test images
 (``--test-n``, all by default): ELBO (10 particles), its named terms, active
 units per layer and IWAE-k on the first ``--iwae-n``. One JSON line per run;
 ``train_seconds`` is the training steps only (the held-out evaluations are
@@ -224,7 +226,8 @@ def table(log: str, base: str = "vae", paired: str = "hvae-bottom-up") -> None:
         groups.setdefault((r["variant"], r.get("rule"), r.get("max_epochs")), []).append(r)
     iwae = next(k for k in rows[0] if k.startswith("test_iwae_"))
     print(
-        f"| model | rule (cap) | seeds | epochs run / best | test ELBO ({rows[0]['test_n']}) | {iwae} (first {rows[0]['iwae_n']}) | train ELBO (first 500) | kl_1 / kl_2 | active units | train s |"
+        f"| model | rule (cap) | seeds | epochs run / best | test ELBO ({rows[0]['test_n']}) | "
+        f"{iwae} (first {rows[0]['iwae_n']}) | train ELBO (first 500) | kl_1 / kl_2 | active units | train s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (variant, rule, cap), rs in groups.items():
@@ -239,7 +242,8 @@ def table(log: str, base: str = "vae", paired: str = "hvae-bottom-up") -> None:
         epochs = ", ".join(f"{r['epochs_run']}/{r['best_epoch']}" for r in rs)
         print(
             f"| {variant} | {rule} ({cap}) | {','.join(str(r['seed']) for r in rs)} | {epochs} | "
-            f"{mean_sd(r['test_elbo'] for r in rs)} | {mean_sd(r[iwae] for r in rs)} | {mean_sd(r['train_elbo_first_500'] for r in rs)} | {kls} | {units} | "
+            f"{mean_sd(r['test_elbo'] for r in rs)} | {mean_sd(r[iwae] for r in rs)} | "
+            f"{mean_sd(r['train_elbo_first_500'] for r in rs)} | {kls} | {units} | "
             f"{mean_sd(r['train_seconds'] for r in rs)} |"
         )
     by_seed = {(r["variant"], r["seed"]): r for r in rows if r.get("rule") == "early-stopping"}
@@ -267,7 +271,8 @@ def main() -> None:
         "--epochs",
         type=int,
         nargs="+",
-        help="train exactly this many epochs on the whole training set (one per variant, or one for all); no early stopping",
+        help="train exactly this many epochs on the whole training set (one per variant, or one for all); "
+        "no early stopping",
     )
     p.add_argument("--iwae-k", type=int, default=1000)
     p.add_argument("--iwae-n", type=int, default=1000, help="IWAE on the first N test images")

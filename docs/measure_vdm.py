@@ -15,20 +15,24 @@ bits/dim-against-time figure.
    the full bounds on the first 100 test images:
 
        nice -n 10 python -m pyrovae train vdm --seed 0 --epochs 28 --eval-every 1 --out /tmp/vdmq/vdm --quiet &
-       nice -n 10 python -m pyrovae train diffusion --seed 0 --epochs 30 --eval-every 1 --out /tmp/vdmq/diffusion --quiet &
+       nice -n 10 python -m pyrovae train diffusion --seed 0 --epochs 30 --eval-every 1 \\
+           --out /tmp/vdmq/diffusion --quiet &
        nice -n 10 python -m pyrovae evaluate vdm /tmp/vdmq/vdm --n 100          # L_inf, 10 replicates x 10 draws
        nice -n 10 python -m pyrovae evaluate diffusion /tmp/vdmq/diffusion --n 100   # T = 1000 terms
 
 3. The other schedules at the same 28 epochs, and the spread of the loss
    estimate on trained weights:
 
-       nice -n 10 python -m pyrovae train vdm --schedule fixed --seed 0 --epochs 28 --eval-every 7 --out /tmp/vdmq/vdm-fixed --quiet &
-       nice -n 10 python -m pyrovae train vdm --schedule learned-net --minimise-variance --seed 0 --epochs 28 --eval-every 7 --out /tmp/vdmq/vdm-minvar --quiet &
+       nice -n 10 python -m pyrovae train vdm --schedule fixed --seed 0 --epochs 28 --eval-every 7 \\
+           --out /tmp/vdmq/vdm-fixed --quiet &
+       nice -n 10 python -m pyrovae train vdm --schedule learned-net --minimise-variance --seed 0 --epochs 28 \\
+           --eval-every 7 --out /tmp/vdmq/vdm-minvar --quiet &
        nice -n 10 python docs/measure_vdm.py variance /tmp/vdmq/vdm-fixed /tmp/vdmq/vdm /tmp/vdmq/vdm-minvar
 
 4. The figure:
 
-       python docs/measure_vdm.py figure --vdm /tmp/vdmq/vdm --diffusion /tmp/vdmq/diffusion --out docs/figures/vdm-bpd-vs-time.png
+       python docs/measure_vdm.py figure --vdm /tmp/vdmq/vdm --diffusion /tmp/vdmq/diffusion \\
+           --out docs/figures/vdm-bpd-vs-time.png
 """
 
 from __future__ import annotations

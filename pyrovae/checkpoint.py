@@ -6,7 +6,7 @@ saves, :func:`load_checkpoint` reads one (converting older formats),
 model and time sampler, and :func:`load` rebuilds a trained model without
 its data. A checkpoint is one file, ``checkpoint.pt`` in the run folder,
 holding only plain tensors, numbers, strings, lists and dicts, so that
-``torch.load(path, weights_only=True)`` reads it without unpickling code:
+``torch.load(path, weights_only=True)`` reads it without unpickling code::
 
     format        CHECKPOINT_FORMAT (2)
     config        the run's config as a dict (pyrovae.config; ``model`` names its class)
@@ -23,6 +23,9 @@ holding only plain tensors, numbers, strings, lists and dicts, so that
     skipped       training steps skipped for a NaN/inf loss (``--nan-policy skip``)
     data          the data's DataSpec as a dict (name, image_shape, values), so
                   the model is rebuilt without the data (absent before it was saved)
+    early_stopping  with --early-stopping only: held_out (its size), best_epoch,
+                  best_elbo, last_elbo, and the best epoch's model and ema weights,
+                  which load() returns (pyrovae.early_stopping)
     history       the training objective after every epoch, ``[{"epoch": e, "train_elbo": v}]``
                   (loss.png's curve; absent before it was kept)
 
@@ -350,7 +353,9 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
     recipe = MODELS[cfg.model].recipe
     net = recipe.build(cfg, datasets.run_spec(ckpt, cfg))
-    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    # an early-stopped run's model is its best epoch's weights, kept beside the last epoch's (pyrovae.early_stopping)
+    weights = ckpt["early_stopping"] if (ckpt.get("early_stopping") or {}).get("model") is not None else ckpt
+    state = weights["ema"] if ema and weights.get("ema") is not None else weights["model"]
     load_model_state(net, state, path)
     return net.to(resolve_device(device)).eval(), cfg
 

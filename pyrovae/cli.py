@@ -408,7 +408,13 @@ def run_train(args: argparse.Namespace) -> int:
     warn_unfinished_warmup(cfg)
     result = train(cfg)
     if result.metrics:  # rank 0 (only it evaluates under torchrun)
-        print(f"done: test ELBO {result.metrics[-1]['test_elbo']:.2f}; files in {result.out_dir}")
+        last = result.metrics[-1]
+        kept = (
+            ""
+            if result.best_epoch is None
+            else f" at epoch {last['epoch']}; the model kept is epoch {result.best_epoch}'s"
+        )
+        print(f"done: test ELBO {last['test_elbo']:.2f}{kept}; files in {result.out_dir}")
     return 0
 
 

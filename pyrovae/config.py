@@ -202,6 +202,18 @@ class TrainConfig(metaclass=_ByModel):
         choices=NAN_POLICIES,
     )
     test_particles: int = option(10, "particles per test example for the test ELBO", ge=1)
+    early_stopping: int | None = option(
+        None,
+        "stop after N epochs without a higher ELBO on the held-out examples (--held-out); the best epoch's weights "
+        "are the run's model (model.pt, pyrovae.load); none: off",
+        ge=1,
+    )
+    held_out: int | None = option(
+        None,
+        "with early stopping: training examples held out by a seeded draw and never trained on (none: 10% of the "
+        "training split)",
+        ge=1,
+    )
 
     def __post_init__(self):
         # Values as the fields hold them, so that config.json can be written: a NumPy number

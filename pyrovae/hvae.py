@@ -1,4 +1,6 @@
 """The hierarchical VAE: L >= 1 stochastic layers as a Pyro model/guide pair.
+The VAE is its one-layer case (:func:`~pyrovae.vae.build_vae` is
+:func:`build_hvae` with one layer): one class for both.
 
 Generative story (``model``), for each example x in the batch, z_1 the layer
 next to the data and z_L the top::
@@ -26,11 +28,13 @@ two guides:
 
   The guide samples in the model's order, so every layer's KL is exact.
 
-With L = 1 both encoders are q(z_1 | x) and the model is :class:`~pyrovae.vae.VAE`:
-``build_hvae(x_dim, z_dims=(z,), hidden=(h,))`` has the same modules, parameter
-names and ELBO as ``build_vae(x_dim, z, (h,))`` (tested).
+With L = 1 both encoders are q(z | x), any encoder of
+:data:`~pyrovae.parts.encoders.GUIDES` over an MLP or conv net, and the model is
+the VAE: its one latent site is named ``"z"`` (``"z_1"`` .. ``"z_L"`` for L > 1),
+and its parameter names are the VAE's (``encoder.*``, ``decoder.*``,
+``prior.*``, ``likelihood.*``), so checkpoints of either load unchanged.
 
-The bound's named terms (per example, nats; :func:`bound_terms`): ``recon`` =
+The bound's named terms (per example, nats; :meth:`HVAE.bound`): ``recon`` =
 E_q log p(x | z_1); ``kl_l`` = E_q KL(q(z_l | .) || p(z_l | z_{l+1})) for l < L
 and ``kl_L`` = KL(q(z_L | .) || p(z_L)) at the top, which is also reported as
 ``kl_top``; ``kl_layers`` = kl_1 + ... + kl_{L-1}, the layers *below* the top, so
@@ -41,24 +45,39 @@ L_T).
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.nn.functional import softplus
 
 from pyrovae import params
+from pyrovae.checks import check_finite
 from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
-from pyrovae.infer.bound import bound_terms as named_terms
-from pyrovae.nets import MLP, check_sizes
-from pyrovae.parts.encoders import MIN_SCALE, DiagonalNormalEncoder
+from pyrovae.infer.bound import Bound
+from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes, first_parameter
+from pyrovae.parts.encoders import GUIDES, MIN_SCALE
 from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood
-from pyrovae.parts.priors import PRIORS, StandardNormalPrior, VampPrior
-from pyrovae.vae import VAE, check_event
+from pyrovae.parts.priors import PRIORS, StandardNormalPrior
+from pyrovae.registry import lookup
 
 ENCODERS = ("top-down", "bottom-up")
+
+
+def check_event(d, part: str, z_dim: int):
+    """``d`` if its event shape is ``(z_dim,)``, else a ``ValueError`` naming
+    the part (before the decoder fails on a raw matrix-size error)."""
+    if tuple(d.event_shape) != (z_dim,):
+        raise ValueError(
+            f"the {part} must return a distribution with event shape (z_dim,) = ({z_dim},), "
+            f"got event shape {tuple(d.event_shape)}"
+        )
+    return d
 
 
 def normal_params(out: torch.Tensor, z_dim: int) -> tuple:
@@ -77,24 +96,33 @@ def precision_weighted(loc_hat, scale_hat, loc_p, scale_p) -> tuple:
 
 
 class HVAE(nn.Module):
-    """A hierarchical VAE composed of replaceable parts.
+    """A hierarchical VAE composed of replaceable parts; with one layer, the VAE.
 
-    :param encoder: module ``x (B, x_dim) -> q(z_1 | x)``, a
+    :param encoder: module ``x (B, x_dim) -> q(z_1 | x)``, batch shape ``(B,)``
+        and event shape ``(z_dims[0],)``. The top-down encoder with L > 1 reads
+        the hidden layers of its ``net``: a
         :class:`~pyrovae.parts.encoders.DiagonalNormalEncoder` whose ``net`` is an
-        :class:`~pyrovae.nets.MLP` (the top-down pass reads its last hidden layer).
+        :class:`~pyrovae.nets.MLP`.
     :param up: L - 1 MLPs, ``up[l-2]`` giving the ``2 * z_dims[l-1]`` parameters of
         layer l from z_{l-1} (bottom-up) or from the previous MLP's last hidden
         layer (top-down).
     :param steps: L - 1 networks, ``steps[l-2]``: z_l -> the ``2 * z_dims[l-2]``
         parameters of p_theta(z_{l-1} | z_l).
     :param decoder: module ``z_1 -> parameters`` of the likelihood.
+    :param x_dim: size of one flattened example; :meth:`model` and :meth:`guide`
+        check the data against it.
     :param z_dims: sizes of z_1 .. z_L.
     :param prior: module ``() -> p(z_L)``, event shape ``(z_dims[-1],)``; default N(0, I).
-    :param likelihood: module, decoder output -> p_theta(x | z_1); default Bernoulli.
-    :param encoder_order: ``"top-down"`` or ``"bottom-up"`` (module docstring).
+    :param likelihood: module, decoder output -> p_theta(x | z_1), event shape
+        ``(x_dim,)``; default Bernoulli.
+    :param encoder_order: ``"top-down"`` or ``"bottom-up"`` (module docstring;
+        the same q(z | x) for L = 1).
 
-    Parameter names for L = 1 are the VAE's (``encoder.*``, ``decoder.*``,
-    ``prior.*``, ``likelihood.*``), so a VAE's state dict loads into it.
+    The latent sites are :attr:`sites`: ``"z"`` for one layer, ``"z_1"`` ..
+    ``"z_L"`` otherwise. Model and guide register the model with ``pyro.module``
+    under a name of its own (:func:`pyrovae.params.module`), so every
+    parameter, the prior's included, is in Pyro's param store and trained by
+    SVI, and any number of models live in one session.
     """
 
     def __init__(
@@ -110,12 +138,11 @@ class HVAE(nn.Module):
         encoder_order: str = "bottom-up",
     ):
         super().__init__()
-        z_dims = tuple(int(z) for z in z_dims)
+        z_dims = tuple(z_dims)
         if not z_dims:
             raise ValueError("z_dims must name at least one layer, got ()")
         check_sizes(x_dim=x_dim, **{f"z_dims[{i}]": z for i, z in enumerate(z_dims)})
-        if encoder_order not in ENCODERS:
-            raise ValueError(f"unknown encoder {encoder_order!r}; expected one of {', '.join(ENCODERS)}")
+        lookup("encoder", encoder_order, ENCODERS)
         if len(up) != len(z_dims) - 1 or len(steps) != len(z_dims) - 1:
             raise ValueError(
                 f"{len(z_dims)} layers need {len(z_dims) - 1} up and step networks, got {len(up)} and {len(steps)}"
@@ -125,14 +152,49 @@ class HVAE(nn.Module):
         self.up, self.steps = nn.ModuleList(up), nn.ModuleList(steps)
         self.prior = prior if prior is not None else StandardNormalPrior(z_dims[-1])
         self.likelihood = likelihood if likelihood is not None else BernoulliLikelihood()
-
-    # the VAE's data contract and device lookup, unchanged
-    check_data = VAE.check_data
-    device = VAE.device
+        self.sites = ("z",) if len(z_dims) == 1 else tuple(f"z_{l}" for l in range(1, len(z_dims) + 1))
+        self._store_kind = "vae" if len(z_dims) == 1 else "hvae"
 
     @property
     def L(self) -> int:
         return len(self.z_dims)
+
+    @property
+    def z_dim(self) -> int:
+        """The size of z_1, the layer next to the data (the VAE's z)."""
+        return self.z_dims[0]
+
+    @property
+    def device(self) -> torch.device:
+        return first_parameter(self).device
+
+    def check_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Raise a clear error for data this model cannot score; return ``x``
+        in the model's floating dtype (NumPy's default float64, or half
+        precision, is cast: the networks' matmuls need one dtype)."""
+        if not torch.is_tensor(x):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.x_dim:
+            raise ValueError(f"x must have shape (batch, {self.x_dim}) (flattened examples), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("x is empty (batch size 0)")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype}")
+        reference = first_parameter(self)
+        if x.device != reference.device:
+            raise ValueError(f"x is on {x.device} but the model is on {reference.device}; move one with .to()")
+        if x.dtype != reference.dtype:
+            x = x.to(reference.dtype)
+        if is_validation_enabled():
+            check_finite(x, "x")
+            if getattr(self.likelihood, "binary_data", False) and not ((x == 0) | (x == 1)).all():
+                raise ValueError(
+                    f"x must be binary (0 or 1) for the {type(self.likelihood).__name__}, got values in "
+                    f"[{x.min():.3g}, {x.max():.3g}] with grey levels; binarise the data (--binarize dynamic or "
+                    "threshold, pyrovae.data.binarize) or use a likelihood for grey levels "
+                    "(--likelihood continuous-bernoulli)"
+                )
+        return x
 
     def p_step(self, z_l: torch.Tensor, l: int) -> dist.Distribution:
         """p_theta(z_{l-1} | z_l), l = 2..L."""
@@ -155,55 +217,93 @@ class HVAE(nn.Module):
         return dist.Normal(*self.bottom_up(x)[-1]).to_event(1)
 
     def model(self, x: torch.Tensor) -> torch.Tensor:
-        """p(z_L) prod_l p_theta(z_{l-1}|z_l) p_theta(x|z_1): sample sites ``"z_L"`` ..
-        ``"z_1"``, observed site ``"x"``."""
-        params.module(self, "hvae")  # a name of its own in the param store
+        """p(z_L) prod_l p_theta(z_{l-1}|z_l) p_theta(x|z_1): the latent sites
+        :attr:`sites` from the top down, observed site ``"x"``; returns z_1."""
+        params.module(self, self._store_kind)  # a name of its own in the param store
         x = self.check_data(x)
+        sites = self.sites
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample(f"z_{self.L}", check_event(self.prior(), "prior", self.z_dims[-1]))
+            z = pyro.sample(sites[-1], check_event(self.prior(), "prior", self.z_dims[-1]))
             for l in range(self.L, 1, -1):
-                z = pyro.sample(f"z_{l - 1}", self.p_step(z, l))
+                z = pyro.sample(sites[l - 2], self.p_step(z, l))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
         return z
 
-    def guide(self, x: torch.Tensor) -> None:
-        """q(z_1..z_L | x) in the order ``encoder_order`` names."""
-        params.module(self, "hvae")  # a name of its own in the param store
+    def guide(self, x: torch.Tensor) -> torch.Tensor:
+        """q(z_1..z_L | x) in the order ``encoder_order`` names; returns z_1."""
+        params.module(self, self._store_kind)  # a name of its own in the param store
         x = self.check_data(x)
+        sites = self.sites
         with pyro.plate("data", x.shape[0]):
-            if self.encoder_order == "bottom-up":
-                z = pyro.sample("z_1", check_event(self.encoder(x), "encoder", self.z_dims[0]))
-                for l in range(2, self.L + 1):
+            if self.encoder_order == "top-down" and self.L > 1:
+                estimates = self.bottom_up(x)
+                z = pyro.sample(sites[-1], dist.Normal(*estimates[-1]).to_event(1))
+                for l in range(self.L, 1, -1):
+                    p = self.p_step(z, l).base_dist
                     z = pyro.sample(
-                        f"z_{l}", dist.Normal(*normal_params(self.up[l - 2](z), self.z_dims[l - 1])).to_event(1)
+                        sites[l - 2], dist.Normal(*precision_weighted(*estimates[l - 2], p.loc, p.scale)).to_event(1)
                     )
-                return
-            estimates = self.bottom_up(x)
-            z = pyro.sample(f"z_{self.L}", dist.Normal(*estimates[-1]).to_event(1))
-            for l in range(self.L, 1, -1):
-                p = self.p_step(z, l).base_dist
+                return z
+            z_1 = z = pyro.sample(sites[0], check_event(self.encoder(x), "encoder", self.z_dims[0]))
+            for l in range(2, self.L + 1):
                 z = pyro.sample(
-                    f"z_{l - 1}", dist.Normal(*precision_weighted(*estimates[l - 2], p.loc, p.scale)).to_event(1)
+                    sites[l - 1], dist.Normal(*normal_params(self.up[l - 2](z), self.z_dims[l - 1])).to_event(1)
                 )
+            return z_1
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> list:
+    def bound(self, x: torch.Tensor, num_particles: int = 10, batch_size: int = 500) -> Bound:
+        """The ELBO's named terms per example (:class:`~pyrovae.infer.bound.Bound`,
+        module docstring): ``recon`` = E_q log p(x | z_1), ``kl_top`` = kl_L,
+        ``kl_layers`` = kl_1 + .. + kl_{L-1} (0 for one layer), ``layers`` =
+        ``{"kl_1": .., "kl_L": ..}``, each averaged over ``num_particles``
+        vectorised draws of the analytic-KL ELBO (closed form where exact,
+        Monte Carlo elsewhere), over ``x`` in batches of ``batch_size``;
+        ``closed_form`` lists the layers (1..L) that took the closed form."""
+        elbo = TraceAnalyticKL_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+        dim = self.x_dim if getattr(self.likelihood, "discrete", False) else None
+        parts = []
+        for i in range(0, len(x), batch_size):
+            terms, closed_form = elbo.per_example_terms(self.model, self.guide, x[i : i + batch_size])
+            kls = {f"kl_{l}": -terms[site] for l, site in enumerate(self.sites, start=1)}
+            below_top = list(kls.values())[:-1]
+            parts.append(
+                Bound(
+                    recon=terms["x"],
+                    kl_top=kls[f"kl_{self.L}"],
+                    kl_layers=sum(below_top[1:], below_top[0]) if below_top else terms["x"].new_zeros(()),
+                    layers=kls,
+                    dim=dim,
+                    closed_form=tuple(l for l, site in enumerate(self.sites, start=1) if site in closed_form),
+                )
+            )
+        return Bound.cat(parts)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, num_samples: int = 100) -> torch.Tensor:
+        """z_1 on the guide's mean path (:meth:`encode_layers`): the posterior
+        mean E_q[z|x] of a one-layer model, shape ``(B, z_dims[0])``."""
+        return self.encode_layers(x, num_samples)[0]
+
+    @torch.no_grad()
+    def encode_layers(self, x: torch.Tensor, num_samples: int = 100) -> list:
         """The guide's mean path ``[z_1, .., z_L]``: each layer at the mean of its
         q given the layers drawn before it at their means (a summary, not E_q[z_l|x]
-        for l > 1 in the bottom-up order)."""
-        with poutine.block(), _AtMeans(f"z_{l}" for l in range(1, self.L + 1)):
+        for l > 1 in the bottom-up order); a mean of ``num_samples`` draws where
+        q has no closed-form mean (a flow)."""
+        with params.unregistered(), poutine.block(), _AtMeans(self.sites, num_samples):
             trace = poutine.trace(self.guide).get_trace(x)
-        return [trace.nodes[f"z_{l}"]["value"] for l in range(1, self.L + 1)]
+        return [trace.nodes[site]["value"] for site in self.sites]
 
     @torch.no_grad()
     def decode(self, z_1: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean E[x | z_1]."""
+        """The likelihood's mean E[x | z_1] (pixel probabilities for a Bernoulli)."""
         return self.likelihood(self.decoder(z_1)).mean
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """E[x | z_1] at the guide's mean path."""
-        return self.decode(self.encode(x)[0])
+        return self.decode(self.encode(x))
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
@@ -218,15 +318,19 @@ class HVAE(nn.Module):
 
 
 class _AtMeans(Messenger):
-    """The sample sites named in ``sites`` take their distribution's mean instead of a draw."""
+    """The sample sites named in ``sites`` take their distribution's mean instead
+    of a draw (the mean of ``num_samples`` draws where it has no closed-form mean)."""
 
-    def __init__(self, sites):
+    def __init__(self, sites, num_samples: int = 100):
         super().__init__()
-        self.sites = set(sites)
+        self.sites, self.num_samples = set(sites), num_samples
 
     def _pyro_sample(self, msg):
         if msg["name"] in self.sites:
-            msg["value"] = msg["fn"].mean
+            try:
+                msg["value"] = msg["fn"].mean
+            except NotImplementedError:
+                msg["value"] = msg["fn"].sample((self.num_samples,)).mean(0)
             msg["done"] = True
 
 
@@ -270,6 +374,30 @@ def check_prior(prior, encoder: str, L: int) -> None:
         )
 
 
+def mlp_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None):
+    """MLP encoder body ``x_dim -> hidden -> out`` and decoder ``z_dim -> reversed(hidden) -> x_dim``."""
+    return (lambda out_dim: MLP(x_dim, hidden, out_dim, activation)), MLP(
+        z_dim, tuple(reversed(hidden)), x_dim, activation
+    )
+
+
+def conv_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None):
+    """:class:`~pyrovae.nets.ConvEncoderNet` / :class:`~pyrovae.nets.ConvDecoderNet`
+    over ``image_shape`` (C, H, W), with ``hidden[0]`` units in their linear layer."""
+    if image_shape is None or len(image_shape) != 3 or math.prod(image_shape) != x_dim:
+        raise ValueError(f"net 'conv' needs image_shape (C, H, W) with C*H*W = x_dim = {x_dim}, got {image_shape}")
+    return (
+        lambda out_dim: ConvEncoderNet(image_shape, out_dim, hidden=hidden[0], activation=activation),
+        ConvDecoderNet(z_dim, image_shape, hidden=hidden[0], activation=activation),
+    )
+
+
+NETS = {"mlp": mlp_nets, "conv": conv_nets}
+"""The first layer's encoder/decoder network pairs by name: ``(x_dim, z_dim,
+hidden, activation, image_shape) -> (make_encoder_net, decoder)``,
+``make_encoder_net(out_dim)`` giving the encoder's body."""
+
+
 def build_hvae(
     x_dim: int,
     z_dims=(50, 20),
@@ -278,12 +406,17 @@ def build_hvae(
     prior: str | nn.Module = "normal",
     likelihood: str | nn.Module = "bernoulli",
     activation: str = "softplus",
+    guide: str | nn.Module = "diag",
+    net: str = "mlp",
+    image_shape: tuple | None = None,
 ) -> HVAE:
-    """A hierarchical VAE of MLPs. Layer l's networks use ``hidden[l-1]``: the
-    encoder's ``in -> hidden[l-1] -> 2 z_l`` and the generative step's (the
-    decoder's, for l = 1) mirror ``z_l -> reversed(hidden[l-1]) -> out``.
+    """A hierarchical VAE from parts named in the registries or given as
+    modules. Layer l's networks use ``hidden[l-1]``: the encoder's
+    ``in -> hidden[l-1] -> 2 z_l`` and the generative step's (the decoder's,
+    for l = 1) mirror ``z_l -> reversed(hidden[l-1]) -> out``.
 
-    :param z_dims: sizes of z_1 (next to the data) .. z_L (the top).
+    :param z_dims: sizes of z_1 (next to the data) .. z_L (the top); one entry
+        is the VAE (:func:`~pyrovae.vae.build_vae`).
     :param hidden: per-layer widths (see :func:`_layer_hidden`). The default
         (``pyrovae train hvae``'s) is the VAE's x -> 400 -> z_1 (50) with a layer
         z_1 -> 200 -> z_2 (20) on top; the IWAE paper's 2-layer model is
@@ -291,80 +424,65 @@ def build_hvae(
         compares them).
     :param encoder: ``"bottom-up"`` (IWAE paper, the default: measured best
         here) or ``"top-down"`` (Ladder VAE; every KL exact).
-    :param prior: p(z_L): a name in :data:`~pyrovae.parts.priors.PRIORS` or a module.
+    :param prior: p(z_L): a name in :data:`~pyrovae.parts.priors.PRIORS` or a module
+        whose ``forward()`` returns p(z_L) with event shape ``(z_dims[-1],)``.
         The VampPrior needs q(z_L | x), which the top-down encoder gives in one
         pass; the bottom-up one gives it only as an integral over z_1..z_{L-1},
         so ``vamp`` with ``bottom-up`` and L > 1 is refused.
-    :param likelihood: a name in :data:`~pyrovae.parts.likelihoods.LIKELIHOODS` or a module.
+    :param likelihood: a name in :data:`~pyrovae.parts.likelihoods.LIKELIHOODS` or a
+        module mapping the decoder's ``(..., x_dim)`` output to p(x|z_1) with event
+        shape ``(x_dim,)``.
+    :param guide: q(z_1 | x): a name in :data:`~pyrovae.parts.encoders.GUIDES` or an
+        encoder module ``x -> q(z_1|x)`` (batch ``(B,)``, event ``(z_dims[0],)``);
+        the top-down encoder with L > 1 needs ``"diag"`` over the MLP.
+    :param net: the first layer's encoder body and decoder, a name in :data:`NETS`
+        (``conv`` needs ``image_shape``).
     """
     z_dims = tuple(z_dims)
     if not z_dims:
         raise ValueError("z_dims must name at least one layer, got ()")
     check_sizes(x_dim=x_dim, **{f"z_dims[{i}]": z for i, z in enumerate(z_dims)})
-    if encoder not in ENCODERS:
-        raise ValueError(f"unknown encoder {encoder!r}; expected one of {', '.join(ENCODERS)}")
-    check_prior(prior, encoder, len(z_dims))
-    layers = _layer_hidden(hidden, len(z_dims))
-    # Construction order as build_vae's (decoder first), so that L = 1 draws the same initial weights.
-    decoder = MLP(z_dims[0], tuple(reversed(layers[0])), x_dim, activation)
-    first = DiagonalNormalEncoder(x_dim, z_dims[0], layers[0], activation)
+    lookup("encoder", encoder, ENCODERS)
+    L = len(z_dims)
+    check_prior(prior, encoder, L)
+    if encoder == "top-down" and L > 1 and (net != "mlp" or guide != "diag"):
+        raise ValueError(
+            f"the top-down encoder reads the hidden layers of q(z_1 | x)'s MLP: it needs guide 'diag' and net 'mlp', "
+            f"got guide {guide!r} and net {net!r}"
+        )
+    layers = _layer_hidden(hidden, L)
+    # The decoder is built first, then the encoder: the initial weights of every model drawn alike.
+    make_encoder_net, decoder = lookup("net", net, NETS)(x_dim, z_dims[0], layers[0], activation, image_shape)
+    if not isinstance(guide, nn.Module):
+        guide = lookup("guide", guide, GUIDES, "an nn.Module")(
+            x_dim, z_dims[0], layers[0], activation, make_encoder_net
+        )
     up, steps = [], []
-    for l in range(2, len(z_dims) + 1):
+    for l in range(2, L + 1):
         below = layers[l - 2][-1] if encoder == "top-down" else z_dims[l - 2]
         up.append(MLP(below, layers[l - 1], 2 * z_dims[l - 1], activation))
         steps.append(MLP(z_dims[l - 1], tuple(reversed(layers[l - 1])), 2 * z_dims[l - 2], activation))
     if not isinstance(likelihood, nn.Module):
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(
-                f"unknown likelihood {likelihood!r}; expected one of {', '.join(LIKELIHOODS)} or an nn.Module"
-            )
-        likelihood = LIKELIHOODS[likelihood](x_dim)
-    hvae = HVAE(first, up, steps, decoder, x_dim, z_dims, None, likelihood, encoder)
-    if isinstance(prior, nn.Module):
-        hvae.prior = prior
-    elif prior == "vamp":
-        hvae.prior = VampPrior(_TopPosterior(hvae))
-    elif prior in PRIORS:
-        hvae.prior = PRIORS[prior](z_dims[-1], None)
-    else:
-        raise ValueError(f"unknown prior {prior!r}; expected one of {', '.join(PRIORS)} or an nn.Module")
+        likelihood = lookup("likelihood", likelihood, LIKELIHOODS, "an nn.Module")(x_dim)
+    hvae = HVAE(guide, up, steps, decoder, x_dim, z_dims, None, likelihood, encoder)
+    if not isinstance(prior, nn.Module):
+        # q(z_L | x), which the VampPrior mixes: the encoder itself for one layer
+        top_posterior = guide if L == 1 else _TopPosterior(hvae)
+        prior = lookup("prior", prior, PRIORS, "an nn.Module")(z_dims[-1], top_posterior)
+    hvae.prior = prior
     return hvae
 
 
-def latent_sites(model) -> list:
-    """The latent sites from z_1 (next to the data) to the top: ``["z_1", .., "z_L"]``
-    for an :class:`HVAE`, ``["z"]`` for a :class:`~pyrovae.vae.VAE` (its one layer)."""
-    return [f"z_{l}" for l in range(1, model.L + 1)] if isinstance(model, HVAE) else ["z"]
+def bound_terms(hvae: HVAE, x: torch.Tensor, num_particles: int = 10, batch_size: int = 500) -> dict:
+    """:meth:`HVAE.bound`'s means as floats (:meth:`~pyrovae.infer.bound.Bound.summary`)
+    and ``closed_form``, the layers that took the closed-form KL, as a list: kept
+    for code written before :meth:`HVAE.bound`."""
+    bound = hvae.bound(x, num_particles, batch_size)
+    return {**bound.summary(), "closed_form": list(bound.closed_form)}
 
 
 @torch.no_grad()
-def bound_terms(hvae: HVAE | VAE, x: torch.Tensor, num_particles: int = 10, batch_size: int = 500) -> dict:
-    """The ELBO's named terms (:mod:`pyrovae.infer.bound`), per example in nats,
-    averaged over ``x``: ``recon``, ``kl_top`` (= kl_L), ``kl_layers``
-    (= kl_1 + .. + kl_{L-1}, for L > 1), ``elbo`` = recon - kl_top - kl_layers,
-    ``bpd`` for a likelihood that is a probability mass function, and
-    ``kl_1`` .. ``kl_L``, each from ``num_particles`` vectorised draws of the analytic-KL
-    ELBO (closed form where exact, Monte Carlo elsewhere); ``closed_form`` lists
-    the layers that took the closed form. A :class:`~pyrovae.vae.VAE` is read as
-    the 1-layer hierarchy (its ``z`` is z_1 = the top)."""
-    elbo = TraceAnalyticKL_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
-    sums: dict = {}
-    for i in range(0, len(x), batch_size):
-        terms = elbo.terms(hvae.model, hvae.guide, x[i : i + batch_size])
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value
-    sites = latent_sites(hvae)
-    n, L = len(x), len(sites)
-    kls = {f"kl_{l}": -sums[site] / n for l, site in enumerate(sites, start=1)}
-    dim = hvae.x_dim if getattr(hvae.likelihood, "discrete", False) else None
-    below_top = sum(kls[f"kl_{l}"] for l in range(1, L)) if L > 1 else None
-    out = {**named_terms(sums["x"] / n, kls[f"kl_{L}"], below_top, dim), **kls}
-    out["closed_form"] = [l for l, site in enumerate(sites, start=1) if site in terms.closed_form]
-    return out
-
-
-@torch.no_grad()
-def active_units(hvae: HVAE | VAE, x: torch.Tensor, num_samples: int = 10, threshold: float = 0.01) -> dict:
+def active_units(hvae: HVAE, x: torch.Tensor, num_samples: int = 10, threshold: float = 0.01) -> dict:
     """Active units per layer (Burda et al. 2016): unit u of z_l is active when
     Cov_x(E_q[z_{l,u} | x]) > ``threshold``. E_q[z_l | x] is the mean over
     ``num_samples`` guide draws of the mean of q at layer l given the layers drawn
@@ -372,7 +490,7 @@ def active_units(hvae: HVAE | VAE, x: torch.Tensor, num_samples: int = 10, thres
     ``{l: number of active units}``."""
     with pyro.plate("au_particles", num_samples, dim=-2), poutine.block():
         trace = poutine.trace(hvae.guide).get_trace(x)
-    means = {l: trace.nodes[site]["fn"].mean for l, site in enumerate(latent_sites(hvae), start=1)}
+    means = {l: trace.nodes[site]["fn"].mean for l, site in enumerate(hvae.sites, start=1)}
     return {
         l: int((mean.expand(num_samples, *mean.shape[-2:]).mean(0).var(0) > threshold).sum())
         for l, mean in means.items()

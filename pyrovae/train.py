@@ -49,6 +49,7 @@ from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.compiled import compile_loss
 from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
 from pyrovae.device import resolve_device
+from pyrovae.early_stopping import EarlyStopping, held_out_size
 from pyrovae.infer.bound import metric_unit
 from pyrovae.optim import OPTIMIZERS, make_optimizer, make_scheduler  # noqa: F401 (OPTIMIZERS: pyrovae.lightning)
 
@@ -63,6 +64,7 @@ class TrainResult:
     metrics: list  # one row per evaluation; empty on ranks other than 0
     out_dir: str
     ema_model: torch.nn.Module | None = None  # the averaged weights (cfg.ema_decay), evaluated and sampled with
+    best_epoch: int | None = None  # with early stopping: the epoch whose weights model and ema_model hold (rank 0)
 
 
 class LossModule(torch.nn.Module):
@@ -371,6 +373,12 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
         recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
+    early = None
+    n_held_out = held_out_size(cfg, len(ds.x_train))
+    if n_held_out is not None:
+        ds, x_held_out, _ = ds.hold_out(n_held_out, cfg.seed)
+        x_held_out = recipe.prepare_test(cfg, x_held_out.to(device))
+        early = EarlyStopping(cfg.early_stopping, x_held_out, cfg.seed, warmup=getattr(cfg, "kl_warmup", 0))
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
     objective = recipe.objective(cfg)
@@ -395,6 +403,13 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
             ckpt["skipped"],
         )
         checkpoint.set_rng_state(ckpt["rng"][distributed.rank()])
+        if early is not None:
+            early.load_state_dict(ckpt["early_stopping"])
+            if early.exhausted(epoch0):
+                raise ValueError(
+                    f"run {cfg.resume!r} stopped early at epoch {epoch0}: its held-out ELBO has not risen since epoch "
+                    f"{early.best_epoch}, whose weights are its model; there is nothing to resume"
+                )
     else:
         # Equal initial weights on every rank, different sampling noise.
         pyro.set_rng_seed(cfg.seed + distributed.rank())
@@ -448,7 +463,15 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         name = getattr(objective, "train_metric", "train_elbo")
         history.append({"epoch": epoch, name: (-total if name.endswith("_elbo") else total) / len(ds.x_train)})
 
-        if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+        stop = False
+        if early is not None:
+            if is_main:
+                eval_model.eval()
+                early.update(epoch, early.evaluate(recipe, cfg, eval_model), model, eval_model if averaged else None)
+                stop = early.exhausted(epoch)
+            # rank 0 decides, every rank stops
+            stop = bool(distributed.all_reduce_sum(torch.tensor([float(stop)], device=device)).item())
+        if is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs or stop):
             eval_model.eval()
             test = recipe.evaluate(cfg, eval_model, x_test)
             row = {
@@ -456,6 +479,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
                 "step": step,
                 name: history[-1][name],
                 **test,
+                **(early.metrics() if early is not None else {}),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": norms / done if done else math.nan,
                 "seconds": seconds,
@@ -487,15 +511,29 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
                 ds.spec.to_dict(),
                 history,
             )
+            if early is not None:
+                state["early_stopping"] = early.state_dict()
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
+        if stop:
+            log(
+                f"stopped at epoch {epoch}: no higher held-out ELBO for {cfg.early_stopping} epochs; the run's model "
+                f"is epoch {early.best_epoch}'s (held-out ELBO {early.best_elbo:.4g})"
+            )
+            break
 
     if writer is not None:
         writer.close()
+    if early is not None and early.best_weights is not None:
+        # the best epoch's weights are the run's model (rank 0 holds them; the other ranks' are not used)
+        model.load_state_dict(early.best_weights["model"])
+        if averaged is not None:
+            averaged.module.load_state_dict(early.best_weights["ema"])
     if is_main:
         atomic_torch_save(dict(model.state_dict()), os.path.join(out, "model.pt"))
         write_figures(out, cfg, recipe, eval_model, ds, x_test, metrics, history)
     distributed.barrier()
-    return TrainResult(model, cfg, metrics, out, averaged.module if averaged is not None else None)
+    ema_model = averaged.module if averaged is not None else None
+    return TrainResult(model, cfg, metrics, out, ema_model, early.best_epoch if early is not None else None)
 
 
 def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int, out: str) -> NonFiniteLossError:
@@ -522,7 +560,10 @@ def write_figures(
     evaluation) and the recipe's figures, drawn with ``model`` (the EMA weights
     when there are any)."""
     names = dict.fromkeys(
-        k for m in metrics for k in m if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps")
+        k
+        for m in metrics
+        for k in m
+        if k not in ("epoch", "step", "lr", "grad_norm", "seconds", "skipped_steps", "best_epoch")
     )
     xs, curves = {}, {}
     for k in names:

@@ -13,7 +13,7 @@ from test_analytic_elbo import assert_means_equal
 from pyrovae.hvae import HVAE, active_units, bound_terms, build_hvae
 from pyrovae.infer import TraceAnalyticKL_ELBO
 from pyrovae.parts.priors import VampPrior
-from pyrovae.vae import build_vae
+from pyrovae.vae import VAE, build_vae
 
 
 @pytest.fixture(autouse=True)
@@ -83,6 +83,37 @@ def test_one_layer_build_hvae_draws_build_vaes_initial_weights():
     hvae = build_hvae(10, (3,), (8,))
     for (name, a), b in zip(vae.state_dict().items(), hvae.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_vae_is_the_one_layer_hvae_with_the_vaes_site_name():
+    vae, hvae = build_vae(10, 3, (8,)), build_hvae(10, (3,), (8,))
+    assert type(vae) is type(hvae) is HVAE
+    assert vae.sites == hvae.sites == ("z",) and small_hvae("top-down").sites == ("z_1", "z_2")
+    # VAE, for code that builds one from its parts, adds a constructor and nothing else
+    assert issubclass(VAE, HVAE) and set(vars(VAE)) <= {"__module__", "__doc__", "__init__", "__qualname__"}
+    assert VAE(vae.encoder, vae.decoder, 10, 3).sites == ("z",)
+
+
+def test_bound_is_per_example_and_sums_to_the_analytic_elbos_terms():
+    hvae, x = small_hvae("top-down", z_dims=(4, 3)), binary_data()
+    pyro.set_rng_seed(5)
+    bound = hvae.bound(x, num_particles=3)
+    pyro.set_rng_seed(5)
+    elbo = TraceAnalyticKL_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    terms = elbo.terms(hvae.model, hvae.guide, x)
+    assert bound.recon.shape == bound.kl_top.shape == bound.kl_layers.shape == (len(x),)
+    assert list(bound.layers) == ["kl_1", "kl_2"] and bound.closed_form == (1, 2)
+    assert bound.recon.sum().item() == pytest.approx(terms["x"], rel=1e-5)
+    assert -bound.layers["kl_1"].sum().item() == pytest.approx(terms["z_1"], rel=1e-5)
+    assert -bound.layers["kl_2"].sum().item() == pytest.approx(terms["z_2"], rel=1e-5)
+    assert torch.equal(bound.kl_top, bound.layers["kl_2"]) and torch.equal(bound.kl_layers, bound.layers["kl_1"])
+
+
+def test_a_one_layer_bound_has_no_layers_below_the_top():
+    bound = build_vae(10, 3, (8,)).bound(binary_data(n=7), num_particles=2, batch_size=4)
+    assert len(bound) == 7 and list(bound.layers) == ["kl_1"] and bound.closed_form == (1,)
+    assert torch.equal(bound.kl_layers, torch.zeros(7)) and torch.equal(bound.kl_top, bound.layers["kl_1"])
+    assert list(bound.summary()) == ["recon", "kl_top", "elbo", "bpd", "kl_1"]
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +207,7 @@ def test_samples_and_reconstructions_have_the_data_shape():
     x = binary_data()
     assert hvae.sample(7).shape == (7, 10)
     assert hvae.reconstruct(x).shape == x.shape
-    assert [z.shape for z in hvae.encode(x)] == [(6, 4), (6, 3), (6, 2)]
+    assert [z.shape for z in hvae.encode_layers(x)] == [(6, 4), (6, 3), (6, 2)]
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ class TorchDDPM:
 
     Its per-t term is the one :meth:`DiffusionChain.vb_terms` computes for the
     chain's default settings (eps prediction, sigma_t^2 = beta_tilde_t with the
-    clipped log, discretised Gaussian decoder):
+    clipped log, discretised Gaussian decoder)::
 
         x0_hat = x_t / sqrt(alpha_bar_t) - sqrt(1/alpha_bar_t - 1) eps_theta(x_t, t)
         L_{t-1} = coef1_t^2 sum_d (x_0 - x0_hat)_d^2 / (2 sigma_t^2)   t >= 2

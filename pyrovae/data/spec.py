@@ -146,6 +146,18 @@ class Dataset:
             y_test=self.y_test.to(device),
         )
 
+    def hold_out(self, n: int, seed: int) -> tuple[Dataset, torch.Tensor | LazyRows, torch.Tensor]:
+        """``(the rest, x_held_out, y_held_out)``: ``n`` training examples drawn
+        by ``seed`` (a permutation of the training rows) and set apart; the rest,
+        and the held-out rows, keep their order. Lazy rows stay on disk."""
+        n_train = len(self.x_train)
+        if not 1 <= n < n_train:
+            raise ValueError(f"a held-out part must be >= 1 and < the {n_train} training examples, got {n}")
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+        held, rest = order[:n].sort().values, order[n:].sort().values
+        kept = dataclasses.replace(self, x_train=take_rows(self.x_train, rest), y_train=take_rows(self.y_train, rest))
+        return kept, take_rows(self.x_train, held), take_rows(self.y_train, held)
+
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> Dataset:
         """The first ``n_train`` / ``n_test`` examples (after the seeded shuffle)."""
         for name, n in (("n_train", n_train), ("n_test", n_test)):
@@ -158,6 +170,13 @@ class Dataset:
             x_test=self.x_test[:n_test],
             y_test=self.y_test[:n_test],
         )
+
+
+def take_rows(x: torch.Tensor | LazyRows, idx: torch.Tensor) -> torch.Tensor | LazyRows:
+    """Rows ``idx`` (an int64 CPU tensor) of ``x``: lazy rows stay lazy (nothing is read)."""
+    if isinstance(x, LazyRows):
+        return LazyRows(x.reader, x.index[idx.numpy()], x.dim)
+    return x[idx.to(x.device)]
 
 
 def stratified_split(y: np.ndarray, n_test: int, seed: int = _SPLIT_SEED):

@@ -12,7 +12,7 @@ q(x_{1:T} | x_0)::
     guide_forward:    x_1 ~ q(x_1|x_0), x_t ~ q(x_t|x_{t-1})                       t = 2..T
     guide_posterior:  x_T ~ q(x_T|x_0), x_{t-1} ~ q(x_{t-1}|x_t,x_0)               t = T..2
 
-so that SVI with stock ``Trace_ELBO`` maximises
+so that SVI with stock ``Trace_ELBO`` maximises ::
 
     ELBO = E_q[ -KL(q(x_T|x_0) || p(x_T))
                 - sum_{t=2..T} KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))
@@ -37,6 +37,7 @@ batch lives in ``pyro.plate("data", B)`` and every site has event shape ``(D,)``
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pyro
@@ -50,6 +51,7 @@ from pyrovae.checks import check_finite
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.infer.bound import bits_per_dim
 from pyrovae.nets import first_parameter
+from pyrovae.parts.kl import normal_kl
 from pyrovae.parts.likelihoods import LIKELIHOODS, MODEL_SCALE
 from pyrovae.parts.priors import StandardNormal, StandardNormalPrior
 
@@ -60,22 +62,70 @@ DATA_RANGE = (-1.0, 1.0)
 """The chain's images: 8-bit pixels scaled to [-1, 1], as DDPM does."""
 
 
-def normal_kl(
-    mean_diff: torch.Tensor, log_var_q: torch.Tensor, log_var_p: torch.Tensor, event_size: int
-) -> torch.Tensor:
-    """KL(N(m_q, diag exp(log_var_q)) || N(m_p, diag exp(log_var_p))), summed over the event:
+class _StepNumbers:
+    """The schedule's numbers at the times of a batch, read from the chain's
+    tables (:meth:`DiffusionChain.tables`) when first asked for: ``(..., 1)``
+    tensors that broadcast against x_t when ``i`` indexes a time per entry (the
+    loss, the bound, p_step), Python numbers when ``tables`` are lists and ``i``
+    one int (the sampler's loop: no slice, cast or copy per step)."""
 
-        0.5 sum_d [log_var_p - log_var_q + exp(log_var_q - log_var_p) - 1 + (m_q - m_p)^2 exp(-log_var_p)]
+    def __init__(self, tables: dict, i):
+        self.tables, self.i, self.read = tables, i, {}
 
-    ``mean_diff`` = m_q - m_p of shape ``batch_shape + (D,)``; each log-variance
-    ``batch_shape + (D,)``, or ``batch_shape + (1,)`` for one variance shared by
-    the ``event_size`` = D elements (computed once, not D times). Returns ``batch_shape``.
+    def __getitem__(self, name: str):
+        if name not in self.read:
+            value = self.tables[name][self.i]
+            self.read[name] = value.unsqueeze(-1) if torch.is_tensor(value) else value
+        return self.read[name]
+
+
+class PTheta:
+    """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) from the network's
+    output at (x_t, t): the one place its mean and variance are formed (the
+    loss and the bound through :meth:`DiffusionChain.vb_terms`, ``p_step``,
+    ``p_decoder`` and the sampler all read them here)::
+
+        log sigma_t^2 = log beta_tilde_t (clipped at t = 1) | log beta_t | v log beta_t + (1 - v) log beta_tilde_t
+        x0_hat        = sqrt(1/alpha_bar_t) x_t - sqrt(1/alpha_bar_t - 1) eps_theta  (eps prediction)
+                      | the prediction (x0) | (mu_theta - coef2_t x_t) / coef1_t   (mean)
+        mu_theta      = coef1_t x0_hat + coef2_t x_t = mu_tilde_t(x_t, x0_hat)      (eps, x0) | the prediction (mean)
+
+    with v = (net output + 1) / 2 for a learned variance (improved DDPM). Each
+    is computed when first read, so a caller pays for what it uses (the loss's
+    fast path reads the log-variance only). ``x_t``, ``pred`` and ``v`` are of
+    shape ``batch_shape + (D,)``; ``numbers`` the step's :class:`_StepNumbers`;
+    ``clip_x0`` clamps x0_hat to [-1, 1] (sampling images, never a bound).
     """
-    var_part = 0.5 * (-1.0 + log_var_p - log_var_q + torch.exp(log_var_q - log_var_p))
-    var_sum = var_part.sum(-1) * (event_size / var_part.shape[-1])
-    sq, inv_var = mean_diff.square(), torch.exp(-log_var_p)
-    mean_sum = sq.sum(-1) * inv_var.squeeze(-1) if inv_var.shape[-1] == 1 else (sq * inv_var).sum(-1)
-    return var_sum + 0.5 * mean_sum
+
+    def __init__(self, chain, x_t: torch.Tensor, pred: torch.Tensor, v, numbers, clip_x0: bool = False):
+        self.parameterization, self.variance = chain.parameterization, chain.variance
+        self.x_t, self.pred, self.v, self.numbers, self.clip_x0 = x_t, pred, v, numbers, clip_x0
+
+    @functools.cached_property
+    def log_variance(self):
+        """log sigma_t^2: ``x_t``'s shape when learned, else ``(..., 1)`` (or a number)."""
+        c = self.numbers
+        if self.variance == "learned":
+            frac = (self.v + 1) / 2
+            return frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
+        return c["log_betas" if self.variance == "beta" else "posterior_log_variance_clipped"]
+
+    @functools.cached_property
+    def x0_hat(self) -> torch.Tensor:
+        c, x_t, pred = self.numbers, self.x_t, self.pred
+        if self.parameterization == "mean":
+            return (pred - c["posterior_mean_coef2"] * x_t) / c["posterior_mean_coef1"]
+        if self.parameterization == "eps":
+            x0_hat = c["sqrt_recip_alphas_cumprod"] * x_t - c["sqrt_recipm1_alphas_cumprod"] * pred
+        else:
+            x0_hat = pred
+        return x0_hat.clamp(-1.0, 1.0) if self.clip_x0 else x0_hat
+
+    @functools.cached_property
+    def mean(self) -> torch.Tensor:
+        if self.parameterization == "mean":
+            return self.pred
+        return self.numbers["posterior_mean_coef1"] * self.x0_hat + self.numbers["posterior_mean_coef2"] * self.x_t
 
 
 class DiffusionChain(nn.Module):
@@ -167,9 +217,9 @@ class DiffusionChain(nn.Module):
         and cached, plus the products the hot paths use: ``log_betas``,
         ``kl_noise_coef`` = coef1_t sqrt(1/alpha_bar_t - 1) (mu_tilde_t(x_t, x_0) -
         mu_theta(x_t, t) per unit of eps_theta - eps, eps prediction), ``tau``,
-        the time the network is told (see :meth:`model_output`), and the two
-        numbers of L_T against N(0, I) (see :meth:`prior_kl`): ``alpha_bar_T``
-        and ``prior_kl_offset`` = -alpha_bar_T - log(1 - alpha_bar_T), 0-dim.
+        the time the network is told (see :meth:`model_output`), and, as Python
+        numbers, q(x_T|x_0)'s ``sqrt_alpha_bar_T`` and ``log_one_minus_alpha_bar_T``
+        (see :meth:`prior_kl`: a constant, read without a device round trip).
 
         The schedule stores float64 and :meth:`NoiseSchedule.extract` casts the
         entries it reads on every call (a slice, a copy and a cast per table per
@@ -193,24 +243,14 @@ class DiffusionChain(nn.Module):
             found["kl_noise_coef"] = (s.posterior_mean_coef1 * s.sqrt_recipm1_alphas_cumprod).to(dtype)
             found["tau"] = s.timesteps.to(dtype) * (1000.0 / s.original_T)
             a = s.alphas_cumprod[-1]
-            found["alpha_bar_T"] = a.to(dtype)
-            found["prior_kl_offset"] = (-a - torch.log1p(-a)).to(dtype)
+            found["sqrt_alpha_bar_T"], found["log_one_minus_alpha_bar_T"] = a.sqrt().item(), torch.log1p(-a).item()
         self.__dict__["_tables_cache"] = (key, found)
         return found
-
-    def _time_index(self, t: torch.Tensor) -> torch.Tensor:
-        """``t - 1`` for indexing the tables, with :meth:`NoiseSchedule.extract`'s
-        checks (the range only under ``pyro.enable_validation``: it reads t back)."""
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"t must be an integer tensor of times in 1..{self.T}, got dtype {t.dtype}")
-        if is_validation_enabled() and t.numel() and (t.min() < 1 or t.max() > self.T):
-            raise ValueError(f"t must lie in 1..{self.T}, got values from {int(t.min())} to {int(t.max())}")
-        return t - 1
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise
         (:meth:`NoiseSchedule.q_sample`) from the cached tables, in two passes."""
-        tab, i = self.tables(x0.dtype), self._time_index(torch.as_tensor(t, device=x0.device))
+        tab, i = self.tables(x0.dtype), self.schedule.time_index(torch.as_tensor(t, device=x0.device))
         return torch.addcmul(
             tab["sqrt_alphas_cumprod"][i].unsqueeze(-1) * x0,
             tab["sqrt_one_minus_alphas_cumprod"][i].unsqueeze(-1),
@@ -254,58 +294,36 @@ class DiffusionChain(nn.Module):
             return pred, v
         return out, None
 
-    def _x0_hat_log_variance(self, x_t: torch.Tensor, t, output: tuple | None, clip_x0: bool):
-        """The raw prediction, the implied x0_hat and log sigma_t^2 (shape ``(..., 1)``
-        for a fixed variance, ``x_t``'s shape for a learned one)."""
-        s = self.schedule
-        pred, v = self.model_output(x_t, t) if output is None else output
-        min_log = s.extract(s.posterior_log_variance_clipped, t, x_t)
-        max_log = s.extract(s.betas, t, x_t).log()
-        if self.variance == "learned":
-            frac = (v + 1) / 2
-            log_var = frac * max_log + (1 - frac) * min_log
-        else:
-            log_var = max_log if self.variance == "beta" else min_log
-        if self.parameterization == "mean":
-            x0_hat = (pred - s.extract(s.posterior_mean_coef2, t, x_t) * x_t) / s.extract(
-                s.posterior_mean_coef1, t, x_t
-            )
-        elif self.parameterization == "eps":
-            x0_hat = (
-                s.extract(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - s.extract(s.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
-            )
-        else:
-            x0_hat = pred
-        if clip_x0 and self.parameterization != "mean":
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
-        return pred, x0_hat, log_var
-
-    def p_mean_variance(self, x_t: torch.Tensor, t, output: tuple | None = None, clip_x0: bool = False) -> dict:
-        """mu_theta(x_t, t), log sigma_t^2 and the implied x0_hat, each ``x_t``'s shape.
-
-        With eps or x0 prediction, mu_theta(x_t, t) = mu_tilde_t(x_t, x0_hat), the
-        posterior mean at the predicted x_0.
+    def p_theta(self, x_t: torch.Tensor, t, output: tuple | None = None, clip_x0: bool = False) -> PTheta:
+        """p_theta(x_{t-1} | x_t)'s mean, log-variance and x0_hat (:class:`PTheta`),
+        each computed when first read, for ``t`` an int or an integer tensor of
+        ``x_t.shape[:-1]``.
 
         :param output: a precomputed :meth:`model_output` (e.g. with the
             prediction detached, for the hybrid objective).
         :param clip_x0: clamp x0_hat to [-1, 1] before forming the mean (for
             sampling images; not for an ELBO, which must score one fixed model).
         """
-        pred, x0_hat, log_var = self._x0_hat_log_variance(x_t, t, output, clip_x0)
-        mean = pred if self.parameterization == "mean" else self.schedule.q_posterior_mean_variance(x_t, x0_hat, t)[0]
-        return {"mean": mean, "log_variance": log_var.expand_as(mean), "x0_hat": x0_hat}
+        numbers = _StepNumbers(self.tables(x_t.dtype), self.schedule.time_index(t))
+        return PTheta(self, x_t, *(self.model_output(x_t, t) if output is None else output), numbers, clip_x0)
+
+    def p_mean_variance(self, x_t: torch.Tensor, t, output: tuple | None = None, clip_x0: bool = False) -> dict:
+        """mu_theta(x_t, t), log sigma_t^2 and the implied x0_hat (:meth:`p_theta`),
+        each ``x_t``'s shape. With eps or x0 prediction, mu_theta(x_t, t) =
+        mu_tilde_t(x_t, x0_hat), the posterior mean at the predicted x_0."""
+        p = self.p_theta(x_t, t, output, clip_x0)
+        return {"mean": p.mean, "log_variance": p.log_variance.expand_as(p.mean), "x0_hat": p.x0_hat}
 
     def p_step(self, x_t: torch.Tensor, t: int, clip_x0: bool = False) -> dist.Distribution:
         """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I), for t >= 2."""
-        out = self.p_mean_variance(x_t, t, clip_x0=clip_x0)
-        return dist.Normal(out["mean"], (0.5 * out["log_variance"]).exp()).to_event(1)
+        p = self.p_theta(x_t, t, clip_x0=clip_x0)
+        return dist.Normal(p.mean, (0.5 * p.log_variance).exp().expand_as(p.mean)).to_event(1)
 
     def p_decoder(self, x_1: torch.Tensor, clip_x0: bool = False) -> dist.Distribution:
         """p_theta(x_0 | x_1): the likelihood at the t = 1 step's mean with scale
         sigma_1 (for images, discretised to the 256 bins of [-1, 1])."""
-        out = self.p_mean_variance(x_1, 1, clip_x0=clip_x0)
-        return self.likelihood(out["mean"], (0.5 * out["log_variance"]).exp())
+        p = self.p_theta(x_1, 1, clip_x0=clip_x0)
+        return self.likelihood(p.mean, (0.5 * p.log_variance).exp().expand_as(p.mean))
 
     # --- the literal chain as Pyro programs --------------------------------------
 
@@ -358,16 +376,14 @@ class DiffusionChain(nn.Module):
 
     def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T|x_0) || p(x_T)) in closed form, with p(x_T) the prior
-        module (N(0, I)), shape ``x0.shape[:-1]`` (no parameters). Against the
-        standard normal, with a = alpha_bar_T,
-
-            L_T = (a |x_0|^2 - D (a + log(1 - a))) / 2,
-
-        one pass over x_0 (the per-pixel variance 1 - a is one number)."""
+        module (N(0, I)), shape ``x0.shape[:-1]`` (no parameters): :func:`normal_kl`
+        of q(x_T|x_0) = N(sqrt(alpha_bar_T) x_0, (1 - alpha_bar_T) I), whose
+        variance is one number, against the N(0, I) module in one pass over
+        x_0 (the schedule's numbers as Python numbers)."""
         p = self.prior()
         if isinstance(p.base_dist, StandardNormal):
             tab = self.tables(x0.dtype)
-            return 0.5 * (tab["alpha_bar_T"] * torch.linalg.vecdot(x0, x0) + self.x_dim * tab["prior_kl_offset"])
+            return normal_kl(x0, tab["log_one_minus_alpha_bar_T"], None, self.x_dim, mean_scale=tab["sqrt_alpha_bar_T"])
         mean, var = self.schedule.q_mean_variance(x0, self.T)
         return normal_kl(mean - p.base_dist.loc, var.log(), 2 * p.base_dist.scale.log(), self.x_dim)
 
@@ -384,7 +400,7 @@ class DiffusionChain(nn.Module):
         output: tuple | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D:
+        """The bound's term at time t given x_t ~ q(x_t|x_0), summed over D::
 
             L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))   for t >= 2
             L_0     = -log p_theta(x_0|x_1)                             for t = 1
@@ -400,67 +416,33 @@ class DiffusionChain(nn.Module):
             sqrt(1 - alpha_bar_t) eps, if known. With eps prediction the KL is
             then formed from it: x_0 - x0_hat = sqrt(1/alpha_bar_t - 1)
             (eps_theta - eps) exactly, so the mean part is
-            (coef1_t^2 (1/alpha_bar_t - 1) / (2 sigma_t^2)) |eps_theta - eps|^2,
+            (coef1_t^2 (1/alpha_bar_t - 1) / (2 sigma_t^2)) ``|eps_theta - eps|^2``,
             two passes over the values instead of six (x0_hat is formed only
             where t = 1, for the decoder). The same number up to rounding.
         """
         x0 = x0.expand_as(x_t)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[:-1])
-        if noise is None or self.parameterization != "eps":
-            return self._vb_terms(x0, x_t, t, output)
-        tab, i = self.tables(x_t.dtype), self._time_index(t)
+        tab, i = self.tables(x_t.dtype), self.schedule.time_index(t)
         pred, v = self.model_output(x_t, t) if output is None else output
-        min_log = tab["posterior_log_variance_clipped"][i].unsqueeze(-1)
-        if self.variance == "learned":
-            frac = (v + 1) / 2
-            log_var = frac * tab["log_betas"][i].unsqueeze(-1) + (1 - frac) * min_log
+        p = PTheta(self, x_t, pred, v, _StepNumbers(tab, i))
+        # the posterior's log-variance, the same tensor as p's for sigma_t^2 = beta_tilde_t (whose KL
+        # then has no variance part): normal_kl skips it, and weighs |mean difference|^2 once per entry
+        # where sigma_t^2 is one number per entry
+        min_log = p.numbers["posterior_log_variance_clipped"]
+        if noise is not None and self.parameterization == "eps":
+            kl = normal_kl(pred - noise, min_log, p.log_variance, self.x_dim, mean_scale=tab["kl_noise_coef"][i])
         else:
-            log_var = tab["log_betas"][i].unsqueeze(-1) if self.variance == "beta" else min_log
-        diff = pred - noise
-        coef = tab["kl_noise_coef"][i]
-        if log_var is min_log:
-            # sigma_t^2 = beta_tilde_t: the variances agree, KL = coef^2 |diff|^2 / (2 beta_tilde_t)
-            kl = (0.5 * coef.square() * torch.exp(-min_log.squeeze(-1))) * torch.linalg.vecdot(diff, diff)
-        elif log_var.shape[-1] == 1:
-            # KL = D/2 (log sigma^2 - log beta_tilde + beta_tilde/sigma^2 - 1) + coef^2 |diff|^2 / (2 sigma^2)
-            var_part = 0.5 * (-1.0 + log_var - min_log + torch.exp(min_log - log_var)).squeeze(-1)
-            kl = self.x_dim * var_part + (0.5 * coef.square() * torch.exp(-log_var.squeeze(-1))) * torch.linalg.vecdot(
-                diff, diff
+            kl = normal_kl(
+                x0 - p.x0_hat, min_log, p.log_variance, self.x_dim, mean_scale=tab["posterior_mean_coef1"][i]
             )
-        else:
-            kl = normal_kl(coef.unsqueeze(-1) * diff, min_log, log_var, self.x_dim)
         is_decoder = t == 1
         if not is_decoder.any():  # most batches: no decoder term, skip its CDFs
             return kl
         # at t = 1 the term is the decoder's -log p(x_0|x_1), on those entries only
-        x_1, i_1, pred_1 = x_t[is_decoder], i[is_decoder], pred[is_decoder]
-        x0_hat = (
-            tab["sqrt_recip_alphas_cumprod"][i_1].unsqueeze(-1) * x_1
-            - tab["sqrt_recipm1_alphas_cumprod"][i_1].unsqueeze(-1) * pred_1
-        )
-        mean = (
-            tab["posterior_mean_coef1"][i_1].unsqueeze(-1) * x0_hat
-            + tab["posterior_mean_coef2"][i_1].unsqueeze(-1) * x_1
-        )
-        return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var.expand_as(x_t)[is_decoder]))
-
-    def _vb_terms(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: tuple | None) -> torch.Tensor:
-        """:meth:`vb_terms` through x0_hat (any parameterisation; x_t need not come from a known noise)."""
-        s = self.schedule
-        pred, x0_hat, log_var = self._x0_hat_log_variance(x_t, t, output, clip_x0=False)
-        mean_diff = s.extract(s.posterior_mean_coef1, t, x_t) * (x0 - x0_hat)
-        kl = normal_kl(mean_diff, s.extract(s.posterior_log_variance_clipped, t, x_t), log_var, self.x_dim)
-        is_decoder = t == 1
-        if not is_decoder.any():  # most batches: no decoder term, skip its CDFs
-            return kl
-        # at t = 1 the term is the decoder's -log p(x_0|x_1), on those entries only
-        x_1, t_1 = x_t[is_decoder], t[is_decoder]
-        mean = (
-            pred[is_decoder]
-            if self.parameterization == "mean"
-            else s.q_posterior_mean_variance(x_1, x0_hat[is_decoder], t_1)[0]
-        )
-        return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var.expand_as(x_t)[is_decoder]))
+        x_1 = x_t[is_decoder]
+        mean = PTheta(self, x_1, pred[is_decoder], None, _StepNumbers(tab, i[is_decoder])).mean
+        log_var = p.log_variance.expand_as(x_t)[is_decoder]
+        return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var))
 
     def full_bound(self, x0: torch.Tensor, chunk_size: int = 512) -> dict:
         """-ELBO(x0) with every term, x_t ~ q(x_t|x_0) drawn independently for each
@@ -520,39 +502,16 @@ class DiffusionChain(nn.Module):
         dtype = next(self.net.parameters()).dtype
         x = torch.randn(n, self.x_dim, device=ref.device, dtype=dtype)
         # Every step's numbers read once, as Python numbers in the network's dtype
-        # (what p_mean_variance computes per step from the float64 tables: a
-        # slice, a cast and a copy per table), so the loop is the network call
-        # and a few passes over x.
-        tab = {name: values.tolist() for name, values in chain.tables(dtype).items()}
-        learned, parameterization = chain.variance == "learned", chain.parameterization
+        # (not a slice, a cast and a copy per table per step), so the loop is the
+        # network call and a few passes over x.
+        tab = {name: values.tolist() for name, values in chain.tables(dtype).items() if torch.is_tensor(values)}
+        learned = chain.variance == "learned"
         for i in range(chain.T - 1, 0, -1):  # t = i + 1 = T..2
             out = self.net(x, torch.full((n,), tab["tau"][i], device=ref.device, dtype=dtype))
-            pred, v = out.chunk(2, dim=-1) if learned else (out, None)
-            c1, c2 = tab["posterior_mean_coef1"][i], tab["posterior_mean_coef2"][i]
-            if parameterization == "mean":
-                mean = pred
-            else:
-                x0_hat = (
-                    tab["sqrt_recip_alphas_cumprod"][i] * x - tab["sqrt_recipm1_alphas_cumprod"][i] * pred
-                    if parameterization == "eps"
-                    else pred
-                )
-                if clip_x0:
-                    x0_hat = x0_hat.clamp(-1.0, 1.0)
-                mean = c1 * x0_hat + c2 * x
-            if learned:
-                frac = (v + 1) / 2
-                sigma = (
-                    0.5 * (frac * tab["log_betas"][i] + (1 - frac) * tab["posterior_log_variance_clipped"][i])
-                ).exp()
-            else:
-                sigma = math.exp(
-                    0.5 * tab["log_betas" if chain.variance == "beta" else "posterior_log_variance_clipped"][i]
-                )
+            p = PTheta(chain, x, *(out.chunk(2, dim=-1) if learned else (out, None)), _StepNumbers(tab, i), clip_x0)
             # a draw from p_step(x, t): mean + sigma_t z, without building the Normal
-            x = (
-                torch.addcmul(mean, torch.randn_like(mean), sigma)
-                if learned
-                else mean.add(torch.randn_like(mean), alpha=sigma)
-            )
+            if learned:
+                x = torch.addcmul(p.mean, torch.randn_like(p.mean), (0.5 * p.log_variance).exp())
+            else:
+                x = p.mean.add(torch.randn_like(p.mean), alpha=math.exp(0.5 * p.log_variance))
         return chain.p_decoder(x, clip_x0=clip_x0).mean

@@ -111,13 +111,13 @@ class LinearGamma(GammaSchedule):
 
 
 class MonotoneNetGamma(GammaSchedule):
-    """VDM's monotone network, normalised between its learned end points:
+    """VDM's monotone network, normalised between its learned end points::
 
         g(t)     = l_1(t) + l_3(phi(l_2(t))) / n,   phi(h) = 2 (sigmoid(h) - 1/2)
         shape(t) = (g(t) - g(0)) / (g(1) - g(0))
 
     with l_1: 1 -> 1, l_2: 1 -> n (on 2 (t - 1/2)), l_3: n -> 1 (no bias)
-    linear layers whose weights are |w| (``DenseMonotone`` in VDM's code), so g
+    linear layers whose weights are ``|w|`` (``DenseMonotone`` in VDM's code), so g
     is nondecreasing and so is the shape. At initialisation the shape is close
     to linear (l_1 dominates).
 

@@ -1,10 +1,10 @@
 """The noise schedule: the single owner of every number derived from beta_t.
 
-The forward process (the diffusion model's fixed encoder) is
+The forward process (the diffusion model's fixed encoder) is ::
 
     q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I),   alpha_t = 1 - beta_t,   t = 1..T
 
-with the closed forms
+with the closed forms ::
 
     q(x_t | x_0)          = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),   alpha_bar_t = prod_{s<=t} alpha_s
     q(x_{t-1} | x_t, x_0) = N(mu_tilde_t(x_t, x_0), beta_tilde_t I)
@@ -135,23 +135,31 @@ class NoiseSchedule(nn.Module):
     def T(self) -> int:
         return self.betas.numel()
 
-    def extract(self, table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``table[t - 1]`` in ``x``'s dtype with a trailing event dimension, so it
-        broadcasts against ``x`` of shape ``batch_shape + (D,)``. Times outside
-        1..T are an error under ``pyro.enable_validation()`` (Pyro's default)."""
+    def time_index(self, t):
+        """``t - 1``, the index of time t in the tables, after the library's one
+        check of a time: t an int or an integer tensor, in 1..T (a tensor's
+        range only under ``pyro.enable_validation()``, Pyro's default: the check
+        reads t back from the device)."""
         if type(t) is int:
-            # one time for the whole batch (the sampler's loop, the literal chain):
-            # checked in Python, no tensor built from t, no index tensor
+            # one time for the whole batch (the sampler's loop, the literal chain): checked in Python
             if not 1 <= t <= self.T:
                 raise ValueError(f"t must lie in 1..{self.T}, got {t}")
-            return table[t - 1 : t].to(dtype=x.dtype)
-        t = torch.as_tensor(t, device=table.device)
+            return t - 1
+        t = torch.as_tensor(t, device=self.betas.device)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"t must be an integer tensor of times in 1..{self.T}, got dtype {t.dtype}")
-        # the range check reads t back from the device: only under pyro.enable_validation
         if is_validation_enabled() and t.numel() and (t.min() < 1 or t.max() > self.T):
             raise ValueError(f"t must lie in 1..{self.T}, got values from {int(t.min())} to {int(t.max())}")
-        return table[t - 1].to(dtype=x.dtype).unsqueeze(-1)
+        return t - 1
+
+    def extract(self, table: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+        """``table[t - 1]`` in ``x``'s dtype with a trailing event dimension, so it
+        broadcasts against ``x`` of shape ``batch_shape + (D,)`` (t checked by
+        :meth:`time_index`)."""
+        i = self.time_index(t)
+        if type(i) is int:
+            return table[i : i + 1].to(dtype=x.dtype)  # no index tensor built for one time
+        return table[i].to(dtype=x.dtype).unsqueeze(-1)
 
     # q(x_t | x_{t-1}): the forward step, used by the forward-factorised guide.
     def q_step(self, x_prev: torch.Tensor, t) -> dist.Distribution:

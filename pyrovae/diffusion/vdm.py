@@ -17,7 +17,7 @@ where eps_hat = eps_hat_theta(z_t; gamma_t) is the denoiser, conditioned on
 gamma_t (not on t, so that the bound's invariance to the schedule's interior
 holds). Its bound, in the project's vocabulary (:mod:`pyrovae.infer.bound`;
 ``kl_layers`` is the sum of the T-step chain's KL terms, and its limit, the
-integral L_inf, in continuous time), is
+integral L_inf, in continuous time), is ::
 
     ELBO(x) = E_{q(z_0|x)}[log p(x | z_0)]            ``recon``
             - KL(q(z_1|x) || N(0, I))                 ``kl_top``
@@ -306,7 +306,7 @@ class VDM(nn.Module):
 
     def diffusion_weight(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma at the time used, the diffusion term's weight w) for times
-        ``t`` in [0, 1] (any shape):
+        ``t`` in [0, 1] (any shape)::
 
             continuous:  gamma(t),   w = gamma'(t)
             T steps:     gamma(t_i), w = T expm1(gamma(t_i) - gamma(s_i)),

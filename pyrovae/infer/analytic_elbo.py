@@ -13,6 +13,12 @@ When ``torch.distributions.kl_divergence(q(z_i|.), p(z_i|.))`` is registered
 which for the VAE is the seed's E_q[log p_theta(x|z)] - KL(q_phi(z|x) || p(z)).
 The substitution is exact only under a dependency condition (see
 :class:`TraceAnalyticKL_ELBO`); where it fails the Monte Carlo term is kept.
+
+A discrete guide site y marked for parallel enumeration (``config_enumerate``)
+is summed over its support instead of sampled: every term below y is computed
+in each branch and weighted by q(y|.), so that for the semi-supervised VAE
+
+    U(x) = sum_y q_phi(y|x) [E_q log p_theta(x|y,z) - KL(q_phi(z|x,y) || p(z)) + log p(y)] + H(q_phi(y|x)).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.inspect import get_dependencies
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, warn_if_nan
@@ -34,12 +41,16 @@ from torch.distributions import kl_divergence
 
 class Terms(dict):
     """``{site name: float}``, the ELBO estimate split by site, with
-    ``closed_form``: the latent sites whose term was the exact -KL (every other
-    latent site's term is the Monte Carlo log p - log q)."""
+    ``closed_form``: the latent sites whose term was the exact -KL (in every
+    branch, below an enumerated site), and ``enumerated``: the guide sites
+    summed over their support, whose term sum_y q(y|.) [log p(y|.) - log q(y|.)]
+    = -KL(q(y|.) || p(y|.)) is exact too (every other latent site's term is
+    the Monte Carlo log p - log q)."""
 
-    def __init__(self, values: dict, closed_form: tuple):
+    def __init__(self, values: dict, closed_form: tuple, enumerated: tuple = ()):
         super().__init__(values)
         self.closed_form = closed_form
+        self.enumerated = enumerated
 
 
 class TraceAnalyticKL_ELBO(ELBO):
@@ -70,6 +81,31 @@ class TraceAnalyticKL_ELBO(ELBO):
     discrete latent is credited with its own terms only. Replacing a term of
     r by its conditional expectation (a KL) keeps the gradient unbiased and
     usually lowers its variance.
+
+    **Enumerated discrete guide sites** (marked ``infer={"enumerate":
+    "parallel"}``, as :func:`pyro.infer.config_enumerate` marks them) are not
+    sampled: the guide runs under :class:`~pyro.poutine.enum_messenger.EnumMessenger`,
+    so y takes every value of its support at once along a dimension of its own
+    (left of the ``max_plate_nesting`` plate dimensions, which are guessed once
+    when not given), and every site below y is computed in each branch. Each
+    term T is then replaced by its exact expectation over the enumerated sites
+    it depends on, sum_y q(y|.) T(y) (with their guide ancestors: the product
+    of their probabilities q, unscaled and unmasked, as ``TraceEnum_ELBO``'s
+    weights); y's own term becomes sum_y q(y|.) [log p(y|.) - log q(y|.)] =
+    -KL(q(y|.) || p(y|.)), exact whatever depends on what, and a Gaussian KL
+    below y is taken in closed form in each branch under the rule below. For
+    the semi-supervised VAE this is
+
+        U(x) = sum_y q_phi(y|x) [E_q log p_theta(x|y,z) - KL(q_phi(z|x,y) || p(z)) + log p(y)] + H(q_phi(y|x)),
+
+    ``TraceEnum_ELBO``'s expectation (guide-side enumeration) without the
+    Monte Carlo noise of its KL terms. It refuses, with a ``ValueError``
+    naming the site and suggesting ``TraceEnum_ELBO``, what it cannot sum
+    exactly: sequential enumeration and ``num_samples`` (multi-sample)
+    enumeration, a site enumerated in the model but absent from the guide, a
+    site outside a plate whose term depends on a site enumerated inside it,
+    and a non-reparameterised site left to the score function below an
+    enumerated site.
 
     **When the closed form is exact.** Replacing
     E_q[log p(z_i|pa_p) - log q(z_i|pa_q)] by -E_q[KL(q(z_i|pa_q) || p(z_i|pa_p))]
@@ -121,12 +157,41 @@ class TraceAnalyticKL_ELBO(ELBO):
             raise ValueError(f"kl_scale must be a number >= 0, got {value!r}")
         self._kl_scale = float(value)
 
+    def _get_traces(self, model, guide, args, kwargs):
+        """``ELBO._get_traces`` with the guide run under :class:`_GuideEnum`:
+        parallel enumeration of the sites marked for it, its dimensions left of
+        the plates and of the particle plate. Without ``max_plate_nesting`` a
+        guide that marks a site is run again once the nesting is guessed (on
+        the first call only: the guess is kept)."""
+        if self.vectorize_particles:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            model, guide = self._vectorized_num_particles(model), self._vectorized_num_particles(guide)
+        for _ in range(1 if self.vectorize_particles else self.num_particles):
+            try:
+                yield self._get_trace(model, _GuideEnum(self.max_plate_nesting)(guide), args, kwargs)
+            except _NestingUnknown:
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+                yield self._get_trace(model, _GuideEnum(self.max_plate_nesting)(guide), args, kwargs)
+
     def _get_trace(self, model, guide, args, kwargs):
         """One guide trace and the model replayed against it. Unlike
         ``Trace_ELBO`` no log-densities are computed here: the terms compute
         only the ones they need."""
         guide_trace = _run_traced(guide, args, kwargs)
         model_trace = _run_traced(model, args, kwargs, replay=guide_trace)
+        for name, site in model_trace.nodes.items():
+            if (
+                site["type"] == "sample"
+                and not site["is_observed"]
+                and site["infer"].get("enumerate") is not None
+                and name not in guide_trace.nodes
+                and not site_is_subsample(site)
+            ):
+                raise ValueError(
+                    f"TraceAnalyticKL_ELBO enumerates guide sites only; site {name!r} is marked for enumeration in "
+                    "the model and is absent from the guide: use TraceEnum_ELBO, which enumerates the model"
+                )
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
         # get_trace returned copies of their own: the plates' subsample sites are
@@ -134,12 +199,16 @@ class TraceAnalyticKL_ELBO(ELBO):
         return _prune_subsample_sites(model_trace), _prune_subsample_sites(guide_trace)
 
     def _particle_terms(self, model_trace, guide_trace, monte_carlo: frozenset):
-        """One particle: ``(observed, latent, closed_form, score)``. ``observed``
-        and ``latent`` map site name -> (plates, per-index tensor): the scaled,
-        masked log-likelihood, and -KL or its Monte Carlo stand-in; ``closed_form``
-        lists the sites that took the KL; ``score`` lists the guide sites that
+        """One particle: ``(observed, latent, closed_form, enumerated, score)``.
+        ``observed`` and ``latent`` map site name -> (plates, per-index tensor):
+        the scaled, masked log-likelihood, and -KL or its Monte Carlo stand-in,
+        each the expectation over the enumerated sites it depends on;
+        ``closed_form`` lists the sites that took the KL, ``enumerated`` the
+        sites summed over their support; ``score`` lists the guide sites that
         need the score-function surrogate. Their log q is detached in the
         terms: its gradient comes from the surrogate instead, as in ``Trace_ELBO``."""
+        enum = _enumerated(guide_trace)
+        enum_dims = {info.dim for info in enum.values()}
         observed, latent, closed_form, score = {}, {}, [], []
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
@@ -154,8 +223,12 @@ class TraceAnalyticKL_ELBO(ELBO):
                 # as in Trace_ELBO (check_model_guide_match warns about it).
                 latent[name] = (plates, _log_prob(site))
                 continue
+            if name in enum:
+                # log p - log q in every branch, weighted by q below: the exact -KL
+                latent[name] = (plates, _log_prob(site) - _log_prob(guide_site))
+                continue
             reparameterised = guide_site["fn"].has_rsample
-            kl = _scaled_kl(guide_site, site) if reparameterised and name not in monte_carlo else None
+            kl = _scaled_kl(guide_site, site, enum_dims) if reparameterised and name not in monte_carlo else None
             if kl is not None:
                 latent[name] = (plates, -kl)
                 closed_form.append(name)
@@ -168,11 +241,21 @@ class TraceAnalyticKL_ELBO(ELBO):
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and name not in model_trace.nodes:
                 log_q = _log_prob(site)
-                if not site["fn"].has_rsample:
+                if not site["fn"].has_rsample and name not in enum:
                     score.append(site)
                     log_q = log_q.detach()
                 latent[name] = (site["cond_indep_stack"], -log_q)
-        return observed, latent, closed_form, score
+        if enum:
+            observed, latent = _expectations(observed, enum), _expectations(latent, enum)
+            for site in score:
+                above = _closure(site["fn"].log_prob(site["value"]), enum)
+                if above:
+                    raise ValueError(
+                        f"TraceAnalyticKL_ELBO: the non-reparameterised guide site {site['name']!r} is sampled in "
+                        f"each branch of the enumerated site(s) {sorted(above)}, where a score-function term is not "
+                        "supported; mark it for parallel enumeration too (config_enumerate) or use TraceEnum_ELBO"
+                    )
+        return observed, latent, closed_form, tuple(enum), score
 
     def _surrogate(self, observed: dict, latent: dict, score: list) -> tuple:
         """The score-function surrogate split as ``(s_obs, s_lat)``, the whole
@@ -197,14 +280,14 @@ class TraceAnalyticKL_ELBO(ELBO):
 
     def _terms(self, model, guide, args, kwargs):
         """Per-site scalar terms averaged over ``num_particles``:
-        ``(observed, latent, closed_form, surrogate)``, ``surrogate`` the pair
-        ``(s_obs, s_lat)`` of zero-valued tensors carrying the score-function
-        gradients (:meth:`_surrogate`)."""
-        observed, latent, surrogate, closed_form = {}, {}, (0.0, 0.0), ()
+        ``(observed, latent, closed_form, enumerated, surrogate)``, ``surrogate``
+        the pair ``(s_obs, s_lat)`` of zero-valued tensors carrying the
+        score-function gradients (:meth:`_surrogate`)."""
+        observed, latent, surrogate, closed_form, enumerated = {}, {}, (0.0, 0.0), (), ()
         k = self.num_particles
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
-            obs_i, lat_i, closed_form, score = self._particle_terms(model_trace, guide_trace, monte_carlo)
+            obs_i, lat_i, closed_form, enumerated, score = self._particle_terms(model_trace, guide_trace, monte_carlo)
             if score:
                 surrogate = tuple(
                     total + part / k for total, part in zip(surrogate, self._surrogate(obs_i, lat_i, score))
@@ -214,7 +297,7 @@ class TraceAnalyticKL_ELBO(ELBO):
                     # one particle (the usual step): the sum alone, no division by 1 nor addition to 0
                     term = value.sum() if k == 1 else value.sum() / k
                     total[name] = total[name] + term if name in total else term
-        return observed, latent, tuple(closed_form), surrogate
+        return observed, latent, tuple(closed_form), enumerated, surrogate
 
     def loss_parts(self, model, guide, *args, **kwargs) -> tuple:
         """``(a, b)`` with loss = -(a + kl_scale * b): ``a`` the log-likelihood
@@ -224,7 +307,7 @@ class TraceAnalyticKL_ELBO(ELBO):
         captured loss (:mod:`pyrovae.compiled`) records these two sums once,
         and a KL warm-up that changes ``kl_scale`` every epoch needs no new
         capture; :meth:`loss_from_parts` combines them."""
-        observed, latent, _, (s_obs, s_lat) = self._terms(model, guide, args, kwargs)
+        observed, latent, _, _, (s_obs, s_lat) = self._terms(model, guide, args, kwargs)
         a, b = _total(observed.values()), _total(latent.values())
         if not (isinstance(s_obs, float) and s_obs == 0.0):
             a = a + s_obs
@@ -266,12 +349,31 @@ class TraceAnalyticKL_ELBO(ELBO):
         """The ELBO estimate split by site: a :class:`Terms` dict ``{site name:
         float}`` with the expected log-likelihood estimate for each observed
         site and -KL (or its Monte Carlo estimate log p - log q) for each latent
-        site, each averaged over ``num_particles``, and ``.closed_form``, the
-        sites that took the exact KL. The values sum to the ELBO estimate,
+        site, each averaged over ``num_particles``, ``.closed_form``, the sites
+        that took the exact KL, and ``.enumerated``, the sites summed over their
+        support (their term the exact -KL). The values sum to the ELBO estimate,
         whatever ``kl_scale`` is; the loss is ``-(sum observed + kl_scale * sum latent)``."""
         with torch.no_grad():
-            observed, latent, closed_form, _ = self._terms(model, guide, args, kwargs)
-        return Terms({name: torch_item(value) for name, value in {**observed, **latent}.items()}, closed_form)
+            observed, latent, closed_form, enumerated, _ = self._terms(model, guide, args, kwargs)
+        values = {name: torch_item(value) for name, value in {**observed, **latent}.items()}
+        return Terms(values, closed_form, enumerated)
+
+    def per_example_terms(self, model, guide, x: torch.Tensor, *args, **kwargs) -> tuple[dict, tuple]:
+        """The terms of :meth:`terms` per example: ``({site: (B,) tensor},
+        closed_form)``, the expected log-likelihood of each observed site and
+        -KL (or its Monte Carlo estimate log p - log q) of each latent site,
+        averaged over ``num_particles``; summed over the examples they are
+        :meth:`terms`. The examples are the data plate's, the last batch
+        dimension of every site (``x.shape[0]`` of them); ``model`` and
+        ``guide`` are called with ``(x, *args, **kwargs)``."""
+        totals, closed_form, args = {}, (), (x, *args)
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
+            observed, latent, closed_form, _, _ = self._particle_terms(model_trace, guide_trace, monte_carlo)
+            for name, (_, value) in {**observed, **latent}.items():
+                term = value.reshape(-1, x.shape[0]).sum(0) / self.num_particles
+                totals[name] = totals[name] + term if name in totals else term
+        return totals, tuple(closed_form)
 
     def _biased_sites(self, model, guide, args, kwargs, model_trace, guide_trace) -> frozenset:
         """The sites where the closed-form KL would be biased (a model parent
@@ -307,6 +409,50 @@ class TraceAnalyticKL_ELBO(ELBO):
                 stacklevel=4,
             )
         return self._monte_carlo_sites[key]
+
+
+class _NestingUnknown(Exception):
+    """A site is marked for parallel enumeration and ``max_plate_nesting`` is not known yet."""
+
+
+class _GuideEnum(EnumMessenger):
+    """Pyro's parallel enumeration of the guide's marked sites, its
+    dimensions from ``-1 - max_plate_nesting`` leftwards; the markers that
+    cannot be summed exactly here raise a ``ValueError`` naming the site.
+    Until the first marked site (in a guide without one: always) the sites
+    pass untouched, without the enumerator's bookkeeping."""
+
+    def __init__(self, max_plate_nesting):
+        finite = max_plate_nesting != float("inf")
+        super().__init__(first_available_dim=-1 - max_plate_nesting if finite else None)
+        self._active = False
+
+    def __enter__(self):
+        self._active = False
+        return super().__enter__()
+
+    def _pyro_sample(self, msg) -> None:
+        how = msg["infer"].get("enumerate")
+        if how is not None and not msg["is_observed"] and not msg["done"]:
+            num_samples = msg["infer"].get("num_samples")
+            if how != "parallel" or num_samples is not None:
+                given = f"num_samples={num_samples}" if how == "parallel" else repr(how)
+                raise ValueError(
+                    "TraceAnalyticKL_ELBO sums a guide site over its support only under parallel enumeration "
+                    f'(infer={{"enumerate": "parallel"}}, without num_samples); site {msg["name"]!r} asks for '
+                    f"{given}: use TraceEnum_ELBO for it"
+                )
+            if self.first_available_dim is None:
+                raise _NestingUnknown
+            self._active = True
+        elif msg["infer"].get("_markov_scope") is not None:
+            self._active = True  # pyro.markov: the enumerator tracks every site's depth
+        if self._active:
+            super()._pyro_sample(msg)
+
+    def _pyro_post_sample(self, msg) -> None:
+        if self._active:
+            super()._pyro_post_sample(msg)
 
 
 def _run_traced(fn, args, kwargs, replay=None):
@@ -355,12 +501,15 @@ def _same(a, b) -> bool:
     return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
 
 
-def _scaled_kl(guide_site, model_site):
-    """The scaled, masked KL(q || p) with q's batch shape, or None when it is not
-    registered or the sites differ in shape, scale or mask (then only the Monte
-    Carlo term reproduces Trace_ELBO's expectation)."""
+def _scaled_kl(guide_site, model_site, enum_dims=frozenset()):
+    """The scaled, masked KL(q || p) with the batch shape of q and p broadcast,
+    or None when it is not registered or the sites differ in shape, scale or
+    mask (then only the Monte Carlo term reproduces Trace_ELBO's expectation).
+    The batch shapes may differ only at enumeration dimensions ``enum_dims``,
+    where one of them is 1: q(z|x,y) against p(z), or q(z|x) against p(z|y)."""
     q, p = guide_site["fn"], model_site["fn"]
-    if q.batch_shape != p.batch_shape or q.event_shape != p.event_shape:
+    shape = _branch_shape(q.batch_shape, p.batch_shape, enum_dims)
+    if shape is None or q.event_shape != p.event_shape:
         return None
     if not (_same(guide_site["scale"], model_site["scale"]) and _same(guide_site["mask"], model_site["mask"])):
         return None
@@ -371,8 +520,86 @@ def _scaled_kl(guide_site, model_site):
     value = guide_site["value"]
     if is_identically_zero(kl):
         # Pyro's KL of two distributions masked with False is the float 0.0
-        return value.new_zeros(q.batch_shape)
-    return scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).expand(q.batch_shape)
+        return value.new_zeros(shape)
+    return scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).expand(shape)
+
+
+def _branch_shape(q_shape, p_shape, enum_dims) -> torch.Size | None:
+    """``q_shape`` if equal to ``p_shape``; their broadcast shape if they differ
+    only at enumeration dimensions (one of them 1 there); else None."""
+    if q_shape == p_shape:
+        return q_shape
+    n = max(len(q_shape), len(p_shape))
+    q_shape, p_shape = (1,) * (n - len(q_shape)) + tuple(q_shape), (1,) * (n - len(p_shape)) + tuple(p_shape)
+    for i, (a, b) in enumerate(zip(q_shape, p_shape)):
+        if a != b and not (i - n in enum_dims and 1 in (a, b)):
+            return None
+    return torch.Size(max(a, b) for a, b in zip(q_shape, p_shape))
+
+
+class _Enumerated:
+    """An enumerated guide site: its dimension, its K values' probabilities
+    q(y|.) (unscaled, unmasked: weights, not terms), its plates, and the
+    enumerated sites its q depends on."""
+
+    def __init__(self, site, dim: int):
+        self.dim = dim
+        self.size = site["value"].shape[dim]
+        self.probs = site["fn"].log_prob(site["value"]).exp()
+        self.plates = {frame.name for frame in site["cond_indep_stack"] if frame.vectorized}
+        self.parents: set = set()
+
+
+def _enumerated(guide_trace) -> dict:
+    """``{name: _Enumerated}`` for the guide's sites enumerated in parallel
+    over more than one value (one value weighs 1 and needs no sum)."""
+    enum = {}
+    for name, site in guide_trace.nodes.items():
+        dim = site["infer"].get("_enumerate_dim") if site["type"] == "sample" else None
+        if dim is not None and site["value"].shape[dim] > 1:
+            enum[name] = _Enumerated(site, dim)
+    for name, info in enum.items():
+        info.parents = _closure(info.probs, enum, direct=True) - {name}
+    return enum
+
+
+def _closure(tensor: torch.Tensor, enum: dict, direct: bool = False) -> set:
+    """The enumerated sites whose dimension ``tensor`` has, with their
+    enumerated ancestors in the guide (unless ``direct``)."""
+    found = {name for name, info in enum.items() if tensor.dim() >= -info.dim and tensor.shape[info.dim] == info.size}
+    frontier = set() if direct else found
+    while frontier:
+        frontier = {parent for name in frontier for parent in enum[name].parents} - found
+        found |= frontier
+    return found
+
+
+def _expectations(terms: dict, enum: dict) -> dict:
+    """Each term T replaced by its expectation over the enumerated sites Y it
+    depends on, sum_Y prod_{y in Y} q(y|pa(y)) T(Y), per index of its plates
+    (the summed dimensions kept, of size 1). Raises ``ValueError`` when such
+    a y lies in a plate that T is outside: the expectation is then a sum over
+    K^N joint branches, not one per index."""
+    out = {}
+    for name, (plates, value) in terms.items():
+        sites = _closure(value, enum)
+        if not sites:
+            out[name] = (plates, value)
+            continue
+        own = {frame.name for frame in plates if frame.vectorized}
+        weight = None
+        for y in sorted(sites):
+            outside = sorted(enum[y].plates - own)
+            if outside:
+                raise ValueError(
+                    f"TraceAnalyticKL_ELBO: site {name!r} lies outside the plate(s) {outside} of the enumerated "
+                    f"site {y!r} and depends on it, so the sum over {y!r} does not split by index; move {name!r} "
+                    "inside the plate or use TraceEnum_ELBO"
+                )
+            weight = enum[y].probs if weight is None else weight * enum[y].probs
+        dims = sorted({enum[y].dim for y in sites})
+        out[name] = (plates, (value * weight).sum(dims, keepdim=True))
+    return out
 
 
 def _latent_order(trace, other) -> list:

@@ -1,4 +1,6 @@
-"""Closed-form KL divergences that torch does not register.
+"""The Gaussian KL, :func:`normal_kl`, written once for every model (the
+diffusion chain's per-step and prior terms, VDM's prior term, the registered
+KLs below), and the closed-form KL divergences that torch does not register.
 
 Importing this module registers KL(q || p) for a Normal q against the
 standard normal p (:class:`~pyrovae.parts.priors.StandardNormal`, the default
@@ -20,18 +22,65 @@ from torch.distributions import Independent, LowRankMultivariateNormal, Multivar
 from pyrovae.parts.priors import StandardNormal
 
 
+def normal_kl(mean_diff, log_var_q, log_var_p=None, event_size: int | None = None, mean_scale=None):
+    """KL(N(m_q, diag exp(log_var_q)) || N(m_p, diag exp(log_var_p))), the library's one Gaussian KL:
+
+        0.5 sum_d [log_var_p - log_var_q + exp(log_var_q - log_var_p) - 1 + (m_q - m_p)^2 exp(-log_var_p)]
+
+    :param mean_diff: m_q - m_p, shape ``batch_shape + (D,)``; or, with
+        ``mean_scale`` (shape ``batch_shape``, or a number), m_q - m_p =
+        mean_scale * mean_diff, the factor applied once per example where the
+        variance is shared instead of to each of the D elements.
+    :param log_var_q: ``batch_shape + (D,)``, or ``batch_shape + (1,)`` (or a
+        number) for one variance shared by the D elements, whose terms are then
+        computed once, not D times.
+    :param log_var_p: as ``log_var_q``; ``None`` for unit variances (p = N(m_p, I)),
+        whose terms are left out (they are exact zeros). The same tensor as
+        ``log_var_q``: equal variances, whose part of the KL is zero and skipped.
+    :param event_size: D, to sum over the event (returns ``batch_shape``);
+        ``None`` for the elementwise KL (returns the broadcast shape of the arguments).
+    """
+    exp = torch.exp if any(torch.is_tensor(v) for v in (log_var_q, log_var_p)) else math.exp
+    if log_var_q is log_var_p:
+        var_part = None
+    elif log_var_p is None:
+        var_part = 0.5 * (-1.0 - log_var_q + exp(log_var_q))
+    else:
+        var_part = 0.5 * (-1.0 + log_var_p - log_var_q + exp(log_var_q - log_var_p))
+    if event_size is None:
+        d = mean_diff if mean_scale is None else mean_scale * mean_diff
+        mean_part = 0.5 * (d.square() if log_var_p is None else d.square() * exp(-log_var_p))
+        return mean_part if var_part is None else var_part + mean_part
+    if var_part is not None:
+        shared = not torch.is_tensor(var_part) or var_part.dim() == 0
+        var_part = var_part * event_size if shared else var_part.sum(-1) * (event_size / var_part.shape[-1])
+    if log_var_p is None or not torch.is_tensor(log_var_p) or log_var_p.shape[-1] == 1:
+        # one variance of p per example: weigh the squared distance once
+        weight = 0.5 if mean_scale is None else 0.5 * mean_scale**2
+        if log_var_p is not None:
+            weight = weight * exp(-(log_var_p.squeeze(-1) if torch.is_tensor(log_var_p) else log_var_p))
+        mean_part = weight * torch.linalg.vecdot(mean_diff, mean_diff)
+    else:
+        d = mean_diff if mean_scale is None else mean_scale.unsqueeze(-1) * mean_diff
+        mean_part = 0.5 * (d.square() * torch.exp(-log_var_p)).sum(-1)
+    return mean_part if var_part is None else var_part + mean_part
+
+
 def kl_gaussian_diagonal_normal(q, p: Independent) -> torch.Tensor:
-    """KL(q || p) for a Gaussian q = N(mu, Sigma) and p = N(m, diag(s^2)):
+    """KL(q || p) for a Gaussian q = N(mu, Sigma) and p = N(m, diag(s^2)): the
+    KL from q's diagonal, :func:`normal_kl`, plus what q's correlations add,
 
-        KL = H(q, p) - H(q),   H(q, p) = sum_i [log s_i + log(2 pi) / 2 + (Sigma_ii + (mu_i - m_i)^2) / (2 s_i^2)],
+        KL(q || p) = KL(N(mu, diag Sigma) || p) + (sum_i log Sigma_ii - log det Sigma) / 2,
 
-    which needs only the diagonal of Sigma (``q.variance``) and q's entropy.
+    with log det Sigma read from q's entropy.
     """
     if not isinstance(p.base_dist, Normal) or p.reinterpreted_batch_ndims != 1:
         raise NotImplementedError
-    loc, scale = p.base_dist.loc, p.base_dist.scale
-    cross_entropy = scale.log() + 0.5 * math.log(2 * math.pi) + (q.variance + (q.loc - loc) ** 2) / (2 * scale**2)
-    return cross_entropy.sum(-1) - q.entropy()
+    log_var_q = q.variance.log()
+    D = log_var_q.shape[-1]
+    log_det = 2 * q.entropy() - D * (1 + math.log(2 * math.pi))
+    diagonal = normal_kl(q.loc - p.base_dist.loc, log_var_q, 2 * p.base_dist.scale.log(), D)
+    return diagonal + 0.5 * (log_var_q.sum(-1) - log_det)
 
 
 register_kl(LowRankMultivariateNormal, Independent)(kl_gaussian_diagonal_normal)
@@ -40,9 +89,9 @@ register_kl(MultivariateNormal, Independent)(kl_gaussian_diagonal_normal)
 
 @register_kl(Normal, StandardNormal)
 def kl_normal_standard_normal(q: Normal, p: StandardNormal) -> torch.Tensor:
-    """KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - 1) / 2 - log sigma,
-    elementwise, with the batch shape of q and p broadcast together."""
-    kl = 0.5 * (q.loc.square() + q.scale.square() - 1) - q.scale.log()
+    """KL(N(mu, sigma^2) || N(0, 1)) elementwise (:func:`normal_kl` with p's unit
+    variance left out), with the batch shape of q and p broadcast together."""
+    kl = normal_kl(q.loc, 2 * q.scale.log())
     return kl if p.batch_shape == q.batch_shape else kl.expand(torch.broadcast_shapes(q.batch_shape, p.batch_shape))
 
 

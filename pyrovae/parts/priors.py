@@ -28,8 +28,8 @@ class StandardNormal(dist.Normal):
 
         KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - 1) / 2 - log sigma,
 
-    which skips the general formula's divisions by p's scale and subtraction
-    of p's loc: fewer passes over the batch in every VAE step."""
+    :func:`~pyrovae.parts.kl.normal_kl` with p's unit variance left out: no
+    division by p's scale, no subtraction of p's loc in every VAE step."""
 
 
 class StandardNormalPrior(nn.Module):
@@ -178,7 +178,7 @@ FLOWS = ("affine_autoregressive", "spline_coupling")
 
 
 class FlowPrior(nn.Module):
-    """p(z) = N(eps; 0, I) |det d eps/dz| with eps = f(z), f a stack of Pyro
+    """p(z) = N(eps; 0, I) ``|det d eps/dz|`` with eps = f(z), f a stack of Pyro
     transforms: a learned density that can be multimodal and skewed.
 
     ``affine_autoregressive`` is used in the masked-autoregressive direction

@@ -9,15 +9,18 @@ import torch
 
 from pyrovae import data as datasets
 from pyrovae import plots
-from pyrovae.infer import TraceAnalyticKL_ELBO, evaluate_iwae, make_elbo
-from pyrovae.infer.bound import bound_terms, prefixed
+from pyrovae.hvae import HVAE, active_units
+from pyrovae.infer import evaluate_iwae, make_elbo
+from pyrovae.infer.bound import prefixed
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.parts.priors import PRIORS
-from pyrovae.vae import NETS, VAE, build_vae
+from pyrovae.vae import NETS, build_vae
 
 
 class VAERecipe:
+    per_layer = False  # the report of a one-layer model: no kl_1 or active units beside kl_top
+
     def check(self, cfg) -> None:
         """Raise ``ValueError`` for VAE settings that cannot work."""
         if cfg.z_dim < 1:
@@ -40,7 +43,7 @@ class VAERecipe:
         if cfg.iwae_k < 0:
             raise ValueError(f"iwae_k must be >= 0 (0: no IWAE estimate), got {cfg.iwae_k}")
 
-    def build(self, cfg, ds: datasets.Dataset) -> VAE:
+    def build(self, cfg, ds: datasets.Dataset) -> HVAE:
         image_shape = ds.image_shape if ds.is_image else None
         return build_vae(
             ds.x_dim,
@@ -113,35 +116,32 @@ class VAERecipe:
         return datasets.binarize_test(x, self.binarize_mode(cfg))
 
     @torch.no_grad()
-    def evaluate(self, cfg, vae: VAE, x_test: torch.Tensor, batch_size: int = 500) -> dict:
-        """The bound's named terms (:mod:`pyrovae.infer.bound`) per test image, in
-        nats: ``test_recon`` = E_q[log p(x|z)], ``test_kl_top`` = KL(q(z|x) || p(z))
-        (z is the VAE's top and only layer), ``test_elbo`` and, for a likelihood
-        that is a probability mass function (Bernoulli, discretised),
-        ``test_bpd``; each image's averaged over ``cfg.test_particles`` draws of
-        z (vectorised); with
-        ``cfg.iwae_k > 0`` also the IWAE-k estimate of log p(x) (``test_iwae``
-        in nats per image, ``test_iwae_bpd`` in bits per dimension). Whatever
-        ELBO trains the model, these use the analytic-KL estimator: the same
-        expectation, with the KL exact wherever it is registered and Monte
-        Carlo elsewhere."""
-        elbo = TraceAnalyticKL_ELBO(num_particles=cfg.test_particles, vectorize_particles=True, max_plate_nesting=1)
-        recon = kl = 0.0
-        for i in range(0, len(x_test), batch_size):
-            terms = elbo.terms(vae.model, vae.guide, x_test[i : i + batch_size])
-            recon += terms.pop("x")
-            kl -= sum(terms.values())
-        n = len(x_test)
-        metrics = prefixed(
-            bound_terms(recon / n, kl / n, dim=vae.x_dim if getattr(vae.likelihood, "discrete", False) else None),
-            "test",
-        )
+    def evaluate(self, cfg, vae: HVAE, x_test: torch.Tensor, batch_size: int = 500) -> dict:
+        """The bound's named terms (:meth:`HVAE.bound <pyrovae.hvae.HVAE.bound>`)
+        per test image, in nats: ``test_recon`` = E_q[log p(x|z_1)],
+        ``test_kl_top`` = KL(q(z_L|.) || p(z_L)) (z is the VAE's top and only
+        layer), ``test_kl_layers`` for more than one layer, ``test_elbo`` and,
+        for a likelihood that is a probability mass function (Bernoulli,
+        discretised), ``test_bpd``; each image's averaged over
+        ``cfg.test_particles`` draws (vectorised). With :attr:`per_layer`, each
+        layer's ``test_kl_l`` and active units ``test_active_l``
+        (:func:`~pyrovae.hvae.active_units`). With ``cfg.iwae_k > 0`` also the
+        IWAE-k estimate of log p(x) (``test_iwae`` in nats per image,
+        ``test_iwae_bpd`` in bits per dimension). Whatever ELBO trains the
+        model, these use the analytic-KL estimator: the same expectation, with
+        the KL exact wherever it is registered and Monte Carlo elsewhere."""
+        terms = vae.bound(x_test, cfg.test_particles, batch_size).summary()
+        if not self.per_layer:
+            terms = {name: value for name, value in terms.items() if not name.startswith("kl_") or name == "kl_top"}
+        metrics = prefixed(terms, "test")
+        if self.per_layer:
+            metrics.update({f"test_active_{l}": float(n) for l, n in active_units(vae, x_test).items()})
         if cfg.iwae_k > 0:
             iwae = evaluate_iwae(vae.model, vae.guide, x_test, cfg.iwae_k)
             metrics.update(test_iwae=iwae["iwae"], test_iwae_bpd=iwae["iwae_bpd"])
         return metrics
 
-    def write_figures(self, out: str, cfg, vae: VAE, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
+    def write_figures(self, out: str, cfg, vae: HVAE, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         if not ds.is_image:
             return
         plots.save_image_grid(
