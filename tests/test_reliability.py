@@ -536,14 +536,15 @@ def test_a_lock_file_that_names_no_process_says_so(content, tmp_path, capsys):
 
 
 def test_a_sample_failing_half_way_keeps_the_previous_samples_and_leaves_no_part(tmp_path, capsys, monkeypatch):
-    from pyrovae.vae import VAE
+    import pyrovae
 
     out = trained(tmp_path)
+    model_class = type(pyrovae.load(str(out))[0])
     argv = ["sample", "vae", out, "--n", "20", "--chunk-size", "10"]
     assert run_cli(argv, capsys)[0] == 0
     before = (out / "samples-0.npy").read_bytes()
     calls = []
-    real = VAE.sample
+    real = model_class.sample
 
     def fails_second(self, n, *args, **kwargs):
         calls.append(n)
@@ -551,7 +552,7 @@ def test_a_sample_failing_half_way_keeps_the_previous_samples_and_leaves_no_part
             raise ValueError("the second chunk broke")
         return real(self, n, *args, **kwargs)
 
-    monkeypatch.setattr(VAE, "sample", fails_second)
+    monkeypatch.setattr(model_class, "sample", fails_second)
     code, _, err = run_cli([*argv, "--seed", "1"], capsys)
     assert code == 1 and "second chunk" in err
     code, _, _ = run_cli(argv, capsys)  # seed 0 again: the second chunk breaks, the first file stays whole
