@@ -341,7 +341,7 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
         ``sample``, ``reconstruct``, evaluation or further SVI.
     """
     from pyrovae import data as datasets
-    from pyrovae.config import MODELS, TrainConfig, resolve
+    from pyrovae.config import TrainConfig, recipe_for, resolve
     from pyrovae.device import resolve_device
     from pyrovae.runs import warn_config_edits
 
@@ -351,8 +351,7 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     cfg = resolve(TrainConfig.from_dict(ckpt["config"]))
     if model is not None and model != cfg.model:
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
-    recipe = MODELS[cfg.model].recipe
-    net = recipe.build(cfg, datasets.run_spec(ckpt, cfg))
+    net = recipe_for(cfg).build(cfg, datasets.run_spec(ckpt, cfg))
     # an early-stopped run's model is its best epoch's weights, kept beside the last epoch's (pyrovae.early_stopping)
     weights = ckpt["early_stopping"] if (ckpt.get("early_stopping") or {}).get("model") is not None else ckpt
     state = weights["ema"] if ema and weights.get("ema") is not None else weights["model"]

@@ -524,17 +524,19 @@ def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
             )
 
 
-def run_test_split(run: str, cfg):
-    """The run's test split (``x``): saved with the run when it was small,
-    else read from the run's data set (which must then be there)."""
+def run_test_split(run: str, cfg, labels: bool = False):
+    """The run's test split (``x``, or ``(x, y)`` with ``labels``): saved with
+    the run when it was small, else read from the run's data set (which must
+    then be there)."""
     import os
 
     from pyrovae.checkpoint import checkpoint_path, load_test_split
 
     saved = load_test_split(os.path.dirname(checkpoint_path(run)))
-    if saved is not None:
-        return saved[0]
-    return datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).x_test
+    if saved is None:
+        ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size)
+        saved = ds.x_test, ds.y_test
+    return saved if labels else saved[0]
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -543,18 +545,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae.checkpoint import load, load_checkpoint
-    from pyrovae.config import MODELS
+    from pyrovae.config import recipe_for
 
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
-    recipe = MODELS[cfg.model].recipe
+    recipe = recipe_for(cfg)
     if args.data is None:
-        x_test = run_test_split(args.run, cfg)
+        x_test, y_test = run_test_split(args.run, cfg, labels=True)
     else:
         ds = datasets.load_from_config(dataclasses.replace(cfg, data=args.data)).subset(cfg.train_size, cfg.test_size)
         datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {args.data!r}")
-        x_test = ds.x_test
+        x_test, y_test = ds.x_test, ds.y_test
     x_test = recipe.prepare_test(cfg, x_test.to(next(model.parameters()).device))
+    if hasattr(recipe, "with_labels"):  # M2: the test accuracy of q(y|x)
+        x_test = recipe.with_labels(cfg, x_test, y_test)
     if args.model == "vdm":
         from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
 

@@ -72,6 +72,7 @@ from pyrovae.parts.priors import PRIORS
 from pyrovae.recipes.diffusion import NETS as DIFFUSION_NETS
 from pyrovae.recipes.diffusion import DiffusionRecipe
 from pyrovae.recipes.hvae import HVAERecipe
+from pyrovae.recipes.ssvae import SSVAERecipe
 from pyrovae.recipes.vae import VAERecipe
 from pyrovae.recipes.vdm import NETS as VDM_NETS
 from pyrovae.recipes.vdm import VDMRecipe, parse_time
@@ -245,7 +246,7 @@ class TrainConfig(metaclass=_ByModel):
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
         datasets.check_source(self.data)
-        MODELS[self.model].recipe.check(resolve(self))
+        recipe_for(self).check(resolve(self))
         resolve_device(self.device)
         return self
 
@@ -325,6 +326,13 @@ class VAEConfig(TrainConfig):
     likelihood: str = option("bernoulli", "p(x|z); only bernoulli binarises the data", choices=LIKELIHOODS)
     net: str = option("mlp", "encoder/decoder networks (conv needs image data)", choices=VAE_NETS)
     iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
+    labelled: int | None = option(
+        None,
+        "train the semi-supervised VAE (M2) with this many labels, balanced over the classes (seeded)",
+        ge=1,
+    )
+    aux_weight: float = option(46.0, "M2 (--labelled): weight alpha of the classification term alpha log q(y|x)", ge=0)
+    classes: int = option(10, "M2 (--labelled): the number of classes K, labels in [0, K)", ge=2)
 
 
 @dataclass
@@ -458,6 +466,13 @@ MODELS = {
     "diffusion": Model(DiffusionConfig, DiffusionRecipe()),
     "vdm": Model(VDMConfig, VDMRecipe()),
 }
+
+
+def recipe_for(cfg: TrainConfig):
+    """The recipe that trains ``cfg``: its model's, or M2's for a VAE given ``labelled``."""
+    if getattr(cfg, "labelled", None) is not None:
+        return SSVAERecipe()
+    return MODELS[cfg.model].recipe
 
 
 def config_class(model: str) -> type:

@@ -47,7 +47,7 @@ from pyrovae import checkpoint, distributed, params, plots, runs
 from pyrovae import data as datasets
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.compiled import compile_loss
-from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, resolve
+from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, recipe_for, resolve
 from pyrovae.device import resolve_device
 from pyrovae.early_stopping import EarlyStopping, held_out_size
 from pyrovae.infer.bound import metric_unit
@@ -318,7 +318,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"train takes a TrainConfig, e.g. train(TrainConfig(model='vae', epochs=2)), got {type(cfg).__name__}"
         )
     cfg = resolve(cfg).check()
-    recipe = RECIPES[cfg.model]
+    recipe = recipe_for(cfg)
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
     try:
         # rank 0's choice: the default name holds its process id
@@ -376,9 +376,15 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     early = None
     n_held_out = held_out_size(cfg, len(ds.x_train))
     if n_held_out is not None:
-        ds, x_held_out, _ = ds.hold_out(n_held_out, cfg.seed)
+        ds, x_held_out, y_held_out = ds.hold_out(n_held_out, cfg.seed)
         x_held_out = recipe.prepare_test(cfg, x_held_out.to(device))
+        if hasattr(recipe, "with_labels"):  # M2: its held-out bound and accuracy take x with its labels
+            x_held_out = recipe.with_labels(cfg, x_held_out, y_held_out)
         early = EarlyStopping(cfg.early_stopping, x_held_out, cfg.seed, warmup=getattr(cfg, "kl_warmup", 0))
+    if hasattr(recipe, "prepare_data"):  # M2: the labels it keeps (none of them held out)
+        ds = recipe.prepare_data(cfg, ds)
+    if hasattr(recipe, "with_labels"):
+        x_test = recipe.with_labels(cfg, x_test, ds.y_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
     objective = recipe.objective(cfg)
@@ -439,8 +445,10 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         model.train()
         total, norms, done = 0.0, 0.0, 0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet or None)
-        for xb, _ in steps:
+        for xb, yb in steps:
             batch = recipe.prepare_batch(cfg, xb.to(device))  # lazy rows arrive on the CPU
+            if hasattr(recipe, "with_labels"):
+                batch = recipe.with_labels(cfg, batch, yb)
             try:
                 loss, norm = train_step(loss_fn, parameters, optimizer, batch, cfg.grad_clip, cfg.precision)
             except NonFiniteLossError as err:

@@ -184,8 +184,9 @@ class VDM(nn.Module):
             raise TypeError(f"x must be a float tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
         if x.dim() != 2 or x.shape[1] != self.x_dim or x.shape[0] == 0:
             raise ValueError(f"x must have shape (batch >= 1, {self.x_dim}), got {tuple(x.shape)}")
-        p = first_parameter(self)  # none in a VDM of a fixed schedule and a parameter-free network
-        x = x if p is None else x.to(p.dtype)
+        param = first_parameter(self)
+        if param is not None:  # a model without parameters (a fixed schedule, an exact denoiser) keeps x's dtype
+            x = x.to(param.dtype)
         if is_validation_enabled():
             check_finite(x, "x")
             if x.min() < -1 or x.max() > 1:
