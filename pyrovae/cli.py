@@ -458,6 +458,11 @@ def run_sample(args: argparse.Namespace) -> int:
         to_data = from_chain_space if ds.is_image else (lambda x: x)
         draw = lambda k: to_data(model.sample(k, steps=steps))
         title = f"samples, {steps} of {model.T} steps"
+    elif not hasattr(model, "sample"):  # M2 (--labelled) has no generative sampler yet
+        raise ValueError(
+            f"run {args.run!r} holds a {type(model).__name__}, which has no sample method: pyrovae sample cannot "
+            f"draw from it; evaluate it with pyrovae evaluate {args.model} {args.run}"
+        )
     else:
         draw, title = model.sample, f"samples, {cfg.model} on {ds.name}"
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS

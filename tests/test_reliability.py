@@ -701,3 +701,40 @@ def test_a_device_that_is_spelt_right_but_absent_is_a_runtime_error(tmp_path, ca
         pytest.skip("a GPU is there")
     code, _, err = run_cli(["train", "vae", *VAE_TINY, "--device", "cuda:1", "--out", tmp_path / "r"], capsys)
     assert code == 1 and "no CUDA GPU" in err and not (tmp_path / "r").exists()
+
+
+# --- the new features as they land: labels (M2), early stopping ------------------------------------------
+
+
+def test_sample_of_an_m2_run_says_it_cannot_draw_in_one_line_and_writes_nothing(tmp_path, capsys):
+    out = trained(tmp_path, epochs=1, extra=["--labelled", "20", "--kl-warmup", "0"])
+    before = sorted(os.listdir(out))
+    code, _, err = run_cli(["sample", "vae", out], capsys)
+    assert code == 1 and err.count("\n") == 1 and "has no sample method" in err and "pyrovae evaluate vae" in err
+    assert sorted(os.listdir(out)) == before
+
+
+def test_an_m2_run_evaluates_from_its_saved_test_split_and_from_its_data(tmp_path, capsys):
+    out = trained(tmp_path, epochs=1, extra=["--labelled", "20", "--kl-warmup", "0"])
+    code, first, _ = run_cli(["evaluate", "vae", out], capsys)
+    (out / "test-split.pt").unlink()
+    code2, second, _ = run_cli(["evaluate", "vae", out], capsys)
+    assert code == code2 == 0
+    assert json.loads(first.splitlines()[-1]) == json.loads(second.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--early-stopping", "2", "--held-out", "48"], "held_out must be < the 48 training examples"),
+        (["--held-out", "5"], "it needs early_stopping"),
+        (["--labelled", "5"], "labelled must be at least one per class (10), got 5"),
+        (["--labelled", "1000"], "labelled must be at most the training set's size (48)"),
+    ],
+    ids=["held-out all", "held-out alone", "labelled < classes", "labelled > data"],
+)
+def test_early_stopping_and_label_settings_that_cannot_work_are_one_line_and_leave_no_folder(
+    extra, words, tmp_path, capsys
+):
+    code, _, err = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", *extra, "--out", tmp_path / "r"], capsys)
+    assert code == 1 and err.count("\n") == 1 and words in err and not (tmp_path / "r").exists()
