@@ -509,10 +509,11 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
     """``sample --out``, checked before anything is drawn or written: a PNG in
-    an existing folder, neither it nor its ``.npy`` one of the run's own files."""
+    an existing folder, neither it nor its ``.npy`` one of a run's own files
+    (this run's, or another's whose folder it names)."""
     import os
 
-    from pyrovae.runs import is_run_file
+    from pyrovae.runs import holds_run, is_run_file
 
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out must name a .png file (the samples go beside it as .npy), got {out!r}")
@@ -520,12 +521,12 @@ def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
     if not os.path.isdir(parent):
         raise ValueError(f"--out {out!r}: the folder {parent!r} does not exist")
     for path in (out, array_path):
-        if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(run_folder) and (
-            is_run_file(os.path.basename(path)) and not os.path.basename(path).startswith("samples-")
-        ):
+        name = os.path.basename(path)
+        ours = os.path.realpath(parent) == os.path.realpath(run_folder)
+        if (ours or holds_run(parent)) and is_run_file(name) and not name.startswith("samples-"):
+            whose = "the run's own" if ours else f"the run in {parent!r}'s"
             raise ValueError(
-                f"--out {out!r} would replace the run's own {os.path.basename(path)}; choose another name "
-                "(the default is RUN/samples-<seed>.png)"
+                f"--out {out!r} would replace {whose} {name}; choose another name (the default is RUN/samples-<seed>.png)"
             )
 
 

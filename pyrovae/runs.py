@@ -52,7 +52,8 @@ RUN_FILES = (CONFIG, "metrics.csv", checkpoint.CHECKPOINT, "model.pt", checkpoin
 # Everything else a run and its evaluations write: no other command writes under these names.
 RUN_FIGURES = ("loss.png", "samples.png", "reconstructions.png", "terms.png", "schedule.png")
 _RUN_OUTPUTS = re.compile(
-    r"^(evaluate(-\d+)?\.(json|png)|samples-\d+\.(png|npy)|config-edited(-\d+)?\.json|events\.out\.tfevents\..*)$"
+    r"^(evaluate(-\d+)?\.(json|png)|samples-\d+\.(png|npy)|(config|metrics)-edited(-\d+)?\.(json|csv)"
+    r"|events\.out\.tfevents\..*)$"
 )
 
 

@@ -738,3 +738,29 @@ def test_early_stopping_and_label_settings_that_cannot_work_are_one_line_and_lea
 ):
     code, _, err = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", *extra, "--out", tmp_path / "r"], capsys)
     assert code == 1 and err.count("\n") == 1 and words in err and not (tmp_path / "r").exists()
+
+
+# --- more of the same, found late: another run's files, a hand-edited metrics.csv ---------------------------
+
+
+def test_sample_out_into_another_run_s_folder_under_its_names_is_refused(tmp_path, capsys):
+    a, b = trained(tmp_path, name="a"), trained(tmp_path, name="b")
+    before = (b / "samples.png").read_bytes()
+    code, _, err = run_cli(["sample", "vae", a, "--out", b / "samples.png"], capsys)
+    assert code == 1 and "would replace the run in" in err and (b / "samples.png").read_bytes() == before
+
+
+def test_a_hand_edit_of_metrics_csv_is_kept_aside_on_resume_and_said(tmp_path, capsys):
+    out = trained(tmp_path)
+    edited = (out / "metrics.csv").read_text().replace("\n", ",my note\n", 1)
+    (out / "metrics.csv").write_text(edited)
+    code, _, err = run_cli(["train", "vae", "--resume", out, "--epochs", "2"], capsys)
+    assert code == 0 and "metrics-edited.csv" in err
+    assert (out / "metrics-edited.csv").read_text() == edited
+    assert "my note" not in (out / "metrics.csv").read_text()
+
+
+def test_a_resume_after_an_unedited_metrics_csv_keeps_no_copy(tmp_path, capsys):
+    out = trained(tmp_path)
+    assert run_cli(["train", "vae", "--resume", out, "--epochs", "2"], capsys)[0] == 0
+    assert not (out / "metrics-edited.csv").exists()
