@@ -526,7 +526,8 @@ def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
         if (ours or holds_run(parent)) and is_run_file(name) and not name.startswith("samples-"):
             whose = "the run's own" if ours else f"the run in {parent!r}'s"
             raise ValueError(
-                f"--out {out!r} would replace {whose} {name}; choose another name (the default is RUN/samples-<seed>.png)"
+                f"--out {out!r} would replace {whose} {name}; choose another name "
+                "(the default is RUN/samples-<seed>.png)"
             )
 
 

@@ -310,7 +310,8 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     here = os.path.realpath(folder) == os.path.realpath(cfg.out)
     kept = runs.edited_config_path(folder) if here else None
     # a hand edit is named, never applied, and (resuming in its folder) kept beside the config.json written anew
-    ckpt["config_edited"] = bool(runs.warn_config_edits(folder, ckpt["config"], "the resumed run", kept)) and here
+    edited = distributed.rank() == 0 and runs.warn_config_edits(folder, ckpt["config"], "the resumed run", kept)
+    ckpt["config_edited"] = bool(edited) and here
     saved = resolve(TrainConfig.from_dict(ckpt["config"])).to_dict()
     mismatches = checkpoint.config_mismatches(saved, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
     if mismatches:
