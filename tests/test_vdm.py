@@ -374,7 +374,6 @@ def test_train_sample_evaluate_round_trip(tmp_path, capsys):
     "flags, message",
     [
         (["--data", "moons"], "8-bit images"),
-        (["--time", "soon"], "time must be"),
         (["--minimise-variance"], "learned-net"),
         (["--time", "8", "--schedule", "learned-net", "--minimise-variance"], "continuous time"),
     ],
@@ -384,3 +383,11 @@ def test_bad_vdm_settings_are_named(flags, message, tmp_path, capsys):
 
     assert main(["train", "vdm", *TINY, *flags, "--out", str(tmp_path)]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_a_bad_time_is_a_usage_error(capsys):
+    from pyrovae.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # a flag's value: exit 2 with the usage line (issue 24)
+        main(["train", "vdm", *TINY, "--time", "soon"])
+    assert exc.value.code == 2 and "argument --time: time must be" in capsys.readouterr().err

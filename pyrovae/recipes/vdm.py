@@ -146,9 +146,11 @@ def write_samples(path: str, vdm: VDM, ds: datasets.Dataset, steps: int, n: int 
 def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
     """``--steps`` for ``pyrovae sample vdm`` (its other flags are every
     model's), and the ``pyrovae evaluate vdm`` parser."""
+    from pyrovae.cli import positive_int  # a count below 1 is a usage error (exit 2), as every flag's bound
+
     sample.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)",
     )
@@ -156,15 +158,18 @@ def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
         "vdm", help="the bound in bits/dim on the first N test examples, with its standard error", parents=[debug_flag]
     )
     add_load_args(p, evaluate=True)
-    p.add_argument("--n", type=int, default=100, help="first N test examples (default: 100)")
+    p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
     p.add_argument(
         "--replicates",
-        type=int,
+        type=positive_int,
         default=10,
         help="independent estimates of the bound; its standard error comes from their spread (default: 10)",
     )
     p.add_argument(
-        "--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)"
+        "--draws",
+        type=positive_int,
+        default=10,
+        help="antithetic draws of t per example in each replicate (default: 10)",
     )
 
 
