@@ -29,6 +29,8 @@ command line is generated and :meth:`TrainConfig.check` validates:
     choices  the allowed values (a tuple of strings), where there is a fixed set
     ge, gt   inclusive / exclusive lower bound of a number
     le, lt   inclusive / exclusive upper bound of a number
+    check    a function that raises ``ValueError`` for a bad value of a text field
+             (``device``'s spelling, VDM's ``time``)
     cli      False for a field that is no flag (``model``: the subcommand)
 
 The type annotation says the rest: ``int | None`` may be None (no flag value:
@@ -43,12 +45,17 @@ model are dropped, renamed values are mapped.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pyrovae import data as datasets
-from pyrovae.device import resolve_device
+from pyrovae.device import check_device_name, resolve_device
 from pyrovae.optim import LR_SCHEDULES, OPTIMIZERS
 from pyrovae.registry import lookup
 
@@ -71,10 +78,10 @@ RESUMABLE_FIELDS = (
 )
 
 
-def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None, cli: bool = True):
+def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None, check=None, cli: bool = True):
     """A config field: its default and the metadata the CLI and :meth:`TrainConfig.check` read."""
     meta = {"help": help, "cli": cli}
-    for key, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
+    for key, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("check", check)):
         if value is not None:
             # a registry stays itself: its lookups may accept other spellings (LIKELIHOODS' aliases)
             meta[key] = tuple(value) if key == "choices" and not isinstance(value, dict) else value
@@ -98,6 +105,12 @@ class _ByModel(type):
     def __call__(cls, *args, **kwargs):
         if cls is TrainConfig:
             cls = config_class(kwargs.get("model", "vae"))
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in kwargs:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; its fields: {', '.join(names)}"
+                raise TypeError(f"{name!r} is not a field of the {cls.model} config ({cls.__name__}){hint}")
         return type.__call__(cls, *args, **kwargs)
 
 
@@ -128,8 +141,8 @@ class TrainConfig(metaclass=_ByModel):
     batch_size: int = option(128, "examples per optimiser step (the global batch under torchrun)", ge=1)
     lr: float = option(1e-3, "learning rate", gt=0, lt=math.inf)
     seed: int = option(0, "random seed", ge=0, lt=2**32)  # NumPy's seeds are 32-bit
-    device: str = option(AUTO, "auto | cpu | cuda | cuda:N")
-    out: str | None = option(None, "run folder (default runs/<model>-<data>-<timestamp>)")
+    device: str = option(AUTO, "auto | cpu | cuda | cuda:N", check=check_device_name)
+    out: str | None = option(None, "run folder (default runs/<model>-<data>-<timestamp>-<process id>)")
     validate: bool = option(
         True, "pyro.enable_validation during training (the flag --no-validate turns it off: faster)"
     )
@@ -184,6 +197,21 @@ class TrainConfig(metaclass=_ByModel):
         ge=1,
     )
 
+    def __post_init__(self):
+        # Values as the fields hold them, so that config.json can be written: a NumPy number
+        # (a sweep over np.arange) as a Python one, a path as a string, a tuple as a list.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif isinstance(value, tuple) and f.type.startswith("list"):
+                value = list(value)
+            if isinstance(value, list):
+                value = [v.item() if isinstance(v, np.generic) else v for v in value]
+            elif isinstance(value, np.generic):
+                value = value.item()
+            setattr(self, f.name, value)
+
     def data_defaults(self, kind: str) -> dict:
         """The values of this model's ``"auto"`` fields for data of ``kind``
         (``"image"`` or ``"points"``); none for the common fields."""
@@ -192,7 +220,7 @@ class TrainConfig(metaclass=_ByModel):
     def check(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first bad field: choices and bounds
         from the fields' metadata, then the model recipe's own rules."""
-        from pyrovae.recipes import MODELS
+        from pyrovae.recipes import MODELS, recipe_for
 
         if type(self) is TrainConfig or MODELS.get(self.model, (None,))[0] is not type(self):
             raise ValueError(
@@ -201,7 +229,7 @@ class TrainConfig(metaclass=_ByModel):
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
         datasets.check_source(self.data)
-        MODELS[self.model].recipe.check(resolve(self))
+        recipe_for(self).check(resolve(self))
         resolve_device(self.device)
         return self
 
@@ -237,15 +265,23 @@ def check_field(f: dataclasses.Field, value) -> None:
         if "None" not in str(f.type):
             raise ValueError(f"{f.name} must not be None")
         return
+    if "check" in meta:
+        meta["check"](value)
     if "choices" in meta and value not in meta["choices"]:
         what = meta["help"].split(";")[0].split(" (")[0]
         lookup(f.name, value, meta["choices"], note=what)
+    if str(f.type).startswith("list") and not isinstance(value, list):
+        raise ValueError(f"{f.name} must be a list, e.g. [{value!r}], got {value!r}")
     values = value if isinstance(value, list) else [value]
+    whole = "int" in str(f.type) and "float" not in str(f.type)
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
             if any(k in meta for k in ("ge", "gt", "le", "lt")):
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             continue
+        if whole and not isinstance(v, numbers.Integral):
+            least = f" >= {meta['ge']}" if "ge" in meta else ""
+            raise ValueError(f"{f.name} must be an integer{least}, got {value!r}")
         for key, ok, word in (
             ("ge", v >= meta.get("ge", 0), ">="),
             ("gt", v > meta.get("gt", 0), ">"),
@@ -263,13 +299,13 @@ def config_class(model: str) -> type:
     return lookup("model", model, MODELS).config
 
 
-_MOVED = ("VAEConfig", "HVAEConfig", "DiffusionConfig", "VDMConfig", "MODELS", "Model")
+_MOVED = ("VAEConfig", "HVAEConfig", "DiffusionConfig", "VDMConfig", "MODELS", "Model", "recipe_for")
 
 
 def __getattr__(name: str):
-    """The model configs and the registry, which live with the recipes
-    (:mod:`pyrovae.recipes`), under their old names here; imported on first
-    use, so that importing this module imports no model."""
+    """The model configs, the registry and :func:`~pyrovae.recipes.recipe_for`,
+    which live with the recipes (:mod:`pyrovae.recipes`), under their old names
+    here; imported on first use, so that importing this module imports no model."""
     if name in _MOVED:
         import pyrovae.recipes
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 from pyrovae.recipes.base import Recipe
 from pyrovae.recipes.diffusion import DiffusionConfig, DiffusionRecipe
 from pyrovae.recipes.hvae import HVAEConfig, HVAERecipe
+from pyrovae.recipes.ssvae import SSVAERecipe
 from pyrovae.recipes.vae import VAEConfig, VAERecipe
 from pyrovae.recipes.vdm import VDMConfig, VDMRecipe
 
@@ -37,4 +38,12 @@ MODELS = {
 """Model name -> its config class and its recipe; ``pyrovae train NAME`` and
 ``TrainConfig(model=NAME)`` look names up here."""
 
-__all__ = ["MODELS", "Model", "Recipe", "VAEConfig", "HVAEConfig", "DiffusionConfig", "VDMConfig"]
+
+def recipe_for(cfg) -> Recipe:
+    """The recipe that trains ``cfg``: its model's, or M2's for a VAE given ``labelled``."""
+    if getattr(cfg, "labelled", None) is not None:
+        return SSVAERecipe()
+    return MODELS[cfg.model].recipe
+
+
+__all__ = ["MODELS", "Model", "Recipe", "recipe_for", "VAEConfig", "HVAEConfig", "DiffusionConfig", "VDMConfig"]

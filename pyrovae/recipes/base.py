@@ -4,9 +4,10 @@ with its config class in :data:`pyrovae.recipes.MODELS`.
 
 The loop calls, in order: :meth:`Recipe.check` (through the config's
 ``check``), :meth:`Recipe.check_data` once on the training data,
-:meth:`Recipe.build`, :meth:`Recipe.objective`; per epoch
+:meth:`Recipe.prepare_data`, :meth:`Recipe.build`, :meth:`Recipe.objective`; per epoch
 :meth:`Recipe.on_epoch_start`, :meth:`Recipe.prepare_batch` on each batch,
-:meth:`Recipe.evaluate` on the test split (:meth:`Recipe.prepare_test`); at
+:meth:`Recipe.evaluate` on the test split (:meth:`Recipe.prepare_test`,
+:meth:`Recipe.with_labels` for every batch and split); at
 the end :meth:`Recipe.write_figures`. ``pyrovae sample MODEL RUN`` and
 ``pyrovae evaluate MODEL RUN`` add the recipe's own flags
 (:meth:`Recipe.add_sample_arguments`, :meth:`Recipe.add_evaluate_arguments`)
@@ -37,6 +38,16 @@ class Recipe:
     def check_data(self, cfg, x: torch.Tensor) -> None:
         """Raise ``ValueError`` for training data the model cannot score; called
         once before training on the training split (the test split for lazy rows)."""
+
+    def prepare_data(self, cfg, ds):
+        """The data set as the model trains on it, after the held-out part is
+        split off (M2 keeps the labels of a few examples); by default ``ds``."""
+        return ds
+
+    def with_labels(self, cfg, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A batch (training, held-out or test) as the model takes it given
+        its labels ``y`` (M2 packs them beside x); by default ``x`` alone."""
+        return x
 
     def build(self, cfg, ds) -> nn.Module:
         """The model (with ``model`` and ``guide``, or the objective's own
@@ -75,7 +86,13 @@ class Recipe:
 
     def sampler(self, model, cfg, ds, args: argparse.Namespace) -> tuple:
         """``(draw, title)`` for ``pyrovae sample``: ``draw(k)`` gives k samples
-        as data (images in [0, 1]), ``title`` heads the figure."""
+        as data (images in [0, 1]), ``title`` heads the figure; by default the
+        model's own ``sample``."""
+        if not hasattr(model, "sample"):  # M2 (--labelled) has no generative sampler yet
+            raise ValueError(
+                f"run {args.run!r} holds a {type(model).__name__}, which has no sample method: pyrovae sample cannot "
+                f"draw from it; evaluate it with pyrovae evaluate {args.model} {args.run}"
+            )
         return model.sample, f"samples, {cfg.model} on {ds.name}"
 
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ how ``pyrovae sample|evaluate diffusion`` load a finished run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from pyrovae.config import AUTO, TrainConfig, option, override
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES, DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.schedule import SCHEDULES, NoiseSchedule
-from pyrovae.infer.bound import bound_terms, prefixed
+from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags, diffusion_scores, draw_function
+from pyrovae.infer.bound import Bound, bound_terms, prefixed
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS, DiffusionELBO
 from pyrovae.infer.losses import OBJECTIVES, make_objective
 from pyrovae.recipes.base import Recipe
@@ -162,39 +164,30 @@ class DiffusionRecipe(Recipe):
         draws per example: cheap enough for every epoch whatever T. The exact
         full-T bound, term by term, is ``pyrovae evaluate diffusion``."""
         elbo = DiffusionELBO(num_particles=cfg.test_particles)
-        sums = {"recon": 0.0, "kl_top": 0.0, "kl_layers": 0.0}
-        for i in range(0, len(x_test), batch_size):
-            for name, value in elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size]).items():
-                sums[name] += value
-        n = len(x_test)
-        terms = bound_terms(
-            sums["recon"] / n, sums["kl_top"] / n, sums["kl_layers"] / n, chain.x_dim if chain.discrete else None
-        )
-        return prefixed(terms, "test")
+        batches = range(0, len(x_test), batch_size)
+        bound = Bound.cat(elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size]) for i in batches)
+        return prefixed(bound.summary(), "test")
 
     def write_figures(self, out: str, cfg, chain: DiffusionChain, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         write_samples(os.path.join(out, "samples.png"), chain, ds, min(cfg.sample_steps, chain.T), x_test)
         with torch.no_grad():
-            bound = chain.full_bound(x_test[:TERMS_EXAMPLES])
-        plot_terms(
-            os.path.join(out, "terms.png"),
-            bound["prior"].mean().item(),
-            bound["terms"].mean(0).tolist(),
-            f"bound terms, {min(len(x_test), TERMS_EXAMPLES)} test examples",
-        )
+            bound = chain.bound(x_test[:TERMS_EXAMPLES], per_layer=True)
+        plot_terms(os.path.join(out, "terms.png"), bound, f"bound terms, {len(bound)} test examples")
 
     def add_sample_arguments(self, parser) -> None:
         parser.add_argument(
             "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
         )
+        add_sampler_flags(parser)
 
     def sampler(self, chain: DiffusionChain, cfg, ds, args) -> tuple:
-        """Samples of the chain respaced to ``--steps`` (default: all T), as data."""
+        """Samples of ``--sampler`` on the chain respaced to ``--steps`` (default: all T), as data."""
         steps = args.steps or chain.T
         if steps > chain.T:
             raise ValueError(f"--steps must be <= T = {chain.T}, got {steps}")
         to_data = from_chain_space if ds.is_image else (lambda x: x)
-        return (lambda k: to_data(chain.sample(k, steps=steps))), f"samples, {steps} of {chain.T} steps"
+        draw, title = draw_function(chain, steps, args, to_data)
+        return draw, f"{title} of {chain.T}"
 
     def add_evaluate_arguments(self, parser) -> None:
         parser.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
@@ -210,10 +203,15 @@ class DiffusionRecipe(Recipe):
             default=512,
             help="(t, example) pairs per network call (default: 512)",
         )
+        add_evaluate_flags(parser, diffusion=True)
 
     def run_evaluate(self, args, chain: DiffusionChain, cfg, x_test: torch.Tensor) -> dict:
-        """The full bound (:func:`evaluate_bound`) on the first ``--n`` test examples."""
-        return evaluate_bound(chain, x_test[: args.n], args.steps, args.chunk_size, args.run)
+        """The full bound (:func:`evaluate_bound`) on the first ``--n`` test examples, with the
+        ODE's bits/dim and the samples' scores when asked for."""
+        result = evaluate_bound(chain, x_test[: args.n], args.steps, args.chunk_size, args.run)
+        scored = dataclasses.replace(cfg, data=args.data or cfg.data)
+        result.update(diffusion_scores(chain, x_test[: args.n], args.steps or chain.T, args, scored))
+        return result
 
 
 def write_samples(
@@ -237,12 +235,14 @@ def write_samples(
         )
 
 
-def plot_terms(path: str, kl_top: float, terms: list, title: str) -> None:
-    """The chain's per-layer KLs with :func:`pyrovae.plots.plot_layer_kl`:
-    layer l = t - 1 holds L_{t-1} = KL at x_{t-1} for l = 1..T-1, the top
-    layer T holds L_T; the decoder term -L_0 is ``recon``."""
+def plot_terms(path: str, bound: Bound, title: str) -> None:
+    """The chain's per-layer KLs (a :meth:`DiffusionChain.bound` with ``per_layer``)
+    with :func:`pyrovae.plots.plot_layer_kl`: layer l = t - 1 holds L_{t-1} = KL
+    at x_{t-1} for l = 1..T-1, the top layer T holds L_T; the decoder term -L_0
+    is ``recon``."""
+    layers = [v.mean().item() for v in bound.layers.values()] + [bound.kl_top.mean().item()]
     plots.plot_layer_kl(
-        path, terms[1:] + [kl_top], recon=-terms[0], title=title, layer="t - 1 (latent x_{t-1}; T: x_T)"
+        path, layers, recon=bound.recon.mean().item(), title=title, layer="t - 1 (latent x_{t-1}; T: x_T)"
     )
 
 
@@ -258,23 +258,13 @@ def evaluate_bound(chain: DiffusionChain, x0: torch.Tensor, steps: int | None, c
     if steps > chain.T:
         raise ValueError(f"steps must be <= T = {chain.T}, got {steps}")
     with torch.no_grad():
-        bound = (chain.respaced(steps) if steps != chain.T else chain).full_bound(x0, chunk_size)
-    per_t = bound["terms"].mean(0).tolist()
-    terms = bound_terms(
-        -per_t[0],
-        bound["prior"].mean().item(),
-        bound["terms"][:, 1:].sum(-1).mean().item(),
-        chain.x_dim if chain.discrete else None,
-    )
-    result = {"n": len(x0), "steps": steps, **prefixed(terms, "test"), "test_kl_t": per_t[1:]}
+        bound = (chain.respaced(steps) if steps != chain.T else chain).bound(x0, chunk_size, per_layer=True)
+    terms = bound_terms(bound.recon.mean().item(), bound.kl_top.mean().item(), bound.kl_layers.mean().item(), bound.dim)
+    kl_t = [v.mean().item() for v in bound.layers.values()]
+    result = {"n": len(x0), "steps": steps, **prefixed(terms, "test"), "test_kl_t": kl_t}
     name = f"evaluate-{steps}"
     folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
     with open(os.path.join(folder, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot_terms(
-        os.path.join(folder, name + ".png"),
-        result["test_kl_top"],
-        per_t,
-        f"bound terms, {len(x0)} test examples, {steps} steps",
-    )
+    plot_terms(os.path.join(folder, name + ".png"), bound, f"bound terms, {len(x0)} test examples, {steps} steps")
     return result

@@ -13,6 +13,7 @@ from pyrovae import data as datasets
 from pyrovae import plots
 from pyrovae.cli import non_negative_int, positive_int
 from pyrovae.config import TrainConfig, option, override
+from pyrovae.evaluate.commands import add_evaluate_flags
 from pyrovae.hvae import HVAE, active_units
 from pyrovae.infer import evaluate_iwae, make_elbo
 from pyrovae.infer.bound import prefixed
@@ -42,6 +43,13 @@ class VAEConfig(TrainConfig):
     likelihood: str = option("bernoulli", "p(x|z); only bernoulli binarises the data", choices=LIKELIHOODS)
     net: str = option("mlp", "encoder/decoder networks (conv needs image data)", choices=NETS)
     iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
+    labelled: int | None = option(
+        None,
+        "train the semi-supervised VAE (M2) with this many labels, balanced over the classes (seeded)",
+        ge=1,
+    )
+    aux_weight: float = option(46.0, "M2 (--labelled): weight alpha of the classification term alpha log q(y|x)", ge=0)
+    classes: int = option(10, "M2 (--labelled): the number of classes K, labels in [0, K)", ge=2)
 
 
 def check_kl_warmup(cfg) -> None:
@@ -206,6 +214,7 @@ class VAERecipe(Recipe):
             default=None,
             help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)",
         )
+        add_evaluate_flags(parser, diffusion=False)
 
     def run_evaluate(self, args, model, cfg, x_test: torch.Tensor) -> dict:
         """:meth:`evaluate` with the run's ``test_particles`` and ``iwae_k``, or the flags' values."""

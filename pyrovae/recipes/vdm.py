@@ -5,6 +5,7 @@ vdm`` use a finished run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,11 +15,13 @@ import torch
 
 from pyrovae import data as datasets
 from pyrovae import plots
+from pyrovae.cli import positive_int
 from pyrovae.config import option, override
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.gamma import SCHEDULES, make_gamma
 from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
-from pyrovae.infer.bound import bits_per_dim, prefixed
+from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags, diffusion_scores, draw_function
+from pyrovae.infer.bound import Bound, bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
 from pyrovae.recipes.base import Recipe
@@ -56,7 +59,9 @@ class VDMConfig(_DiffusionTraining):
         choices=SCHEDULES,
     )
     time: str = option(
-        "continuous", "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)"
+        "continuous",
+        "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)",
+        check=parse_time,
     )
     fourier: bool = option(False, "Fourier features sin, cos(2^n 2 pi z_t), n = 6, 7, as extra denoiser inputs")
     minimise_variance: bool = option(
@@ -105,9 +110,8 @@ class VDMRecipe(Recipe):
         ``cfg.test_particles`` draws of t per example), bits/dim, and the
         schedule's end points gamma(0), gamma(1). ``pyrovae evaluate vdm`` gives
         the bound with its standard error."""
-        terms = bound_terms(vdm, x_test, cfg.test_particles, batch_size)
-        means = {k: terms[k].mean().item() for k in TERMS}
-        return {**prefixed(named_terms(**means, dim=vdm.x_dim), "test"), **schedule_ends(vdm)}
+        bound = bound_terms(vdm, x_test, cfg.test_particles, batch_size)
+        return {**prefixed(bound.summary(), "test"), **schedule_ends(vdm)}
 
     def write_figures(self, out: str, cfg, vdm: VDM, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         write_samples(os.path.join(out, "samples.png"), vdm, ds, cfg.sample_steps)
@@ -124,38 +128,57 @@ class VDMRecipe(Recipe):
         )
 
     def add_sample_arguments(self, parser) -> None:
+        add_sampler_flags(parser)
         parser.add_argument(
             "--steps",
-            type=int,
+            type=positive_int,
             default=None,
             help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)",
         )
 
     def sampler(self, vdm: VDM, cfg, ds, args) -> tuple:
-        """Ancestral samples on ``--steps`` times (any number: not a respaced chain), in [0, 1]."""
+        """Samples in [0, 1] on ``--steps`` times: the ancestral sampler on any number of
+        them (not a respaced chain), or ``--sampler``'s."""
         steps = args.steps or cfg.sample_steps
+        if args.sampler != "ancestral":
+            return draw_function(vdm, steps, args, from_chain_space)
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
         return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
 
     def add_evaluate_arguments(self, parser) -> None:
-        parser.add_argument("--n", type=int, default=100, help="first N test examples (default: 100)")
+        # a count below 1 is a usage error (exit 2), as every flag's bound
+        parser.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
         parser.add_argument(
             "--replicates",
-            type=int,
+            type=positive_int,
             default=10,
             help="independent estimates of the bound; its standard error comes from their spread (default: 10)",
         )
         parser.add_argument(
-            "--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)"
+            "--draws",
+            type=positive_int,
+            default=10,
+            help="antithetic draws of t per example in each replicate (default: 10)",
+        )
+        add_evaluate_flags(parser, diffusion=True)
+        parser.add_argument(
+            "--steps",
+            type=positive_int,
+            default=None,
+            help="with --samples: sampler steps (default: the run's sample_steps)",
         )
 
     def run_evaluate(self, args, vdm: VDM, cfg, x_test: torch.Tensor) -> dict:
-        """The bound with its standard error (:func:`evaluate_bound`) on the first ``--n`` test examples."""
+        """The bound with its standard error (:func:`evaluate_bound`) on the first ``--n`` test
+        examples, with the ODE's bits/dim and the samples' scores when asked for."""
         for name in ("n", "replicates", "draws"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-        return evaluate_bound(vdm, x_test[: args.n], args.replicates, args.draws, args.run)
+        result = evaluate_bound(vdm, x_test[: args.n], args.replicates, args.draws, args.run)
+        scored = dataclasses.replace(cfg, data=args.data or cfg.data)
+        result.update(diffusion_scores(vdm, x_test[: args.n], args.steps or cfg.sample_steps, args, scored))
+        return result
 
 
 def schedule_ends(vdm: VDM) -> dict:
@@ -163,13 +186,11 @@ def schedule_ends(vdm: VDM) -> dict:
         return {"gamma_0": vdm.gamma.gamma_min.item(), "gamma_1": vdm.gamma.gamma_max.item()}
 
 
-def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500) -> dict:
-    """:meth:`VDMELBO.bound_terms` over ``x`` in batches: ``recon``, ``kl_top``,
-    ``kl_layers`` and ``elbo`` per example, ``(N,)``, with ``draws`` antithetic
-    draws of t per example."""
-    elbo = VDMELBO(num_particles=draws)
-    parts = [elbo.bound_terms(vdm, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return {k: torch.cat([p[k] for p in parts]) for k in (*TERMS, "elbo")}
+def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500) -> Bound:
+    """:meth:`VDM.bound` over ``x`` in batches: ``recon``, ``kl_top`` and
+    ``kl_layers`` per example, ``(N,)``, with ``draws`` antithetic draws of t
+    per example."""
+    return Bound.cat(vdm.bound(x[i : i + batch_size], draws) for i in range(0, len(x), batch_size))
 
 
 @torch.no_grad()
@@ -186,8 +207,8 @@ def evaluate_bound(vdm: VDM, x: torch.Tensor, replicates: int, draws: int, run_d
     if replicates < 2:
         raise ValueError(f"replicates must be >= 2 for a standard error, got {replicates}")
     reps = [bound_terms(vdm, x, draws, batch_size) for _ in range(replicates)]
-    bpd = torch.stack([bits_per_dim(-r["elbo"].mean(), vdm.x_dim) for r in reps])
-    means = {k: torch.stack([r[k].mean() for r in reps]).mean().item() for k in TERMS}
+    bpd = torch.stack([bits_per_dim(-r.elbo().mean(), vdm.x_dim) for r in reps])
+    means = {k: torch.stack([getattr(r, k).mean() for r in reps]).mean().item() for k in TERMS}
     result = {
         "n": len(x),
         "time": "continuous" if vdm.T is None else vdm.T,
