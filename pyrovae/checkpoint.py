@@ -153,6 +153,11 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
         raise ValueError(f"cannot read checkpoint {path!r}: not a pyrovae checkpoint ({_load_failure(err)})") from err
+    if isinstance(ckpt, dict) and "format" not in ckpt and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        raise ValueError(
+            f"{path!r} is not a pyrovae checkpoint: it holds a model's weights only (a state_dict, as a run's "
+            f"model.pt does); give the run folder or its {CHECKPOINT}, or load the weights with model.load_state_dict"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(
@@ -336,9 +341,8 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
         ``sample``, ``reconstruct``, evaluation or further SVI.
     """
     from pyrovae import data as datasets
-    from pyrovae.config import MODELS, TrainConfig, resolve
+    from pyrovae.config import TrainConfig, recipe_for, resolve
     from pyrovae.device import resolve_device
-
     from pyrovae.runs import warn_config_edits
 
     ckpt = load_checkpoint(path)
@@ -347,8 +351,7 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     cfg = resolve(TrainConfig.from_dict(ckpt["config"]))
     if model is not None and model != cfg.model:
         raise ValueError(f"checkpoint {path!r} holds a {cfg.model!r} model, but model={model!r} was requested")
-    recipe = MODELS[cfg.model].recipe
-    net = recipe.build(cfg, datasets.run_spec(ckpt, cfg))
+    net = recipe_for(cfg).build(cfg, datasets.run_spec(ckpt, cfg))
     # an early-stopped run's model is its best epoch's weights, kept beside the last epoch's (pyrovae.early_stopping)
     weights = ckpt["early_stopping"] if (ckpt.get("early_stopping") or {}).get("model") is not None else ckpt
     state = weights["ema"] if ema and weights.get("ema") is not None else weights["model"]

@@ -80,6 +80,29 @@ def seed_value(text: str) -> int:
 seed_value.__name__ = "int"  # argparse names the type in its messages
 
 
+def field_text_parser(f: dataclasses.Field):
+    """argparse's ``type`` for a text field with a ``check`` (a device's spelling,
+    VDM's ``time``): a bad value is a usage error (exit 2)."""
+    from pyrovae.config import check_field
+
+    def parse(text: str) -> str:
+        try:
+            check_field(f, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    parse.__name__ = "str"
+    return parse
+
+
+def device_name(text: str) -> str:
+    """``--device`` of sample, evaluate and bench: its spelling checked as train's is."""
+    from pyrovae.config import TrainConfig
+
+    return field_text_parser(next(f for f in dataclasses.fields(TrainConfig) if f.name == "device"))(text)
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -117,6 +140,9 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
         elif number:
             kwargs["type"] = field_value_parser(f)
             kwargs["metavar"] = ("N" if "int" in f.type else "X") + ("|none" if "None" in f.type else "")
+        elif "check" in f.metadata:
+            kwargs["type"] = field_text_parser(f)
+            kwargs["metavar"] = f.name.upper()
         if f.type.startswith("list"):
             kwargs["nargs"] = "+"
         if f.name in ("out", "resume"):
@@ -300,8 +326,8 @@ def add_run_parsers(commands) -> None:
 
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default: auto)")
-    p.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", type=device_name, default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default: auto)")
+    p.add_argument("--seed", type=seed_value, default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
     if evaluate:
         p.add_argument(
@@ -319,7 +345,9 @@ def add_bench_parser(commands) -> None:
         "bench", help="time our steps against plain PyTorch and Pyro's ELBOs", parents=[DEBUG_FLAG]
     )
     bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"any of {', '.join(WORKLOADS)} (default: all)")
-    bench.add_argument("--device", default="cpu", help=f"{'|'.join(DEVICES)} or cuda:N (default: cpu)")
+    bench.add_argument(
+        "--device", type=device_name, default="cpu", help=f"{'|'.join(DEVICES)} or cuda:N (default: cpu)"
+    )
     bench.add_argument(
         "--repeats",
         type=positive_int,
@@ -338,7 +366,7 @@ def add_bench_parser(commands) -> None:
         default=None,
         help="torch intra-op threads for the run (default: torch's own choice)",
     )
-    bench.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
+    bench.add_argument("--seed", type=seed_value, default=0, metavar="N", help="random seed (default: 0)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -411,13 +439,14 @@ def run_sample(args: argparse.Namespace) -> int:
     (written as they come, so memory does not grow with n) and draw the first
     grid's worth as a PNG."""
     import os
+    import tempfile
 
     import numpy as np
     import pyro
     import torch
 
     from pyrovae import plots
-    from pyrovae.checkpoint import checkpoint_path, load, load_checkpoint
+    from pyrovae.checkpoint import TMP_SUFFIX, checkpoint_path, load, load_checkpoint
     from pyrovae.evaluate.commands import draw_function
 
     folder = os.path.dirname(checkpoint_path(args.run))
@@ -446,20 +475,38 @@ def run_sample(args: argparse.Namespace) -> int:
         to_data = from_chain_space if ds.is_image else (lambda x: x)
         draw, title = draw_function(model, steps, args, to_data)
         title += f" of {model.T}"
+    elif not hasattr(model, "sample"):  # M2 (--labelled) has no generative sampler yet
+        raise ValueError(
+            f"run {args.run!r} holds a {type(model).__name__}, which has no sample method: pyrovae sample cannot "
+            f"draw from it; evaluate it with pyrovae evaluate {args.model} {args.run}"
+        )
     else:
         draw, title = model.sample, f"samples, {cfg.model} on {ds.name}"
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS
     n = args.n or grid
-    array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32, shape=(n, ds.x_dim))
-    shown = []
-    with torch.no_grad():
-        for i in range(0, n, args.chunk_size):
-            x = draw(min(args.chunk_size, n - i)).float().cpu()
-            array[i : i + len(x)] = x.numpy()
-            if i < grid:
-                shown.append(x[: grid - i])
-    array.flush()
-    del array
+    # Drawn into a temporary file beside it and renamed when complete: a failure or Ctrl-C
+    # half-way leaves the previous samples there as they were, and no half-written file.
+    folder = os.path.dirname(os.path.abspath(array_path))
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix=f".{os.path.basename(array_path)}.", suffix=f"{TMP_SUFFIX}{os.getpid()}"
+    )
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, ds.x_dim))
+        shown = []
+        with torch.no_grad():
+            for i in range(0, n, args.chunk_size):
+                x = draw(min(args.chunk_size, n - i)).float().cpu()
+                array[i : i + len(x)] = x.numpy()
+                if i < grid:
+                    shown.append(x[: grid - i])
+        array.flush()
+        del array
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, array_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     shown = torch.cat(shown)
     if ds.is_image:
         plots.save_image_grid(out, shown, ds.image_shape, min(8, len(shown)), title)
@@ -479,10 +526,11 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
     """``sample --out``, checked before anything is drawn or written: a PNG in
-    an existing folder, neither it nor its ``.npy`` one of the run's own files."""
+    an existing folder, neither it nor its ``.npy`` one of a run's own files
+    (this run's, or another's whose folder it names)."""
     import os
 
-    from pyrovae.runs import is_run_file
+    from pyrovae.runs import holds_run, is_run_file
 
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out must name a .png file (the samples go beside it as .npy), got {out!r}")
@@ -490,26 +538,29 @@ def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
     if not os.path.isdir(parent):
         raise ValueError(f"--out {out!r}: the folder {parent!r} does not exist")
     for path in (out, array_path):
-        if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(run_folder) and (
-            is_run_file(os.path.basename(path)) and not os.path.basename(path).startswith("samples-")
-        ):
+        name = os.path.basename(path)
+        ours = os.path.realpath(parent) == os.path.realpath(run_folder)
+        if (ours or holds_run(parent)) and is_run_file(name) and not name.startswith("samples-"):
+            whose = "the run's own" if ours else f"the run in {parent!r}'s"
             raise ValueError(
-                f"--out {out!r} would replace the run's own {os.path.basename(path)}; choose another name "
+                f"--out {out!r} would replace {whose} {name}; choose another name "
                 "(the default is RUN/samples-<seed>.png)"
             )
 
 
-def run_test_split(run: str, cfg):
-    """The run's test split (``x``): saved with the run when it was small,
-    else read from the run's data set (which must then be there)."""
+def run_test_split(run: str, cfg, labels: bool = False):
+    """The run's test split (``x``, or ``(x, y)`` with ``labels``): saved with
+    the run when it was small, else read from the run's data set (which must
+    then be there)."""
     import os
 
     from pyrovae.checkpoint import checkpoint_path, load_test_split
 
     saved = load_test_split(os.path.dirname(checkpoint_path(run)))
-    if saved is not None:
-        return saved[0]
-    return datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).x_test
+    if saved is None:
+        ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size)
+        saved = ds.x_test, ds.y_test
+    return saved if labels else saved[0]
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -518,20 +569,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae.checkpoint import load, load_checkpoint
-    from pyrovae.config import MODELS
+    from pyrovae.config import recipe_for
     from pyrovae.evaluate.commands import check_likelihood, diffusion_scores
 
     check_likelihood(args, args.model)
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
-    recipe = MODELS[cfg.model].recipe
+    recipe = recipe_for(cfg)
     if args.data is None:
-        x_test = run_test_split(args.run, cfg)
+        x_test, y_test = run_test_split(args.run, cfg, labels=True)
     else:
         ds = datasets.load_from_config(dataclasses.replace(cfg, data=args.data)).subset(cfg.train_size, cfg.test_size)
         datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {args.data!r}")
-        x_test = ds.x_test
+        x_test, y_test = ds.x_test, ds.y_test
     x_test = recipe.prepare_test(cfg, x_test.to(next(model.parameters()).device))
+    if hasattr(recipe, "with_labels"):  # M2: the test accuracy of q(y|x)
+        x_test = recipe.with_labels(cfg, x_test, y_test)
     if args.model == "vdm":
         from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
 
@@ -561,6 +614,11 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "failed to allocate" in text
+
+
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning on the command line: one line ``pyrovae: warning: ...``, no source path."""
     print(f"pyrovae: warning: {one_line(message)}", file=sys.stderr)
@@ -581,6 +639,16 @@ def main(argv: list[str] | None = None) -> int:
         line = one_line(err)
         more = " (--debug shows the rest)" if line != str(err).strip() else ""
         print(f"pyrovae: error: {line}{more}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        # torch's failed allocations (CPU or CUDA: torch.OutOfMemoryError is one) carry a C++ trace
+        if args.debug or not is_out_of_memory(err):
+            raise
+        print(
+            f"pyrovae: error: out of memory: {one_line(err)}; a smaller --batch-size, --test-particles, --chunk-size "
+            "or --n needs less (--debug shows the rest)",
+            file=sys.stderr,
+        )
         return 1
     except TrainingInterrupted as err:
         print(f"pyrovae: {err}", file=sys.stderr)

@@ -42,6 +42,7 @@ from torch.nn.functional import one_hot
 
 from pyrovae import params
 from pyrovae.data import check_finite
+from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
 from pyrovae.nets import MLP, check_sizes, first_parameter
 from pyrovae.parts.encoders import DiagonalNormalEncoder
 from pyrovae.parts.likelihoods import BernoulliLikelihood
@@ -195,3 +196,46 @@ class SSVAE(nn.Module):
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The share of examples whose :meth:`classify` is their label y."""
         return (self.classify(x) == y.to(x.device)).double().mean().item()
+
+
+def pack_labels(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[x, y]``: the batch ``x (B, D)`` with its labels ``y (B,)`` as a last
+    column (-1 where unlabelled), one tensor for a loop that moves batches."""
+    return torch.cat([x, y.to(x.dtype)[:, None]], 1)
+
+
+def unpack_labels(batch: torch.Tensor) -> tuple:
+    """``(x, y)`` from :func:`pack_labels`'s ``[x, y]``, y as integers."""
+    return batch[:, :-1], batch[:, -1].round().long()
+
+
+class SemiSupervisedLoss:
+    """M2's training loss on a batch of labelled and unlabelled examples,
+
+        loss = -sum_{x unlabelled} U(x) - sum_{(x, y) labelled} [L(x, y) + alpha log q_phi(y|x)],
+
+    U and L by ``elbo`` (default :class:`~pyrovae.infer.TraceAnalyticKL_ELBO`,
+    y summed exactly), the last term :meth:`SSVAE.auxiliary_loss`. With the
+    classification term it is not a bound: the trainer logs it as
+    ``train_loss`` (:attr:`train_metric`), never as an ELBO."""
+
+    train_metric = "train_loss"
+
+    def __init__(self, elbo=None):
+        self.elbo = elbo if elbo is not None else TraceAnalyticKL_ELBO(max_plate_nesting=1)
+
+    def differentiable_loss(self, model, guide, batch: torch.Tensor) -> torch.Tensor:
+        """The loss of ``batch = pack_labels(x, y)`` (y = -1 unlabelled) for an
+        :class:`SSVAE`'s ``model`` and ``guide`` (its bound methods)."""
+        m2 = getattr(model, "__self__", None)
+        if not isinstance(m2, SSVAE):
+            raise TypeError(f"model must be an SSVAE's model method, got {model!r}")
+        x, y = unpack_labels(batch)
+        labelled = y >= 0
+        loss = 0.0
+        if not bool(labelled.all()):
+            loss = loss + self.elbo.differentiable_loss(model, guide, x[~labelled])
+        if bool(labelled.any()):
+            x_l, y_l = x[labelled], y[labelled]
+            loss = loss + self.elbo.differentiable_loss(model, guide, x_l, y_l) + m2.auxiliary_loss(x_l, y_l)
+        return loss

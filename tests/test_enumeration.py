@@ -339,6 +339,18 @@ def test_m2_labelled_pair_sums_nothing_and_takes_log_p_y():
     assert terms["y"] == pytest.approx(5 * math.log(1 / 3), rel=1e-6)
 
 
+def test_m2_per_example_terms_sum_to_the_terms_of_the_same_draws():
+    m2, x = small_m2()
+    elbo = TraceAnalyticKL_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    pyro.set_rng_seed(8)
+    per_example, closed_form = elbo.per_example_terms(m2.model, m2.guide, x)
+    pyro.set_rng_seed(8)
+    terms = elbo.terms(m2.model, m2.guide, x)
+    assert closed_form == terms.closed_form == ("z",)
+    assert {k: v.shape for k, v in per_example.items()} == {k: (5,) for k in ("x", "y", "z")}
+    assert {k: v.sum().item() for k, v in per_example.items()} == pytest.approx(dict(terms), rel=1e-5)
+
+
 def test_m2_loss_is_captured_into_a_graph_and_replays_the_eager_loss_bit_for_bit():
     m2, x = small_m2()
     eager = LossModule(m2, TraceAnalyticKL_ELBO(max_plate_nesting=1))

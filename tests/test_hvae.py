@@ -90,7 +90,13 @@ def test_the_vae_is_the_one_layer_hvae_with_the_vaes_site_name():
     assert type(vae) is type(hvae) is HVAE
     assert vae.sites == hvae.sites == ("z",) and small_hvae("top-down").sites == ("z_1", "z_2")
     # VAE, for code that builds one from its parts, adds a constructor and nothing else
-    assert issubclass(VAE, HVAE) and set(vars(VAE)) <= {"__module__", "__doc__", "__init__", "__qualname__"}
+    assert issubclass(VAE, HVAE) and set(vars(VAE)) <= {
+        "__module__",
+        "__doc__",
+        "__init__",
+        "__qualname__",
+        "__annotations__",
+    }
     assert VAE(vae.encoder, vae.decoder, 10, 3).sites == ("z",)
 
 

@@ -1,6 +1,7 @@
 """The semi-supervised VAE (M2): its bound, its classifier, its parameters, its errors."""
 
 import math
+import re
 
 import pyro
 import pytest
@@ -115,3 +116,71 @@ def test_bad_labels_are_refused_naming_y(digits, y, error, message):
 def test_num_classes_must_be_at_least_two():
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2, got 1"):
         SSVAE(64, 1)
+
+
+# ---------------------------------------------------------------------------
+# The command line: pyrovae train vae --labelled N, pyrovae evaluate.
+
+M2_FLAGS = ["--data", "digits", "--train-size", "200", "--test-size", "60", "--z-dim", "2", "--hidden", "8"]
+
+
+def test_cli_trains_m2_with_labels_and_evaluate_reports_the_test_accuracy(tmp_path, capsys):
+    import csv
+    import json
+
+    from pyrovae.cli import main
+
+    out = str(tmp_path / "run")
+    argv = ["train", "vae", *M2_FLAGS, "--labelled", "20", "--aux-weight", "5", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--out", out]) == 0
+    (row,) = csv.DictReader(open(f"{out}/metrics.csv"))
+    assert "train_loss" in row and "train_elbo" not in row  # the classification term makes it no bound
+    assert 0 <= float(row["test_accuracy"]) <= 1
+    assert float(row["test_elbo"]) == pytest.approx(float(row["test_recon"]) - float(row["test_kl_top"]), rel=1e-5)
+    capsys.readouterr()
+    assert main(["evaluate", "vae", out]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["test_accuracy"] == pytest.approx(float(row["test_accuracy"]))
+
+
+def test_labelled_keeps_n_labels_balanced_over_the_classes_and_seeded():
+    from pyrovae.config import TrainConfig, recipe_for
+
+    d = load_dataset("digits").subset(300, 10)
+    cfg = TrainConfig(model="vae", data="digits", labelled=25, seed=3)
+    recipe = recipe_for(cfg)
+    kept = recipe.prepare_data(cfg, d).y_train
+    assert (kept >= 0).sum() == 25
+    counts = torch.bincount(kept[kept >= 0], minlength=10)
+    assert counts.tolist() == [3] * 5 + [2] * 5
+    assert (kept[kept >= 0] == d.y_train[kept >= 0]).all()
+    assert torch.equal(recipe.prepare_data(cfg, d).y_train, kept)
+    other = recipe.prepare_data(TrainConfig(model="vae", data="digits", labelled=25, seed=4), d).y_train
+    assert not torch.equal(other, kept)
+
+
+@pytest.mark.parametrize(
+    "labelled, message",
+    [
+        ("5", r"labelled must be at least one per class \(10\), got 5"),
+        ("500", r"at most the training set's size \(200\)"),
+    ],
+)
+def test_cli_refuses_labelled_below_one_per_class_or_above_the_training_set(labelled, message, tmp_path, capsys):
+    from pyrovae.cli import main
+
+    argv = ["train", "vae", *M2_FLAGS, "--labelled", labelled, "--epochs", "1", "--quiet", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_labelled_refuses_data_without_labels(tmp_path):
+    import numpy as np
+
+    from pyrovae.cli import main
+
+    path = tmp_path / "unlabelled.npy"
+    np.save(path, (np.random.default_rng(0).random((60, 8, 8)) > 0.5).astype(np.float32))
+    argv = ["train", "vae", "--data", str(path), "--labelled", "10", "--epochs", "1", "--quiet", "--debug"]
+    with pytest.raises(ValueError, match="--labelled needs labelled data; data .* has no labels"):
+        main([*argv, "--out", str(tmp_path / "run")])

@@ -199,12 +199,12 @@ class TraceAnalyticKL_ELBO(ELBO):
         return _prune_subsample_sites(model_trace), _prune_subsample_sites(guide_trace)
 
     def _particle_terms(self, model_trace, guide_trace, monte_carlo: frozenset):
-        """One particle: ``(observed, latent, closed_form, enumerated, score)``.
+        """One particle: ``(observed, latent, closed_form, score)``.
         ``observed`` and ``latent`` map site name -> (plates, per-index tensor):
         the scaled, masked log-likelihood, and -KL or its Monte Carlo stand-in,
-        each the expectation over the enumerated sites it depends on;
-        ``closed_form`` lists the sites that took the KL, ``enumerated`` the
-        sites summed over their support; ``score`` lists the guide sites that
+        each the expectation over the enumerated sites it depends on (the
+        summed dimensions kept, of size 1); ``closed_form`` lists the sites
+        that took the KL; ``score`` lists the guide sites that
         need the score-function surrogate. Their log q is detached in the
         terms: its gradient comes from the surrogate instead, as in ``Trace_ELBO``."""
         enum = _enumerated(guide_trace)
@@ -255,7 +255,7 @@ class TraceAnalyticKL_ELBO(ELBO):
                         f"each branch of the enumerated site(s) {sorted(above)}, where a score-function term is not "
                         "supported; mark it for parallel enumeration too (config_enumerate) or use TraceEnum_ELBO"
                     )
-        return observed, latent, closed_form, tuple(enum), score
+        return observed, latent, closed_form, score
 
     def _surrogate(self, observed: dict, latent: dict, score: list) -> tuple:
         """The score-function surrogate split as ``(s_obs, s_lat)``, the whole
@@ -287,7 +287,8 @@ class TraceAnalyticKL_ELBO(ELBO):
         k = self.num_particles
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
-            obs_i, lat_i, closed_form, enumerated, score = self._particle_terms(model_trace, guide_trace, monte_carlo)
+            obs_i, lat_i, closed_form, score = self._particle_terms(model_trace, guide_trace, monte_carlo)
+            enumerated = _enumerated_names(guide_trace)
             if score:
                 surrogate = tuple(
                     total + part / k for total, part in zip(surrogate, self._surrogate(obs_i, lat_i, score))
@@ -369,7 +370,7 @@ class TraceAnalyticKL_ELBO(ELBO):
         totals, closed_form, args = {}, (), (x, *args)
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             monte_carlo = self._biased_sites(model, guide, args, kwargs, model_trace, guide_trace)
-            observed, latent, closed_form, _, _ = self._particle_terms(model_trace, guide_trace, monte_carlo)
+            observed, latent, closed_form, _ = self._particle_terms(model_trace, guide_trace, monte_carlo)
             for name, (_, value) in {**observed, **latent}.items():
                 term = value.reshape(-1, x.shape[0]).sum(0) / self.num_particles
                 totals[name] = totals[name] + term if name in totals else term
@@ -548,6 +549,15 @@ class _Enumerated:
         self.probs = site["fn"].log_prob(site["value"]).exp()
         self.plates = {frame.name for frame in site["cond_indep_stack"] if frame.vectorized}
         self.parents: set = set()
+
+
+def _enumerated_names(guide_trace) -> tuple:
+    """The guide's sites enumerated in parallel, in the guide's order."""
+    return tuple(
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None
+    )
 
 
 def _enumerated(guide_trace) -> dict:
