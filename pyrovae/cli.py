@@ -235,6 +235,7 @@ def synopsis() -> str:
 def add_run_parsers(commands) -> None:
     """``pyrovae sample MODEL RUN`` and ``pyrovae evaluate MODEL RUN`` for every model."""
     from pyrovae.config import MODELS
+    from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags
 
     sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(
         dest="model", required=True
@@ -271,10 +272,19 @@ def add_run_parsers(commands) -> None:
             p.add_argument(
                 "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
             )
+        if chain or model == "vdm":
+            add_sampler_flags(p)
         if model == "vdm":
             from pyrovae.recipes.vdm import add_run_arguments as add_vdm_run_arguments
 
             add_vdm_run_arguments(p, evaluate, add_load_args, DEBUG_FLAG)
+            add_evaluate_flags(evaluate.choices["vdm"], diffusion=True)
+            evaluate.choices["vdm"].add_argument(
+                "--steps",
+                type=positive_int,
+                default=None,
+                help="with --samples: sampler steps (default: the run's sample_steps)",
+            )
         elif chain:
             p = evaluate.add_parser(
                 model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG]
@@ -293,6 +303,7 @@ def add_run_parsers(commands) -> None:
                 default=512,
                 help="(t, example) pairs per network call (default: 512)",
             )
+            add_evaluate_flags(p, diffusion=True)
         else:
             p = evaluate.add_parser(
                 model, help=f"test ELBO (and IWAE-k log-likelihood) of a trained {model}", parents=[DEBUG_FLAG]
@@ -310,6 +321,7 @@ def add_run_parsers(commands) -> None:
                 default=None,
                 help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)",
             )
+            add_evaluate_flags(p, diffusion=False)
 
 
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -435,6 +447,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from pyrovae import plots
     from pyrovae.checkpoint import TMP_SUFFIX, checkpoint_path, load, load_checkpoint
+    from pyrovae.evaluate.commands import draw_function
 
     folder = os.path.dirname(checkpoint_path(args.run))
     out = args.out or os.path.join(folder, f"samples-{args.seed}.png")
@@ -445,10 +458,14 @@ def run_sample(args: argparse.Namespace) -> int:
     # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
     ds = datasets.run_spec(load_checkpoint(args.run), cfg)
     steps = getattr(args, "steps", None)
-    if args.model == "vdm":  # any number of steps, not a respaced chain
+    if args.model == "vdm" and args.sampler == "ancestral":  # any number of steps, not a respaced chain
         from pyrovae.recipes.vdm import sampler as vdm_sampler
 
         draw, title = vdm_sampler(model, steps or cfg.sample_steps)
+    elif args.model == "vdm":
+        from pyrovae.recipes.diffusion import from_chain_space
+
+        draw, title = draw_function(model, steps or cfg.sample_steps, args, from_chain_space)
     elif steps is not None and steps > model.T:
         raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
     elif hasattr(model, "T"):
@@ -456,8 +473,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
         steps = steps or model.T
         to_data = from_chain_space if ds.is_image else (lambda x: x)
-        draw = lambda k: to_data(model.sample(k, steps=steps))
-        title = f"samples, {steps} of {model.T} steps"
+        draw, title = draw_function(model, steps, args, to_data)
+        title += f" of {model.T}"
     elif not hasattr(model, "sample"):  # M2 (--labelled) has no generative sampler yet
         raise ValueError(
             f"run {args.run!r} holds a {type(model).__name__}, which has no sample method: pyrovae sample cannot "
@@ -553,7 +570,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from pyrovae.checkpoint import load, load_checkpoint
     from pyrovae.config import recipe_for
+    from pyrovae.evaluate.commands import check_likelihood, diffusion_scores
 
+    check_likelihood(args, args.model)
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
     recipe = recipe_for(cfg)
@@ -577,6 +596,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
         result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
+    if args.model == "vdm" or hasattr(model, "T"):  # the ODE's bits/dim and sample scores, when asked for
+        steps = args.steps or (cfg.sample_steps if args.model == "vdm" else model.T)
+        result.update(
+            diffusion_scores(model, x_test[: args.n], steps, args, dataclasses.replace(cfg, data=args.data or cfg.data))
+        )
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))

@@ -252,7 +252,8 @@ def test_objectives_that_keep_state_are_compiled_by_dynamo_with_the_eager_loss()
 
 def test_the_vdm_objective_is_refused_by_compile_loss():
     """Dynamo cannot trace VDMELBO's loss from a fresh process ("VDM.model is not a constant"; it passed here only
-    when the chain's case had run first), so compile_loss refuses it before a run writes anything (issue 24)."""
+    when the chain's case had run first), and with that fixed aot_autograd raises on the double backward that
+    gamma'(t), a derivative inside the loss, needs: compile_loss refuses it before a run writes anything (issue 24)."""
     model, objective = chain_and_vdm()[1]
     with pytest.raises(ValueError, match="--compile does not work with this model's objective, VDMELBO"):
         compile_loss(LossModule(model, objective), backend=None)

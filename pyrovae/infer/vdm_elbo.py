@@ -56,7 +56,8 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
     as Pyro's ELBOs sum over a plate.
     """
 
-    # dynamo stops at the model's bound methods ("VDM.model is not a constant"): pyrovae.compiled refuses it
+    # gamma'(t) is a derivative taken inside the loss, so its gradient is a double backward, which
+    # torch.compile's aot_autograd does not support (tried: the first backward raises): pyrovae.compiled refuses it
     compilable = False
 
     def __init__(self, num_particles: int = 1, antithetic: bool = True, minimise_variance: bool = False):
