@@ -29,8 +29,7 @@ command line is generated and :meth:`TrainConfig.check` validates::
     choices  the allowed values (a tuple of strings), where there is a fixed set
     ge, gt   inclusive / exclusive lower bound of a number
     le, lt   inclusive / exclusive upper bound of a number
-    check    a function that raises ``ValueError`` for a bad value of a text field
-             (``device``'s spelling, VDM's ``time``)
+    check    a function raising ``ValueError`` for a bad text value (``device``, ``time``)
     cli      False for a field that is no flag (``model``: the subcommand)
 
 The type annotation says the rest: ``int | None`` may be None (no flag value:
