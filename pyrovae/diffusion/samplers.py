@@ -57,6 +57,7 @@ import torch
 
 from pyrovae.diffusion.chain import DiffusionChain
 from pyrovae.diffusion.vdm import VDM
+from pyrovae.registry import lookup
 
 SAMPLERS = ("ancestral", "ddim", "dpm-solver++")
 SPACINGS = ("time", "logsnr")
@@ -248,10 +249,9 @@ def half_log_snr(alpha: float, sigma: float) -> float:
 
 
 def _check_args(sampler: str, eta: float, spacing: str | None) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    lookup("sampler", sampler, SAMPLERS)
+    if spacing is not None:
+        lookup("spacing", spacing, SPACINGS)
     if sampler == "ancestral" and spacing not in (None, "time"):
         raise ValueError(f"the ancestral sampler walks its model's own grid (spacing 'time'), got spacing={spacing!r}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
