@@ -510,6 +510,12 @@ class DiffusionChain(DiffusionModel):
         )
 
     @torch.no_grad()
+    def sampler_view(self):
+        """The samplers' view of this model (:class:`~pyrovae.diffusion.samplers.ChainView`)."""
+        from pyrovae.diffusion.samplers import ChainView  # the samplers import the models
+
+        return ChainView(self)
+
     def sample(self, n: int, steps: int | None = None, clip_x0: bool | None = None) -> torch.Tensor:
         """Ancestral sampling, x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1}|x_t) for
         t = T..2, returning the decoder's mean given x_1, shape ``(n, D)``.
