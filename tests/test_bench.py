@@ -86,9 +86,10 @@ def test_sample_workload_times_ancestral_and_strided_sampling(smoke):
 def test_sample_workload_times_every_sampler_against_the_forward_passes_at_each_step_count(smoke):
     _, _, report = smoke
     rows = [r for r in report["results"] if r["workload"] == "sample" and "steps" in r["params"]]
-    assert sorted({r["params"]["steps"] for r in rows}) == list(bench.SMOKE.sampler_steps)
-    for steps in bench.SMOKE.sampler_steps:
-        case = [r for r in rows if r["params"]["steps"] == steps]
+    expected = {("mlp", k) for k in bench.SMOKE.sampler_steps} | {("unet", k) for k in bench.SMOKE.sampler_unet_steps}
+    assert {(r["params"]["denoiser"], r["params"]["steps"]) for r in rows} == expected
+    for denoiser, steps in expected:
+        case = [r for r in rows if (r["params"]["denoiser"], r["params"]["steps"]) == (denoiser, steps)]
         assert {r["variant"] for r in case} == {bench.FLOOR} | SAMPLERS
         assert all(r["target"] == 1.05 for r in case if r["variant"] != bench.FLOOR)
 
@@ -101,7 +102,7 @@ def test_sampler_floor_calls_the_network_at_the_ddim_grids_times():
     chain = bench.cases._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
     seen = []
     chain.net.register_forward_hook(lambda m, args, out: seen.append(args[1][0].item()))
-    cases = list(bench.cases.sampler_cases(chain, bench.SMOKE, torch.device("cpu")))
+    cases = list(bench.cases.sampler_cases(chain, bench.SMOKE.sampler_steps, 2, torch.device("cpu")))
     cases[0].variants[bench.FLOOR]()
     floor_taus, seen[:] = list(seen), []
     cases[0].variants["pyrovae DDIM eta 0"]()
