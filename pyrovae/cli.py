@@ -151,7 +151,7 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pyrovae.config import MODELS
+    from pyrovae.recipes import MODELS
 
     parser = argparse.ArgumentParser(
         prog="pyrovae", description="VAEs and diffusion models as Pyro model/guide pairs trained by SVI."
@@ -234,8 +234,7 @@ def synopsis() -> str:
 
 def add_run_parsers(commands) -> None:
     """``pyrovae sample MODEL RUN`` and ``pyrovae evaluate MODEL RUN`` for every model."""
-    from pyrovae.config import MODELS
-    from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags
+    from pyrovae.recipes import MODELS
 
     sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(
         dest="model", required=True
@@ -244,7 +243,6 @@ def add_run_parsers(commands) -> None:
         dest="model", required=True
     )
     for model, entry in MODELS.items():
-        chain = any(f.name == "T" for f in dataclasses.fields(entry.config))
         p = sample.add_parser(
             model,
             help=f"samples of a trained {model}: all as .npy, at most a grid's worth as a PNG",
@@ -268,60 +266,10 @@ def add_run_parsers(commands) -> None:
             default=SAMPLE_CHUNK,
             help=f"samples drawn at a time: memory is bounded by this, not by --n (default: {SAMPLE_CHUNK})",
         )
-        if chain:
-            p.add_argument(
-                "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
-            )
-        if chain or model == "vdm":
-            add_sampler_flags(p)
-        if model == "vdm":
-            from pyrovae.recipes.vdm import add_run_arguments as add_vdm_run_arguments
-
-            add_vdm_run_arguments(p, evaluate, add_load_args, DEBUG_FLAG)
-            add_evaluate_flags(evaluate.choices["vdm"], diffusion=True)
-            evaluate.choices["vdm"].add_argument(
-                "--steps",
-                type=positive_int,
-                default=None,
-                help="with --samples: sampler steps (default: the run's sample_steps)",
-            )
-        elif chain:
-            p = evaluate.add_parser(
-                model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG]
-            )
-            add_load_args(p, evaluate=True)
-            p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
-            p.add_argument(
-                "--steps",
-                type=positive_int,
-                default=None,
-                help="bound of the chain respaced to K steps (default: all T)",
-            )
-            p.add_argument(
-                "--chunk-size",
-                type=positive_int,
-                default=512,
-                help="(t, example) pairs per network call (default: 512)",
-            )
-            add_evaluate_flags(p, diffusion=True)
-        else:
-            p = evaluate.add_parser(
-                model, help=f"test ELBO (and IWAE-k log-likelihood) of a trained {model}", parents=[DEBUG_FLAG]
-            )
-            add_load_args(p, evaluate=True)
-            p.add_argument(
-                "--test-particles",
-                type=positive_int,
-                default=None,
-                help="particles for the test ELBO (default: the run's)",
-            )
-            p.add_argument(
-                "--iwae-k",
-                type=non_negative_int,
-                default=None,
-                help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)",
-            )
-            add_evaluate_flags(p, diffusion=False)
+        entry.recipe.add_sample_arguments(p)
+        p = evaluate.add_parser(model, help=entry.recipe.evaluate_help.format(model=model), parents=[DEBUG_FLAG])
+        add_load_args(p, evaluate=True)
+        entry.recipe.add_evaluate_arguments(p)
 
 
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -447,7 +395,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from pyrovae import plots
     from pyrovae.checkpoint import TMP_SUFFIX, checkpoint_path, load, load_checkpoint
-    from pyrovae.evaluate.commands import draw_function
+    from pyrovae.recipes import recipe_for
 
     folder = os.path.dirname(checkpoint_path(args.run))
     out = args.out or os.path.join(folder, f"samples-{args.seed}.png")
@@ -457,31 +405,7 @@ def run_sample(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(args.seed)
     # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
     ds = datasets.run_spec(load_checkpoint(args.run), cfg)
-    steps = getattr(args, "steps", None)
-    if args.model == "vdm" and args.sampler == "ancestral":  # any number of steps, not a respaced chain
-        from pyrovae.recipes.vdm import sampler as vdm_sampler
-
-        draw, title = vdm_sampler(model, steps or cfg.sample_steps)
-    elif args.model == "vdm":
-        from pyrovae.recipes.diffusion import from_chain_space
-
-        draw, title = draw_function(model, steps or cfg.sample_steps, args, from_chain_space)
-    elif steps is not None and steps > model.T:
-        raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
-    elif hasattr(model, "T"):
-        from pyrovae.recipes.diffusion import from_chain_space
-
-        steps = steps or model.T
-        to_data = from_chain_space if ds.is_image else (lambda x: x)
-        draw, title = draw_function(model, steps, args, to_data)
-        title += f" of {model.T}"
-    elif not hasattr(model, "sample"):  # M2 (--labelled) has no generative sampler yet
-        raise ValueError(
-            f"run {args.run!r} holds a {type(model).__name__}, which has no sample method: pyrovae sample cannot "
-            f"draw from it; evaluate it with pyrovae evaluate {args.model} {args.run}"
-        )
-    else:
-        draw, title = model.sample, f"samples, {cfg.model} on {ds.name}"
+    draw, title = recipe_for(cfg).sampler(model, cfg, ds, args)
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS
     n = args.n or grid
     # Drawn into a temporary file beside it and renamed when complete: a failure or Ctrl-C
@@ -569,8 +493,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae.checkpoint import load, load_checkpoint
-    from pyrovae.config import recipe_for
-    from pyrovae.evaluate.commands import check_likelihood, diffusion_scores
+    from pyrovae.evaluate.commands import check_likelihood
+    from pyrovae.recipes import recipe_for
 
     check_likelihood(args, args.model)
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
@@ -583,24 +507,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {args.data!r}")
         x_test, y_test = ds.x_test, ds.y_test
     x_test = recipe.prepare_test(cfg, x_test.to(next(model.parameters()).device))
-    if hasattr(recipe, "with_labels"):  # M2: the test accuracy of q(y|x)
-        x_test = recipe.with_labels(cfg, x_test, y_test)
-    if args.model == "vdm":
-        from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
-
-        result = run_vdm_evaluate(args, model, x_test)
-    elif hasattr(model, "T"):
-        from pyrovae.recipes.diffusion import evaluate_bound
-
-        result = evaluate_bound(model, x_test[: args.n], args.steps, args.chunk_size, args.run)
-    else:
-        overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
-        result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
-    if args.model == "vdm" or hasattr(model, "T"):  # the ODE's bits/dim and sample scores, when asked for
-        steps = args.steps or (cfg.sample_steps if args.model == "vdm" else model.T)
-        result.update(
-            diffusion_scores(model, x_test[: args.n], steps, args, dataclasses.replace(cfg, data=args.data or cfg.data))
-        )
+    x_test = recipe.with_labels(cfg, x_test, y_test)  # M2: the test accuracy of q(y|x)
+    result = recipe.run_evaluate(args, model, cfg, x_test)
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))
