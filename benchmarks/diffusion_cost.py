@@ -84,7 +84,7 @@ def main():
     results["Trace_ELBO over the literal chain"] = []
     for _ in range(args.repeats):
         for name, fn in steps.items():
-            results[name].append(timed(lambda: [fn() for _ in range(args.inner)], 1)[0] / args.inner)
+            results[name].append(timed(lambda fn=fn: [fn() for _ in range(args.inner)], 1)[0] / args.inner)
         if not args.skip_literal:
             results["Trace_ELBO over the literal chain"].append(timed(lambda: literal.step(x), 1)[0])
     base = statistics.median(results["plain PyTorch DDPM step"])

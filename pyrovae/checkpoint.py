@@ -81,7 +81,8 @@ def atomic_write_bytes(path: str, write) -> None:
         if isinstance(err, OSError):  # disk full, quota, I/O error: say what survived
             raise OSError(
                 err.errno,
-                f"could not write {path}: {err.strerror or err}; the previous {os.path.basename(path)} there, if any, is left as it was",
+                f"could not write {path}: {err.strerror or err}; "
+                f"the previous {os.path.basename(path)} there, if any, is left as it was",
             ) from err
         raise
     # The rename itself is durable only once the folder's entry is on disk.
@@ -161,7 +162,8 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(
-            f"{path!r} is not a pyrovae checkpoint of format {' or '.join(map(str, READABLE_FORMATS))} (found {found!r})"
+            f"{path!r} is not a pyrovae checkpoint of format {' or '.join(map(str, READABLE_FORMATS))} "
+            f"(found {found!r})"
         )
     return convert(ckpt)
 

@@ -89,7 +89,8 @@ class CompiledLoss(nn.Module):
             raise TypeError(f"backend must be a torch.compile backend (a name or a callable) or None, got {backend!r}")
         if not capturable(loss_module.objective):
             raise TypeError(
-                f"{type(loss_module.objective).__name__} does not declare itself capturable (capturable = True); use torch.compile(loss_module) instead"
+                f"{type(loss_module.objective).__name__} does not declare itself capturable (capturable = True); "
+                "use torch.compile(loss_module) instead"
             )
         self.loss_module = loss_module
         self.backend = backend
@@ -241,7 +242,8 @@ class _Replay:
             out = self.graph(*inputs)
         except Exception as err:
             warnings.warn(
-                f"CompiledLoss: the backend could not compile the captured graph ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); replaying it uncompiled",
+                "CompiledLoss: the backend could not compile the captured graph "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); replaying it uncompiled",
                 stacklevel=3,
             )
             self.graph = self.plain

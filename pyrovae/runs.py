@@ -204,7 +204,8 @@ def _take_lock(folder: str) -> None:
                 continue
             if owner_host == host:
                 raise RunFolderError(
-                    f"run folder {folder!r} is in use by process {pid} on this host (lock file {path}); wait for that run to end or choose another --out"
+                    f"run folder {folder!r} is in use by process {pid} on this host (lock file {path}); "
+                    "wait for that run to end or choose another --out"
                 ) from None
             raise RunFolderError(
                 f"run folder {folder!r} is locked by process {pid} on host {owner_host!r} (lock file {path}); "
@@ -265,7 +266,10 @@ class RunFolder:
         """The error that ends a run stopped by Ctrl-C during ``epoch``."""
         path = os.path.join(self.path, checkpoint.CHECKPOINT)
         if epoch > 1:
-            kept = f"the checkpoint of epoch {epoch - 1}, {path}, is kept; continue with: pyrovae train {model} --resume {self.path}"
+            kept = (
+                f"the checkpoint of epoch {epoch - 1}, {path}, is kept; "
+                f"continue with: pyrovae train {model} --resume {self.path}"
+            )
         else:
             kept = "no epoch had finished, so there is no checkpoint to resume"
         return TrainingInterrupted(f"interrupted after step {step} (epoch {epoch}): {kept}")
@@ -309,7 +313,8 @@ def _claim(out: str, resumes_here: bool, overwrite: bool) -> tuple[RunFolder, bo
     if held and not (resumes_here or overwrite):
         _release(out, created)
         raise RunFolderError(
-            f"run folder {out!r} already holds a run; continue it with --resume {out}, replace it with --overwrite, or choose another --out"
+            f"run folder {out!r} already holds a run; continue it with --resume {out}, "
+            "replace it with --overwrite, or choose another --out"
         )
     foreign = [] if held else foreign_files(out)
     if foreign:

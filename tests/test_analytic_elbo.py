@@ -357,16 +357,6 @@ def test_registry_makes_it_by_name():
 
 
 # ---------------------------------------------------------------------------
-# The dependency condition and reparameterisation.
-
-
-def chain_model():
-    z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
-    z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
-    pyro.sample("x", dist.Normal(z2, 1.0), obs=torch.tensor(0.5))
-
-
-# ---------------------------------------------------------------------------
 # The dependency condition: Monte Carlo exactly where the closed form is biased.
 
 

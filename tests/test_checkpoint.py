@@ -258,7 +258,7 @@ def test_a_format1_checkpoint_loads_evaluates_and_resumes_with_its_adam_moments(
     scheduler = make_scheduler(optimizer, cfg, 2)
     averaged = make_averaged_model(net, cfg.ema_decay)
     checkpoint.restore(load_checkpoint(fixture), fixture, net, optimizer, scheduler, averaged)
-    for i, (name, p) in enumerate(net.named_parameters()):
+    for _, (name, p) in enumerate(net.named_parameters()):
         saved = old["optim"][f"vae$$${name}"]["optimizer"]["state"][0]
         assert torch.equal(optimizer.state[p]["exp_avg"], saved["exp_avg"]), name
     assert (

@@ -329,7 +329,10 @@ def test_a_compiled_run_resumed_from_its_checkpoint_continues_bit_for_bit(tmp_pa
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     with open(straight / "metrics.csv", newline="") as f, open(resumed / "metrics.csv", newline="") as g:
-        strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+        def strip(rows):
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
         assert strip(csv.DictReader(f)) == strip(csv.DictReader(g))
 
 

@@ -287,10 +287,15 @@ def test_cli_rejects_settings_that_cannot_train(tmp_path, capsys):
 def test_model_and_guides_have_one_site_per_step_named_after_the_variable(T):
     chain = DiffusionChain(TimeMLP(2, (8,)), NoiseSchedule.from_name("cosine", T), 2)
     x0 = two_d_data(3)
-    trace = lambda fn: poutine.trace(fn).get_trace(x0)
-    names = lambda fn: [
-        n for n, site in trace(fn).nodes.items() if site["type"] == "sample" and n != "data"
-    ]  # "data": the plate
+
+    def trace(fn):
+        return poutine.trace(fn).get_trace(x0)
+
+    def names(fn):
+        return [
+            n for n, site in trace(fn).nodes.items() if site["type"] == "sample" and n != "data"
+        ]  # "data": the plate
+
     assert names(chain.model) == [f"x_{t}" for t in range(T, -1, -1)]
     assert names(chain.guide_posterior) == [f"x_{t}" for t in range(T, 0, -1)]
     assert names(chain.guide_forward) == [f"x_{t}" for t in range(1, T + 1)]

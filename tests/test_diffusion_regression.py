@@ -404,7 +404,9 @@ def test_full_bound_is_unchanged_on_fixed_weights_and_draws(case):
     rtol = 1e-5 if case.endswith("float32") else 1e-10
     for name, value in bound_values(chain, x0).items():
         expected = torch.tensor(EXPECTED[case]["bound"][name], dtype=torch.float64).reshape(value.shape)
-        torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=0, msg=lambda m: f"{case} {name}: {m}")
+        torch.testing.assert_close(
+            value.double(), expected, rtol=rtol, atol=0, msg=lambda m, name=name: f"{case} {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -648,4 +650,6 @@ def test_samples_are_unchanged_for_a_fixed_seed(case):
     for name, value in drawn.items():
         expected = torch.tensor(SAMPLES[case][name], dtype=torch.float64).reshape(value.shape)
         # atol for the float32 entries near 0 (a rounding of the last step's sum)
-        torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=rtol, msg=lambda m: f"{case} {name}: {m}")
+        torch.testing.assert_close(
+            value.double(), expected, rtol=rtol, atol=rtol, msg=lambda m, name=name: f"{case} {name}: {m}"
+        )

@@ -27,7 +27,10 @@ def test_linear_schedule_matches_ho_et_al_at_T_1000_and_is_scaled_for_other_T():
 def test_cosine_schedule_alpha_bar_follows_the_squared_cosine():
     T, s_off = 50, 0.008
     s = NoiseSchedule(cosine_betas(T))
-    f = lambda t: math.cos((t / T + s_off) / (1 + s_off) * math.pi / 2) ** 2
+
+    def f(t):
+        return math.cos((t / T + s_off) / (1 + s_off) * math.pi / 2) ** 2
+
     for t in (1, 10, 25, 40):
         assert s.alphas_cumprod[t - 1].item() == pytest.approx(f(t) / f(0), rel=1e-10)
     assert s.betas.max().item() <= 0.999

@@ -93,7 +93,7 @@ def test_svi_on_real_mnist_improves_the_test_elbo():
     svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), loss=Trace_ELBO())
     test_elbo = Trace_ELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1)
     before = -test_elbo.loss(vae.model, vae.guide, x_test) / len(x_test)
-    for epoch in range(3):
+    for _ in range(3):
         for xb, _ in data.make_loader(ds.x_train, batch_size=100):
             svi.step(data.binarize(xb, "dynamic"))
     after = -test_elbo.loss(vae.model, vae.guide, x_test) / len(x_test)

@@ -85,7 +85,8 @@ class NoiseSchedule(nn.Module):
         T = betas.numel()
         if (timesteps is None) != (original_T is None):
             raise ValueError(
-                f"timesteps and original_T must be given together (a respaced schedule), got timesteps={timesteps!r}, original_T={original_T!r}"
+                "timesteps and original_T must be given together (a respaced schedule), "
+                f"got timesteps={timesteps!r}, original_T={original_T!r}"
             )
         timesteps = torch.arange(1, T + 1) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.long)
         if timesteps.shape != (T,):

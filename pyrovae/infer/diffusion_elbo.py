@@ -101,7 +101,8 @@ class ImportanceTimeSampler(UniformTimeSampler):
             squares.dim() != 2 or squares.shape[1] != self.history or count.shape != squares.shape[:1]
         ):
             raise ValueError(
-                f"squares must have shape (T, {self.history}) and count (T,), got {tuple(squares.shape)} and {tuple(count.shape)}"
+                f"squares must have shape (T, {self.history}) and count (T,), "
+                f"got {tuple(squares.shape)} and {tuple(count.shape)}"
             )
         self._squares = None if squares is None else squares.clone().to(torch.float64)
         self._count = None if count is None else count.clone().to(torch.long)

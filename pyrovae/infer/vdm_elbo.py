@@ -75,7 +75,8 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
             raise TypeError(f"VDMELBO needs guide=vdm.guide of the same VDM, got {guide!r}")
         if self.minimise_variance and vdm.T is not None:
             raise ValueError(
-                f"minimise_variance needs the continuous-time model (T=None): the {vdm.T}-step bound depends on the schedule's interior"
+                "minimise_variance needs the continuous-time model (T=None): "
+                f"the {vdm.T}-step bound depends on the schedule's interior"
             )
         return vdm
 

@@ -326,7 +326,8 @@ class _ScaleLikelihood(nn.Module):
     def forward(self, loc: torch.Tensor, scale: torch.Tensor | None = None) -> dist.Distribution:
         if (scale is None) != (self.mode != "model"):
             raise ValueError(
-                f"scale must be given to this likelihood if and only if it was built with scale={MODEL_SCALE!r}; it has a {self.mode} scale"
+                f"scale must be given to this likelihood if and only if it was built with scale={MODEL_SCALE!r}; "
+                f"it has a {self.mode} scale"
             )
         if scale is None:
             scale = softplus(self.raw_scale) + self.min_scale if self.mode == "learned" else self.raw_scale

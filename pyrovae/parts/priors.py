@@ -51,7 +51,8 @@ class StandardNormalPrior(nn.Module):
         loc, scale = state_dict.get(prefix + "loc"), state_dict.get(prefix + "scale")
         if (loc is not None and not bool((loc == 0).all())) or (scale is not None and not bool((scale == 1).all())):
             raise ValueError(
-                f"a StandardNormalPrior's loc and scale are 0 and 1; the state dict holds other values at {prefix}loc/{prefix}scale "
+                "a StandardNormalPrior's loc and scale are 0 and 1; "
+                f"the state dict holds other values at {prefix}loc/{prefix}scale "
                 "(a prior with a learned or shifted location is another prior: pyrovae.parts.priors.PRIORS)"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
