@@ -88,14 +88,19 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
             k, B
         )
 
-    def bound_terms(self, vdm, x: torch.Tensor) -> dict:
+    def bound_terms(self, vdm, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:
         """The bound's named terms per example (:mod:`pyrovae.infer.bound`), nats,
         each ``(B,)``: ``recon``, ``kl_top``, ``kl_layers`` (L_diffusion, the
         mean of k draws) and ``elbo`` = recon - kl_top - kl_layers; also ``per_draw`` ``(k, B)``, the diffusion estimate of each draw;
         and ``surrogate``, a scalar of value 0 that carries the schedule's
-        gradient when ``minimise_variance`` (else ``None``)."""
+        gradient when ``minimise_variance`` (else ``None``). With ``y`` (a
+        conditional denoiser) the bound is of log p(x | y), eps_hat at the real y."""
         params.module(vdm, "vdm")  # a name of its own in the param store
         x = vdm.check_data(x)
+        if y is not None:
+            from pyrovae.diffusion.denoisers import conditioned
+
+            vdm = conditioned(vdm, y)
         k = self.num_particles
         t = self.draw_times(k, x.shape[0], x)
         surrogate = None
@@ -116,9 +121,9 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
         terms["elbo"] = terms["recon"] - terms["kl_top"] - terms["kl_layers"]
         return {**terms, "per_draw": per_draw, "surrogate": surrogate}
 
-    def differentiable_loss(self, model, guide, x: torch.Tensor) -> torch.Tensor:
-        """-ELBO summed over the batch; its gradient is the bound's, except in the
-        schedule's interior under ``minimise_variance``."""
-        terms = self.bound_terms(self._vdm(model, guide), x)
+    def differentiable_loss(self, model, guide, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """-ELBO (of log p(x | y) given ``y``) summed over the batch; its gradient
+        is the bound's, except in the schedule's interior under ``minimise_variance``."""
+        terms = self.bound_terms(self._vdm(model, guide), x, y)
         loss = -terms["elbo"].sum()
         return loss if terms["surrogate"] is None else loss + terms["surrogate"]
