@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import warnings
 
@@ -31,6 +32,17 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def guidance_weight(text: str) -> float:
+    """``--guidance W``: a number w >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or value == math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number w >= 0 (0: the conditional model itself), got {text}")
     return value
 
 
@@ -241,6 +253,21 @@ def add_run_parsers(commands) -> None:
             default=SAMPLE_CHUNK,
             help=f"samples drawn at a time: memory is bounded by this, not by --n (default: {SAMPLE_CHUNK})",
         )
+        p.add_argument(
+            "--label",
+            default=None,
+            metavar="K|NAME|all",
+            help="a run trained with --conditional: samples of this class (its number or name), or all: a row per "
+            "class (the default; --n then counts the samples per class, 8 by default)",
+        )
+        p.add_argument(
+            "--guidance",
+            type=guidance_weight,
+            default=None,
+            metavar="W",
+            help="classifier-free guidance weight w >= 0 of a conditional chain or VDM: (1 + w) eps(x, y) - w eps(x) "
+            "(w > 0: not samples of the model's p(x | y))",
+        )
         if chain:
             p.add_argument(
                 "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
@@ -433,19 +460,37 @@ def run_sample(args: argparse.Namespace) -> int:
         draw, title = model.sample, f"samples, {cfg.model} on {ds.name}"
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS
     n = args.n or grid
+    y, columns = sample_labels(args, cfg, ds, model)
+    if y is not None:  # a conditional run: the labels decide n, the grid shows every row's first 8
+        from pyrovae.recipes.conditional import sample_images
+
+        n, grid = len(y), len(y)
+
+        def draw_y(y_chunk):
+            return sample_images(cfg, model, y_chunk, steps, args.guidance, ds.is_image)
+
+        title = f"samples, {cfg.model} on {ds.name}, " + (
+            "a row per class" if columns < n else f"class {ds.classes[int(y[0])]}"
+        )
+        if args.guidance is not None:
+            title += f", guidance w = {args.guidance:g}"
     array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32, shape=(n, ds.x_dim))
     shown = []
     with torch.no_grad():
         for i in range(0, n, args.chunk_size):
-            x = draw(min(args.chunk_size, n - i)).float().cpu()
+            size = min(args.chunk_size, n - i)
+            x = (draw(size) if y is None else draw_y(y[i : i + size])).float().cpu()
             array[i : i + len(x)] = x.numpy()
             if i < grid:
                 shown.append(x[: grid - i])
     array.flush()
     del array
     shown = torch.cat(shown)
+    if y is not None and columns < n:
+        shown = shown.reshape(-1, columns, ds.x_dim)[:, :8].reshape(-1, ds.x_dim)
+        columns = min(columns, 8)
     if ds.is_image:
-        plots.save_image_grid(out, shown, ds.image_shape, min(8, len(shown)), title)
+        plots.save_image_grid(out, shown, ds.image_shape, min(columns or 8, len(shown)), title)
     else:
         x_test = run_test_split(args.run, cfg)[:1000]
         plots.save_scatter(
@@ -458,6 +503,37 @@ def run_sample(args: argparse.Namespace) -> int:
     drawn = f"the first {len(shown)} of {n}" if len(shown) < n else "them"
     print(f"wrote {n} samples to {array_path} and drew {drawn} in {out}")
     return 0
+
+
+def sample_labels(args: argparse.Namespace, cfg, spec, model) -> tuple:
+    """``(y, columns)`` for ``pyrovae sample``: the labels to draw (``None``
+    for an unconditional run) and the samples per grid row; a clear error for
+    ``--label``/``--guidance`` a run cannot take."""
+    import torch
+
+    if not getattr(cfg, "conditional", False):
+        for flag, value in (("--label", args.label), ("--guidance", args.guidance)):
+            if value is not None:
+                raise ValueError(f"{flag} needs a run trained with --conditional; {args.run!r} is unconditional")
+        return None, None
+    if args.guidance is not None and cfg.model not in ("diffusion", "vdm"):
+        raise ValueError(f"--guidance is classifier-free guidance of the chain and VDM; a {cfg.model} has none")
+    classes = spec.classes
+    k = len(classes)
+    device = next(model.parameters()).device
+    if args.label in (None, "all"):
+        per = args.n or 8
+        return torch.arange(k, device=device).repeat_interleave(per), per
+    if args.label in classes:
+        label = classes.index(args.label)
+    elif args.label.lstrip("-").isdigit() and 0 <= int(args.label) < k:
+        label = int(args.label)
+    else:
+        raise ValueError(
+            f"--label must be a class in [0, {k}) (or its name: {', '.join(classes)}) or all, got {args.label!r}"
+        )
+    n = args.n or GRID_IMAGES
+    return torch.full((n,), label, device=device), 8
 
 
 def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
@@ -515,8 +591,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {args.data!r}")
         x_test, y_test = ds.x_test, ds.y_test
     x_test = recipe.prepare_test(cfg, x_test.to(next(model.parameters()).device))
-    if hasattr(recipe, "with_labels"):  # M2: the test accuracy of q(y|x)
+    if hasattr(recipe, "with_labels"):  # M2: the test accuracy of q(y|x); a conditional run: the bound given y
         x_test = recipe.with_labels(cfg, x_test, y_test)
+    if getattr(cfg, "conditional", False) and args.model in ("diffusion", "vdm"):
+        # the full bound of log p(x | y): the denoiser fixed at the first N test labels
+        from pyrovae.diffusion.denoisers import conditioned
+        from pyrovae.ssvae import unpack_labels
+
+        x_test, y_test = unpack_labels(x_test[: args.n])
+        model = conditioned(model, y_test)
     if args.model == "vdm":
         from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
 

@@ -62,6 +62,7 @@ from pyrovae.optim import LR_SCHEDULES, OPTIMIZERS
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.parts.priors import PRIORS
+from pyrovae.recipes.conditional import ConditionalRecipe
 from pyrovae.recipes.diffusion import NETS as DIFFUSION_NETS
 from pyrovae.recipes.diffusion import DiffusionRecipe
 from pyrovae.recipes.hvae import HVAERecipe
@@ -195,6 +196,10 @@ class TrainConfig(metaclass=_ByModel):
         "stop after N epochs without a higher ELBO on the held-out examples (--held-out); the best epoch's weights "
         "are the run's model (model.pt, pyrovae.load); none: off",
         ge=1,
+    )
+    conditional: bool = option(
+        False,
+        "train a model of p(x | y) on the data's class labels (CVAE; the chain's and VDM's denoiser embeds y)",
     )
     held_out: int | None = option(
         None,
@@ -345,6 +350,12 @@ class _DiffusionTraining(TrainConfig):
     test_particles: int = override(
         "test_particles", 1, help="draws of t per test example for the per-epoch (unbiased) test ELBO"
     )
+    p_uncond: float = option(
+        0.1,
+        "--conditional: probability that a training label is dropped to the null class (classifier-free guidance)",
+        ge=0,
+        lt=1,
+    )
 
 
 @dataclass
@@ -434,6 +445,8 @@ def recipe_for(cfg: TrainConfig):
     """The recipe that trains ``cfg``: its model's, or M2's for a VAE given ``labelled``."""
     if getattr(cfg, "labelled", None) is not None:
         return SSVAERecipe()
+    if getattr(cfg, "conditional", False):
+        return ConditionalRecipe(MODELS[cfg.model].recipe)
     return MODELS[cfg.model].recipe
 
 

@@ -541,14 +541,14 @@ def bound_terms(hvae: HVAE, x: torch.Tensor, num_particles: int = 10, batch_size
 
 
 @torch.no_grad()
-def active_units(hvae: HVAE, x: torch.Tensor, num_samples: int = 10, threshold: float = 0.01) -> dict:
+def active_units(hvae: HVAE, x: torch.Tensor, num_samples: int = 10, threshold: float = 0.01, y=None) -> dict:
     """Active units per layer (Burda et al. 2016): unit u of z_l is active when
     Cov_x(E_q[z_{l,u} | x]) > ``threshold``. E_q[z_l | x] is the mean over
     ``num_samples`` guide draws of the mean of q at layer l given the layers drawn
     before it (exact for the first layer the guide draws). Returns
     ``{l: number of active units}``."""
     with pyro.plate("au_particles", num_samples, dim=-2), poutine.block():
-        trace = poutine.trace(hvae.guide).get_trace(x)
+        trace = poutine.trace(hvae.guide).get_trace(x, y)
     means = {l: trace.nodes[site]["fn"].mean for l, site in enumerate(hvae.sites, start=1)}
     return {
         l: int((mean.expand(num_samples, *mean.shape[-2:]).mean(0).var(0) > threshold).sum())

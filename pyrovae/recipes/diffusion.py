@@ -17,6 +17,7 @@ from pyrovae.diffusion.schedule import SCHEDULES, NoiseSchedule
 from pyrovae.infer.bound import bound_terms, prefixed
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS, DiffusionELBO
 from pyrovae.infer.losses import OBJECTIVES, make_objective
+from pyrovae.recipes.conditional import num_classes
 
 NETS = ("auto", "mlp", "unet")
 CONTINUOUS_DATA = ("moons",)  # every other dataset is 8-bit images
@@ -69,9 +70,9 @@ class DiffusionRecipe:
         if net == "unet":
             if not ds.is_image:
                 raise ValueError(f"net 'unet' needs image data; {ds.name!r} has examples of shape {ds.image_shape}")
-            denoiser = UNet(ds.image_shape, cfg.channels, out_mult=out_mult)
+            denoiser = UNet(ds.image_shape, cfg.channels, out_mult=out_mult, num_classes=num_classes(cfg, ds))
         else:
-            denoiser = TimeMLP(ds.x_dim, cfg.hidden, out_mult=out_mult)
+            denoiser = TimeMLP(ds.x_dim, cfg.hidden, out_mult=out_mult, num_classes=num_classes(cfg, ds))
         decoder = "discretised-gaussian" if ds.is_image else "gaussian"
         return DiffusionChain(
             denoiser,
@@ -96,17 +97,19 @@ class DiffusionRecipe:
         return self.prepare_batch(cfg, x)
 
     @torch.no_grad()
-    def evaluate(self, cfg, chain: DiffusionChain, x_test: torch.Tensor, batch_size: int = 500) -> dict:
+    def evaluate(self, cfg, chain: DiffusionChain, x_test: torch.Tensor, batch_size: int = 500, y=None) -> dict:
         """The bound's named terms (:mod:`pyrovae.infer.bound`) per test example,
         in nats: ``test_recon``, ``test_kl_top``, ``test_kl_layers`` (the sum of
         the per-t KLs), ``test_elbo`` and, for images, ``test_bpd``; estimated
         without bias by :meth:`DiffusionELBO.terms` with ``cfg.test_particles``
         draws per example: cheap enough for every epoch whatever T. The exact
-        full-T bound, term by term, is ``pyrovae evaluate diffusion``."""
+        full-T bound, term by term, is ``pyrovae evaluate diffusion``. Given the
+        test labels ``y`` (``--conditional``), the bound of log p(x | y)."""
         elbo = DiffusionELBO(num_particles=cfg.test_particles)
         sums = {"recon": 0.0, "kl_top": 0.0, "kl_layers": 0.0}
         for i in range(0, len(x_test), batch_size):
-            for name, value in elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size]).items():
+            part = (x_test[i : i + batch_size],) if y is None else (x_test[i : i + batch_size], y[i : i + batch_size])
+            for name, value in elbo.terms(chain.model, chain.guide_posterior, *part).items():
                 sums[name] += value
         n = len(x_test)
         terms = bound_terms(

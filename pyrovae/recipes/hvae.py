@@ -5,10 +5,10 @@ the model and its per-layer report are the hierarchy's."""
 
 from __future__ import annotations
 
-
 from pyrovae import data as datasets
 from pyrovae.hvae import HVAE, build_hvae, check_prior
 from pyrovae.infer import make_elbo
+from pyrovae.recipes.conditional import num_classes
 from pyrovae.recipes.vae import VAERecipe
 
 
@@ -32,7 +32,13 @@ class HVAERecipe(VAERecipe):
     def build(self, cfg, ds: datasets.Dataset) -> HVAE:
         hidden = [(width,) * cfg.depth for width in cfg.hidden]
         return build_hvae(
-            ds.x_dim, tuple(cfg.z_dims), hidden, encoder=cfg.encoder, prior=cfg.prior, likelihood=cfg.likelihood
+            ds.x_dim,
+            tuple(cfg.z_dims),
+            hidden,
+            encoder=cfg.encoder,
+            prior=cfg.prior,
+            likelihood=cfg.likelihood,
+            num_classes=num_classes(cfg, ds),
         )
 
     @staticmethod

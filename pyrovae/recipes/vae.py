@@ -15,6 +15,7 @@ from pyrovae.infer.bound import prefixed
 from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.parts.priors import PRIORS
+from pyrovae.recipes.conditional import num_classes
 from pyrovae.vae import NETS, build_vae
 
 
@@ -54,6 +55,7 @@ class VAERecipe:
             likelihood=cfg.likelihood,
             net=self.net(cfg),
             image_shape=image_shape,
+            num_classes=num_classes(cfg, ds),
         )
 
     def objective(self, cfg):
@@ -116,7 +118,7 @@ class VAERecipe:
         return datasets.binarize_test(x, self.binarize_mode(cfg))
 
     @torch.no_grad()
-    def evaluate(self, cfg, vae: HVAE, x_test: torch.Tensor, batch_size: int = 500) -> dict:
+    def evaluate(self, cfg, vae: HVAE, x_test: torch.Tensor, batch_size: int = 500, y=None) -> dict:
         """The bound's named terms (:meth:`HVAE.bound <pyrovae.hvae.HVAE.bound>`)
         per test image, in nats: ``test_recon`` = E_q[log p(x|z_1)],
         ``test_kl_top`` = KL(q(z_L|.) || p(z_L)) (z is the VAE's top and only
@@ -129,13 +131,15 @@ class VAERecipe:
         IWAE-k estimate of log p(x) (``test_iwae`` in nats per image,
         ``test_iwae_bpd`` in bits per dimension). Whatever ELBO trains the
         model, these use the analytic-KL estimator: the same expectation, with
-        the KL exact wherever it is registered and Monte Carlo elsewhere."""
-        terms = vae.bound(x_test, cfg.test_particles, batch_size).summary()
+        the KL exact wherever it is registered and Monte Carlo elsewhere. A
+        conditional model (``--conditional``) is scored given the test labels ``y``:
+        the bound of log p(x | y)."""
+        terms = vae.bound(x_test, cfg.test_particles, batch_size, y=y).summary()
         if not self.per_layer:
             terms = {name: value for name, value in terms.items() if not name.startswith("kl_") or name == "kl_top"}
         metrics = prefixed(terms, "test")
         if self.per_layer:
-            metrics.update({f"test_active_{l}": float(n) for l, n in active_units(vae, x_test).items()})
+            metrics.update({f"test_active_{l}": float(n) for l, n in active_units(vae, x_test, y=y).items()})
         if cfg.iwae_k > 0:
             iwae = evaluate_iwae(vae.model, vae.guide, x_test, cfg.iwae_k)
             metrics.update(test_iwae=iwae["iwae"], test_iwae_bpd=iwae["iwae_bpd"])

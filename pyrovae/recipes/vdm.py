@@ -19,6 +19,7 @@ from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
 from pyrovae.infer.bound import bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
+from pyrovae.recipes.conditional import num_classes
 from pyrovae.recipes.diffusion import from_chain_space, to_chain_space
 
 NETS = ("unet", "mlp")
@@ -55,7 +56,12 @@ class VDMRecipe:
         # the denoiser sees z_t and, with Fourier features, 2 |n| more blocks of D
         k = 1 + 2 * len(FOURIER_EXPONENTS) if cfg.fourier else 1
         c, h, w = ds.image_shape
-        net = UNet((k * c, h, w), cfg.channels) if cfg.net == "unet" else TimeMLP(k * ds.x_dim, cfg.hidden)
+        classes = num_classes(cfg, ds)
+        net = (
+            UNet((k * c, h, w), cfg.channels, num_classes=classes)
+            if cfg.net == "unet"
+            else TimeMLP(k * ds.x_dim, cfg.hidden, num_classes=classes)
+        )
         return VDM(net, make_gamma(cfg.schedule), ds.x_dim, T=parse_time(cfg.time), fourier=cfg.fourier)
 
     def objective(self, cfg) -> VDMELBO:
@@ -68,12 +74,13 @@ class VDMRecipe:
         return to_chain_space(x)
 
     @torch.no_grad()
-    def evaluate(self, cfg, vdm: VDM, x_test: torch.Tensor, batch_size: int = 500) -> dict:
+    def evaluate(self, cfg, vdm: VDM, x_test: torch.Tensor, batch_size: int = 500, y=None) -> dict:
         """The test bound's terms per example (nats; an unbiased estimate with
         ``cfg.test_particles`` draws of t per example), bits/dim, and the
         schedule's end points gamma(0), gamma(1). ``pyrovae evaluate vdm`` gives
-        the bound with its standard error."""
-        terms = bound_terms(vdm, x_test, cfg.test_particles, batch_size)
+        the bound with its standard error. Given the test labels ``y``
+        (``--conditional``), the bound of log p(x | y)."""
+        terms = bound_terms(vdm, x_test, cfg.test_particles, batch_size, y)
         means = {k: terms[k].mean().item() for k in TERMS}
         return {**prefixed(named_terms(**means, dim=vdm.x_dim), "test"), **schedule_ends(vdm)}
 
@@ -97,12 +104,15 @@ def schedule_ends(vdm: VDM) -> dict:
         return {"gamma_0": vdm.gamma.gamma_min.item(), "gamma_1": vdm.gamma.gamma_max.item()}
 
 
-def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500) -> dict:
+def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500, y=None) -> dict:
     """:meth:`VDMELBO.bound_terms` over ``x`` in batches: ``recon``, ``kl_top``,
     ``kl_layers`` and ``elbo`` per example, ``(N,)``, with ``draws`` antithetic
     draws of t per example."""
     elbo = VDMELBO(num_particles=draws)
-    parts = [elbo.bound_terms(vdm, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    parts = [
+        elbo.bound_terms(vdm, x[i : i + batch_size], None if y is None else y[i : i + batch_size])
+        for i in range(0, len(x), batch_size)
+    ]
     return {k: torch.cat([p[k] for p in parts]) for k in (*TERMS, "elbo")}
 
 
