@@ -77,8 +77,8 @@ def spread(run: str, repeats: int, batch: int, seed: int) -> dict:
         with torch.no_grad():
             for _ in range(repeats):
                 terms = elbo.bound_terms(vdm, x)
-                diff.append(terms["kl_layers"].mean().item())
-                total.append(-terms["elbo"].mean().item())
+                diff.append(terms.kl_layers.mean().item())
+                total.append(terms.nats().mean().item())
         diff, total = torch.tensor(diff, dtype=torch.float64), torch.tensor(total, dtype=torch.float64)
         key = "antithetic" if antithetic else "iid"
         out[key] = {

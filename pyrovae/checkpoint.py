@@ -153,6 +153,11 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
         raise ValueError(f"cannot read checkpoint {path!r}: not a pyrovae checkpoint ({_load_failure(err)})") from err
+    if isinstance(ckpt, dict) and "format" not in ckpt and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        raise ValueError(
+            f"{path!r} is not a pyrovae checkpoint: it holds a model's weights only (a state_dict, as a run's "
+            f"model.pt does); give the run folder or its {CHECKPOINT}, or load the weights with model.load_state_dict"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(
@@ -338,7 +343,6 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
     from pyrovae import data as datasets
     from pyrovae.config import TrainConfig, recipe_for, resolve
     from pyrovae.device import resolve_device
-
     from pyrovae.runs import warn_config_edits
 
     ckpt = load_checkpoint(path)

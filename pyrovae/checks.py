@@ -19,3 +19,20 @@ def check_positive(value: int, name: str) -> None:
     """Raise ``ValueError`` unless the size ``value`` is at least 1."""
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_batch(
+    x, x_dim: int, device: torch.device, dtype: torch.dtype | None = None, name: str = "x", owner: str = "model"
+) -> torch.Tensor:
+    """Raise a clear error unless ``x`` is a float tensor of flat examples, shape
+    ``(B >= 1, x_dim)``, on ``device``; return it in ``dtype`` (float64 or
+    half-precision data are cast: a model computes in one dtype), or as it is
+    for ``dtype=None``. The values are the caller's to check (:func:`check_finite`
+    under ``pyro.enable_validation``, ranges)."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    if x.dim() != 2 or x.shape[1] != x_dim or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (batch >= 1, {x_dim}), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the {owner} is on {device}; move one with .to()")
+    return x if dtype is None else x.to(dtype)

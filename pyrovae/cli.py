@@ -41,7 +41,7 @@ def guidance_weight(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value >= 0 or value == math.inf:
+    if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number w >= 0 (0: the conditional model itself), got {text}")
     return value
 
@@ -92,6 +92,29 @@ def seed_value(text: str) -> int:
 seed_value.__name__ = "int"  # argparse names the type in its messages
 
 
+def field_text_parser(f: dataclasses.Field):
+    """argparse's ``type`` for a text field with a ``check`` (a device's spelling,
+    VDM's ``time``): a bad value is a usage error (exit 2)."""
+    from pyrovae.config import check_field
+
+    def parse(text: str) -> str:
+        try:
+            check_field(f, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    parse.__name__ = "str"
+    return parse
+
+
+def device_name(text: str) -> str:
+    """``--device`` of sample, evaluate and bench: its spelling checked as train's is."""
+    from pyrovae.config import TrainConfig
+
+    return field_text_parser(next(f for f in dataclasses.fields(TrainConfig) if f.name == "device"))(text)
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -129,6 +152,9 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
         elif number:
             kwargs["type"] = field_value_parser(f)
             kwargs["metavar"] = ("N" if "int" in f.type else "X") + ("|none" if "None" in f.type else "")
+        elif "check" in f.metadata:
+            kwargs["type"] = field_text_parser(f)
+            kwargs["metavar"] = f.name.upper()
         if f.type.startswith("list"):
             kwargs["nargs"] = "+"
         if f.name in ("out", "resume"):
@@ -221,6 +247,7 @@ def synopsis() -> str:
 def add_run_parsers(commands) -> None:
     """``pyrovae sample MODEL RUN`` and ``pyrovae evaluate MODEL RUN`` for every model."""
     from pyrovae.config import MODELS
+    from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags
 
     sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(
         dest="model", required=True
@@ -272,10 +299,19 @@ def add_run_parsers(commands) -> None:
             p.add_argument(
                 "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
             )
+        if chain or model == "vdm":
+            add_sampler_flags(p)
         if model == "vdm":
             from pyrovae.recipes.vdm import add_run_arguments as add_vdm_run_arguments
 
             add_vdm_run_arguments(p, evaluate, add_load_args, DEBUG_FLAG)
+            add_evaluate_flags(evaluate.choices["vdm"], diffusion=True)
+            evaluate.choices["vdm"].add_argument(
+                "--steps",
+                type=positive_int,
+                default=None,
+                help="with --samples: sampler steps (default: the run's sample_steps)",
+            )
         elif chain:
             p = evaluate.add_parser(
                 model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG]
@@ -294,6 +330,7 @@ def add_run_parsers(commands) -> None:
                 default=512,
                 help="(t, example) pairs per network call (default: 512)",
             )
+            add_evaluate_flags(p, diffusion=True)
         else:
             p = evaluate.add_parser(
                 model, help=f"test ELBO (and IWAE-k log-likelihood) of a trained {model}", parents=[DEBUG_FLAG]
@@ -311,12 +348,13 @@ def add_run_parsers(commands) -> None:
                 default=None,
                 help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)",
             )
+            add_evaluate_flags(p, diffusion=False)
 
 
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default: auto)")
-    p.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", type=device_name, default="auto", help=f"{'|'.join(DEVICES)} or cuda:N (default: auto)")
+    p.add_argument("--seed", type=seed_value, default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even if the run kept an EMA")
     if evaluate:
         p.add_argument(
@@ -334,7 +372,9 @@ def add_bench_parser(commands) -> None:
         "bench", help="time our steps against plain PyTorch and Pyro's ELBOs", parents=[DEBUG_FLAG]
     )
     bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"any of {', '.join(WORKLOADS)} (default: all)")
-    bench.add_argument("--device", default="cpu", help=f"{'|'.join(DEVICES)} or cuda:N (default: cpu)")
+    bench.add_argument(
+        "--device", type=device_name, default="cpu", help=f"{'|'.join(DEVICES)} or cuda:N (default: cpu)"
+    )
     bench.add_argument(
         "--repeats",
         type=positive_int,
@@ -353,7 +393,7 @@ def add_bench_parser(commands) -> None:
         default=None,
         help="torch intra-op threads for the run (default: torch's own choice)",
     )
-    bench.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
+    bench.add_argument("--seed", type=seed_value, default=0, metavar="N", help="random seed (default: 0)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -426,13 +466,15 @@ def run_sample(args: argparse.Namespace) -> int:
     (written as they come, so memory does not grow with n) and draw the first
     grid's worth as a PNG."""
     import os
+    import tempfile
 
     import numpy as np
     import pyro
     import torch
 
     from pyrovae import plots
-    from pyrovae.checkpoint import checkpoint_path, load, load_checkpoint
+    from pyrovae.checkpoint import TMP_SUFFIX, checkpoint_path, load, load_checkpoint
+    from pyrovae.evaluate.commands import draw_function
 
     folder = os.path.dirname(checkpoint_path(args.run))
     out = args.out or os.path.join(folder, f"samples-{args.seed}.png")
@@ -443,48 +485,73 @@ def run_sample(args: argparse.Namespace) -> int:
     # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
     ds = datasets.run_spec(load_checkpoint(args.run), cfg)
     steps = getattr(args, "steps", None)
-    if args.model == "vdm":  # any number of steps, not a respaced chain
-        from pyrovae.recipes.vdm import sampler as vdm_sampler
+    y, columns = sample_labels(args, cfg, ds, model)
 
-        draw, title = vdm_sampler(model, steps or cfg.sample_steps)
-    elif steps is not None and steps > model.T:
-        raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
-    elif hasattr(model, "T"):
+    def drawer(model):
+        """``(draw, title)`` for the diffusion models (``model`` conditioned on a chunk's labels, if any)."""
         from pyrovae.recipes.diffusion import from_chain_space
 
+        if args.model == "vdm" and args.sampler == "ancestral":  # any number of steps, not a respaced chain
+            from pyrovae.recipes.vdm import sampler as vdm_sampler
+
+            return vdm_sampler(model, steps or cfg.sample_steps)
+        if args.model == "vdm":
+            return draw_function(model, steps or cfg.sample_steps, args, from_chain_space)
+        draw, title = draw_function(model, steps, args, from_chain_space if ds.is_image else (lambda x: x))
+        return draw, f"{title} of {model.T}"
+
+    if hasattr(model, "T") and args.model != "vdm":
+        if steps is not None and steps > model.T:
+            raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
         steps = steps or model.T
-        to_data = from_chain_space if ds.is_image else (lambda x: x)
-        draw = lambda k: to_data(model.sample(k, steps=steps))
-        title = f"samples, {steps} of {model.T} steps"
+    if args.model in ("diffusion", "vdm"):
+        draw, title = drawer(model)
+    elif not hasattr(model, "sample"):  # M2 (--labelled) has no generative sampler yet
+        raise ValueError(
+            f"run {args.run!r} holds a {type(model).__name__}, which has no sample method: pyrovae sample cannot "
+            f"draw from it; evaluate it with pyrovae evaluate {args.model} {args.run}"
+        )
     else:
         draw, title = model.sample, f"samples, {cfg.model} on {ds.name}"
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS
     n = args.n or grid
-    y, columns = sample_labels(args, cfg, ds, model)
-    if y is not None:  # a conditional run: the labels decide n, the grid shows every row's first 8
-        from pyrovae.recipes.conditional import sample_images
+    if y is not None:  # a conditional run: the labels decide n; the grid shows each row's first 8
+        from pyrovae.diffusion.denoisers import conditioned
 
-        n, grid = len(y), len(y)
+        n = grid = len(y)
 
-        def draw_y(y_chunk):
-            return sample_images(cfg, model, y_chunk, steps, args.guidance, ds.is_image)
+        def draw_y(y_chunk: torch.Tensor) -> torch.Tensor:
+            if args.model in ("diffusion", "vdm"):
+                return drawer(conditioned(model, y_chunk, args.guidance))[0](len(y_chunk))
+            return model.sample(len(y_chunk), y_chunk)
 
-        title = f"samples, {cfg.model} on {ds.name}, " + (
-            "a row per class" if columns < n else f"class {ds.classes[int(y[0])]}"
-        )
+        title += ", a row per class" if columns < n else f", class {ds.classes[int(y[0])]}"
         if args.guidance is not None:
             title += f", guidance w = {args.guidance:g}"
-    array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32, shape=(n, ds.x_dim))
-    shown = []
-    with torch.no_grad():
-        for i in range(0, n, args.chunk_size):
-            size = min(args.chunk_size, n - i)
-            x = (draw(size) if y is None else draw_y(y[i : i + size])).float().cpu()
-            array[i : i + len(x)] = x.numpy()
-            if i < grid:
-                shown.append(x[: grid - i])
-    array.flush()
-    del array
+    # Drawn into a temporary file beside it and renamed when complete: a failure or Ctrl-C
+    # half-way leaves the previous samples there as they were, and no half-written file.
+    folder = os.path.dirname(os.path.abspath(array_path))
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix=f".{os.path.basename(array_path)}.", suffix=f"{TMP_SUFFIX}{os.getpid()}"
+    )
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, ds.x_dim))
+        shown = []
+        with torch.no_grad():
+            for i in range(0, n, args.chunk_size):
+                size = min(args.chunk_size, n - i)
+                x = (draw(size) if y is None else draw_y(y[i : i + size])).float().cpu()
+                array[i : i + len(x)] = x.numpy()
+                if i < grid:
+                    shown.append(x[: grid - i])
+        array.flush()
+        del array
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, array_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     shown = torch.cat(shown)
     if y is not None and columns < n:
         shown = shown.reshape(-1, columns, ds.x_dim)[:, :8].reshape(-1, ds.x_dim)
@@ -508,7 +575,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def sample_labels(args: argparse.Namespace, cfg, spec, model) -> tuple:
     """``(y, columns)`` for ``pyrovae sample``: the labels to draw (``None``
     for an unconditional run) and the samples per grid row; a clear error for
-    ``--label``/``--guidance`` a run cannot take."""
+    a ``--label`` or ``--guidance`` the run cannot take."""
     import torch
 
     if not getattr(cfg, "conditional", False):
@@ -538,10 +605,11 @@ def sample_labels(args: argparse.Namespace, cfg, spec, model) -> tuple:
 
 def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
     """``sample --out``, checked before anything is drawn or written: a PNG in
-    an existing folder, neither it nor its ``.npy`` one of the run's own files."""
+    an existing folder, neither it nor its ``.npy`` one of a run's own files
+    (this run's, or another's whose folder it names)."""
     import os
 
-    from pyrovae.runs import is_run_file
+    from pyrovae.runs import holds_run, is_run_file
 
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out must name a .png file (the samples go beside it as .npy), got {out!r}")
@@ -549,11 +617,12 @@ def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
     if not os.path.isdir(parent):
         raise ValueError(f"--out {out!r}: the folder {parent!r} does not exist")
     for path in (out, array_path):
-        if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(run_folder) and (
-            is_run_file(os.path.basename(path)) and not os.path.basename(path).startswith("samples-")
-        ):
+        name = os.path.basename(path)
+        ours = os.path.realpath(parent) == os.path.realpath(run_folder)
+        if (ours or holds_run(parent)) and is_run_file(name) and not name.startswith("samples-"):
+            whose = "the run's own" if ours else f"the run in {parent!r}'s"
             raise ValueError(
-                f"--out {out!r} would replace the run's own {os.path.basename(path)}; choose another name "
+                f"--out {out!r} would replace {whose} {name}; choose another name "
                 "(the default is RUN/samples-<seed>.png)"
             )
 
@@ -580,7 +649,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from pyrovae.checkpoint import load, load_checkpoint
     from pyrovae.config import recipe_for
+    from pyrovae.evaluate.commands import check_likelihood, diffusion_scores
 
+    check_likelihood(args, args.model)
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
     pyro.set_rng_seed(args.seed)
     recipe = recipe_for(cfg)
@@ -611,6 +682,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
         result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
+    if args.model == "vdm" or hasattr(model, "T"):  # the ODE's bits/dim and sample scores, when asked for
+        steps = args.steps or (cfg.sample_steps if args.model == "vdm" else model.T)
+        result.update(
+            diffusion_scores(model, x_test[: args.n], steps, args, dataclasses.replace(cfg, data=args.data or cfg.data))
+        )
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))
@@ -622,6 +698,11 @@ def one_line(err: BaseException) -> str:
     trace's shapes to an error raised inside a model, torch a hint or two."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "failed to allocate" in text
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -644,6 +725,16 @@ def main(argv: list[str] | None = None) -> int:
         line = one_line(err)
         more = " (--debug shows the rest)" if line != str(err).strip() else ""
         print(f"pyrovae: error: {line}{more}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        # torch's failed allocations (CPU or CUDA: torch.OutOfMemoryError is one) carry a C++ trace
+        if args.debug or not is_out_of_memory(err):
+            raise
+        print(
+            f"pyrovae: error: out of memory: {one_line(err)}; a smaller --batch-size, --test-particles, --chunk-size "
+            "or --n needs less (--debug shows the rest)",
+            file=sys.stderr,
+        )
         return 1
     except TrainingInterrupted as err:
         print(f"pyrovae: {err}", file=sys.stderr)

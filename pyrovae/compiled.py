@@ -264,9 +264,12 @@ def compile_loss(loss_module: nn.Module, backend: str | None = "inductor", wrap=
     """The compiled path for a :class:`pyrovae.train.LossModule`: a
     :class:`CompiledLoss` when its objective is capturable (the VAE's and the
     hierarchical VAE's ELBO), else ``torch.compile(loss_module)`` (the
-    diffusion chain's and VDM's objectives: plain torch that dynamo follows,
+    diffusion chain's objective: plain torch that dynamo follows,
     value-dependent branches and the time sampler's state included), with
-    ``backend`` ``None`` meaning dynamo's ``"eager"`` backend there.
+    ``backend`` ``None`` meaning dynamo's ``"eager"`` backend there. An
+    objective with ``compilable = False`` (VDM's: dynamo stops at "VDM.model is
+    not a constant" from a fresh process) is a ``ValueError``; on the CPU the
+    ``torch.compile`` path warns that it is slower than eager for short runs.
 
     :param wrap: what the trainer puts around the loss module
         (``DistributedDataParallel`` under torchrun): around the captured

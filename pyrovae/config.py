@@ -30,6 +30,8 @@ command line is generated and :meth:`TrainConfig.check` validates:
     choices  the allowed values (a tuple of strings), where there is a fixed set
     ge, gt   inclusive / exclusive lower bound of a number
     le, lt   inclusive / exclusive upper bound of a number
+    check    a function that raises ``ValueError`` for a bad value of a text field
+             (``device``'s spelling, VDM's ``time``)
     cli      False for a field that is no flag (``model``: the subcommand)
 
 The type annotation says the rest: ``int | None`` may be None (no flag value:
@@ -44,13 +46,18 @@ model are dropped, renamed values are mapped.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+
 from pyrovae import data as datasets
-from pyrovae.device import resolve_device
+from pyrovae.device import check_device_name, resolve_device
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES
 from pyrovae.diffusion.gamma import SCHEDULES as GAMMA_SCHEDULES
 from pyrovae.diffusion.schedule import SCHEDULES
@@ -69,7 +76,7 @@ from pyrovae.recipes.hvae import HVAERecipe
 from pyrovae.recipes.ssvae import SSVAERecipe
 from pyrovae.recipes.vae import VAERecipe
 from pyrovae.recipes.vdm import NETS as VDM_NETS
-from pyrovae.recipes.vdm import VDMRecipe
+from pyrovae.recipes.vdm import VDMRecipe, parse_time
 from pyrovae.vae import NETS as VAE_NETS
 
 AUTO = "auto"
@@ -91,10 +98,10 @@ RESUMABLE_FIELDS = (
 )
 
 
-def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None, cli: bool = True):
+def option(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None, check=None, cli: bool = True):
     """A config field: its default and the metadata the CLI and :meth:`TrainConfig.check` read."""
     meta = {"help": help, "cli": cli}
-    for key, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
+    for key, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("check", check)):
         if value is not None:
             # a registry stays itself: its lookups may accept other spellings (LIKELIHOODS' aliases)
             meta[key] = tuple(value) if key == "choices" and not isinstance(value, dict) else value
@@ -118,6 +125,12 @@ class _ByModel(type):
     def __call__(cls, *args, **kwargs):
         if cls is TrainConfig:
             cls = config_class(kwargs.get("model", "vae"))
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in kwargs:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; its fields: {', '.join(names)}"
+                raise TypeError(f"{name!r} is not a field of the {cls.model} config ({cls.__name__}){hint}")
         return type.__call__(cls, *args, **kwargs)
 
 
@@ -148,8 +161,8 @@ class TrainConfig(metaclass=_ByModel):
     batch_size: int = option(128, "examples per optimiser step (the global batch under torchrun)", ge=1)
     lr: float = option(1e-3, "learning rate", gt=0, lt=math.inf)
     seed: int = option(0, "random seed", ge=0, lt=2**32)  # NumPy's seeds are 32-bit
-    device: str = option(AUTO, "auto | cpu | cuda | cuda:N")
-    out: str | None = option(None, "run folder (default runs/<model>-<data>-<timestamp>)")
+    device: str = option(AUTO, "auto | cpu | cuda | cuda:N", check=check_device_name)
+    out: str | None = option(None, "run folder (default runs/<model>-<data>-<timestamp>-<process id>)")
     validate: bool = option(
         True, "pyro.enable_validation during training (the flag --no-validate turns it off: faster)"
     )
@@ -208,6 +221,21 @@ class TrainConfig(metaclass=_ByModel):
         ge=1,
     )
 
+    def __post_init__(self):
+        # Values as the fields hold them, so that config.json can be written: a NumPy number
+        # (a sweep over np.arange) as a Python one, a path as a string, a tuple as a list.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif isinstance(value, tuple) and f.type.startswith("list"):
+                value = list(value)
+            if isinstance(value, list):
+                value = [v.item() if isinstance(v, np.generic) else v for v in value]
+            elif isinstance(value, np.generic):
+                value = value.item()
+            setattr(self, f.name, value)
+
     def data_defaults(self, kind: str) -> dict:
         """The values of this model's ``"auto"`` fields for data of ``kind``
         (``"image"`` or ``"points"``); none for the common fields."""
@@ -259,15 +287,23 @@ def check_field(f: dataclasses.Field, value) -> None:
         if "None" not in str(f.type):
             raise ValueError(f"{f.name} must not be None")
         return
+    if "check" in meta:
+        meta["check"](value)
     if "choices" in meta and value not in meta["choices"]:
         what = meta["help"].split(";")[0].split(" (")[0]
         raise ValueError(f"unknown {f.name} {value!r} ({what}); expected one of {', '.join(map(str, meta['choices']))}")
+    if str(f.type).startswith("list") and not isinstance(value, list):
+        raise ValueError(f"{f.name} must be a list, e.g. [{value!r}], got {value!r}")
     values = value if isinstance(value, list) else [value]
+    whole = "int" in str(f.type) and "float" not in str(f.type)
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
             if any(k in meta for k in ("ge", "gt", "le", "lt")):
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             continue
+        if whole and not isinstance(v, numbers.Integral):
+            least = f" >= {meta['ge']}" if "ge" in meta else ""
+            raise ValueError(f"{f.name} must be an integer{least}, got {value!r}")
         for key, ok, word in (
             ("ge", v >= meta.get("ge", 0), ">="),
             ("gt", v > meta.get("gt", 0), ">"),
@@ -416,7 +452,9 @@ class VDMConfig(_DiffusionTraining):
         choices=GAMMA_SCHEDULES,
     )
     time: str = option(
-        "continuous", "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)"
+        "continuous",
+        "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)",
+        check=parse_time,
     )
     fourier: bool = option(False, "Fourier features sin, cos(2^n 2 pi z_t), n = 6, 7, as extra denoiser inputs")
     minimise_variance: bool = option(

@@ -52,7 +52,8 @@ RUN_FILES = (CONFIG, "metrics.csv", checkpoint.CHECKPOINT, "model.pt", checkpoin
 # Everything else a run and its evaluations write: no other command writes under these names.
 RUN_FIGURES = ("loss.png", "samples.png", "reconstructions.png", "terms.png", "schedule.png")
 _RUN_OUTPUTS = re.compile(
-    r"^(evaluate(-\d+)?\.(json|png)|samples-\d+\.(png|npy)|config-edited(-\d+)?\.json|events\.out\.tfevents\..*)$"
+    r"^(evaluate(-\d+)?\.(json|png)|samples-\d+\.(png|npy)|(config|metrics)-edited(-\d+)?\.(json|csv)"
+    r"|events\.out\.tfevents\..*)$"
 )
 
 
@@ -189,6 +190,13 @@ def _take_lock(folder: str) -> None:
         except FileExistsError:
             owner = _read_lock(path)
             pid, owner_host = owner.get("pid"), owner.get("host")
+            if not isinstance(pid, int) or not isinstance(owner_host, str):
+                # being written this instant by a run taking the folder, or not one of ours
+                raise RunFolderError(
+                    f"run folder {folder!r} has a lock file that names no process (lock file {path}, "
+                    f"{os.path.getsize(path) if os.path.exists(path) else 0} bytes): another run may be starting "
+                    "there; if none is, delete the lock file"
+                ) from None
             if owner_host == host and isinstance(pid, int) and not _alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # stale: its process is gone

@@ -254,17 +254,49 @@ def run_dir(cfg: TrainConfig) -> str:
     return path
 
 
-def write_metrics_csv(path: str, rows: list) -> None:
-    """All rows so far, rewritten atomically after each evaluation (floats as
-    ``repr``, so reading them back gives the same numbers; a column a row
-    lacks is left empty)."""
+def metrics_csv_text(rows: list) -> str:
+    """metrics.csv's text for ``rows`` (floats as ``repr``, so reading them back
+    gives the same numbers; a column a row lacks is left empty)."""
     text = io.StringIO()
     # Every column any row has, in order of appearance: rows of a resumed older run lack the newer ones.
     columns = list(dict.fromkeys(k for row in rows for k in row))
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(path, lambda f: f.write(text.getvalue().encode()))
+    return text.getvalue()
+
+
+def write_metrics_csv(path: str, rows: list) -> None:
+    """All rows so far, rewritten atomically after each evaluation (:func:`metrics_csv_text`)."""
+    text = metrics_csv_text(rows)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def keep_edited_metrics(folder: str, rows: list) -> None:
+    """A resume rewrites ``folder/metrics.csv`` from its checkpoint's rows: a
+    hand edit of it (a column added, a row changed) is moved aside to
+    ``metrics-edited.csv`` first, and said. Rows written after the checkpoint
+    (a run killed between the two writes) are not an edit."""
+    path = os.path.join(folder, "metrics.csv")
+    try:
+        with open(path) as f:
+            found = f.read()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return
+    expected = metrics_csv_text(rows)
+    if found.startswith(expected):
+        return
+    n, target = 1, os.path.join(folder, "metrics-edited.csv")
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(folder, f"metrics-edited-{n}.csv")
+    os.replace(path, target)
+    warnings.warn(
+        f"{path} differs from the rows its checkpoint holds, from which a resume rewrites it: the edited file is "
+        f"kept as {target}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def resume_state(cfg: TrainConfig) -> dict | None:
@@ -278,7 +310,8 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     here = os.path.realpath(folder) == os.path.realpath(cfg.out)
     kept = runs.edited_config_path(folder) if here else None
     # a hand edit is named, never applied, and (resuming in its folder) kept beside the config.json written anew
-    ckpt["config_edited"] = bool(runs.warn_config_edits(folder, ckpt["config"], "the resumed run", kept)) and here
+    edited = distributed.rank() == 0 and runs.warn_config_edits(folder, ckpt["config"], "the resumed run", kept)
+    ckpt["config_edited"] = bool(edited) and here
     saved = resolve(TrainConfig.from_dict(ckpt["config"])).to_dict()
     mismatches = checkpoint.config_mismatches(saved, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
     if mismatches:
@@ -313,6 +346,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     its objective, how to prepare a batch, what to evaluate and which figures
     to draw.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(
+            f"train takes a TrainConfig, e.g. train(TrainConfig(model='vae', epochs=2)), got {type(cfg).__name__}"
+        )
     cfg = resolve(cfg).check()
     recipe = recipe_for(cfg)
     device, started_group = distributed.init_from_env(resolve_device(cfg.device))
@@ -421,6 +458,10 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         run.start()
         if ckpt is not None and ckpt["config_edited"]:
             runs.keep_edited_config(out)
+        if ckpt is not None and os.path.realpath(os.path.dirname(checkpoint.checkpoint_path(cfg.resume))) == (
+            os.path.realpath(out)
+        ):
+            keep_edited_metrics(out, ckpt["metrics"])
         atomic_write_bytes(os.path.join(out, runs.CONFIG), lambda f: f.write(runs.config_text(cfg).encode()))
         if not os.path.exists(os.path.join(out, checkpoint.TEST_SPLIT)):
             # sample and evaluate need no data: the test split goes with the run where it is small

@@ -234,9 +234,8 @@ def chain_and_vdm():
     return [(chain, DiffusionELBO(time_sampler="importance")), (vdm, VDMELBO())]
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["chain", "vdm"])
-def test_objectives_that_keep_state_are_compiled_by_dynamo_with_the_eager_loss(which):
-    model, objective = chain_and_vdm()[which]
+def test_objectives_that_keep_state_are_compiled_by_dynamo_with_the_eager_loss():
+    model, objective = chain_and_vdm()[0]
     eager = LossModule(model, objective)
     # backend None: dynamo's capture of the Python (graph breaks at the value-dependent
     # branches and the time sampler's update) without inductor's minutes of code generation
@@ -249,6 +248,15 @@ def test_objectives_that_keep_state_are_compiled_by_dynamo_with_the_eager_loss(w
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-5)
     for a, b in zip(want[1], got[1]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_vdm_objective_is_refused_by_compile_loss():
+    """Dynamo cannot trace VDMELBO's loss from a fresh process ("VDM.model is not a constant"; it passed here only
+    when the chain's case had run first), and with that fixed aot_autograd raises on the double backward that
+    gamma'(t), a derivative inside the loss, needs: compile_loss refuses it before a run writes anything (issue 24)."""
+    model, objective = chain_and_vdm()[1]
+    with pytest.raises(ValueError, match="--compile does not work with this model's objective, VDMELBO"):
+        compile_loss(LossModule(model, objective), backend=None)
 
 
 def test_train_vae_with_compile_runs_the_captured_loss_and_learns(tmp_path, monkeypatch):

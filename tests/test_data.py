@@ -381,3 +381,17 @@ def test_image_grid_draws_rgb_grey_and_other_channel_counts():
     assert plots.image_grid(x[:, :8], (1, 4, 2), ncol=5).shape == (6, 16)
     panels = plots.image_grid(x[:, :16], (2, 4, 2), ncol=5)  # two grey panels per image
     assert panels.shape == (6, 5 * 5 + 1) and torch.equal(panels[1:5, 3:5], x[0, :16].reshape(2, 4, 2)[1])
+
+
+def test_model_files_check_their_inputs_without_importing_the_data_package():
+    """check_finite lives in pyrovae.checks, at the bottom: a model file does not pull in every data loader."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pyrovae.vae, pyrovae.hvae, pyrovae.diffusion.chain, pyrovae.diffusion.vdm; "
+        "sys.exit(sorted(m for m in sys.modules if m.startswith('pyrovae.data')) or 0)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

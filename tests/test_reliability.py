@@ -4,6 +4,7 @@ same places (docs/reliability.md lists them all, with these tests' names).
 
 Every run here is tiny (digits, a few dozen examples, one or two epochs)."""
 
+import copy
 import json
 import os
 import pickle
@@ -13,7 +14,7 @@ import pyro
 import pytest
 import torch
 
-from pyrovae import checkpoint
+from pyrovae import checkpoint, runs
 from pyrovae.cli import main
 from pyrovae.config import TrainConfig
 from pyrovae.train import train
@@ -353,3 +354,413 @@ def test_evaluate_needs_no_data_the_run_saved_its_test_split(tmp_path, capsys):
     code, second, err = run_cli(["evaluate", "vae", out], capsys)
     assert code == 0, err
     assert json.loads(second) == json.loads(first)
+
+
+# ======================================================================================================
+# The next ones: found by looking as a new user would, in the same places (docs/reliability.md)
+# ======================================================================================================
+
+# --- the Python API in one long session ----------------------------------------------------------------
+
+MODELS_ = ["vae", "hvae", "diffusion", "vdm"]
+
+
+@pytest.mark.parametrize("model", MODELS_)
+def test_two_models_of_a_kind_train_on_after_deepcopy_and_double(model):
+    a, b = build(model), build(model)
+    x = model_input(model)
+    one_svi_step(a, x)
+    one_svi_step(b, x)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    twin = copy.deepcopy(a)
+    one_svi_step(twin, x)
+    # the copy trains its own tensors, the original's stay as they were
+    assert any(not torch.equal(v, before[k]) for k, v in twin.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
+    wide = copy.deepcopy(a).double()
+    one_svi_step(wide, x)  # float32 data into a float64 model
+    one_svi_step(copy.deepcopy(a), x.double())  # float64 data into a float32 model
+    assert next(wide.parameters()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("model", MODELS_)
+def test_a_submodule_pickles_after_an_svi_step(model):
+    net = build(model)
+    one_svi_step(net, model_input(model))
+    for child in net.children():
+        pickle.loads(pickle.dumps(child))
+
+
+def test_load_then_more_svi_then_torch_save_then_resume_in_one_session(tmp_path):
+    import pyrovae
+
+    out = tmp_path / "r"
+    train(tiny(out=str(out)))
+    vae, cfg = pyrovae.load(str(out))
+    x = model_input("vae")
+    one_svi_step(vae, x)
+    torch.save(vae, tmp_path / "whole.pt")
+    assert torch.load(tmp_path / "whole.pt", weights_only=False).z_dim == 2
+    assert train(tiny(epochs=2, resume=str(out))).metrics[-1]["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": 2**32}, "seed must be < 4294967296"),
+        ({"epochs": 2.0}, "epochs must be an integer >= 1, got 2.0"),
+        ({"hidden": 8}, "hidden must be a list, e.g. [8]"),
+        ({"device": "gpu"}, "unknown device 'gpu'"),
+        ({"model": "vdm", "time": "0"}, "time must be 'continuous' or a number of steps"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_a_bad_config_value_from_python_is_a_clear_error(changes, words):
+    model = changes.get("model", "vae")
+    with pytest.raises(ValueError) as exc:
+        tiny(**changes).check()
+    assert words in str(exc.value), (model, exc.value)
+
+
+def test_numpy_numbers_tuples_and_paths_in_a_config_are_taken_as_python_values(tmp_path):
+    cfg = tiny(z_dim=np.int64(3), lr=np.float64(1e-3), hidden=(8,), out=tmp_path / "r")
+    assert (type(cfg.z_dim), type(cfg.lr), cfg.hidden, cfg.out) == (int, float, [8], str(tmp_path / "r"))
+    train(cfg)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["z_dim"] == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"zdim": 3}, "did you mean 'z_dim'"),
+        ({"model": "diffusion", "z_dim": 3}, "'z_dim' is not a field of the diffusion config"),
+    ],
+    ids=["typo", "another model's field"],
+)
+def test_an_unknown_config_field_is_named_with_the_nearest(kwargs, words):
+    with pytest.raises(TypeError, match=words):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("given", [{"epochs": 1}, None], ids=["dict", "None"])
+def test_train_of_something_else_than_a_config_says_what_it_takes(given):
+    with pytest.raises(TypeError, match="train takes a TrainConfig"):
+        train(given)
+
+
+# --- hand-edited or partly deleted run folders ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("gone", ["config.json", "metrics.csv", "loss.png", "model.pt", "test-split.pt"])
+def test_a_run_missing_a_file_other_than_its_checkpoint_resumes_and_restores_it(gone, tmp_path, capsys):
+    out = trained(tmp_path)
+    (out / gone).unlink()
+    code, _, err = run_cli(["train", "vae", "--resume", out, "--epochs", "2"], capsys)
+    assert code == 0 and (out / gone).exists() and "config.json" not in err
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_a_run_missing_its_test_split_samples_and_evaluates_from_its_data(command, tmp_path, capsys):
+    out = trained(tmp_path)
+    (out / "test-split.pt").unlink()
+    extra = ["--out", tmp_path / "s.png"] if command == "sample" else []
+    assert run_cli([command, "vae", out, *extra], capsys)[0] == 0
+
+
+def test_a_broken_test_split_is_named_in_one_line(tmp_path, capsys):
+    out = trained(tmp_path)
+    (out / "test-split.pt").write_bytes(b"half")
+    code, _, err = run_cli(["evaluate", "vae", out], capsys)
+    assert code == 1 and err.count("\n") == 1 and "test-split.pt" in err and "delete it" in err
+
+
+@pytest.mark.parametrize("command", ["sample", "resume"])
+def test_model_pt_given_as_a_checkpoint_says_it_holds_weights_only(command, tmp_path, capsys):
+    out = trained(tmp_path)
+    argv = (
+        ["sample", "vae", out / "model.pt"]
+        if command == "sample"
+        else ["train", "vae", "--resume", out / "model.pt", "--epochs", "2", "--out", tmp_path / "b"]
+    )
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and err.count("\n") == 1 and "weights only" in err and "checkpoint.pt" in err
+
+
+def test_a_hand_edit_naming_an_unknown_field_is_named(tmp_path, capsys):
+    out = trained(tmp_path)
+    edit_config(out, learning_rate=0.5)
+    code, _, err = run_cli(["train", "vae", "--resume", out, "--epochs", "2"], capsys)
+    assert code == 0 and "learning_rate: config.json 0.5, the run's checkpoint (absent)" in err
+
+
+def test_a_folder_left_with_a_run_s_figures_only_is_refused_naming_them(tmp_path, capsys):
+    out = trained(tmp_path)
+    for name in ("checkpoint.pt", "config.json", "metrics.csv", "model.pt", "test-split.pt"):
+        (out / name).unlink()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", "--out", out], capsys)
+    assert code == 1 and "notes.txt" in err and "not a pyrovae run" in err
+
+
+def test_a_parent_folder_of_runs_as_out_is_refused(tmp_path, capsys):
+    trained(tmp_path, name="a")
+    code, _, err = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", "--out", tmp_path], capsys)
+    assert code == 1 and "not a pyrovae run" in err and "'a'" not in err and " a" in err
+
+
+def test_hidden_files_alone_do_not_make_a_folder_foreign(tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"\0")
+    assert run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", "--out", out], capsys)[0] == 0
+
+
+def test_resume_into_a_new_folder_carries_the_test_split(tmp_path, capsys):
+    out = trained(tmp_path)
+    code, _, _ = run_cli(["train", "vae", "--resume", out, "--epochs", "2", "--out", tmp_path / "b"], capsys)
+    assert code == 0 and (tmp_path / "b" / "test-split.pt").exists()
+
+
+@pytest.mark.parametrize("content", ["garbage", ""], ids=["garbage", "empty"])
+def test_a_lock_file_that_names_no_process_says_so(content, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / runs.LOCK).write_text(content)
+    code, _, err = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", "--out", out], capsys)
+    assert code == 1 and "names no process" in err and "None" not in err
+    assert (out / runs.LOCK).read_text() == content  # never taken silently
+
+
+# --- several runs, and runs stopped half-way -----------------------------------------------------------
+
+
+def test_a_sample_failing_half_way_keeps_the_previous_samples_and_leaves_no_part(tmp_path, capsys, monkeypatch):
+    import pyrovae
+
+    out = trained(tmp_path)
+    model_class = type(pyrovae.load(str(out))[0])
+    argv = ["sample", "vae", out, "--n", "20", "--chunk-size", "10"]
+    assert run_cli(argv, capsys)[0] == 0
+    before = (out / "samples-0.npy").read_bytes()
+    calls = []
+    real = model_class.sample
+
+    def fails_second(self, n, *args, **kwargs):
+        calls.append(n)
+        if len(calls) % 2 == 0:  # the second chunk of every run
+            raise ValueError("the second chunk broke")
+        return real(self, n, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "sample", fails_second)
+    code, _, err = run_cli([*argv, "--seed", "1"], capsys)
+    assert code == 1 and "second chunk" in err
+    code, _, _ = run_cli(argv, capsys)  # seed 0 again: the second chunk breaks, the first file stays whole
+    assert code == 1 and (out / "samples-0.npy").read_bytes() == before
+    assert not [n for n in os.listdir(out) if checkpoint.TMP_SUFFIX in n]
+
+
+def test_a_run_stopped_by_a_nan_in_its_first_epoch_leaves_a_folder_the_same_command_reuses(
+    tmp_path, capsys, monkeypatch
+):
+    from pyrovae import train as training
+
+    argv = ["train", "vae", *VAE_TINY, "--epochs", "1", "--out", tmp_path / "r"]
+    with monkeypatch.context() as m:
+        m.setattr(training, "train_step", _raise_nonfinite)
+        code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "no epoch had finished" in err
+    assert not (tmp_path / "r").exists()
+    assert run_cli(argv, capsys)[0] == 0
+
+
+def _raise_nonfinite(*args, **kwargs):
+    from pyrovae.train import NonFiniteLossError
+
+    raise NonFiniteLossError("the loss is nan")
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    from pyrovae.recipes.vae import VAERecipe
+
+    def oom(self, cfg, model, x_test):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)\nframe #0: c10::..."
+        )
+
+    monkeypatch.setattr(VAERecipe, "evaluate", oom)
+    code, _, err = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", "--out", tmp_path / "r"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "out of memory" in err and "--test-particles" in err
+    assert not (tmp_path / "r").exists()
+
+
+# --- every flag at and beyond its bounds -------------------------------------------------------------------
+
+
+def bounded_flags():
+    """(model, flag, value at the bound, value beyond it) for every bounded field of every model's config."""
+    import dataclasses
+
+    from pyrovae.config import MODELS
+
+    cases = {}
+    for model, entry in MODELS.items():
+        for f in dataclasses.fields(entry.config):
+            meta = f.metadata
+            if not meta.get("cli", True) or not any(k in meta for k in ("ge", "gt", "le", "lt")):
+                continue
+            whole = "int" in f.type and "float" not in f.type
+            for key in ("ge", "gt", "le", "lt"):
+                if key not in meta:
+                    continue
+                bound = meta[key]
+                step = 1 if whole else 1e-6 * max(1.0, abs(bound) if bound != float("inf") else 1.0)
+                if bound == float("inf"):
+                    at, beyond = "1e300", "inf"
+                elif key == "ge":
+                    at, beyond = bound, bound - step
+                elif key == "gt":
+                    at, beyond = (bound + step if whole else bound + step), bound
+                elif key == "le":
+                    at, beyond = bound, bound + step
+                else:
+                    at, beyond = bound - step, bound
+                flag = "--T" if f.name == "T" else "--" + f.name.replace("_", "-")
+                cases.setdefault((flag, key), (model, flag, str(at), str(beyond)))
+    return list(cases.values())
+
+
+@pytest.mark.parametrize("model, flag, at, beyond", bounded_flags(), ids=lambda v: str(v))
+def test_every_bounded_flag_takes_its_bound_and_refuses_beyond_it_with_exit_2(model, flag, at, beyond, capsys):
+    from pyrovae.cli import build_parser
+
+    build_parser().parse_args(["train", model, flag, at])
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["train", model, flag, beyond])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}" in err
+
+
+RUN_FLAGS = [
+    (["sample", "vae", "r", "--n"], "1", "0"),
+    (["sample", "vae", "r", "--chunk-size"], "1", "0"),
+    (["sample", "diffusion", "r", "--steps"], "1", "0"),
+    (["sample", "vdm", "r", "--steps"], "1", "0"),
+    (["sample", "vae", "r", "--seed"], "0", "-1"),
+    (["evaluate", "vae", "r", "--test-particles"], "1", "0"),
+    (["evaluate", "vae", "r", "--iwae-k"], "0", "-1"),
+    (["evaluate", "diffusion", "r", "--n"], "1", "0"),
+    (["evaluate", "diffusion", "r", "--chunk-size"], "1", "0"),
+    (["evaluate", "vae", "r", "--seed"], str(2**32 - 1), str(2**32)),
+    (["evaluate", "vdm", "r", "--n"], "1", "0"),
+    (["evaluate", "vdm", "r", "--replicates"], "1", "0"),
+    (["evaluate", "vdm", "r", "--draws"], "1", "0"),
+    (["bench", "--repeats"], "1", "0"),
+    (["bench", "--threads"], "1", "0"),
+    (["bench", "--seed"], "0", "-1"),
+]
+
+
+@pytest.mark.parametrize("argv, at, beyond", RUN_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_every_bounded_flag_of_sample_evaluate_and_bench_takes_its_bound_and_refuses_beyond(argv, at, beyond, capsys):
+    from pyrovae.cli import build_parser
+
+    build_parser().parse_args([*argv, at])
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([*argv, beyond])
+    assert exc.value.code == 2 and f"argument {argv[-1]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "vae", "--device", "gpu"],
+        ["sample", "vae", "r", "--device", "gpu"],
+        ["evaluate", "vae", "r", "--device", "cuda0"],
+        ["bench", "--device", "tpu"],
+        ["train", "vdm", "--time", "0"],
+        ["train", "vdm", "--time", "-3"],
+        ["train", "vdm", "--time", "abc"],
+        ["train", "vae", "--lr", "1e-400"],
+        ["train", "vae", "--epochs", "none"],
+        ["train", "vae", "--test-fraction", "1"],
+        ["train", "vae", "--hidden"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_a_misspelt_device_or_time_and_odd_numbers_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "usage:" in err and argv[-1 if argv[-1].startswith("--") else -2] in err
+
+
+def test_a_device_that_is_spelt_right_but_absent_is_a_runtime_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is there")
+    code, _, err = run_cli(["train", "vae", *VAE_TINY, "--device", "cuda:1", "--out", tmp_path / "r"], capsys)
+    assert code == 1 and "no CUDA GPU" in err and not (tmp_path / "r").exists()
+
+
+# --- the new features as they land: labels (M2), early stopping ------------------------------------------
+
+
+def test_sample_of_an_m2_run_says_it_cannot_draw_in_one_line_and_writes_nothing(tmp_path, capsys):
+    out = trained(tmp_path, epochs=1, extra=["--labelled", "20", "--kl-warmup", "0"])
+    before = sorted(os.listdir(out))
+    code, _, err = run_cli(["sample", "vae", out], capsys)
+    assert code == 1 and err.count("\n") == 1 and "has no sample method" in err and "pyrovae evaluate vae" in err
+    assert sorted(os.listdir(out)) == before
+
+
+def test_an_m2_run_evaluates_from_its_saved_test_split_and_from_its_data(tmp_path, capsys):
+    out = trained(tmp_path, epochs=1, extra=["--labelled", "20", "--kl-warmup", "0"])
+    code, first, _ = run_cli(["evaluate", "vae", out], capsys)
+    (out / "test-split.pt").unlink()
+    code2, second, _ = run_cli(["evaluate", "vae", out], capsys)
+    assert code == code2 == 0
+    assert json.loads(first.splitlines()[-1]) == json.loads(second.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--early-stopping", "2", "--held-out", "48"], "held_out must be < the 48 training examples"),
+        (["--held-out", "5"], "it needs early_stopping"),
+        (["--labelled", "5"], "labelled must be at least one per class (10), got 5"),
+        (["--labelled", "1000"], "labelled must be at most the training set's size (48)"),
+    ],
+    ids=["held-out all", "held-out alone", "labelled < classes", "labelled > data"],
+)
+def test_early_stopping_and_label_settings_that_cannot_work_are_one_line_and_leave_no_folder(
+    extra, words, tmp_path, capsys
+):
+    code, _, err = run_cli(["train", "vae", *VAE_TINY, "--epochs", "1", *extra, "--out", tmp_path / "r"], capsys)
+    assert code == 1 and err.count("\n") == 1 and words in err and not (tmp_path / "r").exists()
+
+
+# --- more of the same, found late: another run's files, a hand-edited metrics.csv ---------------------------
+
+
+def test_sample_out_into_another_run_s_folder_under_its_names_is_refused(tmp_path, capsys):
+    a, b = trained(tmp_path, name="a"), trained(tmp_path, name="b")
+    before = (b / "samples.png").read_bytes()
+    code, _, err = run_cli(["sample", "vae", a, "--out", b / "samples.png"], capsys)
+    assert code == 1 and "would replace the run in" in err and (b / "samples.png").read_bytes() == before
+
+
+def test_a_hand_edit_of_metrics_csv_is_kept_aside_on_resume_and_said(tmp_path, capsys):
+    out = trained(tmp_path)
+    edited = (out / "metrics.csv").read_text().replace("\n", ",my note\n", 1)
+    (out / "metrics.csv").write_text(edited)
+    code, _, err = run_cli(["train", "vae", "--resume", out, "--epochs", "2"], capsys)
+    assert code == 0 and "metrics-edited.csv" in err
+    assert (out / "metrics-edited.csv").read_text() == edited
+    assert "my note" not in (out / "metrics.csv").read_text()
+
+
+def test_a_resume_after_an_unedited_metrics_csv_keeps_no_copy(tmp_path, capsys):
+    out = trained(tmp_path)
+    assert run_cli(["train", "vae", "--resume", out, "--epochs", "2"], capsys)[0] == 0
+    assert not (out / "metrics-edited.csv").exists()

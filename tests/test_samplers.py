@@ -113,3 +113,15 @@ def test_bad_arguments_name_the_argument(kwargs, named):
 def test_a_model_without_the_view_is_a_type_error():
     with pytest.raises(TypeError, match="model must be"):
         sample(object(), 2, 5, "ddim")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [1, 2, 20, 1000])
+def test_the_chains_logsnr_grid_is_k_distinct_steps_from_t_to_1_then_0(schedule, steps):
+    from pyrovae.diffusion.samplers import ChainView
+
+    times = ChainView(exact_chain(schedule=schedule)).grid(steps, "logsnr")
+    assert len(times) == steps + 1 and times[0] == 1000 and times[-1] == 0
+    assert all(a > b for a, b in zip(times, times[1:])) and all(t == int(t) for t in times)
+    if steps > 1:
+        assert times[-2] == 1

@@ -50,3 +50,4 @@ def _expand_autopackages(app, docname, source):
 
 def setup(app):
     app.connect("source-read", _expand_autopackages)
+autodoc_inherit_docstrings = False  # a method we override without a docstring must not show Lightning's (its own Sphinx directives)

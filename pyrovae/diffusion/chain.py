@@ -43,14 +43,13 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyrovae import params
-from pyrovae.checks import check_finite
+from pyrovae.diffusion.base import DATA_RANGE, DiffusionModel
 from pyrovae.diffusion.denoisers import conditioned
 from pyrovae.diffusion.schedule import NoiseSchedule
-from pyrovae.infer.bound import bits_per_dim
+from pyrovae.infer.bound import Bound, bits_per_dim
 from pyrovae.nets import first_parameter
 from pyrovae.parts.kl import normal_kl
 from pyrovae.parts.likelihoods import LIKELIHOODS, MODEL_SCALE
@@ -58,25 +57,31 @@ from pyrovae.parts.priors import StandardNormal, StandardNormalPrior
 
 PARAMETERIZATIONS = ("eps", "x0", "mean")
 VARIANCES = ("beta_tilde", "beta", "learned")
+SAMPLER_TABLES = (
+    "tau",
+    "log_betas",
+    "posterior_log_variance_clipped",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+"""The tables a step of the sampler reads (:class:`PTheta`'s numbers and the network's time)."""
 DECODERS = ("discretised", "discretised-gaussian", "discretised-logistic", "gaussian")
-DATA_RANGE = (-1.0, 1.0)
-"""The chain's images: 8-bit pixels scaled to [-1, 1], as DDPM does."""
 
 
 class _StepNumbers:
-    """The schedule's numbers at the times of a batch, read from the chain's
-    tables (:meth:`DiffusionChain.tables`) when first asked for: ``(..., 1)``
-    tensors that broadcast against x_t when ``i`` indexes a time per entry (the
-    loss, the bound, p_step), Python numbers when ``tables`` are lists and ``i``
-    one int (the sampler's loop: no slice, cast or copy per step)."""
+    """The schedule's numbers at the times ``i`` (table indices, an int or a
+    tensor of the batch shape), read from the chain's tables
+    (:meth:`DiffusionChain.tables`) when first asked for, as ``(..., 1)``
+    tensors that broadcast against x_t: a caller gathers only the tables it uses."""
 
     def __init__(self, tables: dict, i):
         self.tables, self.i, self.read = tables, i, {}
 
-    def __getitem__(self, name: str):
+    def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.read:
-            value = self.tables[name][self.i]
-            self.read[name] = value.unsqueeze(-1) if torch.is_tensor(value) else value
+            self.read[name] = self.tables[name][self.i].unsqueeze(-1)
         return self.read[name]
 
 
@@ -94,7 +99,8 @@ class PTheta:
     with v = (net output + 1) / 2 for a learned variance (improved DDPM). Each
     is computed when first read, so a caller pays for what it uses (the loss's
     fast path reads the log-variance only). ``x_t``, ``pred`` and ``v`` are of
-    shape ``batch_shape + (D,)``; ``numbers`` the step's :class:`_StepNumbers`;
+    shape ``batch_shape + (D,)``; ``numbers`` the step's schedule numbers by
+    table name (:class:`_StepNumbers`, or the sampler's dict of Python numbers);
     ``clip_x0`` clamps x0_hat to [-1, 1] (sampling images, never a bound).
     """
 
@@ -129,8 +135,10 @@ class PTheta:
         return self.numbers["posterior_mean_coef1"] * self.x0_hat + self.numbers["posterior_mean_coef2"] * self.x_t
 
 
-class DiffusionChain(nn.Module):
-    """p_theta(x_{0:T}) and the fixed encoder q(x_{1:T}|x_0) as Pyro programs.
+class DiffusionChain(DiffusionModel):
+    """p_theta(x_{0:T}) and the fixed encoder q(x_{1:T}|x_0) as Pyro programs, a
+    :class:`~pyrovae.diffusion.base.DiffusionModel` whose times are the integer
+    steps t = 1..T.
 
     :param net: denoiser ``(x (N, D), t (N,) float) -> (N, k D)`` (see
         :mod:`pyrovae.diffusion.denoisers`), ``k = 2`` when ``variance="learned"``.
@@ -182,11 +190,7 @@ class DiffusionChain(nn.Module):
             x_dim, scale=MODEL_SCALE, **({"data_range": DATA_RANGE} if likelihood.discrete else {})
         )
 
-    @property
-    def discrete(self) -> bool:
-        """Whether p_theta(x_0|x_1) is a probability mass function (images), so that
-        the bound converts to bits/dim."""
-        return self.likelihood.discrete
+    data_name = "x0"
 
     @property
     def T(self) -> int:
@@ -199,8 +203,7 @@ class DiffusionChain(nn.Module):
         derived from beta_t, and later versions added tables), and the prior's
         buffers, absent before the chain held a prior module, are this chain's
         own (N(0, I) has nothing to learn). A current state is returned as it is."""
-        own = self.state_dict()
-        if set(state) == set(own):
+        if set(state) == set(self.state_dict()):
             return state
         upgraded = dict(state)
         if "schedule.betas" in state:
@@ -210,8 +213,12 @@ class DiffusionChain(nn.Module):
                 state["schedule.betas"], timesteps if spaced else None, self.schedule.original_T if spaced else None
             )
             upgraded.update({f"schedule.{k}": v for k, v in schedule.state_dict().items()})
-        upgraded.update({k: v for k, v in own.items() if k.startswith("prior.") and k not in state})
-        return upgraded
+        return super().upgrade_state_dict(upgraded)
+
+    def reference(self) -> torch.Tensor:
+        """The denoiser's first parameter (the schedule's betas for a denoiser without any)."""
+        p = first_parameter(self)
+        return self.schedule.betas if p is None else p
 
     def tables(self, dtype: torch.dtype) -> dict:
         """The schedule's tables in ``dtype`` on the schedule's device, cast once
@@ -258,25 +265,25 @@ class DiffusionChain(nn.Module):
             noise,
         )
 
-    def check_data(self, x0: torch.Tensor) -> torch.Tensor:
-        """Raise a clear error for data this chain cannot score; return ``x0``
-        in the denoiser's floating dtype (float64 or half-precision data are cast)."""
-        if not torch.is_tensor(x0) or not x0.is_floating_point():
-            raise TypeError(f"x0 must be a float tensor, got {type(x0).__name__} {getattr(x0, 'dtype', '')}")
-        if x0.dim() != 2 or x0.shape[1] != self.x_dim or x0.shape[0] == 0:
-            raise ValueError(f"x0 must have shape (batch >= 1, {self.x_dim}), got {tuple(x0.shape)}")
-        if x0.device != self.schedule.betas.device:
-            raise ValueError(
-                f"x0 is on {x0.device} but the chain is on {self.schedule.betas.device}; move one with .to()"
-            )
-        x0 = x0.to(first_parameter(self).dtype)
-        if is_validation_enabled():
-            check_finite(x0, "x0")
-        if self.discrete and is_validation_enabled() and (x0.min() < -1 or x0.max() > 1):
-            raise ValueError(
-                f"x0 must be scaled to [-1, 1] for the discretised decoder, got values in [{x0.min():.3g}, {x0.max():.3g}]"
-            )
-        return x0
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at integer times ``t`` in
+        1..T, in the model's dtype."""
+        tab, i = self.tables(self.reference().dtype), self.schedule.time_index(t)
+        return tab["sqrt_alphas_cumprod"][i], tab["sqrt_one_minus_alphas_cumprod"][i]
+
+    def log_snr(self, t) -> torch.Tensor:
+        """log(alpha_bar_t / (1 - alpha_bar_t)) at integer times ``t`` in 1..T."""
+        tab, i = self.tables(self.reference().dtype), self.schedule.time_index(t)
+        return tab["alphas_cumprod"][i].log() - tab["one_minus_alphas_cumprod"][i].log()
+
+    def predict_eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """eps_hat(x_t, t): the network's output with eps prediction, else the noise
+        implied by x0_hat, (sqrt(1/alpha_bar_t) x_t - x0_hat) / sqrt(1/alpha_bar_t - 1)."""
+        p = self.p_theta(x_t, t)
+        if self.parameterization == "eps":
+            return p.pred
+        c = p.numbers
+        return (c["sqrt_recip_alphas_cumprod"] * x_t - p.x0_hat) / c["sqrt_recipm1_alphas_cumprod"]
 
     # --- p_theta(x_{t-1} | x_t) -------------------------------------------------
 
@@ -447,19 +454,43 @@ class DiffusionChain(nn.Module):
         log_var = p.log_variance.expand_as(x_t)[is_decoder]
         return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var))
 
-    def full_bound(self, x0: torch.Tensor, chunk_size: int = 512) -> dict:
-        """-ELBO(x0) with every term, x_t ~ q(x_t|x_0) drawn independently for each
-        t, evaluated as batched network calls over (t, example) pairs, at most
-        ``chunk_size`` pairs per call (bounds memory).
+    def bound(
+        self, x0: torch.Tensor, chunk_size: int = 512, per_layer: bool = False, y: torch.Tensor | None = None
+    ) -> Bound:
+        """The bound with every term (:class:`~pyrovae.infer.bound.Bound`, per
+        example, nats): ``recon`` = -L_0 = log p_theta(x_0|x_1), ``kl_top`` = L_T,
+        ``kl_layers`` = sum_{t=2..T} L_{t-1}, each L_{t-1} at one x_t ~ q(x_t|x_0)
+        drawn independently for each t (:meth:`vb_terms`), evaluated as batched
+        network calls over (t, example) pairs, at most ``chunk_size`` pairs per
+        call (bounds memory). With ``per_layer``, ``layers`` holds L_{t-1} as
+        ``"kl_{t-1}"`` for t = 2..T (layer l = t - 1 is the latent x_l).
+        Differentiable; wrap in ``torch.no_grad()`` to evaluate. Given ``y`` (a
+        conditional denoiser), the bound of log p(x_0 | y) at the real y."""
+        if y is not None:
+            return conditioned(self, y).bound(x0, chunk_size, per_layer)
+        x0, terms = self._terms(x0, chunk_size)
+        layers = {f"kl_{t - 1}": terms[:, t - 1] for t in range(2, self.T + 1)} if per_layer else {}
+        return Bound(
+            recon=-terms[:, 0],
+            kl_top=self.prior_kl(x0),
+            kl_layers=terms[:, 1:].sum(-1),
+            layers=layers,
+            dim=self.x_dim if self.discrete else None,
+        )
 
-        Returns a dict of tensors: ``prior`` (B,) = L_T, ``terms`` (B, T) with
-        ``terms[:, t-1]`` = L_{t-1} (column 0 is the decoder's -log p(x_0|x_1)),
-        ``total`` (B,) = -ELBO in nats, ``bits_per_dim`` (B,) = total / (D ln 2)
-        (:func:`~pyrovae.infer.bound.bits_per_dim`). In the bound's vocabulary
-        (:mod:`pyrovae.infer.bound`): ``kl_top`` = prior, ``recon`` = -terms[:, 0],
-        ``kl_layers`` = terms[:, 1:].sum(-1).
-        Differentiable; wrap in ``torch.no_grad()`` to evaluate.
-        """
+    def full_bound(self, x0: torch.Tensor, chunk_size: int = 512) -> dict:
+        """Deprecated: :meth:`bound` returns the same terms as a ``Bound``. The
+        terms of :meth:`bound` as the dict of tensors that came before it:
+        ``prior`` (B,) = L_T, ``terms`` (B, T) with ``terms[:, t-1]`` = L_{t-1}
+        (column 0 the decoder's -log p(x_0|x_1)), ``total`` (B,) = -ELBO in nats,
+        ``bits_per_dim`` (B,) = total / (D ln 2)."""
+        x0, terms = self._terms(x0, chunk_size)
+        prior = self.prior_kl(x0)
+        total = prior + terms.sum(-1)
+        return {"prior": prior, "terms": terms, "total": total, "bits_per_dim": bits_per_dim(total, self.x_dim)}
+
+    def _terms(self, x0: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x0`` checked, and L_{t-1} for t = 1..T, shape ``(B, T)`` (see :meth:`bound`)."""
         x0 = self.check_data(x0)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -472,10 +503,7 @@ class DiffusionChain(nn.Module):
             x0_t = x0.expand(len(ts), B, self.x_dim)
             noise = torch.randn_like(x0_t)
             chunks.append(self.vb_terms(x0_t, self.q_sample(x0_t, t, noise), t, noise=noise))
-        terms = torch.cat(chunks, 0).T
-        prior = self.prior_kl(x0)
-        total = prior + terms.sum(-1)
-        return {"prior": prior, "terms": terms, "total": total, "bits_per_dim": bits_per_dim(total, self.x_dim)}
+        return x0, torch.cat(chunks, 0).T
 
     # --- sampling -------------------------------------------------------------------
 
@@ -519,14 +547,16 @@ class DiffusionChain(nn.Module):
         ref = self.schedule.betas
         dtype = next(self.net.parameters()).dtype
         x = torch.randn(n, self.x_dim, device=ref.device, dtype=dtype)
-        # Every step's numbers read once, as Python numbers in the network's dtype
-        # (not a slice, a cast and a copy per table per step), so the loop is the
-        # network call and a few passes over x.
-        tab = {name: values.tolist() for name, values in chain.tables(dtype).items() if torch.is_tensor(values)}
+        # Every step's numbers read once, as Python numbers in the network's dtype, one
+        # dict per step (not a slice, a cast and a copy per table per step), so the loop
+        # is the network call and a few passes over x.
+        tab = chain.tables(dtype)
+        per_step = [dict(zip(SAMPLER_TABLES, v)) for v in zip(*(tab[name].tolist() for name in SAMPLER_TABLES))]
         learned = chain.variance == "learned"
         for i in range(chain.T - 1, 0, -1):  # t = i + 1 = T..2
-            out = self.net(x, torch.full((n,), tab["tau"][i], device=ref.device, dtype=dtype))
-            p = PTheta(chain, x, *(out.chunk(2, dim=-1) if learned else (out, None)), _StepNumbers(tab, i), clip_x0)
+            numbers = per_step[i]
+            out = self.net(x, torch.full((n,), numbers["tau"], device=ref.device, dtype=dtype))
+            p = PTheta(chain, x, *(out.chunk(2, dim=-1) if learned else (out, None)), numbers, clip_x0)
             # a draw from p_step(x, t): mean + sigma_t z, without building the Normal
             if learned:
                 x = torch.addcmul(p.mean, torch.randn_like(p.mean), (0.5 * p.log_variance).exp())

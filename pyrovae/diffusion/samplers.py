@@ -129,12 +129,14 @@ class ChainView:
                     "a chain with parameterization 'mean' predicts its own steps' means only; "
                     f"eps between steps (t = {t}) needs parameterization 'eps' or 'x0'"
                 )
-            tau_table = chain.tables(torch.float64)["tau"]
-            k = min(max(math.ceil(t), 2), chain.T)
-            tau = tau_table[k - 2] + (tau_table[k - 1] - tau_table[k - 2]) * (t - (k - 1))
-            if chain.T == 1:
-                tau = tau_table[0]
-            out = chain.net(x_t, torch.full(x_t.shape[:-1], float(tau), dtype=x_t.dtype, device=x_t.device))
+            # the time the network is told, linear between the steps' (read in x_t's dtype, as model_output does)
+            tau_table = chain.tables(x_t.dtype)["tau"]
+            tau = float(tau_table[0])
+            if chain.T > 1:
+                k = min(max(math.ceil(t), 2), chain.T)
+                lo, hi = float(tau_table[k - 2]), float(tau_table[k - 1])
+                tau = lo + (hi - lo) * (t - (k - 1))
+            out = chain.net(x_t, torch.full(x_t.shape[:-1], tau, dtype=x_t.dtype, device=x_t.device))
             pred = out[..., : self.x_dim]
             if chain.parameterization == "eps":
                 return pred
@@ -275,6 +277,14 @@ def _x0_and_eps(view, x: torch.Tensor, t: float, alpha: float, sigma: float, cli
     return x0, eps
 
 
+def check_sampler_args(model, steps, sampler: str = "ancestral", eta: float = 0.0, spacing: str | None = None):
+    """Raise ``ValueError`` for arguments :func:`sample` would refuse; return the view."""
+    view = diffusion_view(model)
+    _check_args(sampler, eta, spacing)
+    view.check_steps(steps)
+    return view
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -318,11 +328,9 @@ def sample(
         if len(y) != n:
             raise ValueError(f"y must have one entry per sample, n = {n}, got {len(y)}")
         model = conditioned(model, y, guidance)
-    view = diffusion_view(model)
-    _check_args(sampler, eta, spacing)
+    view = check_sampler_args(model, steps, sampler, eta, spacing)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    steps = view.check_steps(steps)
     generator = None if seed is None else torch.Generator(view.ref.device).manual_seed(seed)
     if sampler == "ancestral":
         if x_T is not None:

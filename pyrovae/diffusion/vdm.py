@@ -29,7 +29,10 @@ integral L_inf, in continuous time), is ::
                       t_i = i / T, s_i = (i - 1) / T.
 
 The decoder is the Bayes posterior over the bins of z_0 / alpha_0 ~ N(x_k,
-exp(gamma_0)) under a uniform prior on the 256 values (VDM's choice): it has
+exp(gamma_0)) under a uniform prior on the 256 values (VDM's choice;
+:class:`~pyrovae.parts.likelihoods.BinPosterior`, beside the chain's
+discretised Gaussian in :mod:`pyrovae.parts.likelihoods`), and p(z_1) is the
+:class:`~pyrovae.parts.priors.StandardNormalPrior` module, as the chain's p(x_T). The decoder has
 no parameters but gamma_0, is a probability mass function (so the bound is on
 the discrete data's log-probability and converts to bits/dim), and tends to
 the point mass at x as gamma_0 -> -inf, with no special edge bins.
@@ -45,85 +48,26 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import TorchDistribution, constraints
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyrovae import params
-from pyrovae.checks import check_finite
+from pyrovae.diffusion.base import DiffusionModel
 from pyrovae.diffusion.denoisers import conditioned
 from pyrovae.diffusion.gamma import GAMMA_MAX, GAMMA_MIN, GammaSchedule
-from pyrovae.nets import first_parameter
+from pyrovae.infer.bound import Bound
+from pyrovae.parts.kl import normal_kl
+from pyrovae.parts.likelihoods import BINS as NUM_BINS
+from pyrovae.parts.likelihoods import MODEL_SCALE, BinPosterior, BinPosteriorLikelihood, bin_centres
+from pyrovae.parts.priors import StandardNormalPrior
 
-NUM_BINS = 256
+__all__ = ["VDM", "BinPosterior", "bin_centres", "fourier_features", "alpha_sigma_from_gamma", "NUM_BINS"]
+
 FOURIER_EXPONENTS = (6, 7)  # VDM's code: sin, cos of 2^n 2 pi z for n = 6, 7
 
 
-def bin_centres(dtype=torch.float32, device=None) -> torch.Tensor:
-    """The 256 values x_k = 2 k / 255 - 1 of 8-bit pixels in [-1, 1]."""
-    # k / 127.5 - 1, exactly as the data are scaled (to_chain_space), so values match bins bit for bit
-    return torch.arange(NUM_BINS, dtype=dtype, device=device) / ((NUM_BINS - 1) / 2) - 1.0
-
-
-class BinPosterior(TorchDistribution):
-    """p(x | z_0) per pixel: the posterior over the 256 bin centres x_k of
-    u = z_0 / alpha_0 ~ N(x_k, v) under a uniform prior on k,
-
-        p(x_k | u) = exp(-(u - x_k)^2 / (2 v)) / sum_j exp(-(u - x_j)^2 / (2 v)),
-
-    with v = exp(gamma_0) (VDM's logits form). ``loc`` is u, ``scale`` is
-    sqrt(v) (broadcast to ``loc``); values are bin centres.
-    """
-
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    support = constraints.interval(-1.0, 1.0)
-
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args=None):
-        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
-        super().__init__(self.loc.shape, validate_args=validate_args)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(BinPosterior, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
-        super(BinPosterior, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
-
-    def logits(self) -> torch.Tensor:
-        """Normalised log-probabilities of the 256 bins, shape ``batch_shape + (256,)``."""
-        x_k = bin_centres(self.loc.dtype, self.loc.device)
-        logits = -0.5 * ((self.loc[..., None] - x_k) / self.scale[..., None]).square()
-        return logits - logits.logsumexp(-1, keepdim=True)
-
-    def log_normaliser(self) -> torch.Tensor:
-        """log sum_k exp(-(u - x_k)^2 / (2 v)), ``batch_shape``, summed over the
-        bins within 12 sqrt(v) + 1 bin of the bin nearest u only: every bin left
-        out is at least 12 standard deviations further than that bin, so the
-        mass left out is below 256 e^{-72} ~ 1e-29 of the sum (exact in float32
-        and float64). At VDM's gamma_0 = -13.3 this is 7 bins instead of 256."""
-        half_width = 2.0 / (NUM_BINS - 1)
-        window = min(NUM_BINS - 1, math.ceil(12 * float(self.scale.detach().max()) / half_width) + 1)
-        nearest = ((self.loc.detach() + 1) * ((NUM_BINS - 1) / 2)).round().clamp(0, NUM_BINS - 1)
-        index = nearest[..., None] + torch.arange(-window, window + 1, dtype=self.loc.dtype, device=self.loc.device)
-        x_k = index / ((NUM_BINS - 1) / 2) - 1.0
-        logits = -0.5 * ((self.loc[..., None] - x_k) / self.scale[..., None]).square()
-        return logits.masked_fill((index < 0) | (index > NUM_BINS - 1), -math.inf).logsumexp(-1)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        x_k = ((value.clamp(-1, 1) + 1) * ((NUM_BINS - 1) / 2)).round() / ((NUM_BINS - 1) / 2) - 1.0  # the value's bin
-        return -0.5 * ((self.loc - x_k) / self.scale).square() - self.log_normaliser()
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return (self.logits().exp() * bin_centres(self.loc.dtype, self.loc.device)).sum(-1)
-
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        with torch.no_grad():
-            logits = self.logits().expand(self._extended_shape(sample_shape) + (NUM_BINS,))
-            return bin_centres(self.loc.dtype, self.loc.device)[torch.distributions.Categorical(logits=logits).sample()]
+def alpha_sigma_from_gamma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma))."""
+    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
 def fourier_features(z: torch.Tensor) -> torch.Tensor:
@@ -138,8 +82,9 @@ def fourier_features(z: torch.Tensor) -> torch.Tensor:
     return torch.cat(feats, -1)
 
 
-class VDM(nn.Module):
-    """The continuous-time (``T=None``) or T-step variational diffusion model.
+class VDM(DiffusionModel):
+    """The continuous-time (``T=None``) or T-step variational diffusion model, a
+    :class:`~pyrovae.diffusion.base.DiffusionModel` whose times are t in [0, 1].
 
     :param net: denoiser ``(z (N, k D), tau (N,)) -> (N, >= D)`` from
         :mod:`pyrovae.diffusion.denoisers`, with k = 5 when ``fourier`` (its
@@ -177,36 +122,39 @@ class VDM(nn.Module):
         if T is not None and (isinstance(T, bool) or not isinstance(T, int) or T < 1):
             raise ValueError(f"T must be None (continuous time) or an integer >= 1, got {T!r}")
         self.net, self.gamma, self.x_dim, self.T, self.fourier = net, gamma, x_dim, T, fourier
+        self.prior = StandardNormalPrior(x_dim)
+        self.likelihood = BinPosteriorLikelihood(x_dim, scale=MODEL_SCALE)
 
-    def check_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Raise a clear error for data this model cannot score; return ``x`` in
-        the model's floating dtype (float64 or half-precision data are cast, as the chain's)."""
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError(f"x must be a float tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
-        if x.dim() != 2 or x.shape[1] != self.x_dim or x.shape[0] == 0:
-            raise ValueError(f"x must have shape (batch >= 1, {self.x_dim}), got {tuple(x.shape)}")
-        param = first_parameter(self)
-        if param is not None:  # a model without parameters (a fixed schedule, an exact denoiser) keeps x's dtype
-            x = x.to(param.dtype)
-        if is_validation_enabled():
-            check_finite(x, "x")
-            if x.min() < -1 or x.max() > 1:
-                raise ValueError(
-                    f"x must be 8-bit pixels scaled to [-1, 1], got values in [{x.min():.3g}, {x.max():.3g}]"
-                )
-        return x
+    def reference(self) -> torch.Tensor:
+        """gamma(0)'s parameter (every schedule has it; a denoiser may have no parameters)."""
+        return self.gamma.gamma_min
+
+    def _gamma_at(self, t) -> torch.Tensor:
+        ref = self.reference()
+        return self.gamma(torch.as_tensor(t, dtype=ref.dtype, device=ref.device))
 
     # --- the forward process, from gamma ---------------------------------------------
 
-    @staticmethod
-    def alpha_sigma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma))."""
-        return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(sigmoid(-gamma(t))), sqrt(sigmoid(gamma(t)))), ``t``'s shape."""
+        return alpha_sigma_from_gamma(self._gamma_at(t))
 
-    def q_sample(self, x: torch.Tensor, gamma_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """z_t = alpha_t x + sigma_t eps; ``gamma_t`` of the batch shape."""
-        alpha, sigma = self.alpha_sigma(gamma_t[..., None])
+    def log_snr(self, t) -> torch.Tensor:
+        """log(alpha_t^2 / sigma_t^2) = -gamma(t)."""
+        return -self._gamma_at(t)
+
+    def q_sample(self, x: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        """z_t = alpha_t x + sigma_t eps for times ``t`` in [0, 1] of the batch shape."""
+        return self._q_sample(x, self._gamma_at(t), eps)
+
+    def _q_sample(self, x: torch.Tensor, gamma_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """:meth:`q_sample` at gamma_t (of the batch shape) instead of t."""
+        alpha, sigma = alpha_sigma_from_gamma(gamma_t[..., None])
         return alpha * x + sigma * eps
+
+    def predict_eps(self, z_t: torch.Tensor, t) -> torch.Tensor:
+        """eps_hat(z_t; gamma(t)) (:meth:`eps_hat` at the time t)."""
+        return self.eps_hat(z_t, self._gamma_at(t).to(z_t.dtype))
 
     def eps_hat(self, z_t: torch.Tensor, gamma_t: torch.Tensor) -> torch.Tensor:
         """eps_hat_theta(z_t; gamma_t), ``z_t``'s shape; any batch shape (one network call)."""
@@ -216,22 +164,29 @@ class VDM(nn.Module):
         out = self.net(inputs.reshape(-1, inputs.shape[-1]), tau.reshape(-1).to(z_t.dtype))
         return out[:, : self.x_dim].reshape(z_t.shape)
 
-    def p_step(self, z_t: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor) -> dist.Distribution:
+    def p_step(self, z_t: torch.Tensor, t, s=None) -> dist.Distribution:
         """p_theta(z_s | z_t) = N((alpha_s / alpha_t)(z_t - c sigma_t eps_hat), c sigma_s^2 I),
-        c = -expm1(gamma_s - gamma_t), for s < t (any grid); ``gamma_t``, ``gamma_s``
-        scalars (one step for the whole batch)."""
+        c = -expm1(gamma_s - gamma_t), for times s < t in [0, 1], one step for the
+        whole batch; ``s`` defaults to the T-step grid's t - 1/T."""
+        if s is None:
+            self._check_discrete()
+            s = t - 1 / self.T
+        return self._p_step(z_t, self._gamma_at(t), self._gamma_at(s))
+
+    def _p_step(self, z_t: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor) -> dist.Distribution:
+        """:meth:`p_step` at (gamma_t, gamma_s), scalars, instead of (t, s)."""
         return self._posterior(z_t, self.eps_hat(z_t, gamma_t), gamma_t, gamma_s)
 
     def q_posterior(
         self, z_t: torch.Tensor, x: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor
     ) -> dist.Distribution:
         """q(z_s | z_t, x): the same Gaussian as :meth:`p_step` with the true eps."""
-        alpha_t, sigma_t = self.alpha_sigma(gamma_t)
+        alpha_t, sigma_t = alpha_sigma_from_gamma(gamma_t)
         return self._posterior(z_t, (z_t - alpha_t * x) / sigma_t, gamma_t, gamma_s)
 
     def _posterior(self, z_t, eps, gamma_t, gamma_s) -> dist.Distribution:
-        alpha_t, sigma_t = self.alpha_sigma(gamma_t)
-        alpha_s, sigma_s = self.alpha_sigma(gamma_s)
+        alpha_t, sigma_t = alpha_sigma_from_gamma(gamma_t)
+        alpha_s, sigma_s = alpha_sigma_from_gamma(gamma_s)
         c = -torch.expm1(gamma_s - gamma_t)
         loc = (alpha_s / alpha_t) * (z_t - c * sigma_t * eps)
         return dist.Normal(loc, (c.sqrt() * sigma_s).expand_as(loc)).to_event(1)
@@ -240,17 +195,12 @@ class VDM(nn.Module):
         """p(x | z_0): :class:`BinPosterior` of z_0 / alpha_0 with variance exp(gamma_0)
         (= sigma_0^2 / alpha_0^2, the noise of z_0 / alpha_0 around x)."""
         gamma_0 = self.gamma(z_0.new_zeros(()))
-        alpha_0, _ = self.alpha_sigma(gamma_0)
-        return BinPosterior(z_0 / alpha_0, (0.5 * gamma_0).exp()).to_event(1)
-
-    @staticmethod
-    def p_prior(x: torch.Tensor) -> dist.Distribution:
-        """p(z_1) = N(0, I), shaped like ``x``."""
-        return dist.Normal(torch.zeros_like(x), torch.ones_like(x)).to_event(1)
+        alpha_0, _ = alpha_sigma_from_gamma(gamma_0)
+        return self.likelihood(z_0 / alpha_0, (0.5 * gamma_0).exp())
 
     def q_top(self, x: torch.Tensor) -> dist.Distribution:
         """q(z_1 | x) = N(alpha_1 x, sigma_1^2 I)."""
-        alpha, sigma = self.alpha_sigma(self.gamma(x.new_ones(())))
+        alpha, sigma = alpha_sigma_from_gamma(self.gamma(x.new_ones(())))
         return dist.Normal(alpha * x, sigma.expand_as(x)).to_event(1)
 
     # --- the literal T-step chain -------------------------------------------------------
@@ -275,9 +225,9 @@ class VDM(nn.Module):
         gammas = self._grid(self.T, x)
         vdm = self if y is None else conditioned(self, y)
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample(f"z_{self.T}", self.p_prior(x))
+            z = pyro.sample(f"z_{self.T}", self.prior())
             for i in range(self.T, 0, -1):
-                z = pyro.sample(f"z_{i - 1}", vdm.p_step(z, gammas[i], gammas[i - 1]))
+                z = pyro.sample(f"z_{i - 1}", vdm._p_step(z, gammas[i], gammas[i - 1]))
             pyro.sample("x", self.p_decoder(z), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -296,18 +246,17 @@ class VDM(nn.Module):
     # --- the bound's terms ---------------------------------------------------------------
 
     def prior_kl(self, x: torch.Tensor) -> torch.Tensor:
-        """``kl_top`` = KL(q(z_1|x) || N(0, I)) = 1/2 sum_D (sigma_1^2 + alpha_1^2 x^2 - 1 - log sigma_1^2), shape ``(B,)``."""
+        """``kl_top`` = KL(q(z_1|x) || N(0, I)) = 1/2 sum_D (sigma_1^2 + alpha_1^2 x^2 - 1 - log sigma_1^2)
+        (:func:`~pyrovae.parts.kl.normal_kl`; sigma_1 one number), shape ``(B,)``."""
         gamma_1 = self.gamma(x.new_ones(()))
-        var_1 = torch.sigmoid(gamma_1)
-        return 0.5 * (var_1 + torch.sigmoid(-gamma_1) * x.square() - 1 - torch.nn.functional.logsigmoid(gamma_1)).sum(
-            -1
-        )
+        alpha_1, _ = alpha_sigma_from_gamma(gamma_1)
+        return normal_kl(x, torch.nn.functional.logsigmoid(gamma_1), None, self.x_dim, mean_scale=alpha_1)
 
     def recon(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """``recon`` = log p(x | z_0) at one z_0 ~ q(z_0|x), shape ``(B,)``."""
         gamma_0 = self.gamma(x.new_zeros(()))
         eps = torch.randn_like(x) if eps is None else eps
-        return self.p_decoder(self.q_sample(x, gamma_0.expand(x.shape[:-1]), eps)).log_prob(x)
+        return self.p_decoder(self._q_sample(x, gamma_0.expand(x.shape[:-1]), eps)).log_prob(x)
 
     def diffusion_weight(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma at the time used, the diffusion term's weight w) for times
@@ -340,8 +289,16 @@ class VDM(nn.Module):
         time) or L_T (T steps).
         """
         eps = torch.randn(gamma_t.shape + x.shape[-1:], dtype=x.dtype, device=x.device) if eps is None else eps
-        z_t = self.q_sample(x, gamma_t, eps)
+        z_t = self._q_sample(x, gamma_t, eps)
         return 0.5 * weight * (eps - self.eps_hat(z_t, gamma_t)).square().sum(-1)
+
+    def bound(self, x: torch.Tensor, draws: int = 1, y: torch.Tensor | None = None) -> Bound:
+        """The bound's named terms per example (:class:`~pyrovae.infer.bound.Bound`):
+        an unbiased estimate with ``draws`` antithetic draws of t per example and
+        one z_0 (:meth:`VDMELBO.bound_terms <pyrovae.infer.vdm_elbo.VDMELBO.bound_terms>`)."""
+        from pyrovae.infer.vdm_elbo import VDMELBO
+
+        return VDMELBO(num_particles=draws).bound_terms(self, x, y)
 
     # --- sampling ---------------------------------------------------------------------
 
@@ -368,10 +325,10 @@ class VDM(nn.Module):
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        ref = self.gamma.gamma_min  # every schedule has it; a denoiser may have no parameters
+        ref = self.reference()
         z = torch.randn(n, self.x_dim, dtype=ref.dtype, device=ref.device)
         gammas = self._grid(steps, z)
         for i in range(steps, 0, -1):
-            step = self.p_step(z, gammas[i], gammas[i - 1]).base_dist
+            step = self._p_step(z, gammas[i], gammas[i - 1]).base_dist
             z = step.loc + step.scale * torch.randn_like(z)
         return self.p_decoder(z).sample()

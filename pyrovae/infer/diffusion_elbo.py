@@ -11,6 +11,7 @@ import torch
 from pyro.infer import ELBO
 
 from pyrovae import distributed, params
+from pyrovae.infer.bound import Bound
 from pyrovae.infer.objective import DifferentiableLossMixin
 
 TIME_SAMPLERS = ("uniform", "importance")
@@ -248,13 +249,13 @@ class DiffusionELBO(ChainObjective, ELBO):
         return chain.prior_kl(d["x0"]).sum() + (weighted if k == 1 else weighted / k), d["t"], terms
 
     @torch.no_grad()
-    def terms(self, model, guide, x0: torch.Tensor, y: torch.Tensor | None = None) -> dict:
-        """The bound's named terms (:mod:`pyrovae.infer.bound`) summed over the
-        batch, in nats: ``recon`` = E_q[log p_theta(x_0|x_1)] and ``kl_layers``
-        = sum_{t=2..T} E_q[L_{t-1}], each estimated from ``num_particles``
-        draws per example (x_1 ~ q(x_1|x_0) for ``recon``; t uniform on 2..T
-        for ``kl_layers``: stratified, so the rare decoder term is never left
-        to chance), and ``kl_top`` = L_T in closed form. Unbiased for the ELBO:
+    def terms(self, model, guide, x0: torch.Tensor, y: torch.Tensor | None = None) -> Bound:
+        """The bound's named terms per example (:class:`~pyrovae.infer.bound.Bound`),
+        in nats: ``recon`` = E_q[log p_theta(x_0|x_1)] and ``kl_layers`` =
+        sum_{t=2..T} E_q[L_{t-1}], each estimated from ``num_particles`` draws
+        per example (x_1 ~ q(x_1|x_0) for ``recon``; t uniform on 2..T for
+        ``kl_layers``: stratified, so the rare decoder term is never left to
+        chance), and ``kl_top`` = L_T in closed form. Unbiased for the ELBO:
         ``recon - kl_top - kl_layers``; given ``y``, of log p(x_0 | y)."""
         chain = self._conditioned_chain(model, guide, y)
         params.module(chain, "diffusion")  # a name of its own in the param store
@@ -263,10 +264,12 @@ class DiffusionELBO(ChainObjective, ELBO):
         x0_k = x0.expand(k, B, chain.x_dim)
         ones = torch.ones(k, B, dtype=torch.long, device=x0.device)
         noise = torch.randn_like(x0_k)
-        recon = -chain.vb_terms(x0_k, chain.q_sample(x0_k, ones, noise), ones, noise=noise).sum() / k
-        kl_layers = torch.zeros((), dtype=x0.dtype, device=x0.device)
+        recon = -chain.vb_terms(x0_k, chain.q_sample(x0_k, ones, noise), ones, noise=noise).sum(0) / k
+        kl_layers = torch.zeros(B, dtype=x0.dtype, device=x0.device)
         if T > 1:
             t = torch.randint(2, T + 1, (k, B), device=x0.device)
             noise = torch.randn_like(x0_k)
-            kl_layers = (T - 1) * chain.vb_terms(x0_k, chain.q_sample(x0_k, t, noise), t, noise=noise).sum() / k
-        return {"recon": recon.item(), "kl_top": chain.prior_kl(x0).sum().item(), "kl_layers": kl_layers.item()}
+            kl_layers = (T - 1) * chain.vb_terms(x0_k, chain.q_sample(x0_k, t, noise), t, noise=noise).sum(0) / k
+        return Bound(
+            recon=recon, kl_top=chain.prior_kl(x0), kl_layers=kl_layers, dim=chain.x_dim if chain.discrete else None
+        )

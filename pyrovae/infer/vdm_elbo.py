@@ -6,6 +6,7 @@ import torch
 from pyro.infer import ELBO
 
 from pyrovae import params
+from pyrovae.infer.bound import Bound
 from pyrovae.infer.objective import DifferentiableLossMixin
 
 TERMS = ("recon", "kl_top", "kl_layers")
@@ -55,13 +56,15 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
     as Pyro's ELBOs sum over a plate.
     """
 
-    # dynamo stops at the model's bound methods ("VDM.model is not a constant"): pyrovae.compiled refuses it
+    # gamma'(t) is a derivative taken inside the loss, so its gradient is a double backward, which
+    # torch.compile's aot_autograd does not support (tried: the first backward raises): pyrovae.compiled refuses it
     compilable = False
 
     def __init__(self, num_particles: int = 1, antithetic: bool = True, minimise_variance: bool = False):
         super().__init__(num_particles=num_particles)
         self.antithetic, self.minimise_variance = antithetic, minimise_variance
 
+    @torch.compiler.disable  # a check on Python objects: under torch.compile it runs as it is
     def _vdm(self, model, guide):
         from pyrovae.diffusion.vdm import VDM
 
@@ -88,16 +91,22 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
             k, B
         )
 
-    def bound_terms(self, vdm, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:
-        """The bound's named terms per example (:mod:`pyrovae.infer.bound`), nats,
-        each ``(B,)``: ``recon``, ``kl_top``, ``kl_layers`` (L_diffusion, the
-        mean of k draws) and ``elbo`` = recon - kl_top - kl_layers; also ``per_draw`` ``(k, B)``, the diffusion estimate of each draw;
-        and ``surrogate``, a scalar of value 0 that carries the schedule's
-        gradient when ``minimise_variance`` (else ``None``). With ``y`` (a
-        conditional denoiser) the bound is of log p(x | y), eps_hat at the real y."""
+    def bound_terms(self, vdm, x: torch.Tensor, y: torch.Tensor | None = None) -> Bound:
+        """The bound's named terms per example (:class:`~pyrovae.infer.bound.Bound`),
+        nats, each ``(B,)``: ``recon``, ``kl_top``, ``kl_layers`` (L_diffusion,
+        the mean of k draws); bits/dim from ``elbo()``."""
+        return self.estimate(vdm, x, y)[0]
+
+    def estimate(
+        self, vdm, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[Bound, torch.Tensor, torch.Tensor | None]:
+        """``(bound, per_draw, surrogate)``: the :meth:`bound_terms`; ``per_draw``
+        ``(k, B)``, the diffusion estimate of each draw; and ``surrogate``, a
+        scalar of value 0 that carries the schedule's gradient when
+        ``minimise_variance`` (else ``None``)."""
         params.module(vdm, "vdm")  # a name of its own in the param store
         x = vdm.check_data(x)
-        if y is not None:
+        if y is not None:  # the bound of log p(x | y): eps_hat at the real y, never guided
             from pyrovae.diffusion.denoisers import conditioned
 
             vdm = conditioned(vdm, y)
@@ -117,13 +126,12 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
             surrogate = carrier - carrier.detach()
         else:
             per_draw = vdm.diffusion_loss(x, *vdm.diffusion_weight(t))
-        terms = {"recon": vdm.recon(x), "kl_top": vdm.prior_kl(x), "kl_layers": per_draw.mean(0)}
-        terms["elbo"] = terms["recon"] - terms["kl_top"] - terms["kl_layers"]
-        return {**terms, "per_draw": per_draw, "surrogate": surrogate}
+        bound = Bound(recon=vdm.recon(x), kl_top=vdm.prior_kl(x), kl_layers=per_draw.mean(0), dim=vdm.x_dim)
+        return bound, per_draw, surrogate
 
     def differentiable_loss(self, model, guide, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """-ELBO (of log p(x | y) given ``y``) summed over the batch; its gradient
         is the bound's, except in the schedule's interior under ``minimise_variance``."""
-        terms = self.bound_terms(self._vdm(model, guide), x, y)
-        loss = -terms["elbo"].sum()
-        return loss if terms["surrogate"] is None else loss + terms["surrogate"]
+        bound, _, surrogate = self.estimate(self._vdm(model, guide), x, y)
+        loss = -bound.elbo().sum()
+        return loss if surrogate is None else loss + surrogate

@@ -33,16 +33,24 @@ def normal_kl(mean_diff, log_var_q, log_var_p=None, event_size: int | None = Non
         variance is shared instead of to each of the D elements.
     :param log_var_q: ``batch_shape + (D,)``, or ``batch_shape + (1,)`` (or a
         number) for one variance shared by the D elements, whose terms are then
-        computed once, not D times.
+        computed once, not D times. Where both log-variances are numbers (or
+        ``None``), their term is computed in float64 as (expm1(u) - u) / 2,
+        u = log_var_q - log_var_p, exact however close the variances.
     :param log_var_p: as ``log_var_q``; ``None`` for unit variances (p = N(m_p, I)),
         whose terms are left out (they are exact zeros). The same tensor as
         ``log_var_q``: equal variances, whose part of the KL is zero and skipped.
     :param event_size: D, to sum over the event (returns ``batch_shape``);
         ``None`` for the elementwise KL (returns the broadcast shape of the arguments).
     """
-    exp = torch.exp if any(torch.is_tensor(v) for v in (log_var_q, log_var_p)) else math.exp
+    numbers = not (torch.is_tensor(log_var_q) or torch.is_tensor(log_var_p))
+    exp = math.exp if numbers else torch.exp
     if log_var_q is log_var_p:
         var_part = None
+    elif numbers:
+        # constants (a schedule's), once per call in float64, with expm1: exp(u) - 1 cancels to
+        # nothing where the variances are close (KL(q(x_T|x_0) || N(0, I)): u = log(1 - alpha_bar_T))
+        u = log_var_q - (log_var_p or 0.0)
+        var_part = 0.5 * (math.expm1(u) - u)
     elif log_var_p is None:
         var_part = 0.5 * (-1.0 - log_var_q + exp(log_var_q))
     else:

@@ -14,7 +14,7 @@ from pyrovae import plots
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES, DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.schedule import SCHEDULES, NoiseSchedule
-from pyrovae.infer.bound import bound_terms, prefixed
+from pyrovae.infer.bound import Bound, bound_terms, prefixed
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS, DiffusionELBO
 from pyrovae.infer.losses import OBJECTIVES, make_objective
 from pyrovae.recipes.conditional import num_classes
@@ -106,6 +106,7 @@ class DiffusionRecipe:
         full-T bound, term by term, is ``pyrovae evaluate diffusion``. Given the
         test labels ``y`` (``--conditional``), the bound of log p(x | y)."""
         elbo = DiffusionELBO(num_particles=cfg.test_particles)
+<<<<<<< HEAD
         sums = {"recon": 0.0, "kl_top": 0.0, "kl_layers": 0.0}
         for i in range(0, len(x_test), batch_size):
             part = (x_test[i : i + batch_size],) if y is None else (x_test[i : i + batch_size], y[i : i + batch_size])
@@ -116,17 +117,17 @@ class DiffusionRecipe:
             sums["recon"] / n, sums["kl_top"] / n, sums["kl_layers"] / n, chain.x_dim if chain.discrete else None
         )
         return prefixed(terms, "test")
+=======
+        batches = range(0, len(x_test), batch_size)
+        bound = Bound.cat(elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size]) for i in batches)
+        return prefixed(bound.summary(), "test")
+>>>>>>> main
 
     def write_figures(self, out: str, cfg, chain: DiffusionChain, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         write_samples(os.path.join(out, "samples.png"), chain, ds, min(cfg.sample_steps, chain.T), x_test)
         with torch.no_grad():
-            bound = chain.full_bound(x_test[:TERMS_EXAMPLES])
-        plot_terms(
-            os.path.join(out, "terms.png"),
-            bound["prior"].mean().item(),
-            bound["terms"].mean(0).tolist(),
-            f"bound terms, {min(len(x_test), TERMS_EXAMPLES)} test examples",
-        )
+            bound = chain.bound(x_test[:TERMS_EXAMPLES], per_layer=True)
+        plot_terms(os.path.join(out, "terms.png"), bound, f"bound terms, {len(bound)} test examples")
 
 
 def write_samples(
@@ -150,12 +151,14 @@ def write_samples(
         )
 
 
-def plot_terms(path: str, kl_top: float, terms: list, title: str) -> None:
-    """The chain's per-layer KLs with :func:`pyrovae.plots.plot_layer_kl`:
-    layer l = t - 1 holds L_{t-1} = KL at x_{t-1} for l = 1..T-1, the top
-    layer T holds L_T; the decoder term -L_0 is ``recon``."""
+def plot_terms(path: str, bound: Bound, title: str) -> None:
+    """The chain's per-layer KLs (a :meth:`DiffusionChain.bound` with ``per_layer``)
+    with :func:`pyrovae.plots.plot_layer_kl`: layer l = t - 1 holds L_{t-1} = KL
+    at x_{t-1} for l = 1..T-1, the top layer T holds L_T; the decoder term -L_0
+    is ``recon``."""
+    layers = [v.mean().item() for v in bound.layers.values()] + [bound.kl_top.mean().item()]
     plots.plot_layer_kl(
-        path, terms[1:] + [kl_top], recon=-terms[0], title=title, layer="t - 1 (latent x_{t-1}; T: x_T)"
+        path, layers, recon=bound.recon.mean().item(), title=title, layer="t - 1 (latent x_{t-1}; T: x_T)"
     )
 
 
@@ -171,23 +174,13 @@ def evaluate_bound(chain: DiffusionChain, x0: torch.Tensor, steps: int | None, c
     if steps > chain.T:
         raise ValueError(f"steps must be <= T = {chain.T}, got {steps}")
     with torch.no_grad():
-        bound = (chain.respaced(steps) if steps != chain.T else chain).full_bound(x0, chunk_size)
-    per_t = bound["terms"].mean(0).tolist()
-    terms = bound_terms(
-        -per_t[0],
-        bound["prior"].mean().item(),
-        bound["terms"][:, 1:].sum(-1).mean().item(),
-        chain.x_dim if chain.discrete else None,
-    )
-    result = {"n": len(x0), "steps": steps, **prefixed(terms, "test"), "test_kl_t": per_t[1:]}
+        bound = (chain.respaced(steps) if steps != chain.T else chain).bound(x0, chunk_size, per_layer=True)
+    terms = bound_terms(bound.recon.mean().item(), bound.kl_top.mean().item(), bound.kl_layers.mean().item(), bound.dim)
+    kl_t = [v.mean().item() for v in bound.layers.values()]
+    result = {"n": len(x0), "steps": steps, **prefixed(terms, "test"), "test_kl_t": kl_t}
     name = f"evaluate-{steps}"
     folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
     with open(os.path.join(folder, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot_terms(
-        os.path.join(folder, name + ".png"),
-        result["test_kl_top"],
-        per_t,
-        f"bound terms, {len(x0)} test examples, {steps} steps",
-    )
+    plot_terms(os.path.join(folder, name + ".png"), bound, f"bound terms, {len(x0)} test examples, {steps} steps")
     return result

@@ -16,7 +16,7 @@ from pyrovae import plots
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.gamma import make_gamma
 from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
-from pyrovae.infer.bound import bits_per_dim, prefixed
+from pyrovae.infer.bound import Bound, bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
 from pyrovae.recipes.conditional import num_classes
@@ -80,9 +80,8 @@ class VDMRecipe:
         schedule's end points gamma(0), gamma(1). ``pyrovae evaluate vdm`` gives
         the bound with its standard error. Given the test labels ``y``
         (``--conditional``), the bound of log p(x | y)."""
-        terms = bound_terms(vdm, x_test, cfg.test_particles, batch_size, y)
-        means = {k: terms[k].mean().item() for k in TERMS}
-        return {**prefixed(named_terms(**means, dim=vdm.x_dim), "test"), **schedule_ends(vdm)}
+        bound = bound_terms(vdm, x_test, cfg.test_particles, batch_size, y)
+        return {**prefixed(bound.summary(), "test"), **schedule_ends(vdm)}
 
     def write_figures(self, out: str, cfg, vdm: VDM, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         write_samples(os.path.join(out, "samples.png"), vdm, ds, cfg.sample_steps)
@@ -104,16 +103,14 @@ def schedule_ends(vdm: VDM) -> dict:
         return {"gamma_0": vdm.gamma.gamma_min.item(), "gamma_1": vdm.gamma.gamma_max.item()}
 
 
-def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500, y=None) -> dict:
-    """:meth:`VDMELBO.bound_terms` over ``x`` in batches: ``recon``, ``kl_top``,
-    ``kl_layers`` and ``elbo`` per example, ``(N,)``, with ``draws`` antithetic
-    draws of t per example."""
-    elbo = VDMELBO(num_particles=draws)
-    parts = [
-        elbo.bound_terms(vdm, x[i : i + batch_size], None if y is None else y[i : i + batch_size])
+def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500, y=None) -> Bound:
+    """:meth:`VDM.bound` over ``x`` in batches: ``recon``, ``kl_top`` and
+    ``kl_layers`` per example, ``(N,)``, with ``draws`` antithetic draws of t
+    per example (given ``y``, the bound of log p(x | y))."""
+    return Bound.cat(
+        vdm.bound(x[i : i + batch_size], draws, None if y is None else y[i : i + batch_size])
         for i in range(0, len(x), batch_size)
-    ]
-    return {k: torch.cat([p[k] for p in parts]) for k in (*TERMS, "elbo")}
+    )
 
 
 @torch.no_grad()
@@ -130,8 +127,8 @@ def evaluate_bound(vdm: VDM, x: torch.Tensor, replicates: int, draws: int, run_d
     if replicates < 2:
         raise ValueError(f"replicates must be >= 2 for a standard error, got {replicates}")
     reps = [bound_terms(vdm, x, draws, batch_size) for _ in range(replicates)]
-    bpd = torch.stack([bits_per_dim(-r["elbo"].mean(), vdm.x_dim) for r in reps])
-    means = {k: torch.stack([r[k].mean() for r in reps]).mean().item() for k in TERMS}
+    bpd = torch.stack([bits_per_dim(-r.elbo().mean(), vdm.x_dim) for r in reps])
+    means = {k: torch.stack([getattr(r, k).mean() for r in reps]).mean().item() for k in TERMS}
     result = {
         "n": len(x),
         "time": "continuous" if vdm.T is None else vdm.T,
@@ -159,9 +156,11 @@ def write_samples(path: str, vdm: VDM, ds: datasets.Dataset, steps: int, n: int 
 def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
     """``--steps`` for ``pyrovae sample vdm`` (its other flags are every
     model's), and the ``pyrovae evaluate vdm`` parser."""
+    from pyrovae.cli import positive_int  # a count below 1 is a usage error (exit 2), as every flag's bound
+
     sample.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)",
     )
@@ -169,15 +168,18 @@ def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
         "vdm", help="the bound in bits/dim on the first N test examples, with its standard error", parents=[debug_flag]
     )
     add_load_args(p, evaluate=True)
-    p.add_argument("--n", type=int, default=100, help="first N test examples (default: 100)")
+    p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
     p.add_argument(
         "--replicates",
-        type=int,
+        type=positive_int,
         default=10,
         help="independent estimates of the bound; its standard error comes from their spread (default: 10)",
     )
     p.add_argument(
-        "--draws", type=int, default=10, help="antithetic draws of t per example in each replicate (default: 10)"
+        "--draws",
+        type=positive_int,
+        default=10,
+        help="antithetic draws of t per example in each replicate (default: 10)",
     )
 
 
