@@ -1,6 +1,9 @@
 """Conditioning inputs y (issue 25, items 1-2): CVAE/HVAE, the conditional chain
 and VDM, and classifier-free guidance."""
 
+import contextlib
+import re
+
 import pyro
 import pytest
 import torch
@@ -224,3 +227,119 @@ def test_float_y_conditions_the_vae():
     assert bound.elbo().shape == (8,)
     with pytest.raises(ValueError, match=r"shape \(8, \*\(2, 2\)\)"):
         vae.bound(binary(), 2, y=torch.rand(8, 4))
+
+
+# --- the command line ----------------------------------------------------------------------
+
+TINY = ["--data", "digits", "--epochs", "1", "--train-size", "256", "--test-size", "64", "--quiet"]
+SMALL = {
+    "vae": ["--z-dim", "4", "--hidden", "32"],
+    "hvae": ["--z-dims", "4", "2", "--hidden", "32", "--kl-warmup", "0"],
+    "diffusion": ["--T", "20", "--channels", "8", "--sample-steps", "5"],
+    "vdm": ["--channels", "8", "--sample-steps", "5"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One tiny conditional run of each model, trained from the command line in-process."""
+    from pyrovae.cli import main
+
+    folder = tmp_path_factory.mktemp("conditional")
+    for model, flags in SMALL.items():
+        assert main(["train", model, "--conditional", *TINY, *flags, "--out", str(folder / model)]) == 0
+    return folder
+
+
+@pytest.mark.parametrize("model", list(SMALL))
+def test_train_conditional_runs_and_sample_label_all_writes_a_row_per_class(model, runs):
+    import json
+
+    import numpy as np
+
+    from pyrovae.checkpoint import load_checkpoint
+    from pyrovae.cli import main
+
+    run = runs / model
+    assert load_checkpoint(str(run))["data"]["classes"] == [str(k) for k in range(10)]
+    assert json.loads((run / "config.json").read_text())["conditional"] is True
+    steps = ["--steps", "5"] if model in ("diffusion", "vdm") else []
+    out = run / "samples-all.png"
+    assert main(["sample", model, str(run), "--label", "all", "--n", "2", *steps, "--out", str(out)]) == 0
+    assert out.exists() and np.load(run / "samples-all.npy").shape == (20, 64)
+
+
+def test_evaluate_gives_the_conditional_bound(runs, capsys):
+    import json
+
+    from pyrovae.cli import main
+
+    assert main(["evaluate", "vae", str(runs / "vae")]) == 0
+    assert "test_elbo" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["evaluate", "diffusion", str(runs / "diffusion"), "--n", "8"]) == 0
+    assert "test_elbo" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "model, flags, message",
+    [
+        ("vae", ["--label", "12"], r"--label must be a class in \[0, 10\)"),
+        ("vae", ["--guidance", "1"], "--guidance is classifier-free guidance of the chain and VDM; a vae has none"),
+        ("diffusion", ["--guidance", "-1", "--steps", "5"], "--guidance: must be a number w >= 0"),
+        ("diffusion", ["--label", "x", "--steps", "5"], "--label must be a class"),
+    ],
+)
+def test_sample_refuses_bad_labels_and_guidance(model, flags, message, runs, capsys):
+    from pyrovae.cli import main
+
+    with pytest.raises(SystemExit) if "-1" in flags else contextlib.nullcontext():
+        code = main(["sample", model, str(runs / model), *flags, "--out", str(runs / "bad.png")])
+        assert code == 1
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_label_on_an_unconditional_run_is_refused(tmp_path, capsys):
+    from pyrovae.cli import main
+
+    assert main(["train", "vae", *TINY, *SMALL["vae"], "--out", str(tmp_path / "run")]) == 0
+    assert main(["sample", "vae", str(tmp_path / "run"), "--label", "3"]) == 1
+    assert "--label needs a run trained with --conditional" in capsys.readouterr().err
+
+
+def test_conditional_refuses_data_without_labels(tmp_path):
+    import numpy as np
+
+    from pyrovae.cli import main
+
+    path = tmp_path / "unlabelled.npy"
+    np.save(path, (np.random.default_rng(0).random((60, 8, 8)) > 0.5).astype(np.float32))
+    argv = ["train", "vae", "--data", str(path), "--conditional", "--epochs", "1", "--quiet", "--debug"]
+    with pytest.raises(ValueError, match="--conditional needs labelled data; data .* has no labels .*image folders"):
+        main([*argv, "--out", str(tmp_path / "run")])
+
+
+def test_the_loader_never_gives_the_null_class_and_p_uncond_drops_labels():
+    from pyrovae.config import TrainConfig
+    from pyrovae.data import load_dataset
+    from pyrovae.recipes.conditional import ConditionalLoss
+    from pyrovae.ssvae import pack_labels
+    from pyrovae.train import make_shard_loader
+
+    ds = load_dataset("digits").subset(256, 10)
+    loader, _ = make_shard_loader(ds.x_train, ds.y_train, TrainConfig(model="diffusion", data="digits"))
+    assert all(bool((yb >= 0).all()) for _, yb in loader)
+
+    seen = []
+
+    class Spy:
+        def differentiable_loss(self, model, guide, x, y):
+            seen.append(y)
+            return x.sum()
+
+    batch = pack_labels(torch.zeros(4000, 2), torch.arange(4000) % 10)
+    pyro.set_rng_seed(0)
+    ConditionalLoss(Spy(), p_uncond=0.1).differentiable_loss(None, None, batch)
+    ConditionalLoss(Spy()).differentiable_loss(None, None, batch)
+    dropped = (seen[0] == -1).float().mean()
+    assert abs(dropped - 0.1) < 5 * (0.1 * 0.9 / 4000) ** 0.5  # 5 binomial standard errors
+    assert bool((seen[1] >= 0).all())

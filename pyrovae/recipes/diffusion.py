@@ -106,22 +106,16 @@ class DiffusionRecipe:
         full-T bound, term by term, is ``pyrovae evaluate diffusion``. Given the
         test labels ``y`` (``--conditional``), the bound of log p(x | y)."""
         elbo = DiffusionELBO(num_particles=cfg.test_particles)
-<<<<<<< HEAD
-        sums = {"recon": 0.0, "kl_top": 0.0, "kl_layers": 0.0}
-        for i in range(0, len(x_test), batch_size):
-            part = (x_test[i : i + batch_size],) if y is None else (x_test[i : i + batch_size], y[i : i + batch_size])
-            for name, value in elbo.terms(chain.model, chain.guide_posterior, *part).items():
-                sums[name] += value
-        n = len(x_test)
-        terms = bound_terms(
-            sums["recon"] / n, sums["kl_top"] / n, sums["kl_layers"] / n, chain.x_dim if chain.discrete else None
+        bound = Bound.cat(
+            elbo.terms(
+                chain.model,
+                chain.guide_posterior,
+                x_test[i : i + batch_size],
+                *(() if y is None else (y[i : i + batch_size],)),
+            )
+            for i in range(0, len(x_test), batch_size)
         )
-        return prefixed(terms, "test")
-=======
-        batches = range(0, len(x_test), batch_size)
-        bound = Bound.cat(elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size]) for i in batches)
         return prefixed(bound.summary(), "test")
->>>>>>> main
 
     def write_figures(self, out: str, cfg, chain: DiffusionChain, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
         write_samples(os.path.join(out, "samples.png"), chain, ds, min(cfg.sample_steps, chain.T), x_test)
