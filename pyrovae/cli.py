@@ -285,7 +285,7 @@ def add_run_parsers(commands) -> None:
             default=None,
             metavar="K|NAME|all",
             help="a run trained with --conditional: samples of this class (its number or name), or all: a row per "
-            "class (the default; --n then counts the samples per class, 8 by default)",
+            "class (--n then counts the samples per class; default: all, 8 per class)",
         )
         p.add_argument(
             "--guidance",
