@@ -154,6 +154,22 @@ def test_conditional_chain_with_zero_embedding_has_the_unconditional_bound():
     assert torch.equal(a, b)
 
 
+def test_conditional_chain_bound_equals_trace_elbo_in_expectation():
+    """The time-subsampled bound of log p(x_0 | y) against Trace_ELBO on the literal chain given y."""
+    torch.manual_seed(0)
+    betas = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    chain = DiffusionChain(TimeMLP(2, (16,), num_classes=K), NoiseSchedule(betas), 2).double()
+    torch.nn.init.normal_(chain.net.label.proj.weight)
+    x0, y = torch.rand(3, 2, dtype=torch.float64) * 2 - 1, torch.arange(3)
+    pyro.set_rng_seed(0)
+    trace = Trace_ELBO(num_particles=1000, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        a = torch.tensor([trace.loss(chain.model, chain.guide, x0, y) for _ in range(10)])
+        b = torch.tensor([DiffusionELBO(num_particles=1000).loss(chain.model, chain.guide, x0, y) for _ in range(10)])
+    se = (a.var() / len(a) + b.var() / len(b)).sqrt()
+    assert abs(a.mean() - b.mean()) < 5 * se  # 5 standard errors of the difference of the two means
+
+
 def test_literal_conditional_chain_traces_with_y():
     _, chain = chain_twins()
     x0 = torch.rand(4, D) * 2 - 1
