@@ -669,8 +669,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from pyrovae.diffusion.denoisers import conditioned
         from pyrovae.ssvae import unpack_labels
 
-        x_test, y_test = unpack_labels(x_test[: args.n])
-        model = conditioned(model, y_test)
+        x_test, y_test = unpack_labels(x_test)
+        model = conditioned(model, y_test[: args.n])
     if args.model == "vdm":
         from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
 
