@@ -525,9 +525,9 @@ def run_sample(args: argparse.Namespace) -> int:
                 return drawer(conditioned(model, y_chunk, args.guidance))[0](len(y_chunk))
             return model.sample(len(y_chunk), y_chunk)
 
-        title += ", a row per class" if columns < n else f", class {ds.classes[int(y[0])]}"
+        title += ", rows: classes" if columns < n else f", class {ds.classes[int(y[0])]}"
         if args.guidance is not None:
-            title += f", guidance w = {args.guidance:g}"
+            title += f", w = {args.guidance:g}"
     # Drawn into a temporary file beside it and renamed when complete: a failure or Ctrl-C
     # half-way leaves the previous samples there as they were, and no half-written file.
     folder = os.path.dirname(os.path.abspath(array_path))
