@@ -341,8 +341,9 @@ def load(path: str, model: str | None = None, ema: bool = True, device: str = "c
         ``sample``, ``reconstruct``, evaluation or further SVI.
     """
     from pyrovae import data as datasets
-    from pyrovae.config import TrainConfig, recipe_for, resolve
+    from pyrovae.config import TrainConfig, resolve
     from pyrovae.device import resolve_device
+    from pyrovae.recipes import recipe_for
     from pyrovae.runs import warn_config_edits
 
     ckpt = load_checkpoint(path)

@@ -163,7 +163,7 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pyrovae.config import MODELS
+    from pyrovae.recipes import MODELS
 
     parser = argparse.ArgumentParser(
         prog="pyrovae", description="VAEs and diffusion models as Pyro model/guide pairs trained by SVI."
@@ -246,8 +246,7 @@ def synopsis() -> str:
 
 def add_run_parsers(commands) -> None:
     """``pyrovae sample MODEL RUN`` and ``pyrovae evaluate MODEL RUN`` for every model."""
-    from pyrovae.config import MODELS
-    from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags
+    from pyrovae.recipes import MODELS
 
     sample = commands.add_parser("sample", help="draw samples from a trained run").add_subparsers(
         dest="model", required=True
@@ -256,7 +255,6 @@ def add_run_parsers(commands) -> None:
         dest="model", required=True
     )
     for model, entry in MODELS.items():
-        chain = any(f.name == "T" for f in dataclasses.fields(entry.config))
         p = sample.add_parser(
             model,
             help=f"samples of a trained {model}: all as .npy, at most a grid's worth as a PNG",
@@ -295,60 +293,10 @@ def add_run_parsers(commands) -> None:
             help="classifier-free guidance weight w >= 0 of a conditional chain or VDM: (1 + w) eps(x, y) - w eps(x) "
             "(w > 0: not samples of the model's p(x | y))",
         )
-        if chain:
-            p.add_argument(
-                "--steps", type=positive_int, default=None, help="respace the chain to K steps (default: all T)"
-            )
-        if chain or model == "vdm":
-            add_sampler_flags(p)
-        if model == "vdm":
-            from pyrovae.recipes.vdm import add_run_arguments as add_vdm_run_arguments
-
-            add_vdm_run_arguments(p, evaluate, add_load_args, DEBUG_FLAG)
-            add_evaluate_flags(evaluate.choices["vdm"], diffusion=True)
-            evaluate.choices["vdm"].add_argument(
-                "--steps",
-                type=positive_int,
-                default=None,
-                help="with --samples: sampler steps (default: the run's sample_steps)",
-            )
-        elif chain:
-            p = evaluate.add_parser(
-                model, help="the full-T bound (bits/dim for images) on the first N test examples", parents=[DEBUG_FLAG]
-            )
-            add_load_args(p, evaluate=True)
-            p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
-            p.add_argument(
-                "--steps",
-                type=positive_int,
-                default=None,
-                help="bound of the chain respaced to K steps (default: all T)",
-            )
-            p.add_argument(
-                "--chunk-size",
-                type=positive_int,
-                default=512,
-                help="(t, example) pairs per network call (default: 512)",
-            )
-            add_evaluate_flags(p, diffusion=True)
-        else:
-            p = evaluate.add_parser(
-                model, help=f"test ELBO (and IWAE-k log-likelihood) of a trained {model}", parents=[DEBUG_FLAG]
-            )
-            add_load_args(p, evaluate=True)
-            p.add_argument(
-                "--test-particles",
-                type=positive_int,
-                default=None,
-                help="particles for the test ELBO (default: the run's)",
-            )
-            p.add_argument(
-                "--iwae-k",
-                type=non_negative_int,
-                default=None,
-                help="IWAE-k estimate of log p(x) with k importance samples (default: the run's; 0 off)",
-            )
-            add_evaluate_flags(p, diffusion=False)
+        entry.recipe.add_sample_arguments(p)
+        p = evaluate.add_parser(model, help=entry.recipe.evaluate_help.format(model=model), parents=[DEBUG_FLAG])
+        add_load_args(p, evaluate=True)
+        entry.recipe.add_evaluate_arguments(p)
 
 
 def add_load_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -474,7 +422,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from pyrovae import plots
     from pyrovae.checkpoint import TMP_SUFFIX, checkpoint_path, load, load_checkpoint
-    from pyrovae.evaluate.commands import draw_function
+    from pyrovae.recipes import recipe_for
 
     folder = os.path.dirname(checkpoint_path(args.run))
     out = args.out or os.path.join(folder, f"samples-{args.seed}.png")
@@ -484,50 +432,16 @@ def run_sample(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(args.seed)
     # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
     ds = datasets.run_spec(load_checkpoint(args.run), cfg)
-    steps = getattr(args, "steps", None)
-    y, columns = sample_labels(args, cfg, ds, model)
-
-    def drawer(model):
-        """``(draw, title)`` for the diffusion models (``model`` conditioned on a chunk's labels, if any)."""
-        from pyrovae.recipes.diffusion import from_chain_space
-
-        if args.model == "vdm" and args.sampler == "ancestral":  # any number of steps, not a respaced chain
-            from pyrovae.recipes.vdm import sampler as vdm_sampler
-
-            return vdm_sampler(model, steps or cfg.sample_steps)
-        if args.model == "vdm":
-            return draw_function(model, steps or cfg.sample_steps, args, from_chain_space)
-        draw, title = draw_function(model, steps, args, from_chain_space if ds.is_image else (lambda x: x))
-        return draw, f"{title} of {model.T}"
-
-    if hasattr(model, "T") and args.model != "vdm":
-        if steps is not None and steps > model.T:
-            raise ValueError(f"--steps must be <= T = {model.T}, got {steps}")
-        steps = steps or model.T
-    if args.model in ("diffusion", "vdm"):
-        draw, title = drawer(model)
-    elif not hasattr(model, "sample"):  # M2 (--labelled) has no generative sampler yet
-        raise ValueError(
-            f"run {args.run!r} holds a {type(model).__name__}, which has no sample method: pyrovae sample cannot "
-            f"draw from it; evaluate it with pyrovae evaluate {args.model} {args.run}"
-        )
-    else:
-        draw, title = model.sample, f"samples, {cfg.model} on {ds.name}"
+    if not getattr(cfg, "conditional", False):
+        for flag, value in (("--label", args.label), ("--guidance", args.guidance)):
+            if value is not None:
+                raise ValueError(f"{flag} needs a run trained with --conditional; {args.run!r} is unconditional")
+    draw, title = recipe_for(cfg).sampler(model, cfg, ds, args)
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS
     n = args.n or grid
-    if y is not None:  # a conditional run: the labels decide n; the grid shows each row's first 8
-        from pyrovae.diffusion.denoisers import conditioned
-
-        n = grid = len(y)
-
-        def draw_y(y_chunk: torch.Tensor) -> torch.Tensor:
-            if args.model in ("diffusion", "vdm"):
-                return drawer(conditioned(model, y_chunk, args.guidance))[0](len(y_chunk))
-            return model.sample(len(y_chunk), y_chunk)
-
-        title += ", rows: classes" if columns < n else f", class {ds.classes[int(y[0])]}"
-        if args.guidance is not None:
-            title += f", w = {args.guidance:g}"
+    columns = getattr(draw, "columns", 8)
+    if getattr(draw, "labels", None) is not None:  # a conditional run: its labels decide n; each row's first 8 shown
+        n = grid = len(draw.labels)
     # Drawn into a temporary file beside it and renamed when complete: a failure or Ctrl-C
     # half-way leaves the previous samples there as they were, and no half-written file.
     folder = os.path.dirname(os.path.abspath(array_path))
@@ -540,8 +454,7 @@ def run_sample(args: argparse.Namespace) -> int:
         shown = []
         with torch.no_grad():
             for i in range(0, n, args.chunk_size):
-                size = min(args.chunk_size, n - i)
-                x = (draw(size) if y is None else draw_y(y[i : i + size])).float().cpu()
+                x = draw(min(args.chunk_size, n - i)).float().cpu()
                 array[i : i + len(x)] = x.numpy()
                 if i < grid:
                     shown.append(x[: grid - i])
@@ -553,11 +466,10 @@ def run_sample(args: argparse.Namespace) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
     shown = torch.cat(shown)
-    if y is not None and columns < n:
-        shown = shown.reshape(-1, columns, ds.x_dim)[:, :8].reshape(-1, ds.x_dim)
-        columns = min(columns, 8)
+    if columns > 8 and len(shown) % columns == 0:
+        shown, columns = shown.reshape(-1, columns, ds.x_dim)[:, :8].reshape(-1, ds.x_dim), 8
     if ds.is_image:
-        plots.save_image_grid(out, shown, ds.image_shape, min(columns or 8, len(shown)), title)
+        plots.save_image_grid(out, shown, ds.image_shape, min(columns, len(shown)), title)
     else:
         x_test = run_test_split(args.run, cfg)[:1000]
         plots.save_scatter(
@@ -570,37 +482,6 @@ def run_sample(args: argparse.Namespace) -> int:
     drawn = f"the first {len(shown)} of {n}" if len(shown) < n else "them"
     print(f"wrote {n} samples to {array_path} and drew {drawn} in {out}")
     return 0
-
-
-def sample_labels(args: argparse.Namespace, cfg, spec, model) -> tuple:
-    """``(y, columns)`` for ``pyrovae sample``: the labels to draw (``None``
-    for an unconditional run) and the samples per grid row; a clear error for
-    a ``--label`` or ``--guidance`` the run cannot take."""
-    import torch
-
-    if not getattr(cfg, "conditional", False):
-        for flag, value in (("--label", args.label), ("--guidance", args.guidance)):
-            if value is not None:
-                raise ValueError(f"{flag} needs a run trained with --conditional; {args.run!r} is unconditional")
-        return None, None
-    if args.guidance is not None and cfg.model not in ("diffusion", "vdm"):
-        raise ValueError(f"--guidance is classifier-free guidance of the chain and VDM; a {cfg.model} has none")
-    classes = spec.classes
-    k = len(classes)
-    device = next(model.parameters()).device
-    if args.label in (None, "all"):
-        per = args.n or 8
-        return torch.arange(k, device=device).repeat_interleave(per), per
-    if args.label in classes:
-        label = classes.index(args.label)
-    elif args.label.lstrip("-").isdigit() and 0 <= int(args.label) < k:
-        label = int(args.label)
-    else:
-        raise ValueError(
-            f"--label must be a class in [0, {k}) (or its name: {', '.join(classes)}) or all, got {args.label!r}"
-        )
-    n = args.n or GRID_IMAGES
-    return torch.full((n,), label, device=device), 8
 
 
 def check_sample_out(out: str, array_path: str, run_folder: str) -> None:
@@ -648,8 +529,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae.checkpoint import load, load_checkpoint
-    from pyrovae.config import recipe_for
-    from pyrovae.evaluate.commands import check_likelihood, diffusion_scores
+    from pyrovae.evaluate.commands import check_likelihood
+    from pyrovae.recipes import recipe_for
 
     check_likelihood(args, args.model)
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
@@ -662,31 +543,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         datasets.run_spec(load_checkpoint(args.run), cfg).check_matches(ds.spec, f"data {args.data!r}")
         x_test, y_test = ds.x_test, ds.y_test
     x_test = recipe.prepare_test(cfg, x_test.to(next(model.parameters()).device))
-    if hasattr(recipe, "with_labels"):  # M2: the test accuracy of q(y|x); a conditional run: the bound given y
-        x_test = recipe.with_labels(cfg, x_test, y_test)
-    if getattr(cfg, "conditional", False) and args.model in ("diffusion", "vdm"):
-        # the full bound of log p(x | y): the denoiser fixed at the first N test labels
-        from pyrovae.diffusion.denoisers import conditioned
-        from pyrovae.ssvae import unpack_labels
-
-        x_test, y_test = unpack_labels(x_test)
-        model = conditioned(model, y_test[: args.n])
-    if args.model == "vdm":
-        from pyrovae.recipes.vdm import run_evaluate as run_vdm_evaluate
-
-        result = run_vdm_evaluate(args, model, x_test)
-    elif hasattr(model, "T"):
-        from pyrovae.recipes.diffusion import evaluate_bound
-
-        result = evaluate_bound(model, x_test[: args.n], args.steps, args.chunk_size, args.run)
-    else:
-        overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k) is not None}
-        result = recipe.evaluate(dataclasses.replace(cfg, **overrides), model, x_test)
-    if args.model == "vdm" or hasattr(model, "T"):  # the ODE's bits/dim and sample scores, when asked for
-        steps = args.steps or (cfg.sample_steps if args.model == "vdm" else model.T)
-        result.update(
-            diffusion_scores(model, x_test[: args.n], steps, args, dataclasses.replace(cfg, data=args.data or cfg.data))
-        )
+    x_test = recipe.with_labels(cfg, x_test, y_test)  # M2: the test accuracy of q(y|x)
+    result = recipe.run_evaluate(args, model, cfg, x_test)
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))

@@ -3,9 +3,10 @@ owns that model's defaults.
 
 :class:`TrainConfig` holds what every run has (data, epochs, optimiser,
 schedule, EMA, precision, run control); each model subclasses it with its own
-fields and its own defaults (:class:`VAEConfig`, :class:`DiffusionConfig`).
-The registry :data:`MODELS` maps a model name to its config class and its
-recipe (:mod:`pyrovae.recipes`), so that ``pyrovae train NAME`` and
+fields and its own defaults, beside its recipe in :mod:`pyrovae.recipes`
+(``VAEConfig``, ``HVAEConfig``, ``DiffusionConfig``, ``VDMConfig``, also
+importable from here). The registry :data:`pyrovae.recipes.MODELS` maps a model
+name to its config class and its recipe, so that ``pyrovae train NAME`` and
 ``train(TrainConfig(model=NAME))`` build the same config::
 
     from pyrovae.config import DiffusionConfig, TrainConfig
@@ -13,15 +14,13 @@ recipe (:mod:`pyrovae.recipes`), so that ``pyrovae train NAME`` and
     TrainConfig(model="diffusion", T=100)      # the same config, by name
     TrainConfig(z_dim=3)                       # model="vae" is the default
 
-**Adding a model** is three steps: a dataclass ``XConfig(TrainConfig)`` here
-whose ``model`` field defaults to the name (``model: str = override("model",
-"x")``), its own fields declared with :func:`option`, and changed common
-defaults with :func:`override`; a recipe class in ``pyrovae/recipes/x.py``;
-one line in :data:`MODELS`. A default that depends on the data (images or
-low-dimensional points) is the string ``"auto"`` in the field and is resolved
-by the config's :meth:`TrainConfig.data_defaults`, which :func:`resolve` (the
-one place this happens, called by :func:`pyrovae.train.train` for Python and
-CLI runs alike) applies.
+This module imports no model: the registry is looked up when a config is
+built. Adding a model is described in :mod:`pyrovae.recipes`. A default that
+depends on the data (images or low-dimensional points) is the string
+``"auto"`` in the field and is resolved by the config's
+:meth:`TrainConfig.data_defaults`, which :func:`resolve` (the one place this
+happens, called by :func:`pyrovae.train.train` for Python and CLI runs alike)
+applies.
 
 **Field metadata** (``dataclasses.fields(cls)[i].metadata``), from which the
 command line is generated and :meth:`TrainConfig.check` validates:
@@ -30,8 +29,7 @@ command line is generated and :meth:`TrainConfig.check` validates:
     choices  the allowed values (a tuple of strings), where there is a fixed set
     ge, gt   inclusive / exclusive lower bound of a number
     le, lt   inclusive / exclusive upper bound of a number
-    check    a function that raises ``ValueError`` for a bad value of a text field
-             (``device``'s spelling, VDM's ``time``)
+    check    a function raising ``ValueError`` for a bad text value (``device``, ``time``)
     cli      False for a field that is no flag (``model``: the subcommand)
 
 The type annotation says the rest: ``int | None`` may be None (no flag value:
@@ -52,32 +50,13 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
 from pyrovae import data as datasets
 from pyrovae.device import check_device_name, resolve_device
-from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES
-from pyrovae.diffusion.gamma import SCHEDULES as GAMMA_SCHEDULES
-from pyrovae.diffusion.schedule import SCHEDULES
-from pyrovae.hvae import ENCODERS as HVAE_ENCODERS
-from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS
-from pyrovae.infer.elbos import ELBOS
-from pyrovae.infer.losses import OBJECTIVES
 from pyrovae.optim import LR_SCHEDULES, OPTIMIZERS
-from pyrovae.parts.encoders import GUIDES
-from pyrovae.parts.likelihoods import LIKELIHOODS
-from pyrovae.parts.priors import PRIORS
-from pyrovae.recipes.conditional import ConditionalRecipe
-from pyrovae.recipes.diffusion import NETS as DIFFUSION_NETS
-from pyrovae.recipes.diffusion import DiffusionRecipe
-from pyrovae.recipes.hvae import HVAERecipe
-from pyrovae.recipes.ssvae import SSVAERecipe
-from pyrovae.recipes.vae import VAERecipe
-from pyrovae.recipes.vdm import NETS as VDM_NETS
-from pyrovae.recipes.vdm import VDMRecipe, parse_time
-from pyrovae.vae import NETS as VAE_NETS
+from pyrovae.registry import lookup
 
 AUTO = "auto"
 PRECISIONS = ("fp32", "bf16")
@@ -120,7 +99,7 @@ def override(name: str, default, **changes):
 
 class _ByModel(type):
     """``TrainConfig(model="diffusion", ...)`` builds the config class that
-    :data:`MODELS` registers for that name (``VAEConfig`` without ``model``)."""
+    :data:`pyrovae.recipes.MODELS` registers for that name (``VAEConfig`` without ``model``)."""
 
     def __call__(cls, *args, **kwargs):
         if cls is TrainConfig:
@@ -244,6 +223,8 @@ class TrainConfig(metaclass=_ByModel):
     def check(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first bad field: choices and bounds
         from the fields' metadata, then the model recipe's own rules."""
+        from pyrovae.recipes import MODELS, recipe_for
+
         if type(self) is TrainConfig or MODELS.get(self.model, (None,))[0] is not type(self):
             raise ValueError(
                 f"model {self.model!r} does not match its config class {type(self).__name__}; build configs with TrainConfig(model=...) or one of {', '.join(c.__name__ for c, _ in MODELS.values())}"
@@ -291,7 +272,7 @@ def check_field(f: dataclasses.Field, value) -> None:
         meta["check"](value)
     if "choices" in meta and value not in meta["choices"]:
         what = meta["help"].split(";")[0].split(" (")[0]
-        raise ValueError(f"unknown {f.name} {value!r} ({what}); expected one of {', '.join(map(str, meta['choices']))}")
+        lookup(f.name, value, meta["choices"], note=what)
     if str(f.type).startswith("list") and not isinstance(value, list):
         raise ValueError(f"{f.name} must be a list, e.g. [{value!r}], got {value!r}")
     values = value if isinstance(value, list) else [value]
@@ -314,184 +295,25 @@ def check_field(f: dataclasses.Field, value) -> None:
                 raise ValueError(f"{f.name} must be {word} {meta[key]}, got {value!r}")
 
 
-@dataclass
-class VAEConfig(TrainConfig):
-    """``pyrovae train vae``: a VAE by SVI (the common fields' defaults as they are)."""
-
-    model: str = override("model", "vae")
-    binarize: str = option(
-        "dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE
-    )
-    z_dim: int = option(50, "latent size", ge=1)
-    hidden: list[int] = option([400], "hidden layer sizes of the encoder (the decoder mirrors them)", ge=1)
-    elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
-    kl_warmup: int = option(0, "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)", ge=0)
-    prior: str = option("normal", "prior p(z)", choices=PRIORS)
-    guide: str = option("diag", "encoder q(z|x)", choices=GUIDES)
-    likelihood: str = option("bernoulli", "p(x|z); only bernoulli binarises the data", choices=LIKELIHOODS)
-    net: str = option("mlp", "encoder/decoder networks (conv needs image data)", choices=VAE_NETS)
-    iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
-    labelled: int | None = option(
-        None,
-        "train the semi-supervised VAE (M2) with this many labels, balanced over the classes (seeded)",
-        ge=1,
-    )
-    aux_weight: float = option(46.0, "M2 (--labelled): weight alpha of the classification term alpha log q(y|x)", ge=0)
-    classes: int = option(10, "M2 (--labelled): the number of classes K, labels in [0, K)", ge=2)
-
-
-@dataclass
-class HVAEConfig(TrainConfig):
-    """``pyrovae train hvae``: a hierarchical VAE (L layers of latents) by SVI; by default the VAE with a
-    second latent layer on top, bottom-up, with a 50-epoch KL warm-up: the best shape and recipe measured
-    here (docs/hvae.md)"""
-
-    model: str = override("model", "hvae")
-    binarize: str = option(
-        "dynamic", "binarisation of pixel values for the Bernoulli likelihood", choices=datasets.BINARIZE
-    )
-    z_dims: list[int] = option([50, 20], "latent sizes z_1 (next to the data) .. z_L (the top)", ge=1)
-    hidden: list[int] = option(
-        [400, 200], "hidden width of each layer's networks (one per layer, or one for all)", ge=1
-    )
-    depth: int = option(1, "hidden layers of that width in each layer's networks", ge=1)
-    encoder: str = option(
-        "bottom-up",
-        "q(z|x): bottom-up (IWAE paper; Monte Carlo KL below the top) or top-down (Ladder VAE, every KL exact)",
-        choices=HVAE_ENCODERS,
-    )
-    elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
-    kl_warmup: int = option(
-        50,
-        "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up; the default 50 gave "
-        "+1.35 nats IWAE-1000 on MNIST-5k, docs/hvae.md)",
-        ge=0,
-    )
-    prior: str = option("normal", "prior p(z_L) of the top layer (vamp needs the top-down encoder)", choices=PRIORS)
-    likelihood: str = option("bernoulli", "p(x|z_1); only bernoulli binarises the data", choices=LIKELIHOODS)
-    iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
-
-
-@dataclass
-class _DiffusionTraining(TrainConfig):
-    """The optimiser settings the diffusion chain and VDM share: small batches, a
-    lower learning rate, EMA weights for evaluation and a one-draw-per-image
-    (unbiased) per-epoch test bound."""
-
-    epochs: int = override("epochs", 20)
-    batch_size: int = override("batch_size", 64)
-    lr: float = override("lr", 5e-4)
-    ema_decay: float | None = override("ema_decay", 0.995)
-    eval_every: int = override("eval_every", 5)
-    test_particles: int = override(
-        "test_particles", 1, help="draws of t per test example for the per-epoch (unbiased) test ELBO"
-    )
-    p_uncond: float = option(
-        0.1,
-        "--conditional: probability that a training label is dropped to the null class (classifier-free guidance)",
-        ge=0,
-        lt=1,
-    )
-
-
-@dataclass
-class DiffusionConfig(_DiffusionTraining):
-    """``pyrovae train diffusion``: a diffusion chain. Its defaults give
-    digit-like samples and about 2 bits/dim on mnist5k in minutes on 2 CPU
-    cores (docs/diffusion.md), with EMA weights for evaluation; ``objective``,
-    ``variance`` and ``net`` follow the data (:meth:`data_defaults`)."""
-
-    model: str = override("model", "diffusion")
-    T: int = option(1000, "number of diffusion steps", ge=1)
-    schedule: str = option("linear", "noise schedule beta_t", choices=SCHEDULES)
-    net: str = option(AUTO, "denoiser (auto: unet for images, mlp for 2-D data)", choices=DIFFUSION_NETS)
-    channels: int = option(16, "U-Net base channels", ge=1)
-    hidden: list[int] = option([256, 256, 256], "MLP denoiser widths", ge=1)
-    objective: str = option(
-        AUTO,
-        "elbo (the bound), simple (Ho et al.'s L_simple, not the ELBO) or hybrid (learned variances); auto: hybrid for images, elbo for 2-D data",
-        choices=(AUTO, *OBJECTIVES),
-    )
-    parameterization: str = option("eps", "what the denoiser predicts", choices=PARAMETERIZATIONS)
-    variance: str = option(
-        AUTO,
-        "sigma_t^2 of p_theta(x_{t-1}|x_t); auto: learned for images, beta_tilde for 2-D data",
-        choices=(AUTO, *VARIANCES),
-    )
-    time_sampler: str = option("uniform", "how t is drawn per example", choices=TIME_SAMPLERS)
-    sample_steps: int = option(50, "respaced steps for the samples figure", ge=1)
-
-    def data_defaults(self, kind: str) -> dict:
-        # improved DDPM's hybrid objective with learned variances is what gets
-        # images to ~2 bits/dim in minutes; the 2-D toys train best on the
-        # plain bound with fixed variances.
-        image = kind == "image"
-        return {
-            "objective": "hybrid" if image else "elbo",
-            "variance": "learned" if image else "beta_tilde",
-            "net": "unet" if image else "mlp",
-        }
-
-
-@dataclass
-class VDMConfig(_DiffusionTraining):
-    """``pyrovae train vdm``: a variational diffusion model, continuous time with a
-    learned noise schedule (see docs/vdm), for 8-bit images, with the diffusion
-    chain's optimiser settings and EMA weights for evaluation; 28 epochs, about
-    10 CPU minutes on mnist5k, where it reaches 1.78 bits/dim (docs/vdm.md)."""
-
-    model: str = override("model", "vdm")
-    epochs: int = override(
-        "epochs",
-        28,
-        help="passes over the training set (28: the 10 minutes of one CPU thread on mnist5k that docs/vdm.md measures)",
-    )
-    schedule: str = option(
-        "learned-linear",
-        "noise schedule gamma(t): fixed linear, linear with learned end points, or VDM's monotone network",
-        choices=GAMMA_SCHEDULES,
-    )
-    time: str = option(
-        "continuous",
-        "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)",
-        check=parse_time,
-    )
-    fourier: bool = option(False, "Fourier features sin, cos(2^n 2 pi z_t), n = 6, 7, as extra denoiser inputs")
-    minimise_variance: bool = option(
-        False, "train the schedule's interior to minimise the bound estimate's variance (learned-net, continuous time)"
-    )
-    net: str = option("unet", "denoiser", choices=VDM_NETS)
-    channels: int = option(16, "U-Net base channels", ge=1)
-    hidden: list[int] = option([256, 256, 256], "MLP denoiser widths", ge=1)
-    sample_steps: int = option(100, "ancestral steps for the samples figure", ge=1)
-
-
-class Model(NamedTuple):
-    config: type
-    recipe: object
-
-
-MODELS = {
-    "vae": Model(VAEConfig, VAERecipe()),
-    "hvae": Model(HVAEConfig, HVAERecipe()),
-    "diffusion": Model(DiffusionConfig, DiffusionRecipe()),
-    "vdm": Model(VDMConfig, VDMRecipe()),
-}
-
-
-def recipe_for(cfg: TrainConfig):
-    """The recipe that trains ``cfg``: its model's, or M2's for a VAE given ``labelled``."""
-    if getattr(cfg, "labelled", None) is not None:
-        return SSVAERecipe()
-    if getattr(cfg, "conditional", False):
-        return ConditionalRecipe(MODELS[cfg.model].recipe)
-    return MODELS[cfg.model].recipe
-
-
 def config_class(model: str) -> type:
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
-    return MODELS[model].config
+    """The config class :data:`pyrovae.recipes.MODELS` registers for ``model``."""
+    from pyrovae.recipes import MODELS
+
+    return lookup("model", model, MODELS).config
+
+
+_MOVED = ("VAEConfig", "HVAEConfig", "DiffusionConfig", "VDMConfig", "MODELS", "Model", "recipe_for")
+
+
+def __getattr__(name: str):
+    """The model configs, the registry and :func:`~pyrovae.recipes.recipe_for`,
+    which live with the recipes (:mod:`pyrovae.recipes`), under their old names
+    here; imported on first use, so that importing this module imports no model."""
+    if name in _MOVED:
+        import pyrovae.recipes
+
+        return getattr(pyrovae.recipes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 DATA_KINDS = ("image", "points")
@@ -509,8 +331,7 @@ def resolve(cfg: TrainConfig, kind: str | None = None) -> TrainConfig:
     :meth:`TrainConfig.data_defaults`); fields given explicitly are kept. The
     one place where data-dependent defaults are decided."""
     kind = kind or data_kind(cfg.data)
-    if kind not in DATA_KINDS:
-        raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(DATA_KINDS)}")
+    lookup("data kind", kind, DATA_KINDS)
     chosen = {k: v for k, v in cfg.data_defaults(kind).items() if getattr(cfg, k) == AUTO}
     return dataclasses.replace(cfg, **chosen) if chosen else cfg
 
@@ -567,6 +388,8 @@ def convert_legacy(values: dict) -> dict:
     """A saved config dict in the current format: an old flat config (it holds
     fields of both models) loses the other model's fields, and the old VAE's
     ``net="auto"`` (which meant the MLP) becomes ``"mlp"``."""
+    from pyrovae.recipes import MODELS
+
     model = values.get("model", "vae")
     if model not in MODELS:
         return values

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from pyrovae.registry import lookup
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def check_device_name(name: str) -> str:
     """``name`` if it spells a device (``auto``, ``cpu``, ``cuda``, ``cuda:N``), else a ``ValueError``;
     whether that device is there is :func:`resolve_device`'s to say."""
-    if not isinstance(name, str) or not (name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise ValueError(f"unknown device {name!r}; expected one of {', '.join(DEVICES)} (or cuda:N)")
-    return name
+    if isinstance(name, str) and name.startswith("cuda:") and name[5:].isdigit():
+        return name
+    return lookup("device", name, DEVICES, "cuda:N")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -23,6 +25,5 @@ def resolve_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} requested but torch sees no CUDA GPU; use --device cpu or auto")
         return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"unknown device {name!r}; expected one of {', '.join(DEVICES)} (or cuda:N)")
+    check_device_name(name)
+    return torch.device("cpu")  # the one name left

@@ -67,8 +67,9 @@ class PyroLightningModule(lightning.LightningModule):
     def from_config(cls, cfg, data) -> PyroLightningModule:
         """The model, objective, batch preparation and learning rate that
         ``pyrovae train`` would use for ``cfg`` on ``data`` (a Dataset or DataSpec)."""
-        from pyrovae.config import MODELS, resolve
+        from pyrovae.config import resolve
         from pyrovae.optim import OPTIMIZERS
+        from pyrovae.recipes import MODELS
 
         cfg = resolve(cfg.check())
         recipe = MODELS[cfg.model].recipe

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pyrovae.registry import lookup
+
 ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -31,8 +33,7 @@ class MLP(nn.Sequential):
     """``in_dim -> hidden[0] -> ... -> out_dim`` with an activation between layers."""
 
     def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "softplus"):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        lookup("activation", activation, ACTIVATIONS)
         dims = [in_dim, *hidden, out_dim]
         for name, d in zip(("in_dim", *["hidden"] * len(hidden), "out_dim"), dims):
             if int(d) < 1:
@@ -69,8 +70,7 @@ def _conv_feature_sizes(image_shape: Sequence[int], channels: Sequence[int], act
     convolutions over ``image_shape``; a clear error for a shape they cannot take."""
     if len(image_shape) != 3:
         raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    lookup("activation", activation, ACTIVATIONS)
     c, h, w = image_shape
     hs, ws = _conv_sizes(h, len(channels)), _conv_sizes(w, len(channels))
     if min(hs[-1], ws[-1]) < 1:

@@ -17,6 +17,8 @@ import torch
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam
 
+from pyrovae.registry import lookup
+
 # Pyro's ClippedAdam is a torch optimiser too (one instance over all parameters);
 # it clamps each gradient entry to [-10, 10] before its Adam update.
 OPTIMIZERS = {"adam": torch.optim.Adam, "clippedadam": ClippedAdam}
@@ -48,10 +50,9 @@ def _fused_devices() -> tuple:
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     """One ``OPTIMIZERS[name]`` over all of ``params``, in its fastest form (:func:`fast_adam_args`)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    optimizer = lookup("optimizer", name, OPTIMIZERS)
     params = list(params)
-    return OPTIMIZERS[name](params, lr=lr, **fast_adam_args(params, OPTIMIZERS[name]))
+    return optimizer(params, lr=lr, **fast_adam_args(params, optimizer))
 
 
 def lr_factor(
@@ -72,8 +73,7 @@ def lr_factor(
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` stepped once per optimiser step with :func:`lr_factor` of the config's schedule."""
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
+    lookup("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(k, steps_per_epoch, cfg.epochs, cfg.lr_schedule, cfg.warmup_steps, cfg.lr_gamma)
     )

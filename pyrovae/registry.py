@@ -10,17 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 
-def lookup(kind: str, name, registry, alternative: str = ""):
-    """``registry[name]``, or a ``ValueError`` ``"unknown {kind} {name!r};
-    expected one of ..."`` listing the registry's names (and ``alternative``,
-    e.g. ``"an nn.Module"``, when something else is accepted too).
+def lookup(kind: str, name, registry, alternative: str = "", note: str = ""):
+    """``registry[name]``, or a ``ValueError`` ``"unknown {kind} {name!r}
+    ({note}); expected one of ..."`` listing the registry's names (and
+    ``alternative``, e.g. ``"an nn.Module"``, when something else is accepted
+    too); the ``({note})``, what the name is for, only when given.
 
     :param registry: a mapping (its value is returned) or a sequence of the
         allowed names (``name`` itself is returned).
     """
     if name not in registry:
         expected = ", ".join(map(str, registry))
-        raise ValueError(
-            f"unknown {kind} {name!r}; expected one of {expected}{' or ' + alternative if alternative else ''}"
-        )
+        what = f" ({note})" if note else ""
+        also = f" or {alternative}" if alternative else ""
+        raise ValueError(f"unknown {kind} {name!r}{what}; expected one of {expected}{also}")
     return registry[name] if isinstance(registry, Mapping) else name

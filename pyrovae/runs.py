@@ -22,7 +22,7 @@ A *run folder* holds one run's files (:data:`RUN_FILES` and the figures).
    the folder again.
 
 ``config.json`` is a record of the run's settings, not an input: the
-checkpoint holds the settings a run uses. :func:`write_config` says so in the
+checkpoint holds the settings a run uses. :func:`config_text` says so in the
 file (its ``"_note"``), and :func:`config_edits` names a hand edit, so that
 ``--resume``, ``sample`` and ``evaluate`` never ignore one silently, and a
 resume keeps the edited file (as ``config-edited.json``) instead of
@@ -102,7 +102,8 @@ def config_text(cfg) -> str:
 def config_edits(folder: str, saved: dict) -> str | None:
     """What a hand edit changed in ``folder/config.json`` against ``saved`` (the
     checkpoint's config), as ``"lr: config.json 0.5, the run's checkpoint 0.001"``
-    items; ``None`` when they agree or there is no config.json."""
+    items; ``None`` when they agree or there is no config.json. Only the fields
+    config.json holds are compared: one written before a field existed lacks it."""
     from pyrovae.config import TrainConfig, convert_legacy
 
     path = os.path.join(folder, CONFIG)
@@ -121,8 +122,8 @@ def config_edits(folder: str, saved: dict) -> str | None:
     missing = object()
     differ = [
         f"{name}: config.json {recorded.get(name, missing)!r}, the run's checkpoint {used.get(name, missing)!r}"
-        for name in sorted(set(recorded) | set(used))
-        if recorded.get(name, missing) != used.get(name, missing)
+        for name in sorted(recorded)
+        if recorded[name] != used.get(name, missing)
     ]
     return "; ".join(differ).replace(repr(missing), "(absent)") or None
 

@@ -47,11 +47,12 @@ from pyrovae import checkpoint, distributed, params, plots, runs
 from pyrovae import data as datasets
 from pyrovae.checkpoint import atomic_torch_save, atomic_write_bytes
 from pyrovae.compiled import compile_loss
-from pyrovae.config import MODELS, RESUMABLE_FIELDS, TrainConfig, recipe_for, resolve
+from pyrovae.config import RESUMABLE_FIELDS, TrainConfig, resolve
 from pyrovae.device import resolve_device
 from pyrovae.early_stopping import EarlyStopping, held_out_size
 from pyrovae.infer.bound import metric_unit
 from pyrovae.optim import OPTIMIZERS, make_optimizer, make_scheduler  # noqa: F401 (OPTIMIZERS: pyrovae.lightning)
+from pyrovae.recipes import MODELS, recipe_for
 
 RECIPES = {name: m.recipe for name, m in MODELS.items()}
 __all__ = ["TrainConfig", "TrainResult", "LossModule", "train", "train_step", "make_averaged_model"]
@@ -342,7 +343,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     The config's ``"auto"`` fields are resolved for the data first
     (:func:`pyrovae.config.resolve`): ``TrainResult.config`` and ``config.json``
     hold the values used. The loop is the same for every model: a *recipe*
-    (``MODELS[cfg.model].recipe``) says how to build the model/guide pair and
+    (``pyrovae.recipes.MODELS[cfg.model].recipe``) says how to build the model/guide pair and
     its objective, how to prepare a batch, what to evaluate and which figures
     to draw.
     """
@@ -402,22 +403,19 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     log(f"pyrovae train {cfg.model}, writing to {out}\n{cfg.to_json()}")
 
     ds = datasets.load_from_config(cfg).subset(cfg.train_size, cfg.test_size).to(device)
-    if hasattr(recipe, "check_data"):
-        # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
-        recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
+    # Rows kept on disk are not all read up front: their (same-source) test split stands for them.
+    recipe.check_data(cfg, ds.x_test if ds.lazy else ds.x_train)
     x_test = recipe.prepare_test(cfg, ds.x_test)
     early = None
     n_held_out = held_out_size(cfg, len(ds.x_train))
     if n_held_out is not None:
         ds, x_held_out, y_held_out = ds.hold_out(n_held_out, cfg.seed)
         x_held_out = recipe.prepare_test(cfg, x_held_out.to(device))
-        if hasattr(recipe, "with_labels"):  # M2: its held-out bound and accuracy take x with its labels
-            x_held_out = recipe.with_labels(cfg, x_held_out, y_held_out)
+        # M2: its held-out bound and accuracy take x with its labels
+        x_held_out = recipe.with_labels(cfg, x_held_out, y_held_out)
         early = EarlyStopping(cfg.early_stopping, x_held_out, cfg.seed, warmup=getattr(cfg, "kl_warmup", 0))
-    if hasattr(recipe, "prepare_data"):  # M2: the labels it keeps (none of them held out)
-        ds = recipe.prepare_data(cfg, ds)
-    if hasattr(recipe, "with_labels"):
-        x_test = recipe.with_labels(cfg, x_test, ds.y_test)
+    ds = recipe.prepare_data(cfg, ds)  # M2: the labels it keeps (none of them held out)
+    x_test = recipe.with_labels(cfg, x_test, ds.y_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
     model = recipe.build(cfg, ds).to(device)
     objective = recipe.objective(cfg)
@@ -476,16 +474,14 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
     run.catch_interrupts()
     for epoch in epochs:
         t0 = time.perf_counter()
-        if hasattr(recipe, "on_epoch_start"):
-            recipe.on_epoch_start(cfg, epoch, objective)
+        recipe.on_epoch_start(cfg, epoch, objective)
         sampler.set_epoch(epoch)
         model.train()
         total, norms, done = 0.0, 0.0, 0
         steps = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet or None)
         for xb, yb in steps:
             batch = recipe.prepare_batch(cfg, xb.to(device))  # lazy rows arrive on the CPU
-            if hasattr(recipe, "with_labels"):
-                batch = recipe.with_labels(cfg, batch, yb)
+            batch = recipe.with_labels(cfg, batch, yb)
             try:
                 loss, norm = train_step(loss_fn, parameters, optimizer, batch, cfg.grad_clip, cfg.precision)
             except NonFiniteLossError as err:

@@ -1,13 +1,13 @@
-"""Parameters belong to their modules: any number of models of every class live
-in one session, and stock ``SVI`` + ``pyro.optim.Adam`` trains each one's own
-tensors (:mod:`pyrovae.params`). Before the HVAE registered through
-:func:`pyrovae.params.module`, a second HVAE in a session stepped the first
-one's tensors and its own loss stayed flat."""
+"""Parameters belong to their modules: any number of models of every class (the
+VAE, the HVAE, M2, the diffusion chain, VDM) live in one session, and stock
+``SVI`` + ``pyro.optim.Adam`` trains each one's own tensors (:mod:`pyrovae.params`).
+Before the HVAE registered through :func:`pyrovae.params.module`, a second HVAE
+in a session stepped the first one's tensors and its own loss stayed flat."""
 
 import pyro
 import pytest
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 
 from pyrovae import data as datasets
 from pyrovae.diffusion.chain import DiffusionChain
@@ -17,6 +17,7 @@ from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.diffusion.vdm import VDM
 from pyrovae.hvae import build_hvae
 from pyrovae.infer.vdm_elbo import VDMELBO
+from pyrovae.ssvae import SSVAE
 from pyrovae.vae import build_vae
 
 
@@ -31,9 +32,11 @@ def eight_bit(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
-# name -> (a new model, its data, its objective). Each model with a Pyro model/guide
-# pair over its latents is trained with stock Trace_ELBO; the continuous-time VDM
-# has no per-site pair (its latent is a continuum), so with its own VDMELBO.
+# name -> (a new model, its data (the arguments of model and guide), its objective).
+# Each model with a Pyro model/guide pair over its latents is trained with stock
+# Trace_ELBO, M2 on unlabelled data with stock TraceEnum_ELBO (it sums its class y,
+# so the classifier is trained too); the continuous-time VDM has no per-site pair (its
+# latent is a continuum), so with its own VDMELBO.
 MODELS = {
     "vae": (lambda: build_vae(20, 2, (16,)), two_patterns, lambda: Trace_ELBO()),
     "hvae": (lambda: build_hvae(20, (4, 2), (16,)), two_patterns, lambda: Trace_ELBO()),
@@ -43,6 +46,7 @@ MODELS = {
         lambda: datasets.make_moons(64, seed=3)[0],
         lambda: Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1),
     ),
+    "m2": (lambda: SSVAE(20, 2, z_dim=2, hidden=(16,)), two_patterns, lambda: TraceEnum_ELBO(max_plate_nesting=1)),
     "vdm": (
         lambda: VDM(TimeMLP(4, (16,)), LinearGamma(), 4),
         lambda: eight_bit(torch.randn(64, 4, generator=torch.Generator().manual_seed(2)) * 0.2 + 0.3),

@@ -494,6 +494,15 @@ def test_a_hand_edit_naming_an_unknown_field_is_named(tmp_path, capsys):
     assert code == 0 and "learning_rate: config.json 0.5, the run's checkpoint (absent)" in err
 
 
+def test_a_config_json_written_before_a_field_existed_is_not_an_edit(tmp_path, capsys):
+    out = trained(tmp_path)
+    values = json.loads((out / "config.json").read_text())
+    del values["test_particles"], values["_note"]  # as an older pyrovae wrote it
+    (out / "config.json").write_text(json.dumps(values))
+    code, _, err = run_cli(["train", "vae", "--resume", out, "--epochs", "2"], capsys)
+    assert code == 0 and "config.json" not in err and not (out / "config-edited.json").exists()
+
+
 def test_a_folder_left_with_a_run_s_figures_only_is_refused_naming_them(tmp_path, capsys):
     out = trained(tmp_path)
     for name in ("checkpoint.pt", "config.json", "metrics.csv", "model.pt", "test-split.pt"):
@@ -656,6 +665,10 @@ RUN_FLAGS = [
     (["evaluate", "vdm", "r", "--n"], "1", "0"),
     (["evaluate", "vdm", "r", "--replicates"], "1", "0"),
     (["evaluate", "vdm", "r", "--draws"], "1", "0"),
+    (["evaluate", "diffusion", "r", "--samples"], "2", "1"),
+    (["evaluate", "vdm", "r", "--samples"], "0", "-1"),
+    (["sample", "diffusion", "r", "--eta"], "1", "1.5"),
+    (["sample", "vdm", "r", "--eta"], "0", "-0.1"),
     (["bench", "--repeats"], "1", "0"),
     (["bench", "--threads"], "1", "0"),
     (["bench", "--seed"], "0", "-1"),

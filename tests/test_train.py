@@ -220,12 +220,14 @@ def test_averaged_model_follows_the_ema_recursion_and_leaves_the_model_alone():
 
 def test_evaluation_uses_the_ema_weights(tmp_path, monkeypatch):
     seen = []
-    recipe = training.RECIPES["vae"]
+    # Patch the class: undoing a patch of the instance would leave the old bound
+    # method in its __dict__, hiding later patches of the class (test_reliability's).
+    recipe = type(training.RECIPES["vae"])
     evaluate = recipe.evaluate
 
-    def spy(cfg, model, x_test):
+    def spy(self, cfg, model, x_test):
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
-        return evaluate(cfg, model, x_test)
+        return evaluate(self, cfg, model, x_test)
 
     monkeypatch.setattr(recipe, "evaluate", spy)
     result = training.train(tiny_config(tmp_path, ema_decay=0.5))

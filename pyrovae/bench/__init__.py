@@ -88,6 +88,7 @@ from pyrovae.bench.report import (
 )
 from pyrovae.checks import check_positive
 from pyrovae.device import resolve_device
+from pyrovae.registry import lookup
 
 __all__ = [
     "CASES",
@@ -154,8 +155,7 @@ def run(
         default: whatever torch has.
     """
     for name in workloads:
-        if name not in CASES:
-            raise ValueError(f"unknown workload {name!r}; expected one of {', '.join(CASES)}")
+        lookup("workload", name, CASES)
     for name, value in (("repeats", repeats), ("threads", threads)):
         if value is not None:
             check_positive(value, name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pyrovae.registry import lookup
+
 BINARIZE = ("dynamic", "threshold", "none")
 _TEST_BINARIZE_SEED = 1234
 
@@ -14,13 +16,12 @@ def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None = Non
     ``dynamic``: x_bin ~ Bernoulli(x), a fresh draw per call (per epoch for
     training data); ``threshold``: x > 0.5; ``none``: x unchanged.
     """
+    lookup("binarize mode", mode, BINARIZE)
     if mode == "dynamic":
         return torch.bernoulli(x, generator=generator)
     if mode == "threshold":
         return (x > 0.5).to(x.dtype)
-    if mode == "none":
-        return x
-    raise ValueError(f"unknown binarize mode {mode!r}; expected one of {', '.join(BINARIZE)}")
+    return x
 
 
 def binarize_test(x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -54,6 +54,7 @@ from pyrovae.nets import first_parameter
 from pyrovae.parts.kl import normal_kl
 from pyrovae.parts.likelihoods import LIKELIHOODS, MODEL_SCALE
 from pyrovae.parts.priors import StandardNormal, StandardNormalPrior
+from pyrovae.registry import lookup
 
 PARAMETERIZATIONS = ("eps", "x0", "mean")
 VARIANCES = ("beta_tilde", "beta", "learned")
@@ -173,8 +174,7 @@ class DiffusionChain(DiffusionModel):
             ("parameterization", parameterization, PARAMETERIZATIONS),
             ("variance", variance, VARIANCES),
         ):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+            lookup(name, value, allowed)
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if x_dim < 1:

@@ -58,6 +58,7 @@ import torch
 from pyrovae.diffusion.chain import DiffusionChain
 from pyrovae.diffusion.denoisers import conditioned
 from pyrovae.diffusion.vdm import VDM
+from pyrovae.registry import lookup
 
 SAMPLERS = ("ancestral", "ddim", "dpm-solver++")
 SPACINGS = ("time", "logsnr")
@@ -66,9 +67,11 @@ DEFAULT_SPACING = {"ancestral": "time", "ddim": "time", "dpm-solver++": "logsnr"
 
 class ChainView:
     """A :class:`DiffusionChain` seen by the samplers and the ODE (see the module
-    docstring). Relies on the chain's ``T``, ``x_dim``, ``parameterization``,
-    ``net``, ``schedule.alphas_cumprod``, ``schedule.respace(steps).timesteps``,
-    ``tables(dtype)["tau"]``, ``model_output``, ``p_mean_variance`` and ``sample``."""
+    docstring). Relies on the chain's ``T``, ``x_dim``, ``predict_eps`` and
+    ``sample`` (the shared interface, :mod:`pyrovae.diffusion.base`), its
+    ``schedule.alphas_cumprod`` and ``schedule.respace(steps).timesteps``, and
+    between integer times (the ODE) on ``parameterization``, ``net`` and
+    ``tables(dtype)["tau"]``."""
 
     def __init__(self, chain: DiffusionChain):
         self.model, self.x_dim = chain, chain.x_dim
@@ -119,30 +122,24 @@ class ChainView:
         continuous limit), which needs an eps or x0 parameterisation."""
         chain = self.model
         if float(t).is_integer() and t >= 1:
-            t = int(t)
-            if chain.parameterization == "eps":
-                return chain.model_output(x_t, t)[0]
-            x0_hat = chain.p_mean_variance(x_t, t)["x0_hat"]
-        else:
-            if chain.parameterization == "mean":
-                raise ValueError(
-                    "a chain with parameterization 'mean' predicts its own steps' means only; "
-                    f"eps between steps (t = {t}) needs parameterization 'eps' or 'x0'"
-                )
-            # the time the network is told, linear between the steps' (read in x_t's dtype, as model_output does)
-            tau_table = chain.tables(x_t.dtype)["tau"]
-            tau = float(tau_table[0])
-            if chain.T > 1:
-                k = min(max(math.ceil(t), 2), chain.T)
-                lo, hi = float(tau_table[k - 2]), float(tau_table[k - 1])
-                tau = lo + (hi - lo) * (t - (k - 1))
-            out = chain.net(x_t, torch.full(x_t.shape[:-1], tau, dtype=x_t.dtype, device=x_t.device))
-            pred = out[..., : self.x_dim]
-            if chain.parameterization == "eps":
-                return pred
-            x0_hat = pred
+            return chain.predict_eps(x_t, int(t))
+        if chain.parameterization == "mean":
+            raise ValueError(
+                "a chain with parameterization 'mean' predicts its own steps' means only; "
+                f"eps between steps (t = {t}) needs parameterization 'eps' or 'x0'"
+            )
+        # the time the network is told, linear between the steps' (read in x_t's dtype, as model_output does)
+        tau_table = chain.tables(x_t.dtype)["tau"]
+        tau = float(tau_table[0])
+        if chain.T > 1:
+            k = min(max(math.ceil(t), 2), chain.T)
+            lo, hi = float(tau_table[k - 2]), float(tau_table[k - 1])
+            tau = lo + (hi - lo) * (t - (k - 1))
+        pred = chain.net(x_t, torch.full(x_t.shape[:-1], tau, dtype=x_t.dtype, device=x_t.device))[..., : self.x_dim]
+        if chain.parameterization == "eps":
+            return pred
         alpha, sigma = alpha_sigma(self, t)
-        return (x_t - alpha * x0_hat) / sigma
+        return (x_t - alpha * pred) / sigma  # pred is x0_hat
 
     def ancestral(self, n: int, steps: int, clip_x0: bool) -> torch.Tensor:
         return self.model.sample(n, steps=steps, clip_x0=clip_x0)
@@ -150,8 +147,9 @@ class ChainView:
 
 class VDMView:
     """A :class:`VDM` seen by the samplers and the ODE (see the module docstring).
-    Relies on the model's ``x_dim``, ``gamma`` (with ``gamma_min``),
-    ``eps_hat(z_t, gamma_t)`` and ``sample``."""
+    Relies on the model's ``x_dim``, ``predict_eps``, ``reference`` and
+    ``sample`` (the shared interface, :mod:`pyrovae.diffusion.base`) and its
+    ``gamma`` schedule."""
 
     time_range = (0.0, 1.0)
 
@@ -160,7 +158,7 @@ class VDMView:
 
     @property
     def ref(self) -> torch.Tensor:
-        return self.model.gamma.gamma_min
+        return self.model.reference()
 
     def check_steps(self, steps) -> int:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -196,8 +194,7 @@ class VDMView:
         return float((lo + hi) / 2)
 
     def eps(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        gamma_t = self.model.gamma(torch.as_tensor(float(t), dtype=self.ref.dtype, device=self.ref.device))
-        return self.model.eps_hat(x_t, gamma_t.to(x_t.dtype))
+        return self.model.predict_eps(x_t, float(t))
 
     def ancestral(self, n: int, steps: int, clip_x0: bool) -> torch.Tensor:
         if clip_x0:
@@ -253,10 +250,9 @@ def half_log_snr(alpha: float, sigma: float) -> float:
 
 
 def _check_args(sampler: str, eta: float, spacing: str | None) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    lookup("sampler", sampler, SAMPLERS)
+    if spacing is not None:
+        lookup("spacing", spacing, SPACINGS)
     if sampler == "ancestral" and spacing not in (None, "time"):
         raise ValueError(f"the ancestral sampler walks its model's own grid (spacing 'time'), got spacing={spacing!r}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:

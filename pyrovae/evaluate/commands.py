@@ -27,6 +27,17 @@ def _eta(text: str) -> float:
     return value
 
 
+def _samples(text: str) -> int:
+    """``--samples``: 0 (off) or enough samples for a score; a usage error (exit 2) otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value == 1 or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or an integer >= 2 (a score needs two), got {text}")
+    return value
+
+
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """``--sampler``, ``--eta``, ``--spacing``, ``--clip-x0`` (``--steps`` is each model's own)."""
     p.add_argument(
@@ -68,7 +79,7 @@ def add_evaluate_flags(p: argparse.ArgumentParser, diffusion: bool) -> None:
     )
     p.add_argument(
         "--samples",
-        type=int,
+        type=_samples,
         default=0,
         metavar="N",
         help="score N samples against the test split in the judge's features (FD, KID; 0 off) (default: 0)",

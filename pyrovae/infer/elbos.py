@@ -5,6 +5,7 @@ from __future__ import annotations
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
+from pyrovae.registry import lookup
 
 ELBOS = {
     "analytic": TraceAnalyticKL_ELBO,
@@ -16,6 +17,4 @@ ELBOS = {
 def make_elbo(name: str, **kwargs) -> ELBO:
     """An ELBO instance by name; ``kwargs`` (``num_particles``,
     ``vectorize_particles``, ...) go to its constructor."""
-    if name not in ELBOS:
-        raise ValueError(f"unknown elbo {name!r}; expected one of {', '.join(ELBOS)}")
-    return ELBOS[name](**kwargs)
+    return lookup("elbo", name, ELBOS)(**kwargs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pyrovae.infer.bound import bits_per_dim
 from pyrovae.infer.diffusion_elbo import ChainObjective, DiffusionELBO
+from pyrovae.registry import lookup
 
 OBJECTIVES = ("elbo", "simple", "hybrid")
 """The diffusion objectives by name (``--objective``): the bound and the two losses."""
@@ -86,6 +87,7 @@ class HybridLoss(SimpleLoss):
 def make_objective(name: str, num_particles: int = 1, time_sampler="uniform"):
     """The diffusion objective ``name`` (in :data:`OBJECTIVES`): the bound,
     :class:`DiffusionELBO`, or one of the losses here."""
+    lookup("objective", name, OBJECTIVES)
     if name == "elbo":
         return DiffusionELBO(num_particles, time_sampler)
     if name == "hybrid":
@@ -93,5 +95,4 @@ def make_objective(name: str, num_particles: int = 1, time_sampler="uniform"):
     if name == "simple":
         if getattr(time_sampler, "name", time_sampler) != "uniform":
             raise ValueError("time_sampler 'importance' weights the bound's terms; objective 'simple' has none")
-        return SimpleLoss(num_particles)
-    raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
+    return SimpleLoss(num_particles)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, logsigmoid, softplus
 
 from pyrovae.parts.encoders import MIN_SCALE
+from pyrovae.registry import lookup
 
 
 class _LogitsLikelihood(nn.Module):
@@ -143,8 +144,7 @@ class Discretised(dist.TorchDistribution):
         data_range: tuple = (0.0, 1.0),
         validate_args=None,
     ):
-        if cdf not in self.CDFS:
-            raise ValueError(f"unknown cdf {cdf!r}; expected one of {', '.join(self.CDFS)}")
+        lookup("cdf", cdf, self.CDFS)
         lo, hi = (float(v) for v in data_range)
         if not hi > lo:
             raise ValueError(f"data_range must be (low, high) with high > low, got {tuple(data_range)}")

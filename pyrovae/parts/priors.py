@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyrovae.parts.encoders import MIN_SCALE
+from pyrovae.registry import lookup
 
 
 class StandardNormal(dist.Normal):
@@ -195,8 +196,7 @@ class FlowPrior(nn.Module):
             raise ValueError(f"z_dim must be >= 1, got {z_dim}")
         if num_flows < 1:
             raise ValueError(f"num_flows must be >= 1, got {num_flows}")
-        if flow not in FLOWS:
-            raise ValueError(f"unknown flow {flow!r}; expected one of {', '.join(FLOWS)}")
+        lookup("flow", flow, FLOWS)
         if flow == "spline_coupling" and z_dim < 2:
             raise ValueError(f"spline_coupling needs z_dim >= 2, got {z_dim}")
         self.z_dim, self.flow = z_dim, flow

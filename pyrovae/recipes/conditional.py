@@ -114,6 +114,41 @@ class ConditionalRecipe:
     def with_labels(self, cfg, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pack_labels(x, y.to(x.device))
 
+    def sampler(self, model, cfg, ds, args) -> tuple:
+        """``(draw, title)`` for ``pyrovae sample``: a :class:`LabelledDraw` over
+        the labels ``--label`` asks for; the chain and VDM through their own
+        sampler flags, their denoiser fixed at each chunk's labels (and guided
+        with ``--guidance``)."""
+        from pyrovae.diffusion.denoisers import conditioned
+
+        y, columns = sample_labels(args, cfg, ds, next(model.parameters()).device)
+        if cfg.model in DIFFUSION_MODELS:
+            title = self.base.sampler(conditioned(model, y[:1], args.guidance), cfg, ds, args)[1]
+
+            def draw_y(y_chunk):
+                return self.base.sampler(conditioned(model, y_chunk, args.guidance), cfg, ds, args)[0](len(y_chunk))
+        else:
+            title = f"samples, {cfg.model} on {ds.name}"
+
+            def draw_y(y_chunk):
+                return model.sample(len(y_chunk), y_chunk)
+
+        title += ", rows: classes" if columns < len(y) else f", class {ds.classes[int(y[0])]}"
+        if args.guidance is not None:
+            title += f", w = {args.guidance:g}"
+        return LabelledDraw(draw_y, y, columns), title
+
+    def run_evaluate(self, args, model, cfg, xy_test: torch.Tensor) -> dict:
+        """``pyrovae evaluate`` of a conditional run: the base recipe's, with the
+        bound of log p(x | y) at each test image's own label."""
+        x_test, y_test = unpack_labels(xy_test)
+        if cfg.model in DIFFUSION_MODELS:  # the full bound: the denoiser fixed at the first N test labels
+            from pyrovae.diffusion.denoisers import conditioned
+
+            return self.base.run_evaluate(args, conditioned(model, y_test[: args.n]), cfg, x_test)
+        overrides = {k: getattr(args, k) for k in ("test_particles",) if getattr(args, k, None) is not None}
+        return self.evaluate(dataclasses.replace(cfg, **overrides), model, xy_test)
+
     @torch.no_grad()
     def evaluate(self, cfg, model, xy_test: torch.Tensor, batch_size: int = 500) -> dict:
         """The base recipe's test bound, of log p(x | y) at each test image's label."""
@@ -128,6 +163,42 @@ class ConditionalRecipe:
         y = torch.arange(k, device=xy_test.device).repeat_interleave(8)
         images = sample_images(cfg, model, y)
         plots.save_image_grid(os.path.join(out, "samples.png"), images, ds.image_shape, 8, "samples, a row per class")
+
+
+class LabelledDraw:
+    """``pyrovae sample``'s ``draw(k)`` for a conditional run: the next ``k`` of
+    :attr:`labels` drawn by ``draw_y(y)``; :attr:`columns` samples per grid row."""
+
+    def __init__(self, draw_y, labels: torch.Tensor, columns: int):
+        self.draw_y, self.labels, self.columns, self.done = draw_y, labels, columns, 0
+
+    def __call__(self, k: int) -> torch.Tensor:
+        y = self.labels[self.done : self.done + k]
+        self.done += len(y)
+        return self.draw_y(y)
+
+
+def sample_labels(args, cfg, spec, device) -> tuple:
+    """``(y, columns)`` for ``pyrovae sample`` of a conditional run: ``--label
+    all`` (the default), ``--n`` samples (8 by default) of each class, a row per
+    class; ``--label K`` (a number or a class name), ``--n`` samples of it. A
+    clear error for a label the run does not have, or ``--guidance`` on a VAE."""
+    if args.guidance is not None and cfg.model not in DIFFUSION_MODELS:
+        raise ValueError(f"--guidance is classifier-free guidance of the chain and VDM; a {cfg.model} has none")
+    classes = spec.classes
+    k = len(classes)
+    if args.label in (None, "all"):
+        per = args.n or 8
+        return torch.arange(k, device=device).repeat_interleave(per), per
+    if args.label in classes:
+        label = classes.index(args.label)
+    elif args.label.lstrip("-").isdigit() and 0 <= int(args.label) < k:
+        label = int(args.label)
+    else:
+        raise ValueError(
+            f"--label must be a class in [0, {k}) (or its name: {', '.join(classes)}) or all, got {args.label!r}"
+        )
+    return torch.full((args.n or 64,), label, device=device), 8
 
 
 def sample_images(

@@ -5,22 +5,28 @@ vdm`` use a finished run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from pyrovae import data as datasets
 from pyrovae import plots
+from pyrovae.cli import positive_int
+from pyrovae.config import option, override
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
-from pyrovae.diffusion.gamma import make_gamma
+from pyrovae.diffusion.gamma import SCHEDULES, make_gamma
 from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
+from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags, diffusion_scores, draw_function
 from pyrovae.infer.bound import Bound, bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
+from pyrovae.recipes.base import Recipe
 from pyrovae.recipes.conditional import num_classes
-from pyrovae.recipes.diffusion import from_chain_space, to_chain_space
+from pyrovae.recipes.diffusion import _DiffusionTraining, from_chain_space, to_chain_space
 
 NETS = ("unet", "mlp")
 CONTINUOUS = "continuous"
@@ -35,8 +41,42 @@ def parse_time(time: str) -> int | None:
     raise ValueError(f"time must be 'continuous' or a number of steps T >= 1, got {time!r}")
 
 
-class VDMRecipe:
+@dataclass
+class VDMConfig(_DiffusionTraining):
+    """``pyrovae train vdm``: a variational diffusion model, continuous time with a
+    learned noise schedule (see docs/vdm), for 8-bit images, with the diffusion
+    chain's optimiser settings and EMA weights for evaluation; 28 epochs, about
+    10 CPU minutes on mnist5k, where it reaches 1.78 bits/dim (docs/vdm.md)."""
+
+    model: str = override("model", "vdm")
+    epochs: int = override(
+        "epochs",
+        28,
+        help="passes over the training set (28: the 10 minutes of one CPU thread on mnist5k that docs/vdm.md measures)",
+    )
+    schedule: str = option(
+        "learned-linear",
+        "noise schedule gamma(t): fixed linear, linear with learned end points, or VDM's monotone network",
+        choices=SCHEDULES,
+    )
+    time: str = option(
+        "continuous",
+        "continuous (the bound L_inf) or a number of steps T (the T-step model and its bound L_T)",
+        check=parse_time,
+    )
+    fourier: bool = option(False, "Fourier features sin, cos(2^n 2 pi z_t), n = 6, 7, as extra denoiser inputs")
+    minimise_variance: bool = option(
+        False, "train the schedule's interior to minimise the bound estimate's variance (learned-net, continuous time)"
+    )
+    net: str = option("unet", "denoiser", choices=NETS)
+    channels: int = option(16, "U-Net base channels", ge=1)
+    hidden: list[int] = option([256, 256, 256], "MLP denoiser widths", ge=1)
+    sample_steps: int = option(100, "ancestral steps for the samples figure", ge=1)
+
+
+class VDMRecipe(Recipe):
     elbo_unit = "ELBO (nats per example)"
+    evaluate_help = "the bound in bits/dim on the first N test examples, with its standard error"
 
     def check(self, cfg) -> None:
         """Raise ``ValueError`` for VDM settings that cannot work."""
@@ -70,17 +110,13 @@ class VDMRecipe:
     def prepare_batch(self, cfg, x: torch.Tensor) -> torch.Tensor:
         return to_chain_space(x)
 
-    def prepare_test(self, cfg, x: torch.Tensor) -> torch.Tensor:
-        return to_chain_space(x)
-
     @torch.no_grad()
     def evaluate(self, cfg, vdm: VDM, x_test: torch.Tensor, batch_size: int = 500, y=None) -> dict:
         """The test bound's terms per example (nats; an unbiased estimate with
         ``cfg.test_particles`` draws of t per example), bits/dim, and the
         schedule's end points gamma(0), gamma(1). ``pyrovae evaluate vdm`` gives
-        the bound with its standard error. Given the test labels ``y``
-        (``--conditional``), the bound of log p(x | y)."""
-        bound = bound_terms(vdm, x_test, cfg.test_particles, batch_size, y)
+        the bound with its standard error."""
+        bound = bound_terms(vdm, x_test, cfg.test_particles, batch_size, y)  # given y: of log p(x | y)
         return {**prefixed(bound.summary(), "test"), **schedule_ends(vdm)}
 
     def write_figures(self, out: str, cfg, vdm: VDM, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
@@ -97,6 +133,59 @@ class VDMRecipe:
             f"learned noise schedule ({cfg.schedule})",
         )
 
+    def add_sample_arguments(self, parser) -> None:
+        add_sampler_flags(parser)
+        parser.add_argument(
+            "--steps",
+            type=positive_int,
+            default=None,
+            help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)",
+        )
+
+    def sampler(self, vdm: VDM, cfg, ds, args) -> tuple:
+        """Samples in [0, 1] on ``--steps`` times: the ancestral sampler on any number of
+        them (not a respaced chain), or ``--sampler``'s."""
+        steps = args.steps or cfg.sample_steps
+        if args.sampler != "ancestral":
+            return draw_function(vdm, steps, args, from_chain_space)
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+        return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
+
+    def add_evaluate_arguments(self, parser) -> None:
+        # a count below 1 is a usage error (exit 2), as every flag's bound
+        parser.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
+        parser.add_argument(
+            "--replicates",
+            type=positive_int,
+            default=10,
+            help="independent estimates of the bound; its standard error comes from their spread (default: 10)",
+        )
+        parser.add_argument(
+            "--draws",
+            type=positive_int,
+            default=10,
+            help="antithetic draws of t per example in each replicate (default: 10)",
+        )
+        add_evaluate_flags(parser, diffusion=True)
+        parser.add_argument(
+            "--steps",
+            type=positive_int,
+            default=None,
+            help="with --samples: sampler steps (default: the run's sample_steps)",
+        )
+
+    def run_evaluate(self, args, vdm: VDM, cfg, x_test: torch.Tensor) -> dict:
+        """The bound with its standard error (:func:`evaluate_bound`) on the first ``--n`` test
+        examples, with the ODE's bits/dim and the samples' scores when asked for."""
+        for name in ("n", "replicates", "draws"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        result = evaluate_bound(vdm, x_test[: args.n], args.replicates, args.draws, args.run)
+        scored = dataclasses.replace(cfg, data=args.data or cfg.data)
+        result.update(diffusion_scores(vdm, x_test[: args.n], args.steps or cfg.sample_steps, args, scored))
+        return result
+
 
 def schedule_ends(vdm: VDM) -> dict:
     with torch.no_grad():
@@ -106,7 +195,7 @@ def schedule_ends(vdm: VDM) -> dict:
 def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500, y=None) -> Bound:
     """:meth:`VDM.bound` over ``x`` in batches: ``recon``, ``kl_top`` and
     ``kl_layers`` per example, ``(N,)``, with ``draws`` antithetic draws of t
-    per example (given ``y``, the bound of log p(x | y))."""
+    per example."""
     return Bound.cat(
         vdm.bound(x[i : i + batch_size], draws, None if y is None else y[i : i + batch_size])
         for i in range(0, len(x), batch_size)
@@ -148,50 +237,3 @@ def write_samples(path: str, vdm: VDM, ds: datasets.Dataset, steps: int, n: int 
     """A grid of ``n`` (default 64) ancestral samples on a grid of ``steps`` times."""
     images = from_chain_space(vdm.sample(n or 64, steps=steps))
     plots.save_image_grid(path, images, ds.image_shape, min(8, len(images)), f"samples, {steps} steps")
-
-
-# --- the command line's vdm-only parts (pyrovae.cli calls these) ---------------------------
-
-
-def add_run_arguments(sample, evaluate, add_load_args, debug_flag) -> None:
-    """``--steps`` for ``pyrovae sample vdm`` (its other flags are every
-    model's), and the ``pyrovae evaluate vdm`` parser."""
-    from pyrovae.cli import positive_int  # a count below 1 is a usage error (exit 2), as every flag's bound
-
-    sample.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help="ancestral steps on an even grid of [0, 1] (default: the run's sample_steps)",
-    )
-    p = evaluate.add_parser(
-        "vdm", help="the bound in bits/dim on the first N test examples, with its standard error", parents=[debug_flag]
-    )
-    add_load_args(p, evaluate=True)
-    p.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
-    p.add_argument(
-        "--replicates",
-        type=positive_int,
-        default=10,
-        help="independent estimates of the bound; its standard error comes from their spread (default: 10)",
-    )
-    p.add_argument(
-        "--draws",
-        type=positive_int,
-        default=10,
-        help="antithetic draws of t per example in each replicate (default: 10)",
-    )
-
-
-def sampler(vdm: VDM, steps: int):
-    """``(draw, title)`` for ``pyrovae sample vdm``: ``draw(k)`` gives k images in [0, 1]."""
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
-
-
-def run_evaluate(args, vdm: VDM, x_test: torch.Tensor) -> dict:
-    for name in ("n", "replicates", "draws"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return evaluate_bound(vdm, x_test[: args.n], args.replicates, args.draws, args.run)
