@@ -518,6 +518,12 @@ class DiffusionChain(DiffusionModel):
         )
 
     @torch.no_grad()
+    def sampler_view(self):
+        """The samplers' view of this model (:class:`~pyrovae.diffusion.samplers.ChainView`)."""
+        from pyrovae.diffusion.samplers import ChainView  # the samplers import the models
+
+        return ChainView(self)
+
     def sample(
         self,
         n: int,

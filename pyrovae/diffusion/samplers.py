@@ -52,12 +52,16 @@ deterministic samplers decode back to x (DDIM inversion).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from pyrovae.diffusion.chain import DiffusionChain
+from pyrovae.diffusion.base import DiffusionModel
 from pyrovae.diffusion.denoisers import conditioned
-from pyrovae.diffusion.vdm import VDM
+
+if TYPE_CHECKING:
+    from pyrovae.diffusion.chain import DiffusionChain
+    from pyrovae.diffusion.vdm import VDM
 from pyrovae.registry import lookup
 
 SAMPLERS = ("ancestral", "ddim", "dpm-solver++")
@@ -226,10 +230,8 @@ def diffusion_view(model):
     a :class:`VDMView`, or ``model`` itself if it already has the view's
     methods (``grid``, ``log_alpha_bar``, ``eps``, ``check_steps``, ``x_dim``,
     ``time_range``, ``ref``; ``time_at``, the inverse of ``log_alpha_bar``, for the ODE)."""
-    if isinstance(model, DiffusionChain):
-        return ChainView(model)
-    if isinstance(model, VDM):
-        return VDMView(model)
+    if isinstance(model, DiffusionModel):
+        return model.sampler_view()
     needed = ("grid", "log_alpha_bar", "eps", "check_steps", "x_dim", "time_range", "ref", "time_at")
     if all(hasattr(model, name) for name in needed):
         return model

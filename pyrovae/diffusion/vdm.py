@@ -303,6 +303,12 @@ class VDM(DiffusionModel):
     # --- sampling ---------------------------------------------------------------------
 
     @torch.no_grad()
+    def sampler_view(self):
+        """The samplers' view of this model (:class:`~pyrovae.diffusion.samplers.VDMView`)."""
+        from pyrovae.diffusion.samplers import VDMView  # the samplers import the models
+
+        return VDMView(self)
+
     def sample(
         self, n: int, steps: int | None = None, y: torch.Tensor | None = None, guidance: float | None = None
     ) -> torch.Tensor:
