@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import warnings
 
@@ -31,6 +32,17 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def guidance_weight(text: str) -> float:
+    """``--guidance W``: a number w >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number w >= 0 (0: the conditional model itself), got {text}")
     return value
 
 
@@ -266,6 +278,21 @@ def add_run_parsers(commands) -> None:
             default=SAMPLE_CHUNK,
             help=f"samples drawn at a time: memory is bounded by this, not by --n (default: {SAMPLE_CHUNK})",
         )
+        p.add_argument(
+            "--label",
+            default=None,
+            metavar="K|NAME|all",
+            help="a run trained with --conditional: samples of this class (its number or name), or all: a row per "
+            "class (--n then counts the samples per class; default: all, 8 per class)",
+        )
+        p.add_argument(
+            "--guidance",
+            type=guidance_weight,
+            default=None,
+            metavar="W",
+            help="classifier-free guidance weight w >= 0 of a conditional chain or VDM: (1 + w) eps(x, y) - w eps(x) "
+            "(w > 0: not samples of the model's p(x | y))",
+        )
         entry.recipe.add_sample_arguments(p)
         p = evaluate.add_parser(model, help=entry.recipe.evaluate_help.format(model=model), parents=[DEBUG_FLAG])
         add_load_args(p, evaluate=True)
@@ -405,9 +432,16 @@ def run_sample(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(args.seed)
     # Images need only the run's data spec; the 2-D toys' scatter shows their (named, shipped) data.
     ds = datasets.run_spec(load_checkpoint(args.run), cfg)
+    if not getattr(cfg, "conditional", False):
+        for flag, value in (("--label", args.label), ("--guidance", args.guidance)):
+            if value is not None:
+                raise ValueError(f"{flag} needs a run trained with --conditional; {args.run!r} is unconditional")
     draw, title = recipe_for(cfg).sampler(model, cfg, ds, args)
     grid = GRID_IMAGES if ds.is_image else GRID_POINTS
     n = args.n or grid
+    columns = getattr(draw, "columns", 8)
+    if getattr(draw, "labels", None) is not None:  # a conditional run: its labels decide n; each row's first 8 shown
+        n = grid = len(draw.labels)
     # Drawn into a temporary file beside it and renamed when complete: a failure or Ctrl-C
     # half-way leaves the previous samples there as they were, and no half-written file.
     folder = os.path.dirname(os.path.abspath(array_path))
@@ -432,8 +466,10 @@ def run_sample(args: argparse.Namespace) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
     shown = torch.cat(shown)
+    if columns > 8 and len(shown) % columns == 0:
+        shown, columns = shown.reshape(-1, columns, ds.x_dim)[:, :8].reshape(-1, ds.x_dim), 8
     if ds.is_image:
-        plots.save_image_grid(out, shown, ds.image_shape, min(8, len(shown)), title)
+        plots.save_image_grid(out, shown, ds.image_shape, min(columns, len(shown)), title)
     else:
         x_test = run_test_split(args.run, cfg)[:1000]
         plots.save_scatter(

@@ -189,6 +189,10 @@ class TrainConfig(metaclass=_ByModel):
         "are the run's model (model.pt, pyrovae.load); none: off",
         ge=1,
     )
+    conditional: bool = option(
+        False,
+        "train a model of p(x | y) on the data's class labels (CVAE; the chain's and VDM's denoiser embeds y)",
+    )
     held_out: int | None = option(
         None,
         "with early stopping: training examples held out by a seeded draw and never trained on (none: 10% of the "

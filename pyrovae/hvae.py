@@ -34,6 +34,16 @@ the VAE: its one latent site is named ``"z"`` (``"z_1"`` .. ``"z_L"`` for L > 1)
 and its parameter names are the VAE's (``encoder.*``, ``decoder.*``,
 ``prior.*``, ``likelihood.*``), so checkpoints of either load unchanged.
 
+The conditional VAE (CVAE, Sohn, Lee & Yan 2015) is the same class built with
+``num_classes`` or ``y_shape`` (:func:`build_hvae`): a conditioning input y
+(:class:`~pyrovae.nets.Conditioning`: one-hot classes, or a flattened float
+tensor such as a masked image) is concatenated to the decoder's input,
+p_theta(x | z_1, y), and to the encoder's, q_phi(z_1 | x, y) (and so to every
+layer the top-down pass reads); p(z_L) stays N(0, I), as in M2. ``model(x, y)``
+and ``guide(x, y)`` are then the pair whose ELBO bounds log p(x | y). Built
+without either, the model is exactly the unconditional one (same parameters,
+same numbers).
+
 The bound's named terms (per example, nats; :meth:`HVAE.bound`): ``recon`` =
 E_q log p(x | z_1); ``kl_l`` = E_q KL(q(z_l | .) || p(z_l | z_{l+1})) for l < L
 and ``kl_L`` = KL(q(z_L | .) || p(z_L)) at the top, which is also reported as
@@ -60,7 +70,7 @@ from pyrovae import params
 from pyrovae.checks import check_finite
 from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
 from pyrovae.infer.bound import Bound
-from pyrovae.nets import MLP, ConvDecoderNet, ConvEncoderNet, check_sizes, first_parameter
+from pyrovae.nets import MLP, Conditioning, ConvDecoderNet, ConvEncoderNet, check_sizes, first_parameter
 from pyrovae.parts.encoders import GUIDES, MIN_SCALE
 from pyrovae.parts.likelihoods import LIKELIHOODS, BernoulliLikelihood
 from pyrovae.parts.priors import PRIORS, StandardNormalPrior
@@ -117,6 +127,10 @@ class HVAE(nn.Module):
         ``(x_dim,)``; default Bernoulli.
     :param encoder_order: ``"top-down"`` or ``"bottom-up"`` (module docstring;
         the same q(z | x) for L = 1).
+    :param conditioning: a :class:`~pyrovae.nets.Conditioning` for the CVAE:
+        ``encoder`` (and the top-down ``up`` MLPs' first) then reads x
+        concatenated with y's ``conditioning.dim`` features and ``decoder`` z_1
+        with them; ``None`` (default) for a model of p(x).
 
     The latent sites are :attr:`sites`: ``"z"`` for one layer, ``"z_1"`` ..
     ``"z_L"`` otherwise. Model and guide register the model with ``pyro.module``
@@ -136,6 +150,7 @@ class HVAE(nn.Module):
         prior=None,
         likelihood=None,
         encoder_order: str = "bottom-up",
+        conditioning: Conditioning | None = None,
     ):
         super().__init__()
         z_dims = tuple(z_dims)
@@ -154,6 +169,27 @@ class HVAE(nn.Module):
         self.likelihood = likelihood if likelihood is not None else BernoulliLikelihood()
         self.sites = ("z",) if len(z_dims) == 1 else tuple(f"z_{l}" for l in range(1, len(z_dims) + 1))
         self._store_kind = "vae" if len(z_dims) == 1 else "hvae"
+        self.conditioning = conditioning
+
+    @property
+    def conditional(self) -> bool:
+        return self.conditioning is not None
+
+    def with_y(self, h: torch.Tensor, y) -> torch.Tensor:
+        """``h`` (``(..., B, n)``) with y's features appended along its last axis
+        for a conditional model; ``h`` itself for an unconditional one. A clear
+        error for a y missing, unexpected or of the wrong kind."""
+        if self.conditioning is None:
+            if y is not None:
+                raise ValueError("this model is unconditional (built without num_classes or y_shape), got y")
+            return h
+        if y is None:
+            raise ValueError(
+                "this model is conditional: give y "
+                + (f"(classes in [0, {self.conditioning.num_classes}))" if self.conditioning.num_classes else "")
+            )
+        c = self.conditioning.features(self.conditioning.check(y, h.shape[-2]), h.dtype).to(h.device)
+        return torch.cat([h, c.expand(*h.shape[:-1], c.shape[-1])], -1)
 
     @property
     def L(self) -> int:
@@ -201,10 +237,10 @@ class HVAE(nn.Module):
         loc, scale = normal_params(self.steps[l - 2](z_l), self.z_dims[l - 2])
         return dist.Normal(loc, scale).to_event(1)
 
-    def bottom_up(self, x: torch.Tensor) -> list:
+    def bottom_up(self, x: torch.Tensor, y=None) -> list:
         """The top-down encoder's deterministic pass: ``[(mu_hat_l, sigma_hat_l)]``
         for l = 1..L, layer l read from the last hidden layer of layer l - 1's MLP."""
-        estimates, h = [], x
+        estimates, h = [], self.with_y(x, y)
         for net, z_dim in zip((self.encoder.net, *self.up), self.z_dims):
             *body, head = net
             for layer in body:
@@ -216,27 +252,28 @@ class HVAE(nn.Module):
         """q(z_L | x) of the top-down encoder (the VampPrior's components)."""
         return dist.Normal(*self.bottom_up(x)[-1]).to_event(1)
 
-    def model(self, x: torch.Tensor) -> torch.Tensor:
-        """p(z_L) prod_l p_theta(z_{l-1}|z_l) p_theta(x|z_1): the latent sites
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """p(z_L) prod_l p_theta(z_{l-1}|z_l) p_theta(x|z_1[, y]): the latent sites
         :attr:`sites` from the top down, observed site ``"x"``; returns z_1."""
         params.module(self, self._store_kind)  # a name of its own in the param store
         x = self.check_data(x)
+        self.with_y(x, y)  # y checked before any site is drawn
         sites = self.sites
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(sites[-1], check_event(self.prior(), "prior", self.z_dims[-1]))
             for l in range(self.L, 1, -1):
                 z = pyro.sample(sites[l - 2], self.p_step(z, l))
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder(self.with_y(z, y))), obs=x)
         return z
 
-    def guide(self, x: torch.Tensor) -> torch.Tensor:
-        """q(z_1..z_L | x) in the order ``encoder_order`` names; returns z_1."""
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """q(z_1..z_L | x[, y]) in the order ``encoder_order`` names; returns z_1."""
         params.module(self, self._store_kind)  # a name of its own in the param store
         x = self.check_data(x)
         sites = self.sites
         with pyro.plate("data", x.shape[0]):
             if self.encoder_order == "top-down" and self.L > 1:
-                estimates = self.bottom_up(x)
+                estimates = self.bottom_up(x, y)
                 z = pyro.sample(sites[-1], dist.Normal(*estimates[-1]).to_event(1))
                 for l in range(self.L, 1, -1):
                     p = self.p_step(z, l).base_dist
@@ -244,7 +281,7 @@ class HVAE(nn.Module):
                         sites[l - 2], dist.Normal(*precision_weighted(*estimates[l - 2], p.loc, p.scale)).to_event(1)
                     )
                 return z
-            z_1 = z = pyro.sample(sites[0], check_event(self.encoder(x), "encoder", self.z_dims[0]))
+            z_1 = z = pyro.sample(sites[0], check_event(self.encoder(self.with_y(x, y)), "encoder", self.z_dims[0]))
             for l in range(2, self.L + 1):
                 z = pyro.sample(
                     sites[l - 1], dist.Normal(*normal_params(self.up[l - 2](z), self.z_dims[l - 1])).to_event(1)
@@ -252,19 +289,23 @@ class HVAE(nn.Module):
             return z_1
 
     @torch.no_grad()
-    def bound(self, x: torch.Tensor, num_particles: int = 10, batch_size: int = 500) -> Bound:
+    def bound(
+        self, x: torch.Tensor, num_particles: int = 10, batch_size: int = 500, y: torch.Tensor | None = None
+    ) -> Bound:
         """The ELBO's named terms per example (:class:`~pyrovae.infer.bound.Bound`,
         module docstring): ``recon`` = E_q log p(x | z_1), ``kl_top`` = kl_L,
         ``kl_layers`` = kl_1 + .. + kl_{L-1} (0 for one layer), ``layers`` =
         ``{"kl_1": .., "kl_L": ..}``, each averaged over ``num_particles``
         vectorised draws of the analytic-KL ELBO (closed form where exact,
         Monte Carlo elsewhere), over ``x`` in batches of ``batch_size``;
-        ``closed_form`` lists the layers (1..L) that took the closed form."""
+        ``closed_form`` lists the layers (1..L) that took the closed form. A
+        conditional model's bound is of log p(x | y), given ``y``."""
         elbo = TraceAnalyticKL_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
         dim = self.x_dim if getattr(self.likelihood, "discrete", False) else None
         parts = []
         for i in range(0, len(x), batch_size):
-            terms, closed_form = elbo.per_example_terms(self.model, self.guide, x[i : i + batch_size])
+            part = (x[i : i + batch_size],) if y is None else (x[i : i + batch_size], y[i : i + batch_size])
+            terms, closed_form = elbo.per_example_terms(self.model, self.guide, *part)
             kls = {f"kl_{l}": -terms[site] for l, site in enumerate(self.sites, start=1)}
             below_top = list(kls.values())[:-1]
             parts.append(
@@ -280,41 +321,42 @@ class HVAE(nn.Module):
         return Bound.cat(parts)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, num_samples: int = 100) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, num_samples: int = 100, y: torch.Tensor | None = None) -> torch.Tensor:
         """z_1 on the guide's mean path (:meth:`encode_layers`): the posterior
         mean E_q[z|x] of a one-layer model, shape ``(B, z_dims[0])``."""
-        return self.encode_layers(x, num_samples)[0]
+        return self.encode_layers(x, num_samples, y)[0]
 
     @torch.no_grad()
-    def encode_layers(self, x: torch.Tensor, num_samples: int = 100) -> list:
+    def encode_layers(self, x: torch.Tensor, num_samples: int = 100, y: torch.Tensor | None = None) -> list:
         """The guide's mean path ``[z_1, .., z_L]``: each layer at the mean of its
         q given the layers drawn before it at their means (a summary, not E_q[z_l|x]
         for l > 1 in the bottom-up order); a mean of ``num_samples`` draws where
         q has no closed-form mean (a flow)."""
         with params.unregistered(), poutine.block(), _AtMeans(self.sites, num_samples):
-            trace = poutine.trace(self.guide).get_trace(x)
+            trace = poutine.trace(self.guide).get_trace(x, y)
         return [trace.nodes[site]["value"] for site in self.sites]
 
     @torch.no_grad()
-    def decode(self, z_1: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean E[x | z_1] (pixel probabilities for a Bernoulli)."""
-        return self.likelihood(self.decoder(z_1)).mean
+    def decode(self, z_1: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The likelihood's mean E[x | z_1[, y]] (pixel probabilities for a Bernoulli)."""
+        return self.likelihood(self.decoder(self.with_y(z_1, y))).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """E[x | z_1] at the guide's mean path."""
-        return self.decode(self.encode(x))
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x | z_1[, y]] at the guide's mean path."""
+        return self.decode(self.encode(x, y=y), y)
 
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
+    def sample(self, n: int, y: torch.Tensor | None = None) -> torch.Tensor:
         """n draws of the whole hierarchy z_L ~ p(z_L), z_{l-1} ~ p_theta(z_{l-1}|z_l),
-        returned as E[x | z_1], shape ``(n, x_dim)``."""
+        returned as E[x | z_1[, y]], shape ``(n, x_dim)``; a conditional model
+        takes ``n`` conditioning inputs ``y`` (draws of p(x | y))."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         z = self.prior().sample((n,))
         for l in range(self.L, 1, -1):
             z = self.p_step(z, l).sample()
-        return self.decode(z)
+        return self.decode(z, y)
 
 
 class _AtMeans(Messenger):
@@ -374,16 +416,20 @@ def check_prior(prior, encoder: str, L: int) -> None:
         )
 
 
-def mlp_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None):
-    """MLP encoder body ``x_dim -> hidden -> out`` and decoder ``z_dim -> reversed(hidden) -> x_dim``."""
-    return (lambda out_dim: MLP(x_dim, hidden, out_dim, activation)), MLP(
-        z_dim, tuple(reversed(hidden)), x_dim, activation
+def mlp_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None, c_dim: int = 0):
+    """MLP encoder body ``x_dim (+ c_dim) -> hidden -> out`` and decoder
+    ``z_dim (+ c_dim) -> reversed(hidden) -> x_dim``, ``c_dim`` the features of a
+    conditioning input y (the CVAE's concatenation)."""
+    return (lambda out_dim: MLP(x_dim + c_dim, hidden, out_dim, activation)), MLP(
+        z_dim + c_dim, tuple(reversed(hidden)), x_dim, activation
     )
 
 
-def conv_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None):
+def conv_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shape=None, c_dim: int = 0):
     """:class:`~pyrovae.nets.ConvEncoderNet` / :class:`~pyrovae.nets.ConvDecoderNet`
     over ``image_shape`` (C, H, W), with ``hidden[0]`` units in their linear layer."""
+    if c_dim:
+        raise ValueError("a conditional VAE (num_classes or y_shape) concatenates y to its inputs: it needs net 'mlp'")
     if image_shape is None or len(image_shape) != 3 or math.prod(image_shape) != x_dim:
         raise ValueError(f"net 'conv' needs image_shape (C, H, W) with C*H*W = x_dim = {x_dim}, got {image_shape}")
     return (
@@ -394,7 +440,7 @@ def conv_nets(x_dim: int, z_dim: int, hidden: tuple, activation: str, image_shap
 
 NETS = {"mlp": mlp_nets, "conv": conv_nets}
 """The first layer's encoder/decoder network pairs by name: ``(x_dim, z_dim,
-hidden, activation, image_shape) -> (make_encoder_net, decoder)``,
+hidden, activation, image_shape, c_dim) -> (make_encoder_net, decoder)``,
 ``make_encoder_net(out_dim)`` giving the encoder's body."""
 
 
@@ -409,6 +455,8 @@ def build_hvae(
     guide: str | nn.Module = "diag",
     net: str = "mlp",
     image_shape: tuple | None = None,
+    num_classes: int | None = None,
+    y_shape: tuple | None = None,
 ) -> HVAE:
     """A hierarchical VAE from parts named in the registries or given as
     modules. Layer l's networks use ``hidden[l-1]``: the encoder's
@@ -437,6 +485,10 @@ def build_hvae(
         the top-down encoder with L > 1 needs ``"diag"`` over the MLP.
     :param net: the first layer's encoder body and decoder, a name in :data:`NETS`
         (``conv`` needs ``image_shape``).
+    :param num_classes: / ``y_shape``: the conditional VAE of p(x | y) (module
+        docstring), y integer classes in [0, num_classes) or a float tensor of
+        shape ``(B, *y_shape)``; needs net ``mlp``, a guide name and a prior
+        other than ``vamp`` (whose pseudo-inputs have no y).
     """
     z_dims = tuple(z_dims)
     if not z_dims:
@@ -451,11 +503,18 @@ def build_hvae(
             f"got guide {guide!r} and net {net!r}"
         )
     layers = _layer_hidden(hidden, L)
+    conditioning = None if num_classes is None and y_shape is None else Conditioning(num_classes, y_shape)
+    c_dim = 0 if conditioning is None else conditioning.dim
+    if c_dim and (prior == "vamp" or isinstance(guide, nn.Module)):
+        raise ValueError(
+            "a conditional VAE (num_classes or y_shape) builds its encoder over (x, y) and keeps p(z_L) free of "
+            f"pseudo-inputs: it needs a guide name and a prior other than 'vamp', got guide {guide!r}, prior {prior!r}"
+        )
     # The decoder is built first, then the encoder: the initial weights of every model drawn alike.
-    make_encoder_net, decoder = lookup("net", net, NETS)(x_dim, z_dims[0], layers[0], activation, image_shape)
+    make_encoder_net, decoder = lookup("net", net, NETS)(x_dim, z_dims[0], layers[0], activation, image_shape, c_dim)
     if not isinstance(guide, nn.Module):
         guide = lookup("guide", guide, GUIDES, "an nn.Module")(
-            x_dim, z_dims[0], layers[0], activation, make_encoder_net
+            x_dim + c_dim, z_dims[0], layers[0], activation, make_encoder_net
         )
     up, steps = [], []
     for l in range(2, L + 1):
@@ -464,7 +523,7 @@ def build_hvae(
         steps.append(MLP(z_dims[l - 1], tuple(reversed(layers[l - 1])), 2 * z_dims[l - 2], activation))
     if not isinstance(likelihood, nn.Module):
         likelihood = lookup("likelihood", likelihood, LIKELIHOODS, "an nn.Module")(x_dim)
-    hvae = HVAE(guide, up, steps, decoder, x_dim, z_dims, None, likelihood, encoder)
+    hvae = HVAE(guide, up, steps, decoder, x_dim, z_dims, None, likelihood, encoder, conditioning)
     if not isinstance(prior, nn.Module):
         # q(z_L | x), which the VampPrior mixes: the encoder itself for one layer
         top_posterior = guide if L == 1 else _TopPosterior(hvae)
@@ -482,14 +541,14 @@ def bound_terms(hvae: HVAE, x: torch.Tensor, num_particles: int = 10, batch_size
 
 
 @torch.no_grad()
-def active_units(hvae: HVAE, x: torch.Tensor, num_samples: int = 10, threshold: float = 0.01) -> dict:
+def active_units(hvae: HVAE, x: torch.Tensor, num_samples: int = 10, threshold: float = 0.01, y=None) -> dict:
     """Active units per layer (Burda et al. 2016): unit u of z_l is active when
     Cov_x(E_q[z_{l,u} | x]) > ``threshold``. E_q[z_l | x] is the mean over
     ``num_samples`` guide draws of the mean of q at layer l given the layers drawn
     before it (exact for the first layer the guide draws). Returns
     ``{l: number of active units}``."""
     with pyro.plate("au_particles", num_samples, dim=-2), poutine.block():
-        trace = poutine.trace(hvae.guide).get_trace(x)
+        trace = poutine.trace(hvae.guide).get_trace(x, y)
     means = {l: trace.nodes[site]["fn"].mean for l, site in enumerate(hvae.sites, start=1)}
     return {
         l: int((mean.expand(num_samples, *mean.shape[-2:]).mean(0).var(0) > threshold).sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -137,3 +138,60 @@ class ConvDecoderNet(nn.Module):
         lead = z.shape[:-1]
         maps = self.stem(z.reshape(-1, z.shape[-1])).reshape(-1, *self.first)
         return self.layers(maps).reshape(*lead, self.out_dim)
+
+
+class Conditioning:
+    """How a conditioning input y is checked and fed to a network: with
+    ``num_classes`` K, y holds integer classes in [0, K), shape ``(B,)``, fed as
+    one-hot vectors (K numbers; a learned embedding is the first linear layer's
+    columns); with ``y_shape``, y is a float tensor of shape ``(B, *y_shape)``
+    (a masked image, say), fed flattened. Exactly one of the two is given.
+
+    ``null=True`` also accepts the class -1, classifier-free guidance's null
+    class (y dropped), fed as the zero vector; a float y has no null value of
+    its own: the zero tensor is it.
+    """
+
+    def __init__(self, num_classes: int | None = None, y_shape=None):
+        if (num_classes is None) == (y_shape is None):
+            raise ValueError(f"give exactly one of num_classes and y_shape, got {num_classes!r} and {y_shape!r}")
+        if num_classes is not None:
+            check_sizes(num_classes=num_classes)
+            self.dim = num_classes
+        else:
+            y_shape = (y_shape,) if isinstance(y_shape, int) else tuple(y_shape)
+            check_sizes(**{f"y_shape[{i}]": s for i, s in enumerate(y_shape)})
+            self.dim = math.prod(y_shape)
+        self.num_classes, self.y_shape = num_classes, y_shape
+
+    def check(self, y: torch.Tensor, batch: int, null: bool = False) -> torch.Tensor:
+        """``y`` if it is one conditioning input per example of a batch of
+        ``batch``, else a ``TypeError``/``ValueError`` saying what was expected."""
+        if not torch.is_tensor(y):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if self.num_classes is not None:
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise TypeError(
+                    f"y must be integer classes in [0, {self.num_classes}) (this model was built with num_classes="
+                    f"{self.num_classes}), got a {y.dtype} tensor"
+                )
+            if tuple(y.shape) != (batch,):
+                raise ValueError(f"y must have shape ({batch},), one class per example, got {tuple(y.shape)}")
+            low = -1 if null else 0
+            if len(y) and (int(y.min()) < low or int(y.max()) >= self.num_classes):
+                extra = " or -1 (the null class)" if null else ""
+                got = f"[{int(y.min())}, {int(y.max())}]"
+                raise ValueError(f"y must be classes in [0, {self.num_classes}){extra}, got values in {got}")
+            return y
+        if not y.is_floating_point():
+            raise TypeError(f"y must be a float tensor of shape (batch, *{self.y_shape}), got dtype {y.dtype}")
+        if tuple(y.shape) != (batch, *self.y_shape):
+            raise ValueError(f"y must have shape ({batch}, *{self.y_shape}), got {tuple(y.shape)}")
+        return y
+
+    def features(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The network's input for a checked ``y``: ``(B, dim)`` one-hot classes
+        (zeros for the null class -1) or the flattened float y."""
+        if self.num_classes is None:
+            return y.reshape(len(y), self.dim).to(dtype)
+        return torch.nn.functional.one_hot(y.clamp(min=0), self.num_classes).to(dtype) * (y >= 0).to(dtype)[:, None]

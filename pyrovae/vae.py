@@ -65,6 +65,8 @@ def build_vae(
     likelihood: str | nn.Module = "bernoulli",
     net: str = "mlp",
     image_shape: tuple | None = None,
+    num_classes: int | None = None,
+    y_shape: tuple | None = None,
 ) -> HVAE:
     """A VAE from parts named in the registries or given as modules:
     :func:`~pyrovae.hvae.build_hvae` with the one layer ``z_dims=(z_dim,)`` whose
@@ -79,6 +81,8 @@ def build_vae(
         shape ``(x_dim,)``.
     :param net: ``mlp`` or ``conv`` (``conv`` needs ``image_shape``): the
         encoder's body and the decoder.
+    :param num_classes: / ``y_shape``: the conditional VAE (CVAE) of p(x | y)
+        (:func:`~pyrovae.hvae.build_hvae`).
 
     The default, ``build_vae(784)``, is an MLP ``784 -> 400 -> 2 z_dim`` giving a
     diagonal Normal q_phi(z|x), an MLP ``z_dim -> 400 -> 784`` giving Bernoulli
@@ -95,4 +99,6 @@ def build_vae(
         guide=guide,
         net=net,
         image_shape=image_shape,
+        num_classes=num_classes,
+        y_shape=y_shape,
     )

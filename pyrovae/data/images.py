@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -128,7 +129,7 @@ def load_image_folder(
         size = next(iter(sizes))
     if classes:
         log.info("%s: %d images in %d classes (%s)", folder, len(files), len(classes), ", ".join(classes))
-    return split_rows(
+    ds = split_rows(
         source_label(folder),
         _ImageRows(files, channels, size),
         len(files),
@@ -137,3 +138,4 @@ def load_image_folder(
         test_fraction,
         lazy,
     )
+    return dataclasses.replace(ds, classes=tuple(classes))

@@ -28,14 +28,19 @@ class DataSpec:
     :param image_shape: one example's shape, ``(C, H, W)`` or ``(D,)``.
     :param values: ``"unit"`` (pixel intensities in [0, 1], 8-bit levels) or
         ``"real"`` (real-valued vectors, e.g. ``moons``).
+    :param classes: the names of the label classes 0..K-1 where they are known
+        (an image folder's sorted sub-folders; a conditional run's labels), so
+        that a run conditioned on them travels with them; empty otherwise.
     """
 
     name: str
     image_shape: tuple
     values: str = "unit"
+    classes: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if self.values not in VALUES:
             raise ValueError(f"values must be one of {', '.join(VALUES)}, got {self.values!r}")
         if len(self.image_shape) not in (1, 3) or min(self.image_shape) < 1:
@@ -54,11 +59,14 @@ class DataSpec:
         return self.image_shape[0] if self.is_image else None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "image_shape": list(self.image_shape), "values": self.values}
+        spec = {"name": self.name, "image_shape": list(self.image_shape), "values": self.values}
+        return {**spec, "classes": list(self.classes)} if self.classes else spec
 
     @classmethod
     def from_dict(cls, values: dict) -> DataSpec:
-        return cls(values["name"], tuple(values["image_shape"]), values.get("values", "unit"))
+        return cls(
+            values["name"], tuple(values["image_shape"]), values.get("values", "unit"), tuple(values.get("classes", ()))
+        )
 
     def check_matches(self, other: DataSpec, what: str) -> None:
         """Raise ``ValueError`` unless ``other`` has this shape and value convention."""
@@ -117,10 +125,11 @@ class Dataset:
     y_test: torch.Tensor
     image_shape: tuple
     values: str = "unit"
+    classes: tuple = ()  # the class names, where the source has them (DataSpec.classes)
 
     @property
     def spec(self) -> DataSpec:
-        return DataSpec(self.name, self.image_shape, self.values)
+        return DataSpec(self.name, self.image_shape, self.values, self.classes)
 
     @property
     def x_dim(self) -> int:

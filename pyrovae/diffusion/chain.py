@@ -47,6 +47,7 @@ from torch import nn
 
 from pyrovae import params
 from pyrovae.diffusion.base import DATA_RANGE, DiffusionModel
+from pyrovae.diffusion.denoisers import conditioned
 from pyrovae.diffusion.schedule import NoiseSchedule
 from pyrovae.infer.bound import Bound, bits_per_dim
 from pyrovae.nets import first_parameter
@@ -334,19 +335,21 @@ class DiffusionChain(DiffusionModel):
 
     # --- the literal chain as Pyro programs --------------------------------------
 
-    def model(self, x0: torch.Tensor) -> None:
+    def model(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """p(x_T) prod_{t=T..2} p_theta(x_{t-1}|x_t) p_theta(x_0|x_1): sample sites
         ``"x_T"``, ..., ``"x_1"``, observed site ``"x_0"``. One site per step, so
-        tracing it costs O(T)."""
+        tracing it costs O(T). With ``y`` (a conditional denoiser), every
+        p_theta(x_{t-1} | x_t, y) is the denoiser's at y: the model of p(x_0 | y)."""
         params.module(self, "diffusion")  # a name of its own in the param store
         x0 = self.check_data(x0)
+        chain = self if y is None else conditioned(self, y)
         with pyro.plate("data", x0.shape[0]):
             x = pyro.sample(f"x_{self.T}", self.prior())
             for t in range(self.T, 1, -1):
-                x = pyro.sample(f"x_{t - 1}", self.p_step(x, t))
-            pyro.sample("x_0", self.p_decoder(x), obs=x0)
+                x = pyro.sample(f"x_{t - 1}", chain.p_step(x, t))
+            pyro.sample("x_0", chain.p_decoder(x), obs=x0)
 
-    def guide_forward(self, x0: torch.Tensor) -> None:
+    def guide_forward(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """q(x_{1:T}|x_0) = prod_{t=1..T} q(x_t|x_{t-1}): the forward process."""
         x0 = self.check_data(x0)
         with pyro.plate("data", x0.shape[0]):
@@ -354,10 +357,10 @@ class DiffusionChain(DiffusionModel):
             for t in range(1, self.T + 1):
                 x = pyro.sample(f"x_{t}", self.schedule.q_step(x, t))
 
-    def guide_posterior(self, x0: torch.Tensor) -> None:
+    def guide_posterior(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """q(x_{1:T}|x_0) = q(x_T|x_0) prod_{t=T..2} q(x_{t-1}|x_t,x_0): the same
         joint as :meth:`guide_forward` (Bayes' rule on each forward step),
-        factorised in the model's order.
+        factorised in the model's order. The encoder is fixed: ``y`` changes nothing.
 
         With this guide ``TraceMeanField_ELBO`` computes exactly the seed's KL form:
         each site's KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) is taken in
@@ -374,7 +377,7 @@ class DiffusionChain(DiffusionModel):
             for t in range(self.T, 1, -1):
                 x = pyro.sample(f"x_{t - 1}", s.q_posterior(x, x0, t))
 
-    def guide(self, x0: torch.Tensor) -> None:
+    def guide(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """The default encoder, :meth:`guide_posterior` (the one whose per-site
         KLs are the seed's KL form)."""
         self.guide_posterior(x0)
@@ -451,7 +454,9 @@ class DiffusionChain(DiffusionModel):
         log_var = p.log_variance.expand_as(x_t)[is_decoder]
         return kl.index_put((is_decoder,), self.decoder_nll(x0[is_decoder], mean, log_var))
 
-    def bound(self, x0: torch.Tensor, chunk_size: int = 512, per_layer: bool = False) -> Bound:
+    def bound(
+        self, x0: torch.Tensor, chunk_size: int = 512, per_layer: bool = False, y: torch.Tensor | None = None
+    ) -> Bound:
         """The bound with every term (:class:`~pyrovae.infer.bound.Bound`, per
         example, nats): ``recon`` = -L_0 = log p_theta(x_0|x_1), ``kl_top`` = L_T,
         ``kl_layers`` = sum_{t=2..T} L_{t-1}, each L_{t-1} at one x_t ~ q(x_t|x_0)
@@ -459,7 +464,10 @@ class DiffusionChain(DiffusionModel):
         network calls over (t, example) pairs, at most ``chunk_size`` pairs per
         call (bounds memory). With ``per_layer``, ``layers`` holds L_{t-1} as
         ``"kl_{t-1}"`` for t = 2..T (layer l = t - 1 is the latent x_l).
-        Differentiable; wrap in ``torch.no_grad()`` to evaluate."""
+        Differentiable; wrap in ``torch.no_grad()`` to evaluate. Given ``y`` (a
+        conditional denoiser), the bound of log p(x_0 | y) at the real y."""
+        if y is not None:
+            return conditioned(self, y).bound(x0, chunk_size, per_layer)
         x0, terms = self._terms(x0, chunk_size)
         layers = {f"kl_{t - 1}": terms[:, t - 1] for t in range(2, self.T + 1)} if per_layer else {}
         return Bound(
@@ -516,15 +524,30 @@ class DiffusionChain(DiffusionModel):
 
         return ChainView(self)
 
-    def sample(self, n: int, steps: int | None = None, clip_x0: bool | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        steps: int | None = None,
+        clip_x0: bool | None = None,
+        y: torch.Tensor | None = None,
+        guidance: float | None = None,
+    ) -> torch.Tensor:
         """Ancestral sampling, x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1}|x_t) for
         t = T..2, returning the decoder's mean given x_1, shape ``(n, D)``.
 
         :param steps: use the chain respaced to this many steps (default: all T).
         :param clip_x0: clamp x0_hat to [-1, 1] at each step (default: for images).
+        :param y: ``n`` conditioning inputs (a conditional denoiser): draws of p(x | y).
+        :param guidance: classifier-free guidance's weight w >= 0
+            (:class:`~pyrovae.diffusion.denoisers.Conditioned`); with w > 0 the
+            draws are *not* from the model's p(x | y).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if y is not None or guidance is not None:
+            if y is None:
+                raise ValueError("guidance needs y, the classes (or inputs) to guide towards")
+            return conditioned(self, y, guidance).sample(n, steps, clip_x0)
         chain = self if steps is None or steps == self.T else self.respaced(steps)
         clip_x0 = self.discrete if clip_x0 is None else clip_x0
         ref = self.schedule.betas

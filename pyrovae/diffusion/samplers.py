@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pyrovae.diffusion.base import DiffusionModel
+from pyrovae.diffusion.denoisers import conditioned
 
 if TYPE_CHECKING:
     from pyrovae.diffusion.chain import DiffusionChain
@@ -293,6 +294,8 @@ def sample(
     seed: int | None = None,
     x_T: torch.Tensor | None = None,
     spacing: str | None = None,
+    y: torch.Tensor | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """``n`` samples of ``model`` (a chain, a VDM or a view), shape ``(n, D)``, in
     ``steps`` network calls with ``sampler`` (see the module docstring).
@@ -309,7 +312,20 @@ def sample(
         ``"time"`` for ancestral and DDIM, ``"logsnr"`` for DPM-Solver++, whose
         multistep extrapolation suffers from very unequal steps in lambda (the
         linear schedule's first step from t = 1 to the next respaced time).
+    :param y: ``n`` conditioning inputs of a model with a conditional denoiser:
+        samples of p(x | y).
+    :param guidance: classifier-free guidance's weight w >= 0 (with ``y``): each
+        step's eps is (1 + w) eps(x_t, y) - w eps(x_t, null)
+        (:class:`~pyrovae.diffusion.denoisers.Conditioned`; two network calls per
+        step). w = 0 is the conditional sampler; w > 0 does not sample the
+        model's p(x | y).
     """
+    if y is not None or guidance is not None:
+        if y is None:
+            raise ValueError("guidance needs y, the classes (or inputs) to guide towards")
+        if len(y) != n:
+            raise ValueError(f"y must have one entry per sample, n = {n}, got {len(y)}")
+        model = conditioned(model, y, guidance)
     view = check_sampler_args(model, steps, sampler, eta, spacing)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")

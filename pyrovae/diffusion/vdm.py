@@ -52,6 +52,7 @@ from torch import nn
 
 from pyrovae import params
 from pyrovae.diffusion.base import DiffusionModel
+from pyrovae.diffusion.denoisers import conditioned
 from pyrovae.diffusion.gamma import GAMMA_MAX, GAMMA_MIN, GammaSchedule
 from pyrovae.infer.bound import Bound
 from pyrovae.parts.kl import normal_kl
@@ -214,22 +215,25 @@ class VDM(DiffusionModel):
                 "the continuous-time model (T=None) has no literal chain; build VDM(..., T=k) or use VDMELBO"
             )
 
-    def model(self, x: torch.Tensor) -> None:
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """p(z_1) prod_{i=T..1} p_theta(z_{(i-1)/T} | z_{i/T}) p(x | z_0): sites
-        ``"z_T"``, ..., ``"z_0"`` and the observed ``"x"``."""
+        ``"z_T"``, ..., ``"z_0"`` and the observed ``"x"``; with ``y`` (a
+        conditional denoiser) each step's eps_hat is the denoiser's at y."""
         self._check_discrete()
         params.module(self, "vdm")  # a name of its own in the param store
         x = self.check_data(x)
         gammas = self._grid(self.T, x)
+        vdm = self if y is None else conditioned(self, y)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(f"z_{self.T}", self.prior())
             for i in range(self.T, 0, -1):
-                z = pyro.sample(f"z_{i - 1}", self._p_step(z, gammas[i], gammas[i - 1]))
+                z = pyro.sample(f"z_{i - 1}", vdm._p_step(z, gammas[i], gammas[i - 1]))
             pyro.sample("x", self.p_decoder(z), obs=x)
 
-    def guide(self, x: torch.Tensor) -> None:
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """q(z_1 | x) prod_{i=T..1} q(z_{(i-1)/T} | z_{i/T}, x): the fixed encoder
-        in the model's order, so each site's KL given its parent is exact."""
+        in the model's order, so each site's KL given its parent is exact (``y``
+        changes nothing)."""
         self._check_discrete()
         params.module(self, "vdm")
         x = self.check_data(x)
@@ -288,13 +292,13 @@ class VDM(DiffusionModel):
         z_t = self._q_sample(x, gamma_t, eps)
         return 0.5 * weight * (eps - self.eps_hat(z_t, gamma_t)).square().sum(-1)
 
-    def bound(self, x: torch.Tensor, draws: int = 1) -> Bound:
+    def bound(self, x: torch.Tensor, draws: int = 1, y: torch.Tensor | None = None) -> Bound:
         """The bound's named terms per example (:class:`~pyrovae.infer.bound.Bound`):
         an unbiased estimate with ``draws`` antithetic draws of t per example and
         one z_0 (:meth:`VDMELBO.bound_terms <pyrovae.infer.vdm_elbo.VDMELBO.bound_terms>`)."""
         from pyrovae.infer.vdm_elbo import VDMELBO
 
-        return VDMELBO(num_particles=draws).bound_terms(self, x)
+        return VDMELBO(num_particles=draws).bound_terms(self, x, y)
 
     # --- sampling ---------------------------------------------------------------------
 
@@ -305,13 +309,23 @@ class VDM(DiffusionModel):
 
         return VDMView(self)
 
-    def sample(self, n: int, steps: int | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, steps: int | None = None, y: torch.Tensor | None = None, guidance: float | None = None
+    ) -> torch.Tensor:
         """Ancestral sampling on the grid t_i = i / steps: z_1 ~ N(0, I),
         z_{(i-1)/steps} ~ p_theta(z_{(i-1)/steps} | z_{i/steps}) for i = steps..1,
         then x ~ p(x | z_0); returns ``(n, D)`` images in [-1, 1].
 
         :param steps: grid size (default: T, or 1000 for the continuous model).
+        :param y: ``n`` conditioning inputs (a conditional denoiser): draws of p(x | y).
+        :param guidance: classifier-free guidance's weight w >= 0
+            (:class:`~pyrovae.diffusion.denoisers.Conditioned`); with w > 0 the
+            draws are *not* from the model's p(x | y).
         """
+        if y is not None or guidance is not None:
+            if y is None:
+                raise ValueError("guidance needs y, the classes (or inputs) to guide towards")
+            return conditioned(self, y, guidance).sample(n, steps)
         steps = steps if steps is not None else (self.T or 1000)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")

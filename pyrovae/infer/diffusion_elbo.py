@@ -178,11 +178,22 @@ class ChainObjective(DifferentiableLossMixin):
         their bound terms (``None`` when the objective has none): each objective says how."""
         raise NotImplementedError(f"{type(self).__name__} must define _loss_and_terms(chain, x0)")
 
-    def differentiable_loss(self, model, guide, x0: torch.Tensor) -> torch.Tensor:
-        """The loss; with gradients on (a training step, as the trainer takes
-        it), the bound's terms also update the time sampler, with every
-        process's draws under torchrun so that all ranks keep the same p(t)."""
-        loss, t, terms = self._loss_and_terms(self._chain(model, guide), x0)
+    def _conditioned_chain(self, model, guide, y):
+        """The chain of ``model``, its denoiser fixed at ``y`` where given
+        (:func:`~pyrovae.diffusion.denoisers.conditioned`: the bound of log p(x_0 | y))."""
+        chain = self._chain(model, guide)
+        if y is None:
+            return chain
+        from pyrovae.diffusion.denoisers import conditioned
+
+        return conditioned(chain, y)
+
+    def differentiable_loss(self, model, guide, x0: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss (given ``y``, of the conditional model p(x_0 | y)); with
+        gradients on (a training step, as the trainer takes it), the bound's
+        terms also update the time sampler, with every process's draws under
+        torchrun so that all ranks keep the same p(t)."""
+        loss, t, terms = self._loss_and_terms(self._conditioned_chain(model, guide, y), x0)
         if terms is not None and torch.is_grad_enabled():
             self.time_sampler.update(distributed.all_gather_cat(t), distributed.all_gather_cat(terms.detach()))
         return loss
@@ -240,15 +251,15 @@ class DiffusionELBO(ChainObjective, ELBO):
         return chain.prior_kl(d["x0"]).sum() + (weighted if k == 1 else weighted / k), d["t"], terms
 
     @torch.no_grad()
-    def terms(self, model, guide, x0: torch.Tensor) -> Bound:
+    def terms(self, model, guide, x0: torch.Tensor, y: torch.Tensor | None = None) -> Bound:
         """The bound's named terms per example (:class:`~pyrovae.infer.bound.Bound`),
         in nats: ``recon`` = E_q[log p_theta(x_0|x_1)] and ``kl_layers`` =
         sum_{t=2..T} E_q[L_{t-1}], each estimated from ``num_particles`` draws
         per example (x_1 ~ q(x_1|x_0) for ``recon``; t uniform on 2..T for
         ``kl_layers``: stratified, so the rare decoder term is never left to
         chance), and ``kl_top`` = L_T in closed form. Unbiased for the ELBO:
-        ``recon - kl_top - kl_layers``."""
-        chain = self._chain(model, guide)
+        ``recon - kl_top - kl_layers``; given ``y``, of log p(x_0 | y)."""
+        chain = self._conditioned_chain(model, guide, y)
         params.module(chain, "diffusion")  # a name of its own in the param store
         x0 = chain.check_data(x0)
         T, k, B = chain.T, self.num_particles, x0.shape[0]

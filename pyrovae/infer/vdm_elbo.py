@@ -92,19 +92,25 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
             k, B
         )
 
-    def bound_terms(self, vdm, x: torch.Tensor) -> Bound:
+    def bound_terms(self, vdm, x: torch.Tensor, y: torch.Tensor | None = None) -> Bound:
         """The bound's named terms per example (:class:`~pyrovae.infer.bound.Bound`),
         nats, each ``(B,)``: ``recon``, ``kl_top``, ``kl_layers`` (L_diffusion,
         the mean of k draws); bits/dim from ``elbo()``."""
-        return self.estimate(vdm, x)[0]
+        return self.estimate(vdm, x, y)[0]
 
-    def estimate(self, vdm, x: torch.Tensor) -> tuple[Bound, torch.Tensor, torch.Tensor | None]:
+    def estimate(
+        self, vdm, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[Bound, torch.Tensor, torch.Tensor | None]:
         """``(bound, per_draw, surrogate)``: the :meth:`bound_terms`; ``per_draw``
         ``(k, B)``, the diffusion estimate of each draw; and ``surrogate``, a
         scalar of value 0 that carries the schedule's gradient when
         ``minimise_variance`` (else ``None``)."""
         params.module(vdm, "vdm")  # a name of its own in the param store
         x = vdm.check_data(x)
+        if y is not None:  # the bound of log p(x | y): eps_hat at the real y, never guided
+            from pyrovae.diffusion.denoisers import conditioned
+
+            vdm = conditioned(vdm, y)
         k = self.num_particles
         t = self.draw_times(k, x.shape[0], x)
         surrogate = None
@@ -124,9 +130,9 @@ class VDMELBO(DifferentiableLossMixin, ELBO):
         bound = Bound(recon=vdm.recon(x), kl_top=vdm.prior_kl(x), kl_layers=per_draw.mean(0), dim=vdm.x_dim)
         return bound, per_draw, surrogate
 
-    def differentiable_loss(self, model, guide, x: torch.Tensor) -> torch.Tensor:
-        """-ELBO summed over the batch; its gradient is the bound's, except in the
-        schedule's interior under ``minimise_variance``."""
-        bound, _, surrogate = self.estimate(self._vdm(model, guide), x)
+    def differentiable_loss(self, model, guide, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """-ELBO (of log p(x | y) given ``y``) summed over the batch; its gradient
+        is the bound's, except in the schedule's interior under ``minimise_variance``."""
+        bound, _, surrogate = self.estimate(self._vdm(model, guide), x, y)
         loss = -bound.elbo().sum()
         return loss if surrogate is None else loss + surrogate

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from pyrovae.recipes.base import Recipe
+from pyrovae.recipes.conditional import ConditionalRecipe
 from pyrovae.recipes.diffusion import DiffusionConfig, DiffusionRecipe
 from pyrovae.recipes.hvae import HVAEConfig, HVAERecipe
 from pyrovae.recipes.ssvae import SSVAERecipe
@@ -40,9 +41,12 @@ MODELS = {
 
 
 def recipe_for(cfg) -> Recipe:
-    """The recipe that trains ``cfg``: its model's, or M2's for a VAE given ``labelled``."""
+    """The recipe that trains ``cfg``: its model's, M2's for a VAE given
+    ``labelled``, or its model's conditional twin's given ``conditional``."""
     if getattr(cfg, "labelled", None) is not None:
         return SSVAERecipe()
+    if getattr(cfg, "conditional", False):
+        return ConditionalRecipe(MODELS[cfg.model].recipe)
     return MODELS[cfg.model].recipe
 
 

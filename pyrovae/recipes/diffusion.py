@@ -23,6 +23,7 @@ from pyrovae.infer.bound import Bound, bound_terms, prefixed
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS, DiffusionELBO
 from pyrovae.infer.losses import OBJECTIVES, make_objective
 from pyrovae.recipes.base import Recipe
+from pyrovae.recipes.conditional import num_classes
 from pyrovae.registry import lookup
 
 NETS = ("auto", "mlp", "unet")
@@ -55,6 +56,12 @@ class _DiffusionTraining(TrainConfig):
     eval_every: int = override("eval_every", 5)
     test_particles: int = override(
         "test_particles", 1, help="draws of t per test example for the per-epoch (unbiased) test ELBO"
+    )
+    p_uncond: float = option(
+        0.1,
+        "--conditional: probability that a training label is dropped to the null class (classifier-free guidance)",
+        ge=0,
+        lt=1,
     )
 
 
@@ -132,9 +139,9 @@ class DiffusionRecipe(Recipe):
         if net == "unet":
             if not ds.is_image:
                 raise ValueError(f"net 'unet' needs image data; {ds.name!r} has examples of shape {ds.image_shape}")
-            denoiser = UNet(ds.image_shape, cfg.channels, out_mult=out_mult)
+            denoiser = UNet(ds.image_shape, cfg.channels, out_mult=out_mult, num_classes=num_classes(cfg, ds))
         else:
-            denoiser = TimeMLP(ds.x_dim, cfg.hidden, out_mult=out_mult)
+            denoiser = TimeMLP(ds.x_dim, cfg.hidden, out_mult=out_mult, num_classes=num_classes(cfg, ds))
         decoder = "discretised-gaussian" if ds.is_image else "gaussian"
         return DiffusionChain(
             denoiser,
@@ -156,7 +163,7 @@ class DiffusionRecipe(Recipe):
         return x if cfg.data in CONTINUOUS_DATA else to_chain_space(x)
 
     @torch.no_grad()
-    def evaluate(self, cfg, chain: DiffusionChain, x_test: torch.Tensor, batch_size: int = 500) -> dict:
+    def evaluate(self, cfg, chain: DiffusionChain, x_test: torch.Tensor, batch_size: int = 500, y=None) -> dict:
         """The bound's named terms (:mod:`pyrovae.infer.bound`) per test example,
         in nats: ``test_recon``, ``test_kl_top``, ``test_kl_layers`` (the sum of
         the per-t KLs), ``test_elbo`` and, for images, ``test_bpd``; estimated
@@ -165,7 +172,10 @@ class DiffusionRecipe(Recipe):
         full-T bound, term by term, is ``pyrovae evaluate diffusion``."""
         elbo = DiffusionELBO(num_particles=cfg.test_particles)
         batches = range(0, len(x_test), batch_size)
-        bound = Bound.cat(elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size]) for i in batches)
+        given = (lambda i: ()) if y is None else (lambda i: (y[i : i + batch_size],))  # y: the bound of log p(x | y)
+        bound = Bound.cat(
+            elbo.terms(chain.model, chain.guide_posterior, x_test[i : i + batch_size], *given(i)) for i in batches
+        )
         return prefixed(bound.summary(), "test")
 
     def write_figures(self, out: str, cfg, chain: DiffusionChain, ds: datasets.Dataset, x_test: torch.Tensor) -> None:

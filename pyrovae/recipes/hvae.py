@@ -13,6 +13,7 @@ from pyrovae.hvae import ENCODERS, HVAE, build_hvae, check_prior
 from pyrovae.infer.elbos import ELBOS
 from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.parts.priors import PRIORS
+from pyrovae.recipes.conditional import num_classes
 from pyrovae.recipes.vae import VAERecipe, check_kl_warmup
 
 
@@ -64,7 +65,13 @@ class HVAERecipe(VAERecipe):
     def build(self, cfg, ds: datasets.Dataset) -> HVAE:
         hidden = [(width,) * cfg.depth for width in cfg.hidden]
         return build_hvae(
-            ds.x_dim, tuple(cfg.z_dims), hidden, encoder=cfg.encoder, prior=cfg.prior, likelihood=cfg.likelihood
+            ds.x_dim,
+            tuple(cfg.z_dims),
+            hidden,
+            encoder=cfg.encoder,
+            prior=cfg.prior,
+            likelihood=cfg.likelihood,
+            num_classes=num_classes(cfg, ds),
         )
 
     @staticmethod

@@ -22,6 +22,7 @@ from pyrovae.parts.encoders import GUIDES
 from pyrovae.parts.likelihoods import LIKELIHOODS
 from pyrovae.parts.priors import PRIORS
 from pyrovae.recipes.base import Recipe
+from pyrovae.recipes.conditional import num_classes
 from pyrovae.registry import lookup
 from pyrovae.vae import NETS, build_vae
 
@@ -99,6 +100,7 @@ class VAERecipe(Recipe):
             likelihood=cfg.likelihood,
             net=self.net(cfg),
             image_shape=image_shape,
+            num_classes=num_classes(cfg, ds),
         )
 
     def objective(self, cfg):
@@ -164,7 +166,7 @@ class VAERecipe(Recipe):
         return datasets.binarize_test(x, self.binarize_mode(cfg))
 
     @torch.no_grad()
-    def evaluate(self, cfg, vae: HVAE, x_test: torch.Tensor, batch_size: int = 500) -> dict:
+    def evaluate(self, cfg, vae: HVAE, x_test: torch.Tensor, batch_size: int = 500, y=None) -> dict:
         """The bound's named terms (:meth:`HVAE.bound <pyrovae.hvae.HVAE.bound>`)
         per test image, in nats: ``test_recon`` = E_q[log p(x|z_1)],
         ``test_kl_top`` = KL(q(z_L|.) || p(z_L)) (z is the VAE's top and only
@@ -178,12 +180,12 @@ class VAERecipe(Recipe):
         ``test_iwae_bpd`` in bits per dimension). Whatever ELBO trains the
         model, these use the analytic-KL estimator: the same expectation, with
         the KL exact wherever it is registered and Monte Carlo elsewhere."""
-        terms = vae.bound(x_test, cfg.test_particles, batch_size).summary()
+        terms = vae.bound(x_test, cfg.test_particles, batch_size, y=y).summary()  # given y: of log p(x | y)
         if not self.per_layer:
             terms = {name: value for name, value in terms.items() if not name.startswith("kl_") or name == "kl_top"}
         metrics = prefixed(terms, "test")
         if self.per_layer:
-            metrics.update({f"test_active_{l}": float(n) for l, n in active_units(vae, x_test).items()})
+            metrics.update({f"test_active_{l}": float(n) for l, n in active_units(vae, x_test, y=y).items()})
         if cfg.iwae_k > 0:
             iwae = evaluate_iwae(vae.model, vae.guide, x_test, cfg.iwae_k)
             metrics.update(test_iwae=iwae["iwae"], test_iwae_bpd=iwae["iwae_bpd"])

@@ -25,6 +25,7 @@ from pyrovae.infer.bound import Bound, bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
 from pyrovae.recipes.base import Recipe
+from pyrovae.recipes.conditional import num_classes
 from pyrovae.recipes.diffusion import _DiffusionTraining, from_chain_space, to_chain_space
 
 NETS = ("unet", "mlp")
@@ -95,7 +96,12 @@ class VDMRecipe(Recipe):
         # the denoiser sees z_t and, with Fourier features, 2 |n| more blocks of D
         k = 1 + 2 * len(FOURIER_EXPONENTS) if cfg.fourier else 1
         c, h, w = ds.image_shape
-        net = UNet((k * c, h, w), cfg.channels) if cfg.net == "unet" else TimeMLP(k * ds.x_dim, cfg.hidden)
+        classes = num_classes(cfg, ds)
+        net = (
+            UNet((k * c, h, w), cfg.channels, num_classes=classes)
+            if cfg.net == "unet"
+            else TimeMLP(k * ds.x_dim, cfg.hidden, num_classes=classes)
+        )
         return VDM(net, make_gamma(cfg.schedule), ds.x_dim, T=parse_time(cfg.time), fourier=cfg.fourier)
 
     def objective(self, cfg) -> VDMELBO:
@@ -105,12 +111,12 @@ class VDMRecipe(Recipe):
         return to_chain_space(x)
 
     @torch.no_grad()
-    def evaluate(self, cfg, vdm: VDM, x_test: torch.Tensor, batch_size: int = 500) -> dict:
+    def evaluate(self, cfg, vdm: VDM, x_test: torch.Tensor, batch_size: int = 500, y=None) -> dict:
         """The test bound's terms per example (nats; an unbiased estimate with
         ``cfg.test_particles`` draws of t per example), bits/dim, and the
         schedule's end points gamma(0), gamma(1). ``pyrovae evaluate vdm`` gives
         the bound with its standard error."""
-        bound = bound_terms(vdm, x_test, cfg.test_particles, batch_size)
+        bound = bound_terms(vdm, x_test, cfg.test_particles, batch_size, y)  # given y: of log p(x | y)
         return {**prefixed(bound.summary(), "test"), **schedule_ends(vdm)}
 
     def write_figures(self, out: str, cfg, vdm: VDM, ds: datasets.Dataset, x_test: torch.Tensor) -> None:
@@ -186,11 +192,14 @@ def schedule_ends(vdm: VDM) -> dict:
         return {"gamma_0": vdm.gamma.gamma_min.item(), "gamma_1": vdm.gamma.gamma_max.item()}
 
 
-def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500) -> Bound:
+def bound_terms(vdm: VDM, x: torch.Tensor, draws: int, batch_size: int = 500, y=None) -> Bound:
     """:meth:`VDM.bound` over ``x`` in batches: ``recon``, ``kl_top`` and
     ``kl_layers`` per example, ``(N,)``, with ``draws`` antithetic draws of t
     per example."""
-    return Bound.cat(vdm.bound(x[i : i + batch_size], draws) for i in range(0, len(x), batch_size))
+    return Bound.cat(
+        vdm.bound(x[i : i + batch_size], draws, None if y is None else y[i : i + batch_size])
+        for i in range(0, len(x), batch_size)
+    )
 
 
 @torch.no_grad()
