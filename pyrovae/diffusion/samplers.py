@@ -246,6 +246,12 @@ def alpha_sigma(view, t: float) -> tuple[float, float]:
     return math.exp(0.5 * log_ab), math.sqrt(-math.expm1(log_ab))
 
 
+def _alphas_sigmas(view, times: list) -> list[tuple[float, float]]:
+    """:func:`alpha_sigma` at every time of a grid, from one call of ``log_alpha_bar``."""
+    log_ab = view.log_alpha_bar(torch.tensor(times, dtype=torch.float64)).tolist()
+    return [(math.exp(0.5 * v), math.sqrt(-math.expm1(v))) for v in log_ab]
+
+
 def half_log_snr(alpha: float, sigma: float) -> float:
     """lambda / 2 = log(alpha / sigma), DPM-Solver's time variable; +inf at sigma = 0."""
     return math.inf if sigma == 0 else math.log(alpha) - math.log(sigma)
@@ -268,7 +274,8 @@ def _x0_and_eps(view, x: torch.Tensor, t: float, alpha: float, sigma: float, cli
     [-1, 1] and eps_hat recomputed from it (as improved-diffusion's DDIM does), so
     the two stay consistent: x_t = alpha_t x0_hat + sigma_t eps_hat."""
     eps = view.eps(x, t)
-    x0 = (x - sigma * eps) / alpha
+    # one pass and one new tensor per operation counts here: this is the sampler's own work per step
+    x0 = torch.add(x, eps, alpha=-sigma).div_(alpha)
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
         eps = (x - alpha * x0) / sigma
@@ -356,7 +363,7 @@ def _dtype(view) -> torch.dtype:
 
 def _solve(view, x, times, sampler, eta, clip_x0, generator) -> torch.Tensor:
     """Walk ``times`` (decreasing) from x = x_{times[0]}; return x_{t_0} / alpha_{t_0}."""
-    levels = [alpha_sigma(view, t) for t in times]
+    levels = _alphas_sigmas(view, times)
     half_lambdas = [half_log_snr(a, s) for a, s in levels]
     x0_prev = h_prev = None
     for i in range(len(times) - 1):
@@ -366,15 +373,15 @@ def _solve(view, x, times, sampler, eta, clip_x0, generator) -> torch.Tensor:
         if sampler == "ddim":
             # eta^2 (sigma_t^2 / sigma_s^2)(1 - alpha_bar_s / alpha_bar_t), 0 at sigma_t = 0
             var_eta = eta**2 * (sigma_t / sigma_s) ** 2 * -math.expm1(2 * (math.log(alpha_s) - math.log(alpha_t)))
-            x = alpha_t * x0 + math.sqrt(max(sigma_t**2 - var_eta, 0.0)) * eps
+            x = x0.mul_(alpha_t).add_(eps, alpha=math.sqrt(max(sigma_t**2 - var_eta, 0.0)))
             if var_eta > 0:
                 x = x + math.sqrt(var_eta) * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         else:
             d = x0
             if x0_prev is not None and math.isfinite(h):
                 r = h_prev / h
-                d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-            x = (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * d
+                d = torch.add(x0, x0_prev, alpha=-0.5 / r / (1 + 0.5 / r)).mul_(1 + 0.5 / r)
+            x = x.mul(sigma_t / sigma_s).add_(d, alpha=-alpha_t * math.expm1(-h))
             x0_prev, h_prev = x0, h
     out = x / levels[-1][0]
     return out.clamp(-1.0, 1.0) if clip_x0 else out
