@@ -15,6 +15,8 @@ Workloads:
 - ``diffusion``: one training step of the time-subsampled diffusion ELBO.
 - ``bound``: the full-T bound (bits/dim) of a batch.
 - ``sample``: ancestral sampling with all T steps and strided sampling.
+- ``m2``: one step of the semi-supervised VAE (M2), labelled and unlabelled
+  examples in one batch, y summed exactly (:mod:`~pyrovae.bench.m2`).
 - ``train``: a whole ``pyrovae train vae`` run (training seconds, as
   metrics.csv counts them) against a plain PyTorch loop over the same data,
   networks, optimiser and epochs.
@@ -76,6 +78,7 @@ from pyrovae.bench.harness import (
     run_case,
     time_variants,
 )
+from pyrovae.bench.m2 import m2_cases, m2_torch_loss, m2_torch_step
 from pyrovae.bench.report import (
     _load_average,
     compiled_checks,
@@ -122,6 +125,9 @@ __all__ = [
     "format_checks",
     "format_header",
     "header",
+    "m2_cases",
+    "m2_torch_loss",
+    "m2_torch_step",
     "pyrovae_run",
     "run",
     "run_case",
