@@ -23,7 +23,7 @@ happens, called by :func:`pyrovae.train.train` for Python and CLI runs alike)
 applies.
 
 **Field metadata** (``dataclasses.fields(cls)[i].metadata``), from which the
-command line is generated and :meth:`TrainConfig.check` validates:
+command line is generated and :meth:`TrainConfig.check` validates::
 
     help     one line for ``--help``
     choices  the allowed values (a tuple of strings), where there is a fixed set

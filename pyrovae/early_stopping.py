@@ -9,7 +9,7 @@ the same random draws (the seed's own stream, so that two epochs' figures
 differ by the weights only and the training stream is untouched). The run
 stops once P epochs in a row have not raised the best held-out ELBO, counted
 from the end of a KL warm-up (``kl_warmup``: until then the training objective
-is not the ELBO; the rule of ``docs/measure_hvae.py``). The weights of the
+is not the ELBO; the rule of the HVAE table in docs/hvae.md). The weights of the
 best epoch are the run's model: ``model.pt``, what :func:`pyrovae.load`
 returns and what the figures are drawn with. The checkpoint keeps the last
 epoch's training state as always, and the best epoch, its ELBO and its

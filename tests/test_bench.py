@@ -75,10 +75,42 @@ def test_every_case_reports_every_variant(smoke, workload):
         assert {r["variant"] for r in rows} == expected, case
 
 
+SAMPLERS = {"pyrovae ancestral", "pyrovae DDIM eta 0", "pyrovae DPM-Solver++ 2M"}
+
+
 def test_sample_workload_times_ancestral_and_strided_sampling(smoke):
     _, _, report = smoke
-    variants = {r["variant"] for r in report["results"] if r["workload"] == "sample"}
+    variants = {r["variant"] for r in report["results"] if r["workload"] == "sample" and "steps" not in r["params"]}
     assert variants == {bench.FLOOR, "pyrovae sample", f"pyrovae sample(steps={bench.SMOKE.sample_steps})"}
+
+
+def test_sample_workload_times_every_sampler_against_the_forward_passes_at_each_step_count(smoke):
+    _, _, report = smoke
+    rows = [r for r in report["results"] if r["workload"] == "sample" and "steps" in r["params"]]
+    expected = {("mlp", k) for k in bench.SMOKE.sampler_steps} | {("unet", k) for k in bench.SMOKE.sampler_unet_steps}
+    assert {(r["params"]["denoiser"], r["params"]["steps"]) for r in rows} == expected
+    for denoiser, steps in expected:
+        case = [r for r in rows if (r["params"]["denoiser"], r["params"]["steps"]) == (denoiser, steps)]
+        assert {r["variant"] for r in case} == {bench.FLOOR} | SAMPLERS
+        assert all(r["target"] == 1.05 for r in case if r["variant"] != bench.FLOOR)
+
+
+def test_sampler_floor_calls_the_network_at_the_ddim_grids_times():
+    """The floor's inputs: one (x, tau) per step, tau the time the chain tells
+    its network at each of the grid's steps (the samplers' network calls)."""
+    from pyrovae.diffusion.samplers import ChainView
+
+    chain = bench.cases._chain(bench.SMOKE, "mlp", 10, torch.device("cpu"))
+    seen = []
+    chain.net.register_forward_hook(lambda m, args, out: seen.append(args[1][0].item()))
+    cases = list(bench.cases.sampler_cases(chain, bench.SMOKE.sampler_steps, 2, torch.device("cpu")))
+    cases[0].variants[bench.FLOOR]()
+    floor_taus, seen[:] = list(seen), []
+    cases[0].variants["pyrovae DDIM eta 0"]()
+    assert (
+        len(floor_taus) == bench.SMOKE.sampler_steps[0] == len(ChainView(chain).grid(bench.SMOKE.sampler_steps[0])) - 1
+    )
+    assert floor_taus == pytest.approx(seen)
 
 
 def test_diffusion_reports_the_literal_chain_and_the_growth_with_T(smoke):

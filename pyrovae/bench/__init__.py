@@ -14,7 +14,9 @@ Workloads:
   likelihood) at batch 16 and 128.
 - ``diffusion``: one training step of the time-subsampled diffusion ELBO.
 - ``bound``: the full-T bound (bits/dim) of a batch.
-- ``sample``: ancestral sampling with all T steps and strided sampling.
+- ``sample``: ancestral sampling with all T steps and strided sampling; the
+  samplers of :mod:`pyrovae.diffusion.samplers` (ancestral, DDIM, DPM-Solver++)
+  at a few step counts against the denoiser's forward passes alone.
 - ``m2``: one step of the semi-supervised VAE (M2), labelled and unlabelled
   examples in one batch, y summed exactly (:mod:`~pyrovae.bench.m2`).
 - ``train``: a whole ``pyrovae train vae`` run (training seconds, as

@@ -199,7 +199,7 @@ def sample_cases(sizes: Sizes, device: torch.device):
     """Ancestral sampling with all T steps and strided sampling on
     ``sizes.sample_steps`` respaced steps: ``DiffusionChain.sample`` against a
     plain torch loop over the same steps (its respaced schedule computed once,
-    beforehand)."""
+    beforehand); then :func:`sampler_cases` on the same chain."""
     pyro.clear_param_store()
     chain = _chain(sizes, "mlp", sizes.sample_T, device)
     n = sizes.sample_n
@@ -221,6 +221,40 @@ def sample_cases(sizes: Sizes, device: torch.device):
         variants,
         {f"pyrovae sample(steps={sizes.sample_steps})": 1.1},
     )
+    yield from sampler_cases(chain, sizes.sampler_steps, n, device)
+    # the denoiser of the default image chain: its forward pass dwarfs a sampler's arithmetic
+    unet = _chain(sizes, "unet", sizes.sample_T, device)
+    yield from sampler_cases(unet, sizes.sampler_unet_steps, sizes.sampler_unet_n, device, "unet", sizes.slow_repeats)
+
+
+def sampler_cases(
+    chain, step_counts: tuple, n: int, device: torch.device, denoiser: str = "mlp", repeats: int | None = None
+):
+    """The samplers of :mod:`pyrovae.diffusion.samplers` (ancestral, DDIM with
+    eta = 0, DPM-Solver++ 2M) drawing ``n`` samples of ``chain`` with K network calls, K in ``step_counts``,
+    against the physical limit: the denoiser's K forward passes alone, on
+    inputs drawn beforehand at the times the DDIM grid tells the network. A
+    sampler's ratio minus one is its own work per step (grid, noise levels,
+    x0_hat, the update; for ancestral also the chain's respacing and its
+    decoder's mean at the last step) as a share of a step."""
+    from pyrovae.diffusion.samplers import ChainView, sample
+
+    view = ChainView(chain)
+    tau_table = chain.tables(torch.get_default_dtype())["tau"]
+    for steps in step_counts:
+        times = [int(t) for t in view.grid(steps)[:-1]]
+        inputs = [(torch.randn(n, chain.x_dim, device=device), tau_table[t - 1].expand(n).clone()) for t in times]
+        variants = {FLOOR: _no_grad(_forwards, chain.net, inputs)}
+        for name, sampler in (("ancestral", "ancestral"), ("DDIM eta 0", "ddim"), ("DPM-Solver++ 2M", "dpm-solver++")):
+            variants[f"pyrovae {name}"] = _bind(sample, chain, n, steps, sampler)
+        yield Case(
+            "sample",
+            f"{denoiser} samplers {steps} of T={chain.T} n={n}",
+            variants,
+            {name: 1.05 for name in variants if name != FLOOR},
+            {"steps": steps, "denoiser": denoiser},
+            repeats,
+        )
 
 
 # --- train: whole runs ------------------------------------------------------------------

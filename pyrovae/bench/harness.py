@@ -52,6 +52,10 @@ class Sizes:
     sample_T: int = 1000
     sample_steps: int = 50
     sample_n: int = 64
+    # network calls of the samplers' cases (pyrovae.diffusion.samplers)
+    sampler_steps: tuple = (10, 20, 50)
+    sampler_unet_steps: tuple = (10,)
+    sampler_unet_n: int = 16
     slow_repeats: int = 7
     train_data: str = "mnist5k"
     train_size: int | None = None
@@ -86,6 +90,9 @@ SMOKE = Sizes(
     sample_T=10,
     sample_steps=3,
     sample_n=2,
+    sampler_steps=(2, 3),
+    sampler_unet_steps=(2,),
+    sampler_unet_n=2,
     slow_repeats=2,
     train_data="digits",
     train_size=32,

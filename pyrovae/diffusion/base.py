@@ -132,6 +132,12 @@ class DiffusionModel(nn.Module):
         """``n`` ancestral samples, ``(n, D)``, on a grid of ``steps`` times (default: the model's own)."""
         raise NotImplementedError(f"{type(self).__name__} must define sample()")
 
+    def sampler_view(self):
+        """What the samplers and the probability-flow ODE see of this model
+        (:mod:`pyrovae.diffusion.samplers`): its noise levels on its own time
+        axis and its eps prediction, so that they never ask which model it is."""
+        raise NotImplementedError(f"{type(self).__name__} must define sampler_view()")
+
     def model(self, x0: torch.Tensor) -> None:
         """The generative chain as a Pyro program (observed site: the data)."""
         raise NotImplementedError(f"{type(self).__name__} must define model()")

@@ -53,6 +53,7 @@ from pyrovae.nets import first_parameter
 from pyrovae.parts.kl import normal_kl
 from pyrovae.parts.likelihoods import LIKELIHOODS, MODEL_SCALE
 from pyrovae.parts.priors import StandardNormal, StandardNormalPrior
+from pyrovae.registry import lookup
 
 PARAMETERIZATIONS = ("eps", "x0", "mean")
 VARIANCES = ("beta_tilde", "beta", "learned")
@@ -172,8 +173,7 @@ class DiffusionChain(DiffusionModel):
             ("parameterization", parameterization, PARAMETERIZATIONS),
             ("variance", variance, VARIANCES),
         ):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+            lookup(name, value, allowed)
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if x_dim < 1:
@@ -510,6 +510,12 @@ class DiffusionChain(DiffusionModel):
         )
 
     @torch.no_grad()
+    def sampler_view(self):
+        """The samplers' view of this model (:class:`~pyrovae.diffusion.samplers.ChainView`)."""
+        from pyrovae.diffusion.samplers import ChainView  # the samplers import the models
+
+        return ChainView(self)
+
     def sample(self, n: int, steps: int | None = None, clip_x0: bool | None = None) -> torch.Tensor:
         """Ancestral sampling, x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1}|x_t) for
         t = T..2, returning the decoder's mean given x_1, shape ``(n, D)``.

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyrovae.registry import lookup
+
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0  # VDM's defaults (CIFAR-10), used here too
 
 
@@ -155,6 +157,4 @@ SCHEDULES = {
 
 def make_gamma(name: str) -> GammaSchedule:
     """The schedule ``name`` (one of :data:`SCHEDULES`) at VDM's initial end points."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown gamma schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[name]()
+    return lookup("gamma schedule", name, SCHEDULES)()

@@ -52,11 +52,16 @@ deterministic samplers decode back to x (DDIM inversion).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from pyrovae.diffusion.chain import DiffusionChain
-from pyrovae.diffusion.vdm import VDM
+from pyrovae.diffusion.base import DiffusionModel
+
+if TYPE_CHECKING:
+    from pyrovae.diffusion.chain import DiffusionChain
+    from pyrovae.diffusion.vdm import VDM
+from pyrovae.registry import lookup
 
 SAMPLERS = ("ancestral", "ddim", "dpm-solver++")
 SPACINGS = ("time", "logsnr")
@@ -224,10 +229,8 @@ def diffusion_view(model):
     a :class:`VDMView`, or ``model`` itself if it already has the view's
     methods (``grid``, ``log_alpha_bar``, ``eps``, ``check_steps``, ``x_dim``,
     ``time_range``, ``ref``; ``time_at``, the inverse of ``log_alpha_bar``, for the ODE)."""
-    if isinstance(model, DiffusionChain):
-        return ChainView(model)
-    if isinstance(model, VDM):
-        return VDMView(model)
+    if isinstance(model, DiffusionModel):
+        return model.sampler_view()
     needed = ("grid", "log_alpha_bar", "eps", "check_steps", "x_dim", "time_range", "ref", "time_at")
     if all(hasattr(model, name) for name in needed):
         return model
@@ -248,10 +251,9 @@ def half_log_snr(alpha: float, sigma: float) -> float:
 
 
 def _check_args(sampler: str, eta: float, spacing: str | None) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    lookup("sampler", sampler, SAMPLERS)
+    if spacing is not None:
+        lookup("spacing", spacing, SPACINGS)
     if sampler == "ancestral" and spacing not in (None, "time"):
         raise ValueError(f"the ancestral sampler walks its model's own grid (spacing 'time'), got spacing={spacing!r}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:

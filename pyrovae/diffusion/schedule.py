@@ -31,6 +31,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyrovae.registry import lookup
+
 SCHEDULES = ("linear", "cosine")
 MAX_BETA = 0.999
 
@@ -129,7 +131,7 @@ class NoiseSchedule(nn.Module):
             return cls(linear_betas(T))
         if name == "cosine":
             return cls(cosine_betas(T))
-        raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
+        lookup("schedule", name, SCHEDULES)
 
     @property
     def T(self) -> int:

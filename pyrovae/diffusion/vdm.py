@@ -299,6 +299,12 @@ class VDM(DiffusionModel):
     # --- sampling ---------------------------------------------------------------------
 
     @torch.no_grad()
+    def sampler_view(self):
+        """The samplers' view of this model (:class:`~pyrovae.diffusion.samplers.VDMView`)."""
+        from pyrovae.diffusion.samplers import VDMView  # the samplers import the models
+
+        return VDMView(self)
+
     def sample(self, n: int, steps: int | None = None) -> torch.Tensor:
         """Ancestral sampling on the grid t_i = i / steps: z_1 ~ N(0, I),
         z_{(i-1)/steps} ~ p_theta(z_{(i-1)/steps} | z_{i/steps}) for i = steps..1,

@@ -13,6 +13,7 @@ from pyro.infer import ELBO
 from pyrovae import distributed, params
 from pyrovae.infer.bound import Bound
 from pyrovae.infer.objective import DifferentiableLossMixin
+from pyrovae.registry import lookup
 
 TIME_SAMPLERS = ("uniform", "importance")
 
@@ -114,7 +115,7 @@ def make_time_sampler(time_sampler) -> UniformTimeSampler:
         return UniformTimeSampler()
     if time_sampler == "importance":
         return ImportanceTimeSampler()
-    raise ValueError(f"unknown time_sampler {time_sampler!r}; expected one of {', '.join(TIME_SAMPLERS)}")
+    lookup("time_sampler", time_sampler, TIME_SAMPLERS)
 
 
 class ChainObjective(DifferentiableLossMixin):
