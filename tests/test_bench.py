@@ -30,6 +30,7 @@ VARIANTS = {
     "diffusion": {bench.FLOOR, "pyrovae DiffusionELBO", bench.TRAINER},
     "train": {bench.FLOOR, bench.RUN_NO_VALIDATE, bench.RUN_VALIDATE, bench.RUN_COMPILED},
     "ddp": {bench.FLOOR, bench.DDP, bench.DDP_NO_SYNC},
+    "m2": {bench.FLOOR, bench.TRAINER, bench.m2.SVI_ANALYTIC, bench.m2.TRAINER_ENUM, bench.m2.SVI_ENUM},
     "bound": {
         bench.FLOOR,
         "pyrovae full_bound (batched over t)",
@@ -178,6 +179,22 @@ def test_vae_floor_computes_the_analytic_elbo_of_the_same_draws():
     floor = bench.vae_torch_step(vae, _NoStep(), x)
     torch.manual_seed(3)
     ours = TraceAnalyticKL_ELBO().loss(vae.model, vae.guide, x)
+    assert floor == pytest.approx(ours, rel=1e-6)
+
+
+def test_m2_floor_computes_the_semi_supervised_loss_of_the_same_draws():
+    """The hand-written M2 step's loss (K classes batched by hand, closed-form
+    KLs) equals SemiSupervisedLoss with the enumerated analytic ELBO, labelled
+    and unlabelled examples in one batch, for the same draws of z."""
+    from pyrovae.ssvae import SSVAE, SemiSupervisedLoss, pack_labels
+
+    m2 = SSVAE(12, 3, 2, (8,), aux_weight=5.0)
+    x = torch.bernoulli(torch.full((6, 12), 0.4))
+    batch = pack_labels(x, torch.tensor([-1, 2, -1, -1, 0, -1]))
+    torch.manual_seed(3)
+    floor = bench.m2_torch_step(m2, _NoStep(), batch)
+    torch.manual_seed(3)
+    ours = SemiSupervisedLoss().differentiable_loss(m2.model, m2.guide, batch).item()
     assert floor == pytest.approx(ours, rel=1e-6)
 
 

@@ -17,6 +17,8 @@ Workloads:
 - ``sample``: ancestral sampling with all T steps and strided sampling; the
   samplers of :mod:`pyrovae.diffusion.samplers` (ancestral, DDIM, DPM-Solver++)
   at a few step counts against the denoiser's forward passes alone.
+- ``m2``: one step of the semi-supervised VAE (M2), labelled and unlabelled
+  examples in one batch, y summed exactly (:mod:`~pyrovae.bench.m2`).
 - ``train``: a whole ``pyrovae train vae`` run (training seconds, as
   metrics.csv counts them) against a plain PyTorch loop over the same data,
   networks, optimiser and epochs.
@@ -78,6 +80,7 @@ from pyrovae.bench.harness import (
     run_case,
     time_variants,
 )
+from pyrovae.bench.m2 import m2_cases, m2_torch_loss, m2_torch_step
 from pyrovae.bench.report import (
     _load_average,
     compiled_checks,
@@ -124,6 +127,9 @@ __all__ = [
     "format_checks",
     "format_header",
     "header",
+    "m2_cases",
+    "m2_torch_loss",
+    "m2_torch_step",
     "pyrovae_run",
     "run",
     "run_case",

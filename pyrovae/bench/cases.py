@@ -33,10 +33,11 @@ from pyrovae.bench.harness import (
     _bind,
     _no_grad,
 )
+from pyrovae.bench.m2 import m2_cases
 from pyrovae.infer import TraceAnalyticKL_ELBO
 from pyrovae.vae import build_vae
 
-WORKLOADS = ("vae", "diffusion", "bound", "sample", "train", "ddp")
+WORKLOADS = ("vae", "diffusion", "bound", "sample", "train", "ddp", "m2")
 
 
 def trainer_step(model, objective, compile: str | None = None) -> Callable:
@@ -400,4 +401,5 @@ CASES = {
     "sample": sample_cases,
     "train": train_cases,
     "ddp": ddp_cases,
+    "m2": m2_cases,
 }
