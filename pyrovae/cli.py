@@ -367,11 +367,13 @@ def config_from_args(args: argparse.Namespace):
     saved = ckpt["config"]
     if saved.get("model", "vae") != args.model:
         raise ValueError(
-            f"--resume {args.resume!r} is a {saved.get('model', 'vae')!r} run, not {args.model!r}; resume it with pyrovae train {saved.get('model', 'vae')}"
+            f"--resume {args.resume!r} is a {saved.get('model', 'vae')!r} run, not {args.model!r}; "
+            f"resume it with pyrovae train {saved.get('model', 'vae')}"
         )
     if "epochs" not in given and ckpt["epoch"] >= saved["epochs"]:
         raise ValueError(
-            f"run {args.resume!r} has finished its {ckpt['epoch']} epochs; give --epochs N with N > {ckpt['epoch']} to train it further"
+            f"run {args.resume!r} has finished its {ckpt['epoch']} epochs; "
+            f"give --epochs N with N > {ckpt['epoch']} to train it further"
         )
     return TrainConfig.from_dict({**saved, "out": None, "overwrite": False, **given})
 
@@ -382,7 +384,8 @@ def warn_unfinished_warmup(cfg) -> None:
     if warmup and cfg.epochs - 1 < warmup:
         beta = (cfg.epochs - 1) / warmup
         print(
-            f"pyrovae: warning: --kl-warmup {warmup} does not end within --epochs {cfg.epochs}: the last epoch trains with "
+            f"pyrovae: warning: --kl-warmup {warmup} does not end within --epochs {cfg.epochs}: "
+            "the last epoch trains with "
             f"KL weight beta = {beta:.3g}, not the ELBO (beta = 1); use --kl-warmup < --epochs",
             file=sys.stderr,
         )

@@ -122,7 +122,8 @@ class TrainConfig(metaclass=_ByModel):
     model: str = option("vae", "the model to train (the subcommand of `pyrovae train`)", cli=False)
     data: str = option(
         "mnist5k",
-        f"a data set ({', '.join(datasets.DATASETS)}) or a path: a folder of images, a .npy/.npz array, a folder of IDX files (docs/data.md)",
+        f"a data set ({', '.join(datasets.DATASETS)}) or a path: a folder of images, a .npy/.npz array, "
+        "a folder of IDX files (docs/data.md)",
     )
     data_dir: str | None = option(None, "folder with the dataset's files (fashion-mnist IDX files)")
     image_size: int | None = option(None, "image folders: resize every image to H x H", ge=1)
@@ -172,7 +173,9 @@ class TrainConfig(metaclass=_ByModel):
     precision: str = option("fp32", "bf16: torch.autocast around the loss", choices=PRECISIONS)
     compile: bool = option(
         False,
-        "the compiled path: the VAE's/HVAE's loss (--elbo analytic) captured once per batch shape (torch.export) and compiled (torch.compile), no Python tracing per step; other objectives by torch.compile (docs/training.md)",
+        "the compiled path: the VAE's/HVAE's loss (--elbo analytic) captured once per batch shape (torch.export) "
+        "and compiled (torch.compile), no Python tracing per step; other objectives by torch.compile "
+        "(docs/training.md)",
     )
     tensorboard: bool = option(False, "also log metrics to TensorBoard (needs the tensorboard package)")
     resume: str | None = option(None, "continue the run in this folder (or checkpoint file) with its saved settings")
@@ -227,7 +230,8 @@ class TrainConfig(metaclass=_ByModel):
 
         if type(self) is TrainConfig or MODELS.get(self.model, (None,))[0] is not type(self):
             raise ValueError(
-                f"model {self.model!r} does not match its config class {type(self).__name__}; build configs with TrainConfig(model=...) or one of {', '.join(c.__name__ for c, _ in MODELS.values())}"
+                f"model {self.model!r} does not match its config class {type(self).__name__}; build configs with "
+                f"TrainConfig(model=...) or one of {', '.join(c.__name__ for c, _ in MODELS.values())}"
             )
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))

@@ -323,7 +323,8 @@ def resume_state(cfg: TrainConfig) -> dict | None:
         raise ValueError(f"epochs must be > {ckpt['epoch']} (the checkpoint's epoch) to resume, got {cfg.epochs}")
     if len(ckpt["rng"]) != distributed.world_size():
         raise ValueError(
-            f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with as many, not {distributed.world_size()}"
+            f"the checkpoint was written by {len(ckpt['rng'])} processes; "
+            f"resume it with as many, not {distributed.world_size()}"
         )
     return ckpt
 
@@ -588,7 +589,8 @@ def nonfinite_stop(err: NonFiniteLossError, model, batch, step: int, epoch: int,
         else "no epoch had finished, so there is no checkpoint"
     )
     return NonFiniteLossError(
-        f"non-finite training loss at step {step} (epoch {epoch}): {err}; ELBO terms not finite on this batch: {terms}. "
+        f"non-finite training loss at step {step} (epoch {epoch}): {err}; "
+        f"ELBO terms not finite on this batch: {terms}. "
         f"Stopped: {kept}, or pass --nan-policy skip to skip such steps"
     )
 

@@ -75,7 +75,9 @@ def test_saved_parameters_load_into_a_fresh_vae(tmp_path):
 
 
 def test_same_seed_gives_the_same_run(tmp_path):
-    read = lambda p: [r["test_elbo"] for r in csv.DictReader(open(p / "metrics.csv"))]
+    def read(p):
+        return [r["test_elbo"] for r in csv.DictReader(open(p / "metrics.csv"))]
+
     main(["train", "vae", *DIGITS, "--out", str(tmp_path / "a")])
     main(["train", "vae", *DIGITS, "--out", str(tmp_path / "b")])
     assert read(tmp_path / "a") == read(tmp_path / "b")
@@ -285,7 +287,10 @@ def test_tensorboard_without_the_package_writes_no_run_folder(tmp_path, capsys):
 def peak_rss_mb(call) -> float:
     """Peak resident memory while ``call()`` runs, above the resident memory
     before it, in MB (Linux: the kernel's high-water mark, reset first)."""
-    status = lambda key: int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+    def status(key):
+        return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
     before = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS

@@ -1,7 +1,6 @@
 """The one discretised distribution (the VAE's likelihood and the diffusion
 chain's decoder): a pmf over 256 levels on either data range, exact in the tails."""
 
-
 import mpmath
 import pytest
 import torch

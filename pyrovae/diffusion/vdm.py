@@ -5,7 +5,7 @@ The model, in VDM's notation (data x on the 256 bin centres of [-1, 1],
 latents z_t for t in [0, 1], gamma from :mod:`pyrovae.diffusion.gamma`)::
 
     q(z_t | x)          = N(alpha_t x, sigma_t^2 I),  sigma_t^2 = sigmoid(gamma_t), alpha_t^2 = sigmoid(-gamma_t)
-    q(z_s | z_t, x)     = N(mu_Q(z_t, x; s, t), sigma_Q^2 I)                 for s < t, with c = -expm1(gamma_s - gamma_t):
+    q(z_s | z_t, x)     = N(mu_Q(z_t, x; s, t), sigma_Q^2 I)   for s < t, with c = -expm1(gamma_s - gamma_t):
         mu_Q            = (alpha_s / alpha_t) (z_t - c sigma_t eps),  eps = (z_t - alpha_t x) / sigma_t
         sigma_Q^2       = c sigma_s^2
     p_theta(z_s | z_t)  = q(z_s | z_t, x = x_hat_theta(z_t; t)),  x_hat = (z_t - sigma_t eps_hat) / alpha_t

@@ -80,7 +80,8 @@ class DiffusionConfig(_DiffusionTraining):
     hidden: list[int] = option([256, 256, 256], "MLP denoiser widths", ge=1)
     objective: str = option(
         AUTO,
-        "elbo (the bound), simple (Ho et al.'s L_simple, not the ELBO) or hybrid (learned variances); auto: hybrid for images, elbo for 2-D data",
+        "elbo (the bound), simple (Ho et al.'s L_simple, not the ELBO) or hybrid (learned variances); "
+        "auto: hybrid for images, elbo for 2-D data",
         choices=(AUTO, *OBJECTIVES),
     )
     parameterization: str = option("eps", "what the denoiser predicts", choices=PARAMETERIZATIONS)
@@ -130,7 +131,8 @@ class DiffusionRecipe(Recipe):
             raise ValueError("time_sampler 'importance' weights the bound's terms; objective 'simple' has none")
         if cfg.channels < 1 or cfg.sample_steps < 1 or any(h < 1 for h in cfg.hidden):
             raise ValueError(
-                f"channels, sample_steps and hidden sizes must be >= 1, got {cfg.channels}, {cfg.sample_steps}, {cfg.hidden}"
+                "channels, sample_steps and hidden sizes must be >= 1, "
+                f"got {cfg.channels}, {cfg.sample_steps}, {cfg.hidden}"
             )
 
     def build(self, cfg, ds: datasets.Dataset) -> DiffusionChain:

@@ -83,11 +83,13 @@ class VDMRecipe(Recipe):
         T = parse_time(cfg.time)
         if cfg.data in datasets.TOY_DATASETS:
             raise ValueError(
-                f"vdm models 8-bit images (its decoder is over the 256 pixel values); {cfg.data!r} is continuous 2-D data: use `pyrovae train diffusion`"
+                f"vdm models 8-bit images (its decoder is over the 256 pixel values); {cfg.data!r} is "
+                "continuous 2-D data: use `pyrovae train diffusion`"
             )
         if cfg.minimise_variance and (T is not None or cfg.schedule != "learned-net"):
             raise ValueError(
-                f"minimise_variance trains the interior of a learned-net schedule in continuous time; got schedule {cfg.schedule!r}, time {cfg.time!r}"
+                "minimise_variance trains the interior of a learned-net schedule in continuous time; "
+                f"got schedule {cfg.schedule!r}, time {cfg.time!r}"
             )
 
     def build(self, cfg, ds: datasets.Dataset) -> VDM:
