@@ -13,12 +13,14 @@ import os
 import random
 import signal
 import socket
+import threading
 import time
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from tqdm.auto import tqdm
 
 from pyrovae import checkpoint, data, runs
 from pyrovae.checkpoint import load_checkpoint
@@ -622,6 +624,10 @@ def _train_forever(out: str) -> None:
     # The parent's OpenMP pool does not survive fork (libgomp hangs in the
     # child's first parallel region); one thread keeps torch out of OpenMP.
     torch.set_num_threads(1)
+    # tqdm's write lock holds a semaphore shared with the parent across fork: a SIGKILL that lands while this
+    # child holds it would leave it taken, and the parent's next progress bar would wait for it for ever
+    # (the suite hung so, once in a few runs). A lock of the child's own keeps the parent out of it.
+    tqdm.set_lock(threading.RLock())  # the class pyrovae's bars use
     cfg = tiny_config(out, epochs=10**6, train_size=16, eval_every=10**6)
     if os.path.exists(os.path.join(out, checkpoint.CHECKPOINT)):
         cfg.resume = out
