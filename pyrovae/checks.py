@@ -29,10 +29,14 @@ def check_batch(
     half-precision data are cast: a model computes in one dtype), or as it is
     for ``dtype=None``. The values are the caller's to check (:func:`check_finite`
     under ``pyro.enable_validation``, ranges)."""
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
-    if x.dim() != 2 or x.shape[1] != x_dim or x.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (batch >= 1, {x_dim}), got {tuple(x.shape)}")
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor of floats, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != x_dim:
+        raise ValueError(f"{name} must have shape (batch >= 1, {x_dim}) (flattened examples), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (batch size 0): it must have shape (batch >= 1, {x_dim})")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the {owner} is on {device}; move one with .to()")
     return x if dtype is None else x.to(dtype)

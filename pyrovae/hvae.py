@@ -67,7 +67,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyrovae import params
-from pyrovae.checks import check_finite
+from pyrovae.checks import check_batch, check_finite
 from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
 from pyrovae.infer.bound import Bound
 from pyrovae.nets import MLP, Conditioning, ConvDecoderNet, ConvEncoderNet, check_sizes, first_parameter
@@ -208,19 +208,8 @@ class HVAE(nn.Module):
         """Raise a clear error for data this model cannot score; return ``x``
         in the model's floating dtype (NumPy's default float64, or half
         precision, is cast: the networks' matmuls need one dtype)."""
-        if not torch.is_tensor(x):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(f"x must have shape (batch, {self.x_dim}) (flattened examples), got {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("x is empty (batch size 0)")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype}")
         reference = first_parameter(self)
-        if x.device != reference.device:
-            raise ValueError(f"x is on {x.device} but the model is on {reference.device}; move one with .to()")
-        if x.dtype != reference.dtype:
-            x = x.to(reference.dtype)
+        x = check_batch(x, self.x_dim, reference.device, reference.dtype)
         if is_validation_enabled():
             check_finite(x, "x")
             if getattr(self.likelihood, "binary_data", False) and not ((x == 0) | (x == 1)).all():

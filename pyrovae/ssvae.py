@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.functional import one_hot
 
 from pyrovae import params
-from pyrovae.data import check_finite
+from pyrovae.checks import check_batch, check_finite
 from pyrovae.infer.analytic_elbo import TraceAnalyticKL_ELBO
 from pyrovae.nets import MLP, check_sizes, first_parameter
 from pyrovae.parts.encoders import DiagonalNormalEncoder
@@ -109,16 +109,8 @@ class SSVAE(nn.Module):
         score: shape ``(B, x_dim)``, floating point, on the model's device,
         binary for a Bernoulli likelihood and ``y`` (if given) integer classes
         of shape ``(B,)`` in [0, K) (the value checks under validation)."""
-        if not torch.is_tensor(x):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.x_dim or x.shape[0] == 0:
-            raise ValueError(f"x must have shape (batch >= 1, {self.x_dim}) (flattened examples), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype}")
         reference = first_parameter(self)
-        if x.device != reference.device:
-            raise ValueError(f"x is on {x.device} but the model is on {reference.device}; move one with .to()")
-        x = x.to(reference.dtype)
+        x = check_batch(x, self.x_dim, reference.device, reference.dtype)
         if y is not None:
             if not torch.is_tensor(y) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                 given = y.dtype if torch.is_tensor(y) else type(y).__name__
