@@ -23,8 +23,10 @@ holding only plain tensors, numbers, strings, lists and dicts, so that
     skipped       training steps skipped for a NaN/inf loss (``--nan-policy skip``)
     data          the data's DataSpec as a dict (name, image_shape, values), so
                   the model is rebuilt without the data (absent before it was saved)
-    early_stopping  with --early-stopping only: held_out (its size), best_epoch,
-                  best_elbo, last_elbo, and the best epoch's model and ema weights,
+    early_stopping  with --early-stopping only: held_out (its size), select_by (the
+                  score watched: test_elbo, or M2's test_accuracy), best_epoch,
+                  best_elbo (the best score), last (the last held-out evaluation),
+                  and the best epoch's model and ema weights,
                   which load() returns (pyrovae.early_stopping)
     history       the training objective after every epoch, ``[{"epoch": e, "train_elbo": v}]``
                   (loss.png's curve; absent before it was kept)

@@ -414,7 +414,7 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
         x_held_out = recipe.prepare_test(cfg, x_held_out.to(device))
         # M2: its held-out bound and accuracy take x with its labels
         x_held_out = recipe.with_labels(cfg, x_held_out, y_held_out)
-        early = EarlyStopping(cfg.early_stopping, x_held_out, cfg.seed, warmup=getattr(cfg, "kl_warmup", 0))
+        early = EarlyStopping(cfg.early_stopping, x_held_out, cfg.seed, getattr(cfg, "kl_warmup", 0), recipe.select_by)
     ds = recipe.prepare_data(cfg, ds)  # M2: the labels it keeps (none of them held out)
     x_test = recipe.with_labels(cfg, x_test, ds.y_test)
     loader, sampler = make_shard_loader(ds.x_train, ds.y_train, cfg)
@@ -445,8 +445,8 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
             early.load_state_dict(ckpt["early_stopping"])
             if early.exhausted(epoch0):
                 raise ValueError(
-                    f"run {cfg.resume!r} stopped early at epoch {epoch0}: its held-out ELBO has not risen since epoch "
-                    f"{early.best_epoch}, whose weights are its model; there is nothing to resume"
+                    f"run {cfg.resume!r} stopped early at epoch {epoch0}: its held-out {early.name} has not risen "
+                    f"since epoch {early.best_epoch}, whose weights are its model; there is nothing to resume"
                 )
     else:
         # Equal initial weights on every rank, different sampling noise.
@@ -558,8 +558,8 @@ def _train(cfg: TrainConfig, recipe, device: torch.device, run: runs.RunFolder) 
             atomic_torch_save(state, os.path.join(out, checkpoint.CHECKPOINT))
         if stop:
             log(
-                f"stopped at epoch {epoch}: no higher held-out ELBO for {cfg.early_stopping} epochs; the run's model "
-                f"is epoch {early.best_epoch}'s (held-out ELBO {early.best_elbo:.4g})"
+                f"stopped at epoch {epoch}: no higher held-out {early.name} for {cfg.early_stopping} epochs; the run's "
+                f"model is epoch {early.best_epoch}'s (held-out {early.name} {early.best_score:.4g})"
             )
             break
 

@@ -143,6 +143,32 @@ def test_cli_trains_m2_with_labels_and_evaluate_reports_the_test_accuracy(tmp_pa
     assert shown["test_accuracy"] == pytest.approx(float(row["test_accuracy"]))
 
 
+def test_early_stopping_keeps_the_epoch_of_best_held_out_accuracy_not_best_bound(tmp_path):
+    """M2 is selected as Pyro's example selects it: by the held-out accuracy of
+    q(y|x). On this run the held-out bound peaks at another epoch than the
+    accuracy (checked), so selection by the bound would keep other weights."""
+    import pyrovae
+    from pyrovae.config import TrainConfig
+    from pyrovae.train import train
+
+    cfg = TrainConfig(
+        model="vae", data="digits", train_size=300, test_size=60, held_out=100, z_dim=2, hidden=[16],
+        labelled=20, aux_weight=20.0, lr=0.03, epochs=12, early_stopping=12, test_particles=1, quiet=True,
+        out=str(tmp_path / "run"),
+    )  # fmt: skip
+    result = train(cfg)
+    accuracy = {row["epoch"]: row["held_out_accuracy"] for row in result.metrics}
+    bound = {row["epoch"]: row["held_out_elbo"] for row in result.metrics}
+    assert result.best_epoch == min(e for e, a in accuracy.items() if a == max(accuracy.values()))
+    assert max(bound, key=bound.get) != result.best_epoch
+    # the run's model is that epoch's: its held-out accuracy is the best one
+    loaded, _ = pyrovae.load(cfg.out)
+    ckpt = torch.load(f"{cfg.out}/checkpoint.pt", weights_only=False)
+    assert ckpt["early_stopping"]["select_by"] == "test_accuracy"
+    assert ckpt["early_stopping"]["best_elbo"] == accuracy[result.best_epoch]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ckpt["early_stopping"]["model"].values()))
+
+
 def test_labelled_keeps_n_labels_balanced_over_the_classes_and_seeded():
     from pyrovae.config import TrainConfig, recipe_for
 

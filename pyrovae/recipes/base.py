@@ -24,12 +24,18 @@ import argparse
 import torch
 from torch import nn
 
+from pyrovae.early_stopping import SELECT_BY_ELBO
+
 
 class Recipe:
     """How one model is built, fed, evaluated and drawn."""
 
     evaluate_help = "the test bound of a trained run"
     """One line for ``pyrovae evaluate MODEL --help``."""
+
+    select_by = SELECT_BY_ELBO
+    """What ``--early-stopping`` maximises on the held-out examples: a key of
+    :meth:`evaluate`'s dict and its name (:mod:`pyrovae.early_stopping`)."""
 
     def check(self, cfg) -> None:
         """Raise ``ValueError`` for settings that cannot work together (the
