@@ -191,6 +191,14 @@ class HVAE(nn.Module):
         c = self.conditioning.features(self.conditioning.check(y, h.shape[-2]), h.dtype).to(h.device)
         return torch.cat([h, c.expand(*h.shape[:-1], c.shape[-1])], -1)
 
+    def top_prior(self, batch: int, y=None) -> torch.distributions.Distribution:
+        """p(z_L), or p(z_L | y) for a conditional prior (batch shape ``(batch,)``)."""
+        if not getattr(self.prior, "conditional", False):
+            return self.prior()
+        if y is None:
+            self.with_y(torch.zeros(batch, 0), y)  # raises the model's own error for a missing y
+        return self.prior(self.conditioning.features(self.conditioning.check(y, batch), torch.float32))
+
     @property
     def L(self) -> int:
         return len(self.z_dims)
@@ -249,7 +257,7 @@ class HVAE(nn.Module):
         self.with_y(x, y)  # y checked before any site is drawn
         sites = self.sites
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample(sites[-1], check_event(self.prior(), "prior", self.z_dims[-1]))
+            z = pyro.sample(sites[-1], check_event(self.top_prior(x.shape[0], y), "prior", self.z_dims[-1]))
             for l in range(self.L, 1, -1):
                 z = pyro.sample(sites[l - 2], self.p_step(z, l))
             pyro.sample("x", self.likelihood(self.decoder(self.with_y(z, y))), obs=x)
@@ -342,7 +350,8 @@ class HVAE(nn.Module):
         takes ``n`` conditioning inputs ``y`` (draws of p(x | y))."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        z = self.prior().sample((n,))
+        prior = self.top_prior(n, y)
+        z = prior.sample() if prior.batch_shape else prior.sample((n,))
         for l in range(self.L, 1, -1):
             z = self.p_step(z, l).sample()
         return self.decode(z, y)
@@ -394,10 +403,13 @@ def _layer_hidden(hidden, L: int) -> list:
     return layers
 
 
-def check_prior(prior, encoder: str, L: int) -> None:
+def check_prior(prior, encoder: str, L: int, conditional: bool = True) -> None:
     """The VampPrior p(z_L) = (1/K) sum_k q(z_L | u_k) needs q(z_L | x) in closed
     form: the top-down pass gives it, the bottom-up encoder (L > 1) only as an
-    integral over z_1..z_{L-1}. A ``ValueError`` saying so for that pair."""
+    integral over z_1..z_{L-1}; the conditional prior p(z_L | y) needs a
+    ``conditional`` model. A ``ValueError`` saying so for those."""
+    if prior == "conditional" and not conditional:
+        raise ValueError("prior 'conditional' is p(z_L | y): it needs a conditional model (--conditional)")
     if prior == "vamp" and encoder == "bottom-up" and L > 1:
         raise ValueError(
             "prior 'vamp' needs q(z_L | x), which the bottom-up encoder gives only as an integral over "
@@ -485,7 +497,7 @@ def build_hvae(
     check_sizes(x_dim=x_dim, **{f"z_dims[{i}]": z for i, z in enumerate(z_dims)})
     lookup("encoder", encoder, ENCODERS)
     L = len(z_dims)
-    check_prior(prior, encoder, L)
+    check_prior(prior, encoder, L, num_classes is not None or y_shape is not None)
     if encoder == "top-down" and L > 1 and (net != "mlp" or guide != "diag"):
         raise ValueError(
             f"the top-down encoder reads the hidden layers of q(z_1 | x)'s MLP: it needs guide 'diag' and net 'mlp', "
@@ -516,7 +528,7 @@ def build_hvae(
     if not isinstance(prior, nn.Module):
         # q(z_L | x), which the VampPrior mixes: the encoder itself for one layer
         top_posterior = guide if L == 1 else _TopPosterior(hvae)
-        prior = lookup("prior", prior, PRIORS, "an nn.Module")(z_dims[-1], top_posterior)
+        prior = lookup("prior", prior, PRIORS, "an nn.Module")(z_dims[-1], top_posterior, c_dim)
     hvae.prior = prior
     return hvae
 

@@ -322,6 +322,23 @@ def test_label_on_an_unconditional_run_is_refused(tmp_path, capsys):
     assert "--label needs a run trained with --conditional" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model", ["vae", "hvae"])
+def test_the_learned_conditional_prior_trains_from_the_cli_and_needs_conditional(model, tmp_path, capsys):
+    import torch
+
+    from pyrovae.checkpoint import load
+    from pyrovae.cli import main
+
+    assert main(["train", model, *TINY, *SMALL[model], "--prior", "conditional", "--out", str(tmp_path / "bad")]) == 1
+    assert "prior 'conditional' is p(z_L | y): it needs a conditional model (--conditional)" in capsys.readouterr().err
+    out = str(tmp_path / "run")
+    assert main(["train", model, "--conditional", *TINY, *SMALL[model], "--prior", "conditional", "--out", out]) == 0
+    loaded, _ = load(out)
+    assert loaded.prior.net.weight.abs().sum() > 0  # p(z_L | y) learned and saved with the run
+    top = loaded.top_prior(2, torch.tensor([3, 4]))
+    assert not torch.equal(top.base_dist.loc[0], top.base_dist.loc[1])
+
+
 def test_conditional_refuses_data_without_labels(tmp_path):
     import numpy as np
 

@@ -30,6 +30,8 @@ from pyrovae.vae import build_vae
 # for it: it uses kl_divergence where registered and falls back to Monte Carlo.
 ELBO_CLASSES = [Trace_ELBO, TraceMeanField_ELBO]
 CLOSED_FORM = {("normal", "diag"), ("normal", "lowrank"), ("normal", "full")}
+# p(z | y) needs a conditional model: tested on its own below
+UNCONDITIONAL = [name for name in PRIORS if name != "conditional"]
 
 
 def perturb_(module: nn.Module, std: float = 0.3) -> nn.Module:
@@ -109,7 +111,7 @@ def test_flow_prior_log_prob_is_normalised(flow):
     assert abs(estimate - 1) < 4 * se, (estimate, se)
 
 
-@pytest.mark.parametrize("name", list(PRIORS))
+@pytest.mark.parametrize("name", UNCONDITIONAL)
 def test_prior_samples_agree_with_its_log_prob(name):
     """The sample mean of z ~ p equals int z p(z) dz computed from log_prob by
     importance sampling (so sampler and density describe the same law)."""
@@ -196,7 +198,7 @@ def test_kl_against_a_non_normal_prior_falls_back_to_monte_carlo():
 # --- every prior x guide trains ------------------------------------------------
 
 
-@pytest.mark.parametrize("prior,guide", list(itertools.product(PRIORS, GUIDES)))
+@pytest.mark.parametrize("prior,guide", list(itertools.product(UNCONDITIONAL, GUIDES)))
 def test_kl_path_is_closed_form_exactly_for_gaussian_guides_and_the_normal_prior(prior, guide):
     vae = build_vae(6, 3, (8,), prior=prior, guide=guide)
     x = torch.bernoulli(torch.full((4, 6), 0.5))
@@ -208,7 +210,7 @@ def test_kl_path_is_closed_form_exactly_for_gaussian_guides_and_the_normal_prior
 
 
 @pytest.mark.parametrize("elbo", ELBO_CLASSES, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("prior,guide", list(itertools.product(PRIORS, GUIDES)))
+@pytest.mark.parametrize("prior,guide", list(itertools.product(UNCONDITIONAL, GUIDES)))
 def test_every_prior_and_guide_trains(prior, guide, elbo):
     pyro.clear_param_store()
     pyro.set_rng_seed(7)
@@ -220,6 +222,49 @@ def test_every_prior_and_guide_trains(prior, guide, elbo):
     assert all(math.isfinite(loss) for loss in losses)
     unchanged = [n for n, p in vae.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged, f"not trained: {unchanged}"
+
+
+def test_conditional_prior_is_a_normal_per_class_that_starts_at_n01_and_samples_its_log_prob():
+    from pyrovae.parts.priors import ConditionalNormalPrior
+
+    prior = ConditionalNormalPrior(2, 3)
+    c = torch.eye(3)
+    start = prior(c)
+    assert start.batch_shape == (3,) and start.event_shape == (2,)
+    assert torch.equal(start.base_dist.loc, torch.zeros(3, 2)) and torch.equal(start.base_dist.scale, torch.ones(3, 2))
+    pyro.set_rng_seed(3)
+    perturb_(prior, 0.5)
+    with torch.no_grad():
+        p = prior(c)
+        draws = p.sample((20000,))
+    loc, scale = prior.net.weight.T.reshape(3, 2, 2).unbind(1)  # one-hot c picks its class's row
+    assert torch.allclose(p.base_dist.loc, loc) and torch.allclose(p.base_dist.scale, scale.exp())
+    se = scale.exp() / math.sqrt(len(draws))
+    assert ((draws.mean(0) - loc).abs() < 4 * se).all()
+    assert len(set(tuple(row.tolist()) for row in p.base_dist.loc)) == 3  # y reaches it
+
+
+@pytest.mark.parametrize("elbo", ELBO_CLASSES, ids=lambda c: c.__name__)
+def test_conditional_vae_with_the_conditional_prior_trains_it_and_keeps_the_kl_closed_form(elbo):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(7)
+    vae = build_vae(6, 3, (8,), prior="conditional", num_classes=4)
+    x, y = torch.bernoulli(torch.full((4, 6), 0.5)), torch.tensor([0, 1, 2, 3])
+    guide_trace = poutine.trace(vae.guide).get_trace(x, y)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x, y)
+    assert has_closed_form_kl(guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"])
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), elbo())
+    assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
+    assert vae.prior.net.weight.abs().sum() > 0  # learned from its zero start
+    assert vae.sample(4, y).shape == (4, 6)
+
+
+def test_conditional_prior_without_y_is_refused():
+    with pytest.raises(ValueError, match="prior 'conditional' is p\\(z_L \\| y\\): it needs a conditional model"):
+        build_vae(6, 3, (8,), prior="conditional")
+    vae = build_vae(6, 3, (8,), prior="conditional", num_classes=4)
+    with pytest.raises(ValueError, match="this model is conditional: give y"):
+        vae.sample(2)
 
 
 def test_own_prior_in_five_lines_plugs_in():

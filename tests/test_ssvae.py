@@ -166,7 +166,8 @@ def test_early_stopping_keeps_the_epoch_of_best_held_out_accuracy_not_best_bound
     ckpt = torch.load(f"{cfg.out}/checkpoint.pt", weights_only=False)
     assert ckpt["early_stopping"]["select_by"] == "test_accuracy"
     assert ckpt["early_stopping"]["best_elbo"] == accuracy[result.best_epoch]
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ckpt["early_stopping"]["model"].values()))
+    kept = ckpt["early_stopping"]["model"].values()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), kept))
 
 
 def test_labelled_keeps_n_labels_balanced_over_the_classes_and_seeded():

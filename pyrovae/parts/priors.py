@@ -1,5 +1,7 @@
 """Priors p(z): modules whose ``forward()`` returns a Pyro distribution with
-``batch_shape == ()`` and ``event_shape == (z_dim,)``.
+``batch_shape == ()`` and ``event_shape == (z_dim,)``; a conditional prior
+p(z | y) (``conditional = True``) takes y's features, ``forward(c)``, and has
+batch shape ``(B,)``.
 
 Any ``nn.Module`` with that contract can be passed to :class:`~pyrovae.vae.VAE`;
 parameters it owns are trained with the rest of the model. :data:`PRIORS` names
@@ -225,10 +227,53 @@ class FlowPrior(nn.Module):
         return dist.TransformedDistribution(dist.Normal(self.loc, self.scale).to_event(1), transforms)
 
 
+class ConditionalNormalPrior(nn.Module):
+    """p_theta(z | y) = N(z; mu_theta(y), diag sigma_theta(y)^2): the learned
+    conditional prior of a conditional VAE (Sohn, Lee & Yan 2015's prior
+    network), at the top layer z_L of a conditional HVAE.
+
+    ``forward(c)`` takes y's features ``c`` (``(B, c_dim)``: one-hot classes, or
+    a float y flattened; :class:`pyrovae.nets.Conditioning`) and returns a
+    distribution of batch shape ``(B,)``. mu and log sigma are linear in ``c``
+    (for classes: a learned mean and scale per class), zero at initialisation,
+    so that the model starts as the N(0, I) prior's. With the N(0, I) prior a
+    draw of z may carry information about the class that contradicts the y it
+    is decoded with; with this one z ~ p(z | y) lies where the encoder puts
+    the examples of class y. Its KL to a diagonal Normal q(z | x, y) is still a
+    closed form (the analytic ELBO takes it).
+    """
+
+    conditional = True
+
+    def __init__(self, z_dim: int, c_dim: int):
+        super().__init__()
+        if z_dim < 1 or c_dim < 1:
+            raise ValueError(f"z_dim and c_dim must be >= 1, got {z_dim} and {c_dim}")
+        self.z_dim, self.c_dim = z_dim, c_dim
+        self.net = nn.Linear(c_dim, 2 * z_dim, bias=False)
+        nn.init.zeros_(self.net.weight)
+
+    def forward(self, c: torch.Tensor) -> dist.Distribution:
+        loc, log_scale = self.net(c.to(self.net.weight)).split(self.z_dim, -1)
+        return dist.Normal(loc, log_scale.exp()).to_event(1)
+
+
+def conditional_prior(z_dim: int, encoder, c_dim: int = 0) -> ConditionalNormalPrior:
+    """:class:`ConditionalNormalPrior` by name: a clear error for a model without y."""
+    if not c_dim:
+        raise ValueError(
+            "prior 'conditional' is p(z | y): it needs a conditional model (num_classes or y_shape; --conditional)"
+        )
+    return ConditionalNormalPrior(z_dim, c_dim)
+
+
 PRIORS = {
-    "normal": lambda z_dim, encoder: StandardNormalPrior(z_dim),
-    "mog": lambda z_dim, encoder: MixtureOfGaussiansPrior(z_dim),
-    "vamp": lambda z_dim, encoder: VampPrior(encoder),
-    "flow": lambda z_dim, encoder: FlowPrior(z_dim),
+    "normal": lambda z_dim, encoder, c_dim=0: StandardNormalPrior(z_dim),
+    "mog": lambda z_dim, encoder, c_dim=0: MixtureOfGaussiansPrior(z_dim),
+    "vamp": lambda z_dim, encoder, c_dim=0: VampPrior(encoder),
+    "flow": lambda z_dim, encoder, c_dim=0: FlowPrior(z_dim),
+    "conditional": conditional_prior,
 }
-"""Prior constructors by name, each ``(z_dim, encoder) -> prior module``."""
+"""Prior constructors by name, each ``(z_dim, encoder, c_dim=0) -> prior
+module``; ``c_dim`` is the size of a conditional model's y features (0 for
+none), which only ``conditional`` uses."""

@@ -44,7 +44,11 @@ class HVAEConfig(TrainConfig):
         "+1.35 nats IWAE-1000 on MNIST-5k, docs/hvae.md)",
         ge=0,
     )
-    prior: str = option("normal", "prior p(z_L) of the top layer (vamp needs the top-down encoder)", choices=PRIORS)
+    prior: str = option(
+        "normal",
+        "prior p(z_L) of the top layer (vamp needs the top-down encoder; conditional: p(z_L | y), --conditional)",
+        choices=PRIORS,
+    )
     likelihood: str = option("bernoulli", "p(x|z_1); only bernoulli binarises the data", choices=LIKELIHOODS)
     iwae_k: int = option(0, "IWAE-k log-likelihood on the test split after each evaluation (0: off)", ge=0)
 
@@ -60,7 +64,7 @@ class HVAERecipe(VAERecipe):
                 f"hidden must give one width per layer ({len(cfg.z_dims)}, as z_dims) or one for all, got {cfg.hidden}"
             )
         check_kl_warmup(cfg)
-        check_prior(cfg.prior, cfg.encoder, len(cfg.z_dims))
+        check_prior(cfg.prior, cfg.encoder, len(cfg.z_dims), getattr(cfg, "conditional", False))
 
     def build(self, cfg, ds: datasets.Dataset) -> HVAE:
         hidden = [(width,) * cfg.depth for width in cfg.hidden]

@@ -14,7 +14,7 @@ from pyrovae import plots
 from pyrovae.cli import non_negative_int, positive_int
 from pyrovae.config import TrainConfig, option, override
 from pyrovae.evaluate.commands import add_evaluate_flags
-from pyrovae.hvae import HVAE, active_units
+from pyrovae.hvae import HVAE, active_units, check_prior
 from pyrovae.infer import evaluate_iwae, make_elbo
 from pyrovae.infer.bound import prefixed
 from pyrovae.infer.elbos import ELBOS
@@ -39,7 +39,7 @@ class VAEConfig(TrainConfig):
     hidden: list[int] = option([400], "hidden layer sizes of the encoder (the decoder mirrors them)", ge=1)
     elbo: str = option("analytic", "ELBO estimator", choices=ELBOS)
     kl_warmup: int = option(0, "KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up)", ge=0)
-    prior: str = option("normal", "prior p(z)", choices=PRIORS)
+    prior: str = option("normal", "prior p(z) (conditional: p(z | y), learned; needs --conditional)", choices=PRIORS)
     guide: str = option("diag", "encoder q(z|x)", choices=GUIDES)
     likelihood: str = option("bernoulli", "p(x|z); only bernoulli binarises the data", choices=LIKELIHOODS)
     net: str = option("mlp", "encoder/decoder networks (conv needs image data)", choices=NETS)
@@ -86,6 +86,7 @@ class VAERecipe(Recipe):
             ("net", self.net(cfg), NETS),
         ):
             lookup(kind, name, registry)
+        check_prior(cfg.prior, "bottom-up", 1, getattr(cfg, "conditional", False))
         if cfg.iwae_k < 0:
             raise ValueError(f"iwae_k must be >= 0 (0: no IWAE estimate), got {cfg.iwae_k}")
 
