@@ -159,3 +159,12 @@ def test_negative_guidance_on_evaluate_is_a_usage_error(runs, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "diffusion", str(runs / "diffusion"), "--samples", "4", "--guidance", "-1"])
     assert exit_.value.code == 2 and "--guidance: must be a number w >= 0" in capsys.readouterr().err
+
+
+def test_samples_of_an_m2_run_are_refused_in_one_line(tmp_path, capsys):
+    out = str(tmp_path / "m2")
+    assert main(["train", "vae", *TINY, *SMALL["vae"], "--labelled", "20", "--kl-warmup", "0", "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "vae", out, "--samples", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "--samples needs a model that samples" in err and len(err.strip().splitlines()) == 1
