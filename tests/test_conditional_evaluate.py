@@ -6,16 +6,10 @@ import json
 
 import pytest
 import torch
+from test_conditional import SMALL, TINY
 
 from pyrovae.cli import main
 
-TINY = ["--data", "digits", "--epochs", "1", "--train-size", "256", "--test-size", "64", "--quiet"]
-SMALL = {
-    "vae": ["--z-dim", "4", "--hidden", "32"],
-    "hvae": ["--z-dims", "4", "2", "--hidden", "32", "--kl-warmup", "0"],
-    "diffusion": ["--T", "8", "--channels", "8", "--sample-steps", "2"],
-    "vdm": ["--channels", "8", "--sample-steps", "2"],
-}
 BOUND = {"vae": [], "hvae": [], "diffusion": ["--n", "4"], "vdm": ["--n", "4", "--replicates", "2", "--draws", "1"]}
 
 
