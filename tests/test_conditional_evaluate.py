@@ -162,3 +162,9 @@ def test_samples_of_an_m2_run_are_refused_in_one_line(tmp_path, capsys):
     assert main(["evaluate", "vae", out, "--samples", "4"]) == 1
     err = capsys.readouterr().err
     assert "--samples needs a model that samples" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_samples_are_those_of_seed(runs, small_judge, capsys):
+    argv = ["vae", str(runs / "vae"), "--samples", "20"]
+    first, again, other = (evaluate([*argv, "--seed", seed], capsys) for seed in ("0", "0", "1"))
+    assert first["fd_judge"] == again["fd_judge"] != other["fd_judge"]
