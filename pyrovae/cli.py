@@ -532,11 +532,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
     from pyrovae.checkpoint import load, load_checkpoint
-    from pyrovae.evaluate.commands import check_likelihood
+    from pyrovae.evaluate.commands import check_likelihood, check_sample_flags, sample_quality
     from pyrovae.recipes import recipe_for
 
     check_likelihood(args, args.model)
     model, cfg = load(args.run, model=args.model, ema=args.ema, device=args.device)
+    check_sample_flags(args, cfg, model)
     pyro.set_rng_seed(args.seed)
     recipe = recipe_for(cfg)
     if args.data is None:
@@ -548,6 +549,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     x_test = recipe.prepare_test(cfg, x_test.to(next(model.parameters()).device))
     x_test = recipe.with_labels(cfg, x_test, y_test)  # M2: the test accuracy of q(y|x)
     result = recipe.run_evaluate(args, model, cfg, x_test)
+    if args.samples:
+        result.update(sample_quality(args, model, cfg, recipe))
     # the per-t terms go to the run's evaluate-<steps>.json, not the terminal
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps({"run": args.run, "test_size": len(x_test), **shown}))

@@ -1,15 +1,18 @@
-"""The command line's sampler, ODE-likelihood and sample-quality flags for the
-diffusion models (``pyrovae sample|evaluate diffusion|vdm``); :mod:`pyrovae.cli`
+"""The command line's sampler and ODE-likelihood flags for the diffusion models
+(``pyrovae sample|evaluate diffusion|vdm``) and the sample-quality scores of
+every model (``pyrovae evaluate MODEL RUN --samples N``); :mod:`pyrovae.cli`
 calls these.
 
     pyrovae sample diffusion RUN --sampler ddim --steps 20 [--eta 0]
     pyrovae evaluate vdm RUN --likelihood ode [--n 100]
     pyrovae evaluate diffusion RUN --samples 1000 --sampler dpm-solver++ --steps 20
+    pyrovae evaluate vdm RUN --samples 1000 --guidance 1   (a run trained with --conditional)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -62,30 +65,41 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_flags(p: argparse.ArgumentParser, diffusion: bool) -> None:
-    """``--likelihood`` for every model (``ode`` only for the diffusion models),
-    and for those ``--samples N`` with the sampler's flags."""
+    """``--likelihood`` (``ode`` only for the diffusion models), ``--samples N``
+    with ``--guidance`` for every model, and for the diffusion models the
+    sampler's flags."""
+    from pyrovae.cli import guidance_weight
+
     p.add_argument(
         "--likelihood",
         choices=LIKELIHOODS,
         default="elbo",
         help="elbo (the bound); ode adds the probability-flow ODE's bits/dim (diffusion models) (default: elbo)",
     )
-    if not diffusion:
-        return
-    p.add_argument(
-        "--exact-divergence",
-        action="store_true",
-        help="ODE: the divergence by D backward passes instead of Hutchinson's estimate (small D only)",
-    )
+    if diffusion:
+        p.add_argument(
+            "--exact-divergence",
+            action="store_true",
+            help="ODE: the divergence by D backward passes instead of Hutchinson's estimate (small D only)",
+        )
     p.add_argument(
         "--samples",
         type=_samples,
         default=0,
         metavar="N",
-        help="score N samples against the test split in the judge's features (FD, KID; 0 off) (default: 0)",
+        help="score N samples against the test split in the judge's features (FD, KID; 0 off); of a run trained "
+        "with --conditional, N // K of each class and the share the judge puts in the class asked for (default: 0)",
     )
     p.add_argument("--precision-recall", action="store_true", help="with --samples: also precision and recall (k = 3)")
-    add_sampler_flags(p)
+    p.add_argument(
+        "--guidance",
+        type=guidance_weight,
+        default=None,
+        metavar="W",
+        help="with --samples, of a conditional chain or VDM: classifier-free guidance weight w >= 0 (default: 0)",
+    )
+    if diffusion:
+        add_sampler_flags(p)
 
 
 def check_likelihood(args, model_name: str) -> None:
@@ -141,45 +155,66 @@ def ode_bits_per_dim(model, x_test: torch.Tensor, args, discrete: bool) -> dict:
     }
 
 
-def sample_quality(model, steps: int, args, ds, to_data, chunk: int = 500) -> dict:
-    """FD and KID in the judge's features between ``args.samples`` samples and
-    ``ds``'s test split, the judge trained (or read from its cache) on ``ds``'s
-    training split; with the sampler, its steps and seconds per 1,000 samples."""
+def check_sample_flags(args, cfg, model) -> None:
+    """``pyrovae evaluate``'s ``--samples`` and ``--guidance``, checked before
+    anything is computed: guidance weighs the samples of a conditional chain or
+    VDM, and M2 (``--labelled``) has no sampler."""
+    from pyrovae.recipes.conditional import DIFFUSION_MODELS
+
+    if args.samples and not hasattr(model, "sample"):
+        raise ValueError(
+            f"--samples needs a model that samples; run {args.run!r} holds a {type(model).__name__} "
+            "(--labelled, M2), which has no sample method"
+        )
+    if args.guidance is None:
+        return
+    if not args.samples:
+        raise ValueError("--guidance weighs the samples that --samples N scores; give --samples N")
+    if cfg.model not in DIFFUSION_MODELS:
+        raise ValueError(f"--guidance is classifier-free guidance of the chain and VDM; a {cfg.model} has none")
+    if not getattr(cfg, "conditional", False):
+        raise ValueError(f"--guidance needs a run trained with --conditional; {args.run!r} is unconditional")
+
+
+def sample_quality(args, model, cfg, recipe, chunk: int = 500) -> dict:
+    """``args.samples`` samples of the run (``recipe.sampler``, as ``pyrovae
+    sample`` draws them; a conditional run's balanced over its classes) scored
+    against the test split of ``--data`` (default the run's) in the features of
+    the judge trained on its training split (read from its cache): FD and KID,
+    the sampler and its steps (diffusion models) and seconds per 1,000 samples.
+    Of a conditional run also ``sample_class_accuracy``, the share of samples
+    the judge puts in the class asked for, and the ``guidance`` weight (``None``
+    for the VAEs)."""
+    from pyrovae import data as datasets
+    from pyrovae.checkpoint import load_checkpoint
     from pyrovae.evaluate.judge import judge_for
     from pyrovae.evaluate.metrics import sample_scores
+    from pyrovae.recipes.conditional import DIFFUSION_MODELS
 
-    if args.samples < 2:
-        raise ValueError(f"--samples must be >= 2 for a score, got {args.samples}")
+    # the sampler's flags are checked before the judge (minutes, the first time) is trained
+    draw, _ = recipe.sampler(model, cfg, datasets.run_spec(load_checkpoint(args.run), cfg), args)
+    ds = datasets.load_from_config(dataclasses.replace(cfg, data=args.data or cfg.data))
     judge = judge_for(ds)
-    draw, _ = draw_function(model, steps, args, to_data)
     start = time.perf_counter()
     with torch.no_grad():
         samples = torch.cat([draw(min(chunk, args.samples - i)).float().cpu() for i in range(0, args.samples, chunk)])
     seconds = time.perf_counter() - start
     reference = torch.as_tensor(ds.x_test[:]).float().cpu()
-    scores = sample_scores(judge, samples, reference, precision_and_recall=args.precision_recall)
-    return {
-        "sampler": args.sampler,
-        "sample_steps": steps,
-        **({"eta": args.eta} if args.sampler == "ddim" else {}),
-        "seconds_per_1000_samples": 1000 * seconds / args.samples,
-        **scores,
-    }
-
-
-def diffusion_scores(model, x_test: torch.Tensor, steps: int, args, cfg) -> dict:
-    """What ``pyrovae evaluate diffusion|vdm`` adds to the bound: the ODE's
-    bits/dim on ``x_test`` (``--likelihood ode``) and the sample scores
-    (``--samples N``) against the test split of ``cfg``'s data set, whose
-    training split trains the judge."""
-    from pyrovae import data as datasets
-    from pyrovae.recipes.diffusion import from_chain_space
-
     result = {}
-    if args.likelihood == "ode":
-        # VDM's decoder is always over the 256 bins; the chain's only for images
-        result.update(ode_bits_per_dim(model, x_test, args, discrete=getattr(model, "discrete", True)))
-    if args.samples:
-        ds = datasets.load_from_config(cfg)
-        result.update(sample_quality(model, steps, args, ds, from_chain_space if ds.is_image else (lambda x: x)))
-    return result
+    steps = recipe.sample_steps(model, cfg, args)
+    if steps is not None:
+        result.update(sampler=args.sampler, sample_steps=steps, **({"eta": args.eta} if args.sampler == "ddim" else {}))
+    result["seconds_per_1000_samples"] = 1000 * seconds / args.samples
+    if getattr(draw, "labels", None) is not None:
+        result["guidance"] = (args.guidance or 0.0) if cfg.model in DIFFUSION_MODELS else None
+        result["sample_class_accuracy"] = judge.accuracy(samples, draw.labels.cpu())
+    return {**result, **sample_scores(judge, samples, reference, precision_and_recall=args.precision_recall)}
+
+
+def ode_scores(model, x_test: torch.Tensor, args) -> dict:
+    """What ``--likelihood ode`` adds to ``pyrovae evaluate diffusion|vdm``'s
+    bound: the ODE's bits/dim on ``x_test``."""
+    if args.likelihood != "ode":
+        return {}
+    # VDM's decoder is always over the 256 bins; the chain's only for images
+    return ode_bits_per_dim(model, x_test, args, discrete=getattr(model, "discrete", True))

@@ -11,7 +11,8 @@ The loop calls, in order: :meth:`Recipe.check` (through the config's
 the end :meth:`Recipe.write_figures`. ``pyrovae sample MODEL RUN`` and
 ``pyrovae evaluate MODEL RUN`` add the recipe's own flags
 (:meth:`Recipe.add_sample_arguments`, :meth:`Recipe.add_evaluate_arguments`)
-and call :meth:`Recipe.sampler` and :meth:`Recipe.run_evaluate`. Every method
+and call :meth:`Recipe.sampler` and :meth:`Recipe.run_evaluate` (``evaluate
+--samples`` scores the samples of :meth:`Recipe.sampler` too). Every method
 but :meth:`build`, :meth:`objective` and :meth:`evaluate` has a default that
 does nothing (or the plain thing), so neither the loop nor the command line
 ever asks which model it holds.
@@ -100,6 +101,11 @@ class Recipe:
                 f"draw from it; evaluate it with pyrovae evaluate {args.model} {args.run}"
             )
         return model.sample, f"samples, {cfg.model} on {ds.name}"
+
+    def sample_steps(self, model, cfg, args: argparse.Namespace) -> int | None:
+        """The steps :meth:`sampler` takes under ``--steps`` (``None``: one pass,
+        a model without a sampler's flags)."""
+        return None
 
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Flags of ``pyrovae evaluate MODEL`` beyond every model's."""

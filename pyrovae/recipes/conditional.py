@@ -115,8 +115,9 @@ class ConditionalRecipe:
         return pack_labels(x, y.to(x.device))
 
     def sampler(self, model, cfg, ds, args) -> tuple:
-        """``(draw, title)`` for ``pyrovae sample``: a :class:`LabelledDraw` over
-        the labels ``--label`` asks for; the chain and VDM through their own
+        """``(draw, title)`` for ``pyrovae sample`` (and ``evaluate --samples``): a
+        :class:`LabelledDraw` over the labels ``--label`` asks for
+        (:func:`sample_labels`); the chain and VDM through their own
         sampler flags, their denoiser fixed at each chunk's labels (and guided
         with ``--guidance``)."""
         from pyrovae.diffusion.denoisers import conditioned
@@ -181,12 +182,16 @@ class LabelledDraw:
 def sample_labels(args, cfg, spec, device) -> tuple:
     """``(y, columns)`` for ``pyrovae sample`` of a conditional run: ``--label
     all`` (the default), ``--n`` samples (8 by default) of each class, a row per
-    class; ``--label K`` (a number or a class name), ``--n`` samples of it. A
-    clear error for a label the run does not have, or ``--guidance`` on a VAE."""
+    class; ``--label K`` (a number or a class name), ``--n`` samples of it. For
+    ``pyrovae evaluate --samples N``, N samples balanced over the K classes
+    (:func:`balanced_labels`). A clear error for a label the run does not have,
+    or ``--guidance`` on a VAE."""
     if args.guidance is not None and cfg.model not in DIFFUSION_MODELS:
         raise ValueError(f"--guidance is classifier-free guidance of the chain and VDM; a {cfg.model} has none")
     classes = spec.classes
     k = len(classes)
+    if getattr(args, "samples", 0):  # pyrovae evaluate
+        return balanced_labels(args.samples, k, device), args.samples // k or 1
     if args.label in (None, "all"):
         per = args.n or 8
         return torch.arange(k, device=device).repeat_interleave(per), per
@@ -199,6 +204,14 @@ def sample_labels(args, cfg, spec, device) -> tuple:
             f"--label must be a class in [0, {k}) (or its name: {', '.join(classes)}) or all, got {args.label!r}"
         )
     return torch.full((args.n or 64,), label, device=device), 8
+
+
+def balanced_labels(n: int, k: int, device=None) -> torch.Tensor:
+    """``n`` labels balanced over ``k`` classes, in class order: ``n // k`` of
+    each and one more of each of the first ``n % k``."""
+    counts = torch.full((k,), n // k, device=device)
+    counts[: n % k] += 1
+    return torch.arange(k, device=device).repeat_interleave(counts)
 
 
 def sample_images(

@@ -4,7 +4,6 @@ how ``pyrovae sample|evaluate diffusion`` load a finished run."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pyrovae.config import AUTO, TrainConfig, option, override
 from pyrovae.diffusion.chain import PARAMETERIZATIONS, VARIANCES, DiffusionChain
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.schedule import SCHEDULES, NoiseSchedule
-from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags, diffusion_scores, draw_function
+from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags, draw_function, ode_scores
 from pyrovae.infer.bound import Bound, bound_terms, prefixed
 from pyrovae.infer.diffusion_elbo import TIME_SAMPLERS, DiffusionELBO
 from pyrovae.infer.losses import OBJECTIVES, make_objective
@@ -194,12 +193,15 @@ class DiffusionRecipe(Recipe):
 
     def sampler(self, chain: DiffusionChain, cfg, ds, args) -> tuple:
         """Samples of ``--sampler`` on the chain respaced to ``--steps`` (default: all T), as data."""
-        steps = args.steps or chain.T
+        steps = self.sample_steps(chain, cfg, args)
         if steps > chain.T:
             raise ValueError(f"--steps must be <= T = {chain.T}, got {steps}")
         to_data = from_chain_space if ds.is_image else (lambda x: x)
         draw, title = draw_function(chain, steps, args, to_data)
         return draw, f"{title} of {chain.T}"
+
+    def sample_steps(self, chain: DiffusionChain, cfg, args) -> int:
+        return args.steps or chain.T
 
     def add_evaluate_arguments(self, parser) -> None:
         parser.add_argument("--n", type=positive_int, default=100, help="first N test examples (default: 100)")
@@ -219,11 +221,9 @@ class DiffusionRecipe(Recipe):
 
     def run_evaluate(self, args, chain: DiffusionChain, cfg, x_test: torch.Tensor) -> dict:
         """The full bound (:func:`evaluate_bound`) on the first ``--n`` test examples, with the
-        ODE's bits/dim and the samples' scores when asked for."""
+        ODE's bits/dim when asked for."""
         result = evaluate_bound(chain, x_test[: args.n], args.steps, args.chunk_size, args.run)
-        scored = dataclasses.replace(cfg, data=args.data or cfg.data)
-        result.update(diffusion_scores(chain, x_test[: args.n], args.steps or chain.T, args, scored))
-        return result
+        return {**result, **ode_scores(chain, x_test[: args.n], args)}
 
 
 def write_samples(

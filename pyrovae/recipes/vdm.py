@@ -5,7 +5,6 @@ vdm`` use a finished run."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from pyrovae.config import option, override
 from pyrovae.diffusion.denoisers import TimeMLP, UNet
 from pyrovae.diffusion.gamma import SCHEDULES, make_gamma
 from pyrovae.diffusion.vdm import FOURIER_EXPONENTS, VDM
-from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags, diffusion_scores, draw_function
+from pyrovae.evaluate.commands import add_evaluate_flags, add_sampler_flags, draw_function, ode_scores
 from pyrovae.infer.bound import Bound, bits_per_dim, prefixed
 from pyrovae.infer.bound import bound_terms as named_terms
 from pyrovae.infer.vdm_elbo import TERMS, VDMELBO
@@ -147,12 +146,15 @@ class VDMRecipe(Recipe):
     def sampler(self, vdm: VDM, cfg, ds, args) -> tuple:
         """Samples in [0, 1] on ``--steps`` times: the ancestral sampler on any number of
         them (not a respaced chain), or ``--sampler``'s."""
-        steps = args.steps or cfg.sample_steps
+        steps = self.sample_steps(vdm, cfg, args)
         if args.sampler != "ancestral":
             return draw_function(vdm, steps, args, from_chain_space)
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
         return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
+
+    def sample_steps(self, vdm: VDM, cfg, args) -> int:
+        return args.steps or cfg.sample_steps
 
     def add_evaluate_arguments(self, parser) -> None:
         # a count below 1 is a usage error (exit 2), as every flag's bound
@@ -179,14 +181,12 @@ class VDMRecipe(Recipe):
 
     def run_evaluate(self, args, vdm: VDM, cfg, x_test: torch.Tensor) -> dict:
         """The bound with its standard error (:func:`evaluate_bound`) on the first ``--n`` test
-        examples, with the ODE's bits/dim and the samples' scores when asked for."""
+        examples, with the ODE's bits/dim when asked for."""
         for name in ("n", "replicates", "draws"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         result = evaluate_bound(vdm, x_test[: args.n], args.replicates, args.draws, args.run)
-        scored = dataclasses.replace(cfg, data=args.data or cfg.data)
-        result.update(diffusion_scores(vdm, x_test[: args.n], args.steps or cfg.sample_steps, args, scored))
-        return result
+        return {**result, **ode_scores(vdm, x_test[: args.n], args)}
 
 
 def schedule_ends(vdm: VDM) -> dict:
