@@ -175,21 +175,32 @@ class HVAE(nn.Module):
     def conditional(self) -> bool:
         return self.conditioning is not None
 
-    def with_y(self, h: torch.Tensor, y) -> torch.Tensor:
-        """``h`` (``(..., B, n)``) with y's features appended along its last axis
-        for a conditional model; ``h`` itself for an unconditional one. A clear
-        error for a y missing, unexpected or of the wrong kind."""
+    def y_features(self, y, batch: int, like: torch.Tensor) -> torch.Tensor | None:
+        """y's network input (:meth:`Conditioning.features <pyrovae.nets.Conditioning.features>`,
+        shape ``(batch, n)``, ``like``'s dtype and device) for a conditional
+        model; ``None`` for an unconditional one. A clear error for a y missing,
+        unexpected or of the wrong kind."""
         if self.conditioning is None:
             if y is not None:
                 raise ValueError("this model is unconditional (built without num_classes or y_shape), got y")
-            return h
+            return None
         if y is None:
             raise ValueError(
                 "this model is conditional: give y "
                 + (f"(classes in [0, {self.conditioning.num_classes}))" if self.conditioning.num_classes else "")
             )
-        c = self.conditioning.features(self.conditioning.check(y, h.shape[-2]), h.dtype).to(h.device)
-        return torch.cat([h, c.expand(*h.shape[:-1], c.shape[-1])], -1)
+        return self.conditioning.features(self.conditioning.check(y, batch), like.dtype).to(like.device)
+
+    @staticmethod
+    def append(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """``h`` (``(..., B, n)``) with the features ``c`` (``(B, m)``) appended
+        along its last axis; ``h`` itself for ``c`` None (an unconditional model)."""
+        return h if c is None else torch.cat([h, c.expand(*h.shape[:-1], c.shape[-1])], -1)
+
+    def with_y(self, h: torch.Tensor, y) -> torch.Tensor:
+        """``h`` (``(..., B, n)``) with y's features appended along its last axis
+        for a conditional model; ``h`` itself for an unconditional one."""
+        return self.append(h, self.y_features(y, h.shape[-2], h))
 
     def top_prior(self, batch: int, y=None) -> torch.distributions.Distribution:
         """p(z_L), or p(z_L | y) for a conditional prior (batch shape ``(batch,)``)."""
@@ -254,13 +265,13 @@ class HVAE(nn.Module):
         :attr:`sites` from the top down, observed site ``"x"``; returns z_1."""
         params.module(self, self._store_kind)  # a name of its own in the param store
         x = self.check_data(x)
-        self.with_y(x, y)  # y checked before any site is drawn
+        c = self.y_features(y, x.shape[0], x)  # y checked before any site is drawn, its features made once
         sites = self.sites
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(sites[-1], check_event(self.top_prior(x.shape[0], y), "prior", self.z_dims[-1]))
             for l in range(self.L, 1, -1):
                 z = pyro.sample(sites[l - 2], self.p_step(z, l))
-            pyro.sample("x", self.likelihood(self.decoder(self.with_y(z, y))), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder(self.append(z, c))), obs=x)
         return z
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

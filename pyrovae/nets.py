@@ -178,9 +178,11 @@ class Conditioning:
             if tuple(y.shape) != (batch,):
                 raise ValueError(f"y must have shape ({batch},), one class per example, got {tuple(y.shape)}")
             low = -1 if null else 0
-            if len(y) and (int(y.min()) < low or int(y.max()) >= self.num_classes):
+            # one reduction: this runs on every training step of a conditional model
+            lo, hi = (int(v) for v in torch.aminmax(y)) if len(y) else (low, low)
+            if lo < low or hi >= self.num_classes:
                 extra = " or -1 (the null class)" if null else ""
-                got = f"[{int(y.min())}, {int(y.max())}]"
+                got = f"[{lo}, {hi}]"
                 raise ValueError(f"y must be classes in [0, {self.num_classes}){extra}, got values in {got}")
             return y
         if not y.is_floating_point():
@@ -194,4 +196,5 @@ class Conditioning:
         (zeros for the null class -1) or the flattened float y."""
         if self.num_classes is None:
             return y.reshape(len(y), self.dim).to(dtype)
-        return torch.nn.functional.one_hot(y.clamp(min=0), self.num_classes).to(dtype) * (y >= 0).to(dtype)[:, None]
+        # one comparison: the null class matches no column (one_hot would check y's range again, and -1 needs a mask)
+        return (y[:, None] == torch.arange(self.num_classes, device=y.device)).to(dtype)

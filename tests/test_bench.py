@@ -31,6 +31,7 @@ VARIANTS = {
     "train": {bench.FLOOR, bench.RUN_NO_VALIDATE, bench.RUN_VALIDATE, bench.RUN_COMPILED},
     "ddp": {bench.FLOOR, bench.DDP, bench.DDP_NO_SYNC},
     "m2": {bench.FLOOR, bench.TRAINER, bench.m2.SVI_ANALYTIC, bench.m2.TRAINER_ENUM, bench.m2.SVI_ENUM},
+    "conditional": {bench.conditional.UNCONDITIONAL, bench.conditional.CONDITIONAL},
     "bound": {
         bench.FLOOR,
         "pyrovae full_bound (batched over t)",
@@ -133,7 +134,7 @@ def test_times_are_positive_and_finite_and_ratios_are_to_the_floor(smoke):
         )
         assert all(math.isfinite(t) and t > 0 for t in r["times_ms"]), r
         floor = next(
-            f for f in results if (f["workload"], f["case"], f["variant"]) == (r["workload"], r["case"], bench.FLOOR)
+            f for f in results if (f["workload"], f["case"], f["variant"]) == (r["workload"], r["case"], r["reference"])
         )
         assert r["ratio"] == pytest.approx(r["ms"] / floor["ms"])
 
@@ -146,6 +147,27 @@ def test_table_shows_every_result_and_the_header(smoke):
     lines = table.splitlines()
     for r in report["results"]:
         assert any(r["case"] in line and r["variant"] in line and f"{r['ms']:.2f}" in line for line in lines), r
+
+
+def test_conditional_reports_each_twins_step_and_the_ratio_with_its_spread(tmp_path):
+    """``pyrovae bench conditional``: the VAE and the U-Net chain, each with both
+    twins' times, the ratio conditional / unconditional (the unconditional step
+    is the reference) and the per-repeat ratios' quartiles, in the JSON and the table."""
+    path = tmp_path / "bench.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["bench", "--smoke", "--threads", "1", "conditional", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    rows = report["results"]
+    assert {r["params"]["model"] for r in rows} == {"vae", "diffusion"}
+    assert all(r["reference"] == bench.conditional.UNCONDITIONAL and r["ms"] > 0 for r in rows)
+    assert len(report["conditional"]) == 2
+    for check in report["conditional"]:
+        assert check["ratio"] > 0 and check["conditional_ms"] > 0 and check["unconditional_ms"] > 0
+        assert check["ratio"] == pytest.approx(check["conditional_ms"] / check["unconditional_ms"])
+        q1, q3 = check["paired_quartiles"]
+        assert q1 <= check["paired_median"] <= q3 and check["target"] == 1.02
+        assert check["check"] in out.getvalue()
 
 
 def test_unknown_workload_is_an_error_naming_it(capsys):

@@ -19,6 +19,9 @@ Workloads:
   at a few step counts against the denoiser's forward passes alone.
 - ``m2``: one step of the semi-supervised VAE (M2), labelled and unlabelled
   examples in one batch, y summed exactly (:mod:`~pyrovae.bench.m2`).
+- ``conditional``: one trainer step of the conditional VAE and diffusion
+  chain (``--conditional``) against their unconditional twins, the reference
+  in place of a floor (:mod:`~pyrovae.bench.conditional`).
 - ``train``: a whole ``pyrovae train vae`` run (training seconds, as
   metrics.csv counts them) against a plain PyTorch loop over the same data,
   networks, optimiser and epochs.
@@ -33,7 +36,8 @@ their values.
 
 The package: :mod:`~pyrovae.bench.harness` (timing), :mod:`~pyrovae.bench.floors`
 (the hand-written torch references), :mod:`~pyrovae.bench.cases` (the
-workloads), :mod:`~pyrovae.bench.ddp` (the worker processes of the ddp cases)
+workloads; :mod:`~pyrovae.bench.m2` and :mod:`~pyrovae.bench.conditional`
+their own modules), :mod:`~pyrovae.bench.ddp` (the worker processes of the ddp cases)
 and :mod:`~pyrovae.bench.report` (header, checks, table); :func:`run` ties
 them together.
 """
@@ -57,6 +61,7 @@ from pyrovae.bench.cases import (
     trainer_step,
     vae_cases,
 )
+from pyrovae.bench.conditional import conditional_cases, conditional_checks
 from pyrovae.bench.ddp import ProcessGroup
 from pyrovae.bench.floors import TorchDDPM, fast_adam, torch_run, vae_torch_loss, vae_torch_step
 from pyrovae.bench.harness import (
@@ -119,6 +124,8 @@ __all__ = [
     "TorchDDPM",
     "bound_cases",
     "compiled_checks",
+    "conditional_cases",
+    "conditional_checks",
     "ddp_cases",
     "ddp_checks",
     "diffusion_cases",
@@ -192,7 +199,8 @@ def run(
         log(format_checks(checks))
     compiled = compiled_checks(results)
     ddp = ddp_checks(results)
-    for c in compiled + ddp:
+    conditional = conditional_checks(results)
+    for c in compiled + ddp + conditional:
         log(c["check"])
     head["load_average_end"] = _load_average()
     log(f"load average (1, 5, 15 min) at the start {head['load_average']}, at the end {head['load_average_end']}")
@@ -202,6 +210,7 @@ def run(
         "checks": checks,
         "compiled": compiled,
         "ddp": ddp,
+        "conditional": conditional,
     }
     if json_path:
         with open(json_path, "w") as f:

@@ -13,6 +13,7 @@ import torch
 from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 
+from pyrovae.bench.conditional import conditional_cases
 from pyrovae.bench.ddp import ProcessGroup
 from pyrovae.bench.floors import TorchDDPM, fast_adam, torch_run, vae_torch_loss, vae_torch_step
 from pyrovae.bench.harness import (
@@ -37,7 +38,7 @@ from pyrovae.bench.m2 import m2_cases
 from pyrovae.infer import TraceAnalyticKL_ELBO
 from pyrovae.vae import build_vae
 
-WORKLOADS = ("vae", "diffusion", "bound", "sample", "train", "ddp", "m2")
+WORKLOADS = ("vae", "diffusion", "bound", "sample", "train", "ddp", "m2", "conditional")
 
 
 def trainer_step(model, objective, compile: str | None = None) -> Callable:
@@ -402,4 +403,5 @@ CASES = {
     "train": train_cases,
     "ddp": ddp_cases,
     "m2": m2_cases,
+    "conditional": conditional_cases,
 }

@@ -68,6 +68,9 @@ class Sizes:
     ddp_unet_batch: int = 32
     ddp_unet_T: int = 1000
     ddp_unet_steps: int = 1
+    # conditional: the twins' configs are the defaults (None) or these overrides (VAEConfig / DiffusionConfig fields)
+    conditional_vae: dict | None = None
+    conditional_diffusion: dict | None = None
 
 
 FULL = Sizes()
@@ -102,13 +105,17 @@ SMOKE = Sizes(
     ddp_vae_steps=2,
     ddp_unet_batch=4,
     ddp_unet_T=10,
+    conditional_vae={"hidden": [16], "z_dim": 2, "batch_size": 4},
+    conditional_diffusion={"channels": 4, "T": 10, "batch_size": 4},
 )
 
 
 @dataclass
 class Case:
     """One row group of the table: variants doing the same work, the floor
-    among them, and the issue's targets (ratio to the floor) per variant."""
+    among them, and the issue's targets (ratio to the floor) per variant. The
+    floor is the variant named ``reference``: :data:`FLOOR` but where a case
+    compares two of our own steps (a conditional model against its twin)."""
 
     workload: str
     name: str
@@ -117,6 +124,7 @@ class Case:
     params: dict = field(default_factory=dict)
     # fewer repeats for cases whose calls take seconds (None: Sizes.repeats)
     repeats: int | None = None
+    reference: str = FLOOR
 
 
 @dataclass
@@ -129,6 +137,7 @@ class Result:
     times_ms: list = field(default_factory=list)
     target: float | None = None
     params: dict = field(default_factory=dict)
+    reference: str = FLOOR  # the variant that ratio divides by
 
 
 def _synchronize(device: torch.device) -> None:
@@ -167,16 +176,17 @@ def time_variants(variants: dict, repeats: int, warmup: int, device: torch.devic
 
 
 def run_case(case: Case, sizes: Sizes, device: torch.device) -> list:
-    """Time ``case``'s variants: one :class:`Result` per variant, its median ms and its ratio to the floor's."""
+    """Time ``case``'s variants: one :class:`Result` per variant, its median ms
+    and its ratio to the floor's (the case's ``reference``)."""
     # a slow case's calls take seconds: one warm-up call is enough there
     warmup = 1 if case.repeats else sizes.warmup
     times = time_variants(case.variants, case.repeats or sizes.repeats, warmup, device)
-    floor = statistics.median(times[FLOOR])
+    floor = statistics.median(times[case.reference])
     results = []
     for name, ts in times.items():
         ms = statistics.median(ts)
         target = case.targets.get(name)
-        results.append(Result(case.workload, case.name, name, ms, ms / floor, ts, target, case.params))
+        results.append(Result(case.workload, case.name, name, ms, ms / floor, ts, target, case.params, case.reference))
     return results
 
 

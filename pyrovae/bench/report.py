@@ -101,7 +101,7 @@ def format_header(head: dict) -> str:
             f"({head['slow_repeats']} after 1 for the U-Net, the full-T bound and ancestral sampling; "
             f"{head['train_repeats']} after 1 for whole runs); Pyro validation off",
             "",
-            f"{'workload':<10} {'case':<30} {'variant':<50} {'ms':>10} {'x floor':>8}  target",
+            f"{'workload':<11} {'case':<30} {'variant':<50} {'ms':>10} {'x floor':>8}  target",
         ]
     )
 
@@ -113,7 +113,7 @@ def format_case(results: list) -> str:
         target = ""
         if r.target is not None:
             target = f"<= {r.target:.2f}  {'met' if r.ratio <= r.target else 'MISSED'}"
-        lines.append(f"{r.workload:<10} {r.case:<30} {r.variant:<50} {r.ms:>10.2f} {r.ratio:>8.2f}  {target}")
+        lines.append(f"{r.workload:<11} {r.case:<30} {r.variant:<50} {r.ms:>10.2f} {r.ratio:>8.2f}  {target}")
     return "\n".join(lines)
 
 
