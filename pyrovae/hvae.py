@@ -202,13 +202,10 @@ class HVAE(nn.Module):
         for a conditional model; ``h`` itself for an unconditional one."""
         return self.append(h, self.y_features(y, h.shape[-2], h))
 
-    def top_prior(self, batch: int, y=None) -> torch.distributions.Distribution:
-        """p(z_L), or p(z_L | y) for a conditional prior (batch shape ``(batch,)``)."""
-        if not getattr(self.prior, "conditional", False):
-            return self.prior()
-        if y is None:
-            self.with_y(torch.zeros(batch, 0), y)  # raises the model's own error for a missing y
-        return self.prior(self.conditioning.features(self.conditioning.check(y, batch), torch.float32))
+    def top_prior(self, c: torch.Tensor | None = None) -> torch.distributions.Distribution:
+        """p(z_L), or p(z_L | y) for a conditional prior, given y's features ``c``
+        (:meth:`y_features`; batch shape ``(B,)``)."""
+        return self.prior(c) if getattr(self.prior, "conditional", False) else self.prior()
 
     @property
     def L(self) -> int:
@@ -268,7 +265,7 @@ class HVAE(nn.Module):
         c = self.y_features(y, x.shape[0], x)  # y checked before any site is drawn, its features made once
         sites = self.sites
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample(sites[-1], check_event(self.top_prior(x.shape[0], y), "prior", self.z_dims[-1]))
+            z = pyro.sample(sites[-1], check_event(self.top_prior(c), "prior", self.z_dims[-1]))
             for l in range(self.L, 1, -1):
                 z = pyro.sample(sites[l - 2], self.p_step(z, l))
             pyro.sample("x", self.likelihood(self.decoder(self.append(z, c))), obs=x)
@@ -361,7 +358,7 @@ class HVAE(nn.Module):
         takes ``n`` conditioning inputs ``y`` (draws of p(x | y))."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        prior = self.top_prior(n, y)
+        prior = self.top_prior(self.y_features(y, n, next(self.decoder.parameters())))
         z = prior.sample() if prior.batch_shape else prior.sample((n,))
         for l in range(self.L, 1, -1):
             z = self.p_step(z, l).sample()

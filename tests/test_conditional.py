@@ -335,7 +335,7 @@ def test_the_learned_conditional_prior_trains_from_the_cli_and_needs_conditional
     assert main(["train", model, "--conditional", *TINY, *SMALL[model], "--prior", "conditional", "--out", out]) == 0
     loaded, _ = load(out)
     assert loaded.prior.net.weight.abs().sum() > 0  # p(z_L | y) learned and saved with the run
-    top = loaded.top_prior(2, torch.tensor([3, 4]))
+    top = loaded.top_prior(loaded.y_features(torch.tensor([3, 4]), 2, torch.zeros(())))
     assert not torch.equal(top.base_dist.loc[0], top.base_dist.loc[1])
 
 
