@@ -81,6 +81,13 @@ def test_kid_over_subsets_reports_their_spread():
     assert result["kid"] > 0 and result["kid_std"] > 0
 
 
+def test_kid_of_one_subset_reports_no_spread_rather_than_zero():
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(50, 4, generator=g), torch.randn(50, 4, generator=g) + 0.5
+    assert kernel_distance(f1, f2, subset_size=100)["kid_std"] is None
+    assert kernel_distance(f1, f2, subsets=1, subset_size=20)["kid_std"] is None
+
+
 def test_precision_and_recall_of_a_set_against_itself_are_one():
     f = gaussian_features(200, [0.0, 0.0], np.eye(2), 0)
     assert precision_recall(f, f) == {"precision": 1.0, "recall": 1.0}

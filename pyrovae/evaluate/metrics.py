@@ -71,14 +71,15 @@ def kernel_distance(
     """KID: the unbiased MMD^2 with the cubic polynomial kernel, averaged over
     ``subsets`` pairs of random subsets of ``subset_size`` rows of each set (all
     rows, once, when a set has no more than that). Returns ``kid`` (the mean)
-    and ``kid_std`` (the spread over subsets, as Binkowski et al. report it)."""
+    and ``kid_std`` (the spread over subsets, as Binkowski et al. report it;
+    ``None`` where there is one subset, so no spread to report)."""
     f1, f2 = _check_features("f1", f1), _check_features("f2", f2)
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"f1 and f2 must have as many features, got {f1.shape[1]} and {f2.shape[1]}")
     if subsets < 1 or subset_size < 2:
         raise ValueError(f"subsets must be >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
     if max(len(f1), len(f2)) <= subset_size:
-        return {"kid": float(_mmd2_unbiased(f1, f2)), "kid_std": 0.0}
+        return {"kid": float(_mmd2_unbiased(f1, f2)), "kid_std": None}
     g = torch.Generator().manual_seed(seed)
     m, n = min(subset_size, len(f1)), min(subset_size, len(f2))
     values = torch.stack(
@@ -87,7 +88,7 @@ def kernel_distance(
             for _ in range(subsets)
         ]
     )
-    return {"kid": float(values.mean()), "kid_std": float(values.std()) if subsets > 1 else 0.0}
+    return {"kid": float(values.mean()), "kid_std": float(values.std()) if subsets > 1 else None}
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict:
