@@ -290,8 +290,9 @@ def test_evaluate_gives_the_conditional_bound(runs, capsys):
 
     from pyrovae.cli import main
 
-    assert main(["evaluate", "vae", str(runs / "vae")]) == 0
-    assert "test_elbo" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["evaluate", "vae", str(runs / "vae"), "--iwae-k", "20"]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["test_iwae"] > shown["test_elbo"] - 1.0  # IWAE-20 of log p(x | y), tighter up to noise
     assert main(["evaluate", "diffusion", str(runs / "diffusion"), "--n", "8"]) == 0
     assert "test_elbo" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -337,6 +338,31 @@ def test_the_learned_conditional_prior_trains_from_the_cli_and_needs_conditional
     assert loaded.prior.net.weight.abs().sum() > 0  # p(z_L | y) learned and saved with the run
     top = loaded.top_prior(loaded.y_features(torch.tensor([3, 4]), 2, torch.zeros(())))
     assert not torch.equal(top.base_dist.loc[0], top.base_dist.loc[1])
+
+
+def test_iwae_of_a_conditional_vae_is_of_log_p_x_given_y_and_tighter_than_its_elbo():
+    """IWAE-k given y: at k = 1 it is the ELBO's estimate (in expectation, within
+    its Monte Carlo error), with k = 200 above the ELBO by more than that error,
+    and y reaches it (another label gives another value)."""
+    import math
+
+    import torch
+
+    from pyrovae.infer import evaluate_iwae
+    from pyrovae.infer.iwae import iwae_log_likelihood
+    from pyrovae.vae import build_vae
+
+    torch.manual_seed(0)
+    cvae = build_vae(16, z_dim=2, hidden=(16,), num_classes=3)
+    x, y = torch.bernoulli(torch.full((6, 16), 0.4)), torch.tensor([0, 1, 2, 0, 1, 2])
+    elbo = cvae.bound(x, 4000, y=y).elbo()
+    one = iwae_log_likelihood(cvae.model, cvae.guide, x.repeat(1000, 1), 1, y=y.repeat(1000)).reshape(1000, 6)
+    se = one.std(0) / math.sqrt(1000)
+    assert ((one.mean(0) - elbo).abs() < 4 * se + 0.05).all(), (one.mean(0), elbo, se)
+    tight = iwae_log_likelihood(cvae.model, cvae.guide, x, 200, y=y)
+    assert (tight > elbo + 4 * se).any() and (tight > elbo - 4 * se).all()
+    other = evaluate_iwae(cvae.model, cvae.guide, x, 50, y=(y + 1) % 3)["iwae"]
+    assert abs(other - evaluate_iwae(cvae.model, cvae.guide, x, 50, y=y)["iwae"]) > 0.01
 
 
 def test_conditional_refuses_data_without_labels(tmp_path):

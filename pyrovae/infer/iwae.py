@@ -28,9 +28,10 @@ from pyrovae.infer.bound import bits_per_dim
 PARTICLES = "iwae_particles"
 
 
-def log_importance_weights(model, guide, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+def log_importance_weights(model, guide, x: torch.Tensor, num_samples: int, *args) -> torch.Tensor:
     """log w = log p(x, z) - log q(z|x) for ``num_samples`` draws z ~ q per example,
-    shape ``(num_samples, B)``.
+    shape ``(num_samples, B)``; ``args`` go to both after x (a conditional
+    model's y, one per example: then the weights are of log p(x | y)).
 
     ``model(x)`` and ``guide(x)`` must put every sample site in one plate over
     the ``B`` examples at dim -1 (the VAE's ``"data"`` plate) and use no other
@@ -41,8 +42,8 @@ def log_importance_weights(model, guide, x: torch.Tensor, num_samples: int) -> t
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     batch = x.shape[0]
     with pyro.plate(PARTICLES, num_samples, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+        guide_trace = poutine.trace(guide).get_trace(x, *args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args)
     # the plates' own subsample sites carry no probability
     model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
     model_trace.compute_log_prob()
@@ -62,32 +63,46 @@ def log_importance_weights(model, guide, x: torch.Tensor, num_samples: int) -> t
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model, guide, x: torch.Tensor, num_samples: int, chunk_size: int = 100) -> torch.Tensor:
+def iwae_log_likelihood(
+    model, guide, x: torch.Tensor, num_samples: int, chunk_size: int = 100, y: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_k(x) for each example, shape ``(B,)``: the log-weights of ``num_samples``
-    draws, computed ``chunk_size`` draws at a time, then a logsumexp over the draws."""
+    draws, computed ``chunk_size`` draws at a time, then a logsumexp over the
+    draws; with ``y`` (one per example), L_k of log p(x | y)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     chunks = [
-        log_importance_weights(model, guide, x, min(chunk_size, num_samples - start))
+        log_importance_weights(model, guide, x, min(chunk_size, num_samples - start), *(() if y is None else (y,)))
         for start in range(0, num_samples, chunk_size)
     ]
     return torch.logsumexp(torch.cat(chunks), dim=0) - math.log(num_samples)
 
 
 def evaluate_iwae(
-    model, guide, x: torch.Tensor, num_samples: int, batch_size: int = 100, chunk_size: int = 100
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int,
+    batch_size: int = 100,
+    chunk_size: int = 100,
+    y: torch.Tensor | None = None,
 ) -> dict:
-    """The mean over the examples of L_k(x) in nats, and as bits per dimension,
-    ``-L_k / (D ln 2)`` with D = ``x.shape[-1]``: ``{"iwae": ..., "iwae_bpd": ...}``.
+    """The mean over the examples of L_k(x) (of log p(x | y) given ``y``, one
+    per example) in nats, and as bits per dimension, ``-L_k / (D ln 2)`` with
+    D = ``x.shape[-1]``: ``{"iwae": ..., "iwae_bpd": ...}``.
 
     Memory is bounded by ``batch_size * chunk_size`` likelihood evaluations at a time.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     total = sum(
-        iwae_log_likelihood(model, guide, x[i : i + batch_size], num_samples, chunk_size).sum().item()
+        iwae_log_likelihood(
+            model, guide, x[i : i + batch_size], num_samples, chunk_size, None if y is None else y[i : i + batch_size]
+        )
+        .sum()
+        .item()
         for i in range(0, len(x), batch_size)
     )
     mean = total / len(x)

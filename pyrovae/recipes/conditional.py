@@ -93,10 +93,6 @@ class ConditionalRecipe:
             raise ValueError("--conditional runs eagerly: --compile is not supported with it")
         if getattr(cfg, "labelled", None) is not None:
             raise ValueError("--conditional trains on every label; --labelled (M2) hides most of them: choose one")
-        if getattr(cfg, "iwae_k", 0):
-            raise ValueError(
-                f"--conditional reports the conditional ELBO; IWAE-k is not supported, got iwae_k {cfg.iwae_k}"
-            )
         if cfg.model in ("vae", "hvae"):
             if getattr(cfg, "net", "mlp") not in ("mlp", "auto") or cfg.prior == "vamp":
                 raise ValueError(
@@ -147,7 +143,7 @@ class ConditionalRecipe:
             from pyrovae.diffusion.denoisers import conditioned
 
             return self.base.run_evaluate(args, conditioned(model, y_test[: args.n]), cfg, x_test)
-        overrides = {k: getattr(args, k) for k in ("test_particles",) if getattr(args, k, None) is not None}
+        overrides = {k: getattr(args, k) for k in ("test_particles", "iwae_k") if getattr(args, k, None) is not None}
         return self.evaluate(dataclasses.replace(cfg, **overrides), model, xy_test)
 
     @torch.no_grad()

@@ -178,7 +178,7 @@ class VAERecipe(Recipe):
         layer's ``test_kl_l`` and active units ``test_active_l``
         (:func:`~pyrovae.hvae.active_units`). With ``cfg.iwae_k > 0`` also the
         IWAE-k estimate of log p(x) (``test_iwae`` in nats per image,
-        ``test_iwae_bpd`` in bits per dimension). Whatever ELBO trains the
+        ``test_iwae_bpd`` in bits per dimension; of log p(x | y) given ``y``). Whatever ELBO trains the
         model, these use the analytic-KL estimator: the same expectation, with
         the KL exact wherever it is registered and Monte Carlo elsewhere."""
         terms = vae.bound(x_test, cfg.test_particles, batch_size, y=y).summary()  # given y: of log p(x | y)
@@ -188,7 +188,7 @@ class VAERecipe(Recipe):
         if self.per_layer:
             metrics.update({f"test_active_{l}": float(n) for l, n in active_units(vae, x_test, y=y).items()})
         if cfg.iwae_k > 0:
-            iwae = evaluate_iwae(vae.model, vae.guide, x_test, cfg.iwae_k)
+            iwae = evaluate_iwae(vae.model, vae.guide, x_test, cfg.iwae_k, y=y)
             metrics.update(test_iwae=iwae["iwae"], test_iwae_bpd=iwae["iwae_bpd"])
         return metrics
 
