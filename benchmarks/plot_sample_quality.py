@@ -8,7 +8,7 @@ Each RESULT.json is the output of one
     pyrovae evaluate diffusion|vdm RUN --n 8 --samples N --sampler S --steps K [--eta 0] > RESULT.json
 
 (its last line is the JSON object), one file per (sampler, steps). The figure
-has FD in the judge's features against the steps, a line per sampler (log-log),
+has FD in the judge's features against the steps, a line per run and sampler (log-log),
 and beside it the seconds per 1,000 samples; the table of the same points is
 printed as Markdown.
 """
@@ -43,10 +43,11 @@ def main() -> None:
     p.add_argument("results", nargs="+")
     p.add_argument("--title", default="sample quality against steps")
     args = p.parse_args()
-    rows = sorted((read(path) for path in args.results), key=lambda r: (r["sampler"], r["sample_steps"]))
+    rows = sorted((read(path) for path in args.results), key=lambda r: (r["run"], r["sampler"], r["sample_steps"]))
+    runs = {r["run"] for r in rows}
     lines = collections.defaultdict(list)
     for r in rows:
-        lines[r["sampler"]].append(r)
+        lines[f"{r['run']}: {r['sampler']}" if len(runs) > 1 else r["sampler"]].append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for sampler, points in lines.items():
         steps = [r["sample_steps"] for r in points]
@@ -62,12 +63,12 @@ def main() -> None:
     fig.suptitle(f"{args.title} ({', '.join(str(k) for k in sorted(n, key=str))} samples per point)")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
-    print("| sampler | steps | FD (judge) | KID (judge) | s / 1,000 samples |")
-    print("|---|---|---|---|---|")
+    print("| run | sampler | steps | FD (judge) | KID (judge) | s / 1,000 samples |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         kid = r.get("kid_judge", float("nan"))
         print(
-            f"| {r['sampler']} | {r['sample_steps']} | {r['fd_judge']:.1f} | {kid:.1f} | "
+            f"| {r['run']} | {r['sampler']} | {r['sample_steps']} | {r['fd_judge']:.1f} | {kid:.1f} | "
             f"{r['seconds_per_1000_samples']:.0f} |"
         )
 
