@@ -37,17 +37,23 @@ def read(path: str) -> dict:
     return row
 
 
+def sampler_name(row: dict) -> str:
+    """The sampler, with DDIM's eta where it is not 0 (another sampler in effect)."""
+    eta = row.get("eta") or 0
+    return f"{row['sampler']}, eta {eta:g}" if eta else row["sampler"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out")
     p.add_argument("results", nargs="+")
     p.add_argument("--title", default="sample quality against steps")
     args = p.parse_args()
-    rows = sorted((read(path) for path in args.results), key=lambda r: (r["run"], r["sampler"], r["sample_steps"]))
+    rows = sorted((read(path) for path in args.results), key=lambda r: (r["run"], sampler_name(r), r["sample_steps"]))
     runs = {r["run"] for r in rows}
     lines = collections.defaultdict(list)
     for r in rows:
-        lines[f"{r['run']}: {r['sampler']}" if len(runs) > 1 else r["sampler"]].append(r)
+        lines[f"{r['run']}: {sampler_name(r)}" if len(runs) > 1 else sampler_name(r)].append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for sampler, points in lines.items():
         steps = [r["sample_steps"] for r in points]
@@ -58,7 +64,7 @@ def main() -> None:
         ax.set_yscale("log")
         ax.set_xlabel("sampling steps (network evaluations)")
         ax.set_ylabel(label)
-        ax.legend()
+    a.legend(fontsize=8)  # one legend: the same lines in both panels
     n = {r.get("scored_samples") for r in rows}
     fig.suptitle(f"{args.title} ({', '.join(str(k) for k in sorted(n, key=str))} samples per point)")
     fig.tight_layout()
@@ -68,7 +74,7 @@ def main() -> None:
     for r in rows:
         kid = r.get("kid_judge", float("nan"))
         print(
-            f"| {r['run']} | {r['sampler']} | {r['sample_steps']} | {r['fd_judge']:.1f} | {kid:.1f} | "
+            f"| {r['run']} | {sampler_name(r)} | {r['sample_steps']} | {r['fd_judge']:.1f} | {kid:.1f} | "
             f"{r['seconds_per_1000_samples']:.0f} |"
         )
 

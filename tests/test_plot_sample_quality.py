@@ -28,6 +28,8 @@ def test_plots_a_line_per_run_and_sampler_and_prints_the_table(tmp_path, monkeyp
                kid_judge=1.0, seconds_per_1000_samples=k * 9.0, scored_samples=500)
         for run, s, k, fd in [("chain", "ddim", 10, 30.0), ("chain", "ddim", 50, 20.0), ("vdm", "ancestral", 100, 90.0)]
     ]  # fmt: skip
+    files.append(result(tmp_path, "eta1.json", run="chain", sampler="ddim", eta=1.0, sample_steps=50, fd_judge=10.0,
+                        kid_judge=1.0, seconds_per_1000_samples=450.0))  # fmt: skip
     out = tmp_path / "figure.png"
     run([str(out), *files], monkeypatch)
     assert out.read_bytes()[:4] == b"\x89PNG"
@@ -35,6 +37,7 @@ def test_plots_a_line_per_run_and_sampler_and_prints_the_table(tmp_path, monkeyp
     assert table[2:] == [
         "| chain | ddim | 10 | 30.0 | 1.0 | 90 |",
         "| chain | ddim | 50 | 20.0 | 1.0 | 450 |",
+        "| chain | ddim, eta 1 | 50 | 10.0 | 1.0 | 450 |",
         "| vdm | ancestral | 100 | 90.0 | 1.0 | 900 |",
     ]
 
