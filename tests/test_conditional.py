@@ -2,6 +2,7 @@
 and VDM, and classifier-free guidance."""
 
 import contextlib
+import math
 import re
 
 import pyro
@@ -293,6 +294,9 @@ def test_evaluate_gives_the_conditional_bound(runs, capsys):
     assert main(["evaluate", "vae", str(runs / "vae"), "--iwae-k", "20"]) == 0
     shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shown["test_iwae"] > shown["test_elbo"] - 1.0  # IWAE-20 of log p(x | y), tighter up to noise
+    # the model's own marginal: log p(x | y) - log p(x) = log p(y | x) + log K <= log K
+    assert shown["test_log_p_y_given_x"] <= 0 and 0 <= shown["test_bayes_accuracy"] <= 1
+    assert shown["test_iwae_marginal"] < shown["test_iwae"] + math.log(10) + 0.5
     assert main(["evaluate", "diffusion", str(runs / "diffusion"), "--n", "8"]) == 0
     assert "test_elbo" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -363,6 +367,36 @@ def test_iwae_of_a_conditional_vae_is_of_log_p_x_given_y_and_tighter_than_its_el
     assert (tight > elbo + 4 * se).any() and (tight > elbo - 4 * se).all()
     other = evaluate_iwae(cvae.model, cvae.guide, x, 50, y=(y + 1) % 3)["iwae"]
     assert abs(other - evaluate_iwae(cvae.model, cvae.guide, x, 50, y=y)["iwae"]) > 0.01
+
+
+def test_class_marginal_of_a_cvae_equals_the_closed_form_where_x_does_not_depend_on_z():
+    """With the decoder's z-columns zeroed, p(x | c) = p(x | z, c) for every z,
+    a closed form: the model's own marginal log (1/K) sum_c p(x | c), log p(y | x)
+    and the Bayes classifier's accuracy must equal the closed forms (IWAE-k
+    with a 1-d z and k = 2000 is exact up to a small bias)."""
+    import math
+
+    import torch
+
+    from pyrovae.infer.iwae import class_marginal_iwae
+    from pyrovae.vae import build_vae
+
+    torch.manual_seed(0)
+    cvae = build_vae(12, z_dim=1, hidden=(8,), num_classes=3)
+    first = next(m for m in cvae.decoder.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        first.weight[:, :1] = 0.0  # the decoder's input is (z, one-hot y): z dropped
+        first.weight[:, 1:] += 2 * torch.randn_like(first.weight[:, 1:])  # classes far apart
+    x, y = torch.bernoulli(torch.full((9, 12), 0.5)), torch.arange(9) % 3
+    z = torch.zeros(9, 1)
+    given = [cvae.likelihood(cvae.decoder(cvae.with_y(z, torch.full((9,), c)))).log_prob(x) for c in range(3)]
+    exact = torch.stack(given, -1)
+    log_px = torch.logsumexp(exact, -1) - math.log(3)
+    got = class_marginal_iwae(cvae.model, cvae.guide, x, y, 2000, 3)
+    assert got["iwae_marginal"] == pytest.approx(float(log_px.mean()), abs=0.02)
+    want = float((exact.gather(-1, y[:, None])[:, 0] - math.log(3) - log_px).mean())
+    assert got["log_p_y_given_x"] == pytest.approx(want, abs=0.03) and got["log_p_y_given_x"] <= 0
+    assert got["bayes_accuracy"] == pytest.approx(float((exact.argmax(-1) == y).double().mean()))
 
 
 def test_conditional_refuses_data_without_labels(tmp_path):

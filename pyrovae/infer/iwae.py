@@ -107,3 +107,34 @@ def evaluate_iwae(
     )
     mean = total / len(x)
     return {"iwae": mean, "iwae_bpd": bits_per_dim(-mean, x.shape[-1])}
+
+
+@torch.no_grad()
+def class_marginal_iwae(
+    model, guide, x: torch.Tensor, y: torch.Tensor, num_samples: int, num_classes: int, batch_size: int = 100
+) -> dict:
+    """A model of p(x | y) over ``num_classes`` classes judged as a model of x:
+    with p(y) uniform, its own marginal log p(x) = log (1/K) sum_c p(x | c),
+    each p(x | c) by IWAE-k (``num_samples``), so a lower-bound estimate;
+    log p(y | x) = log p(x | y) + log(1/K) - log p(x) at the labels ``y``
+    (at most 0, so log p(x | y) - log p(x) <= log K for the model's own
+    marginal); and the share of examples whose argmax_c p(x | c) is their
+    label (the model as a Bayes classifier). Means over the examples:
+    ``{"iwae_marginal", "log_p_y_given_x", "bayes_accuracy"}``. Costs K IWAE-k
+    evaluations."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+
+    def given(c: int) -> torch.Tensor:  # L_k(x | c) for every example
+        label = torch.full((len(x),), c, dtype=torch.long, device=x.device)
+        parts = zip(x.split(batch_size), label.split(batch_size))
+        return torch.cat([iwae_log_likelihood(model, guide, part, num_samples, y=y_c) for part, y_c in parts])
+
+    per_class = torch.stack([given(c) for c in range(num_classes)], -1)  # (N, K)
+    log_px = torch.logsumexp(per_class, -1) - math.log(num_classes)
+    log_py_x = per_class.gather(-1, y.long()[:, None])[:, 0] - math.log(num_classes) - log_px
+    return {
+        "iwae_marginal": float(log_px.mean()),
+        "log_p_y_given_x": float(log_py_x.mean()),
+        "bayes_accuracy": float((per_class.argmax(-1) == y).double().mean()),
+    }

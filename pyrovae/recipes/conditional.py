@@ -148,9 +148,21 @@ class ConditionalRecipe:
 
     @torch.no_grad()
     def evaluate(self, cfg, model, xy_test: torch.Tensor, batch_size: int = 500) -> dict:
-        """The base recipe's test bound, of log p(x | y) at each test image's label."""
+        """The base recipe's test bound, of log p(x | y) at each test image's
+        label. With ``iwae_k`` (a VAE or HVAE over classes) also the model's
+        own marginal: ``test_iwae_marginal`` (log p(x) = log (1/K) sum_c
+        p(x | c), each by IWAE-k), ``test_log_p_y_given_x`` and
+        ``test_bayes_accuracy`` (:func:`~pyrovae.infer.iwae.class_marginal_iwae`),
+        the check of issue 25's log p(x | y) - log p(x) <= log K on one model."""
         x_test, y_test = unpack_labels(xy_test)
-        return self.base.evaluate(cfg, model, x_test, batch_size, y=y_test)
+        metrics = self.base.evaluate(cfg, model, x_test, batch_size, y=y_test)
+        classes = getattr(getattr(model, "conditioning", None), "num_classes", None)
+        if cfg.model not in DIFFUSION_MODELS and getattr(cfg, "iwae_k", 0) > 0 and classes:
+            from pyrovae.infer.iwae import class_marginal_iwae
+
+            marginal = class_marginal_iwae(model.model, model.guide, x_test, y_test, cfg.iwae_k, classes)
+            metrics.update({f"test_{name}": value for name, value in marginal.items()})
+        return metrics
 
     def write_figures(self, out: str, cfg, model, ds, xy_test: torch.Tensor) -> None:
         """``samples.png``: a row of 8 samples per class."""
