@@ -54,10 +54,13 @@ def test_evaluate_diffusion_with_samples_adds_the_judges_scores(runs, capsys, mo
         (["sample", "diffusion", "RUN", "--sampler", "ddim", "--eta", "2"], 2, "must be a number in [0, 1]"),
         (["sample", "diffusion", "RUN", "--sampler", "ddim", "--steps", "9"], 1, "steps must be"),
         (["sample", "diffusion", "RUN", "--sampler", "dpm-solver++", "--eta", "0.5"], 1, "eta applies to the ddim"),
+        # VDM's ancestral sampler ignored these flags (and evaluate --samples scored the unclipped samples)
+        (["sample", "vdm", "VDM", "--clip-x0", "--steps", "3"], 1, "clip_x0 is not an option of VDM's ancestral"),
+        (["evaluate", "vdm", "VDM", "--samples", "4", "--eta", "0.5", "--steps", "3"], 1, "eta applies to the ddim"),
     ],
 )
 def test_bad_sampler_flags_are_one_line(runs, argv, code, message, capsys):
-    argv = [runs["diffusion"] if a == "RUN" else a for a in argv]
+    argv = [{"RUN": runs["diffusion"], "VDM": runs["vdm"]}.get(a, a) for a in argv]
     if code == 2:
         with pytest.raises(SystemExit) as exit_:
             main(argv)

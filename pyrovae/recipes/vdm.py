@@ -147,11 +147,10 @@ class VDMRecipe(Recipe):
         """Samples in [0, 1] on ``--steps`` times: the ancestral sampler on any number of
         them (not a respaced chain), or ``--sampler``'s."""
         steps = self.sample_steps(vdm, cfg, args)
-        if args.sampler != "ancestral":
-            return draw_function(vdm, steps, args, from_chain_space)
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
-        return (lambda k: from_chain_space(vdm.sample(k, steps=steps))), f"samples, {steps} steps"
+        # every sampler through the one path, so that a flag the sampler has no use for is refused, not ignored
+        return draw_function(vdm, steps, args, from_chain_space)
 
     def sample_steps(self, vdm: VDM, cfg, args) -> int:
         return args.steps or cfg.sample_steps
