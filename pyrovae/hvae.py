@@ -344,7 +344,11 @@ class HVAE(nn.Module):
     @torch.no_grad()
     def decode(self, z_1: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The likelihood's mean E[x | z_1[, y]] (pixel probabilities for a Bernoulli)."""
-        return self.likelihood(self.decoder(self.with_y(z_1, y))).mean
+        return self._mean(z_1, self.y_features(y, z_1.shape[-2], z_1))
+
+    def _mean(self, z_1: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """E[x | z_1[, y]] given y's features ``c`` (:meth:`y_features`)."""
+        return self.likelihood(self.decoder(self.append(z_1, c))).mean
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -358,11 +362,12 @@ class HVAE(nn.Module):
         takes ``n`` conditioning inputs ``y`` (draws of p(x | y))."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        prior = self.top_prior(self.y_features(y, n, next(self.decoder.parameters())))
+        c = self.y_features(y, n, next(self.decoder.parameters()))  # y checked and featurised once
+        prior = self.top_prior(c)
         z = prior.sample() if prior.batch_shape else prior.sample((n,))
         for l in range(self.L, 1, -1):
             z = self.p_step(z, l).sample()
-        return self.decode(z, y)
+        return self._mean(z, c)
 
 
 class _AtMeans(Messenger):

@@ -247,8 +247,10 @@ class ConditionalNormalPrior(nn.Module):
 
     def __init__(self, z_dim: int, c_dim: int):
         super().__init__()
-        if z_dim < 1 or c_dim < 1:
-            raise ValueError(f"z_dim and c_dim must be >= 1, got {z_dim} and {c_dim}")
+        if z_dim < 1:
+            raise ValueError(f"z_dim must be >= 1, got {z_dim}")
+        if c_dim < 1:
+            raise ValueError(f"p(z | y) needs y's features (c_dim >= 1: a conditional model), got c_dim {c_dim}")
         self.z_dim, self.c_dim = z_dim, c_dim
         self.net = nn.Linear(c_dim, 2 * z_dim, bias=False)
         nn.init.zeros_(self.net.weight)
@@ -258,21 +260,13 @@ class ConditionalNormalPrior(nn.Module):
         return dist.Normal(loc, log_scale.exp()).to_event(1)
 
 
-def conditional_prior(z_dim: int, encoder, c_dim: int = 0) -> ConditionalNormalPrior:
-    """:class:`ConditionalNormalPrior` by name: a clear error for a model without y."""
-    if not c_dim:
-        raise ValueError(
-            "prior 'conditional' is p(z | y): it needs a conditional model (num_classes or y_shape; --conditional)"
-        )
-    return ConditionalNormalPrior(z_dim, c_dim)
-
-
 PRIORS = {
     "normal": lambda z_dim, encoder, c_dim=0: StandardNormalPrior(z_dim),
     "mog": lambda z_dim, encoder, c_dim=0: MixtureOfGaussiansPrior(z_dim),
     "vamp": lambda z_dim, encoder, c_dim=0: VampPrior(encoder),
     "flow": lambda z_dim, encoder, c_dim=0: FlowPrior(z_dim),
-    "conditional": conditional_prior,
+    # without y (c_dim 0) it refuses itself; build_hvae's check_prior says so first, naming --conditional
+    "conditional": lambda z_dim, encoder, c_dim=0: ConditionalNormalPrior(z_dim, c_dim),
 }
 """Prior constructors by name, each ``(z_dim, encoder, c_dim=0) -> prior
 module``; ``c_dim`` is the size of a conditional model's y features (0 for

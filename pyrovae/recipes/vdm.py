@@ -146,11 +146,9 @@ class VDMRecipe(Recipe):
     def sampler(self, vdm: VDM, cfg, ds, args) -> tuple:
         """Samples in [0, 1] on ``--steps`` times: the ancestral sampler on any number of
         them (not a respaced chain), or ``--sampler``'s."""
-        steps = self.sample_steps(vdm, cfg, args)
-        if steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {steps}")
-        # every sampler through the one path, so that a flag the sampler has no use for is refused, not ignored
-        return draw_function(vdm, steps, args, from_chain_space)
+        # every sampler through the one path (which checks the steps), so that a flag the sampler has
+        # no use for is refused, not ignored
+        return draw_function(vdm, self.sample_steps(vdm, cfg, args), args, from_chain_space)
 
     def sample_steps(self, vdm: VDM, cfg, args) -> int:
         return args.steps or cfg.sample_steps
